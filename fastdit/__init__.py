@@ -1,0 +1,13 @@
+"""fastdit: the latent Diffusion Transformer of Peebles & Xie (2023), on fused kernels.
+
+``fastdit.DiT`` / ``fastdit.DiT_models`` are drop-in for the release's models (same
+arguments, same state-dict keys); ``fastdit.reference`` is the plain PyTorch oracle.
+"""
+from fastdit import reference
+from fastdit.attention import ATTENTION_BACKENDS
+from fastdit.kernels import kernel_path
+from fastdit.model import DiT, DiT_models
+
+__version__ = "0.1.0"
+
+__all__ = ["ATTENTION_BACKENDS", "DiT", "DiT_models", "kernel_path", "reference"]

@@ -1,0 +1,165 @@
+"""The fast DiT: the paper's model on fused kernels.
+
+Same constructor arguments, module names and state-dict keys as ``fastdit.reference`` (and
+so as the release's checkpoints). The arithmetic is the reference's, regrouped so that each
+step of the residual stream is one fused kernel:
+
+- patchify + projection + position embedding is one GEMM with a fused epilogue;
+- SiLU(c) is computed once: every adaLN modulation of every block reads the same c;
+- ``x + gate * f(h)`` and the next LayerNorm + modulation are one pass over the residual
+  stream, across block boundaries: block i's MLP residual update also produces block i+1's
+  attention input (and the last block's, the final layer's input);
+- attention reads q, k and v through strides straight out of the qkv projection.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastdit.attention import attention, check_backend
+from fastdit.kernels.gated_residual import gated_residual_modulate_layernorm
+from fastdit.kernels.modulate import modulate_layernorm
+from fastdit.kernels.patch_embed import patch_embed
+from fastdit.reference import (
+    LabelEmbedder,
+    Mlp,
+    PatchEmbed,
+    TimestepEmbedder,
+    classifier_free_guidance,
+    initialize_dit_weights,
+    model_constructors,
+)
+from fastdit.validation import check_model_inputs
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads, attn_backend="auto"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"num_heads: must divide hidden_size {dim}, got {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.attn_backend = check_backend(attn_backend)
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)
+        return self.proj(attention(q, k, v, self.attn_backend).reshape(B, T, D))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block. Takes the residual stream ``x`` and its normalised, modulated copy
+    ``h`` (made by the previous fused op) and returns both for the next block."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, attn_backend="auto"):
+        super().__init__()
+        self.attn = Attention(hidden_size, num_heads, attn_backend)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+
+    def modulation(self, silu_c):
+        """(shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), each (N, D)."""
+        return self.adaLN_modulation[1](silu_c).chunk(6, dim=1)
+
+    def forward(self, x, h, modulation, next_shift, next_scale):
+        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
+        x, h = gated_residual_modulate_layernorm(x, gate_msa, self.attn(h), shift_mlp, scale_mlp)
+        x, h = gated_residual_modulate_layernorm(x, gate_mlp, self.mlp(h), next_shift, next_scale)
+        return x, h
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def modulation(self, silu_c):
+        """(shift, scale), each (N, D)."""
+        return self.adaLN_modulation[1](silu_c).chunk(2, dim=1)
+
+    def forward(self, h):
+        return self.linear(h)
+
+
+class DiT(nn.Module):
+    """Diffusion model with a Transformer backbone, on fused kernels."""
+
+    def __init__(
+        self,
+        input_size=32,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=1152,
+        depth=28,
+        num_heads=16,
+        mlp_ratio=4.0,
+        class_dropout_prob=0.1,
+        num_classes=1000,
+        learn_sigma=True,
+        attn_backend="auto",
+    ):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input_size: must be a multiple of patch_size {patch_size}, got {input_size}")
+        self.learn_sigma = learn_sigma
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        num_patches = self.x_embedder.num_patches
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList(
+            [DiTBlock(hidden_size, num_heads, mlp_ratio, attn_backend) for _ in range(depth)]
+        )
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        initialize_dit_weights(self)
+
+    @property
+    def attn_backend(self):
+        return self.blocks[0].attn.attn_backend if len(self.blocks) else "auto"
+
+    def set_attn_backend(self, backend):
+        check_backend(backend)
+        for block in self.blocks:
+            block.attn.attn_backend = backend
+        return self
+
+    def unpatchify(self, x):
+        """(N, T, p*p*C) -> (N, C, H, W)."""
+        c, p = self.out_channels, self.patch_size
+        h = w = self.input_size // p
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(self, x, t, y):
+        """x: (N, C, H, W) latents (cast to the model's dtype), t: (N,) timesteps, y: (N,) labels."""
+        check_model_inputs(self, x, t, y)
+        proj = self.x_embedder.proj
+        x = patch_embed(x.to(proj.weight.dtype), proj.weight, proj.bias, self.pos_embed)
+        silu_c = F.silu(self.t_embedder(t) + self.y_embedder(y, self.training))
+        modulations = [block.modulation(silu_c) for block in self.blocks]
+        modulations.append(self.final_layer.modulation(silu_c))
+        shift_msa, scale_msa = modulations[0][:2]
+        h = modulate_layernorm(x, shift_msa, scale_msa)
+        for block, modulation, next_modulation in zip(self.blocks, modulations, modulations[1:]):
+            # Every modulation begins with (shift, scale) of its first LayerNorm.
+            x, h = block(x, h, modulation, *next_modulation[:2])
+        return self.unpatchify(self.final_layer(h))
+
+    def forward_with_cfg(self, x, t, y, cfg_scale):
+        """Classifier-free guidance over a [cond; uncond] batch, guiding the first 3 channels
+        as the release does."""
+        half = x[: len(x) // 2]
+        return classifier_free_guidance(self.forward(torch.cat([half, half], dim=0), t, y), cfg_scale)
+
+
+DiT_models = model_constructors(DiT)

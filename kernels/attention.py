@@ -1,0 +1,236 @@
+"""Flash attention forward for DiT self-attention: non-causal, no mask, no dropout.
+
+softmax(q k^T * scale) v over (batch, tokens, heads, head_dim) tensors, computed block by
+block with an online softmax (FlashAttention-2): a running row max and row sum in fp32,
+exp2 with log2(e) folded into the scale, the accumulator rescaled when the max grows and
+divided by the sum once at the end. The tokens x tokens score matrix is never stored.
+
+q, k and v are read through their (batch, token, head) strides, so the views that
+``qkv.view(B, T, 3, H, Dh).unbind(2)`` gives need no copy, and the output is written
+contiguous (B, T, H, Dh) so that ``.view(B, T, H * Dh)`` feeds the output projection.
+
+Head dims that are not a power of two (DiT-XL: 1152 / 16 = 72) are split into a
+power-of-two part and a remainder padded to 16 (72 = 64 + 8 -> 16) rather than padded
+to 128 whole: the dots run over 80 columns instead of 128.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .runtime import TRITON_INTERPRET, use_triton
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_HEAD_DIM = 256
+
+
+@triton.jit
+def _load_tile(base, rows, row_vectors, row_limit, cols, COL_LIMIT: tl.constexpr, VECTOR: tl.constexpr):
+    mask = (rows[:, None] < row_limit) & (cols[None, :] < COL_LIMIT)
+    return tl.load(base + rows[:, None] * row_vectors * VECTOR + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # Triton's interpreter multiplies bf16 operands as their raw uint16 bits; fp32
+    # operands holding the same bf16 values give the exact products a GPU's bf16 dot does.
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc=acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _head_base(ptr, batch, head, batch_vectors, head_vectors, VECTOR: tl.constexpr):
+    return ptr + (batch * batch_vectors + head * head_vectors) * VECTOR
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr,
+    tokens, heads, qk_scale_log2,
+    # (batch, token, head) strides counted in VECTOR-element (16-byte) units: a stride like
+    # 72 or 216 elements is 16-byte aligned, but only a multiple of 16 elements would let
+    # the compiler prove it, and unproven 16-bit rows gave wrong results on an H100 with
+    # Triton 3.6. Multiplying by the constexpr VECTOR in the kernel proves it.
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, HEAD_MAIN: tl.constexpr, HEAD_TAIL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_KEYS: tl.constexpr, VECTOR: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    query_block = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = (batch_head // heads).to(tl.int64)
+    head = (batch_head % heads).to(tl.int64)
+    q_base = _head_base(q_ptr, batch, head, stride_qb, stride_qh, VECTOR)
+    k_base = _head_base(k_ptr, batch, head, stride_kb, stride_kh, VECTOR)
+    v_base = _head_base(v_ptr, batch, head, stride_vb, stride_vh, VECTOR)
+    out_base = _head_base(out_ptr, batch, head, stride_ob, stride_oh, VECTOR)
+
+    queries = query_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols_main = tl.arange(0, HEAD_MAIN)
+    q_main = _load_tile(q_base, queries, stride_qt, tokens, cols_main, HEAD_DIM, VECTOR)
+    out_main = tl.zeros([BLOCK_M, HEAD_MAIN], dtype=tl.float32)
+    if HEAD_TAIL > 0:
+        cols_tail = HEAD_MAIN + tl.arange(0, HEAD_TAIL)
+        q_tail = _load_tile(q_base, queries, stride_qt, tokens, cols_tail, HEAD_DIM, VECTOR)
+        out_tail = tl.zeros([BLOCK_M, HEAD_TAIL], dtype=tl.float32)
+    # Row max in log2 units (scores * scale * log2(e)) and row sum of exp2(score - max).
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    for key_start in range(0, tokens, BLOCK_N):
+        keys = key_start + tl.arange(0, BLOCK_N)
+        k_main = _load_tile(k_base, keys, stride_kt, tokens, cols_main, HEAD_DIM, VECTOR)
+        scores = _dot(q_main, tl.trans(k_main), None, DOT_PRECISION, DOT_UPCAST)
+        if HEAD_TAIL > 0:
+            k_tail = _load_tile(k_base, keys, stride_kt, tokens, cols_tail, HEAD_DIM, VECTOR)
+            scores = _dot(q_tail, tl.trans(k_tail), scores, DOT_PRECISION, DOT_UPCAST)
+        if not EVEN_KEYS:
+            # Padding keys read as zeros would score 0, not -inf: mask them before the max.
+            scores = tl.where((keys < tokens)[None, :], scores, float("-inf"))
+        # scale > 0 (checked by the op), so max(scores) * scale is the max of the scaled
+        # scores and the scaling folds into one multiply-add per score.
+        new_max = tl.maximum(row_max, tl.max(scores, 1) * qk_scale_log2)
+        probs = tl.exp2(scores * qk_scale_log2 - new_max[:, None])
+        rescale = tl.exp2(row_max - new_max)
+        row_sum = row_sum * rescale + tl.sum(probs, 1)
+        row_max = new_max
+
+        v_main = _load_tile(v_base, keys, stride_vt, tokens, cols_main, HEAD_DIM, VECTOR)
+        # fp16/bf16: P is rounded to the input dtype for the tensor-core dot, as
+        # FlashAttention does; fp32 keeps fp32 (and ieee dots) throughout.
+        probs = probs.to(v_main.dtype)
+        out_main = _dot(probs, v_main, out_main * rescale[:, None], DOT_PRECISION, DOT_UPCAST)
+        if HEAD_TAIL > 0:
+            v_tail = _load_tile(v_base, keys, stride_vt, tokens, cols_tail, HEAD_DIM, VECTOR)
+            out_tail = _dot(probs, v_tail, out_tail * rescale[:, None], DOT_PRECISION, DOT_UPCAST)
+
+    out_dtype = out_ptr.dtype.element_ty
+    store_rows = queries[:, None] < tokens
+    out_rows = out_base + queries[:, None] * stride_ot * VECTOR
+    tl.store(out_rows + cols_main[None, :], (out_main / row_sum[:, None]).to(out_dtype),
+             mask=store_rows & (cols_main[None, :] < HEAD_DIM))
+    if HEAD_TAIL > 0:
+        tl.store(out_rows + cols_tail[None, :], (out_tail / row_sum[:, None]).to(out_dtype),
+                 mask=store_rows & (cols_tail[None, :] < HEAD_DIM))
+
+
+def _split_head_dim(head_dim: int) -> tuple[int, int]:
+    """(main, tail) column widths: main is the largest power of two <= head_dim (at least
+    the 16 that tl.dot needs), tail covers the rest padded to a power of two >= 16, or 0."""
+    main = max(16, 1 << (head_dim.bit_length() - 1))
+    rest = head_dim - main
+    return main, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
+
+
+def _launch_config(tokens: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one launch."""
+    if TRITON_INTERPRET:
+        # The interpreter runs programs one after another in numpy: small blocks keep
+        # the padding cheap at the tiny token counts the tests use.
+        block_m, block_n, num_warps, num_stages = 32, 32, 4, 1
+    elif dtype == torch.float32:
+        # ieee fp32 dots run on CUDA cores: small tiles keep the registers in bounds.
+        block_m, block_n, num_warps, num_stages = 64, 32, 4, 2
+    elif head_dim <= 128:
+        # H100, bf16: 4 warps beat 8 by 1.3x at head dim 72 (T 256 and 4096) and tie at
+        # 64; 8 warps keep the 128-wide accumulators of head dims above 96 in registers.
+        block_m, block_n, num_warps, num_stages = 128, 64, 8 if head_dim > 96 else 4, 3
+    else:
+        block_m, block_n, num_warps, num_stages = 64, 64, 4, 2
+    # Short sequences (DiT at low resolution): no block larger than the token count needs.
+    fit = max(16, triton.next_power_of_2(tokens))
+    return min(block_m, fit), min(block_n, fit), num_warps, num_stages
+
+
+def _is_vector_aligned(t: torch.Tensor) -> bool:
+    """Unit stride along head_dim and 16-byte aligned base and (batch, token, head) strides
+    (those of size-1 dims never move the pointer): what the kernel's vector loads need."""
+    vector = 16 // t.element_size()
+    strides_aligned = all(stride % vector == 0 or size == 1 for stride, size in zip(t.stride()[:3], t.shape[:3]))
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and strides_aligned
+
+
+def _attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    batch, tokens, heads, head_dim = q.shape
+    out = torch.empty((batch, tokens, heads, head_dim), dtype=q.dtype, device=q.device)
+    head_main, head_tail = _split_head_dim(head_dim)
+    if batch * heads > 65535:
+        raise ValueError(f"attention: q's batch * heads must be at most 65535 (the CUDA grid's y limit), "
+                         f"got {batch} * {heads}")
+    block_m, block_n, num_warps, num_stages = _launch_config(tokens, head_dim, q.dtype)
+    grid = (triton.cdiv(tokens, block_m), batch * heads)
+    vector = 16 // q.element_size()  # elements per 16-byte load; the op made every stride a multiple
+    _attention_fwd_kernel[grid](
+        q, k, v, out,
+        tokens, heads, softmax_scale * math.log2(math.e),
+        *(stride // vector for t in (q, k, v, out) for stride in t.stride()[:3]),
+        HEAD_DIM=head_dim, HEAD_MAIN=head_main, HEAD_TAIL=head_tail,
+        BLOCK_M=block_m, BLOCK_N=block_n,
+        EVEN_KEYS=tokens % block_n == 0, VECTOR=vector,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_UPCAST=TRITON_INTERPRET and q.dtype == torch.bfloat16,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        softmax_scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v in fp32 on (B, T, H, Dh) tensors, cast to q's dtype."""
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    q32, k32, v32 = (t.float().transpose(1, 2) for t in (q, k, v))  # (B, H, T, Dh)
+    probs = torch.softmax(q32 @ k32.transpose(-1, -2) * scale, dim=-1)
+    return (probs @ v32).transpose(1, 2).to(q.dtype).contiguous()
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a tensor, got {type(t).__name__}")
+    if q.dim() != 4:
+        raise ValueError(f"attention: q must have rank 4 (batch, tokens, heads, head_dim), got shape {tuple(q.shape)}")
+    if q.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"attention: q must be float32, float16 or bfloat16, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"attention: {name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"attention: {name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"attention: {name} must be on q's device {q.device}, got {t.device}")
+    head_dim = q.shape[-1]
+    if head_dim % 8 != 0 or head_dim > _MAX_HEAD_DIM:
+        raise ValueError(f"attention: q's last dim (head_dim) must be a multiple of 8 and at most "
+                         f"{_MAX_HEAD_DIM}, got {head_dim}")
+    if softmax_scale is not None and not (math.isfinite(softmax_scale) and softmax_scale > 0):
+        raise ValueError(f"attention: softmax_scale must be a finite positive number, got {softmax_scale}")
+
+
+@torch.library.custom_op("fastdit::attention", mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * softmax_scale) v per (batch, head), non-causal.
+
+    q, k, v: (batch, tokens, heads, head_dim), read in place through their strides when
+    head_dim has unit stride and rows start 16-byte aligned (else copied first: the one
+    copy this op may make); head_dim a multiple of 8, at most 256. softmax_scale defaults to head_dim ** -0.5 and must be positive.
+    Returns a new contiguous (batch, tokens, heads, head_dim) tensor in q's dtype.
+    """
+    _check_inputs(q, k, v, softmax_scale)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    if not use_triton(q) or q.numel() == 0:
+        return attention_reference(q, k, v, scale)
+    # Views the kernel's 16-byte loads cannot read (head_dim not unit stride, or a view
+    # starting mid-vector) are copied; qkv.unbind, transposes and contiguous tensors are not.
+    q, k, v = (t if _is_vector_aligned(t) else t.clone(memory_format=torch.contiguous_format) for t in (q, k, v))
+    return _attention_triton(q, k, v, scale)
+
+
+@attention.register_fake
+def _(q, k, v, softmax_scale=None):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)

@@ -1,0 +1,21 @@
+from setuptools import setup
+
+setup(
+    name="fastdit",
+    version="0.1.0",
+    description="Fast, checked DiT (Peebles & Xie, 2023) on fused Triton kernels",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # kernels/ lives at the top of the repository but installs as fastdit.kernels: a
+    # top-level `kernels` module would shadow the PyPI package of that name.
+    packages=["fastdit", "fastdit.kernels"],
+    package_dir={"fastdit": "fastdit", "fastdit.kernels": "kernels"},
+    install_requires=["torch>=2.5", "triton>=3.6", "numpy"],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "tqdm"],
+        "flash-attn": ["flash-attn>=2.5"],
+        "xformers": ["xformers"],
+    },
+    entry_points={"console_scripts": ["fastdit=fastdit.cli:main"]},
+)
