@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .interpreter import dot, to_storage
 from .runtime import TRITON_INTERPRET, use_triton
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -29,16 +30,6 @@ _MAX_HEAD_DIM = 256
 def _load_tile(base, rows, row_vectors, row_limit, cols, COL_LIMIT: tl.constexpr, VECTOR: tl.constexpr):
     mask = (rows[:, None] < row_limit) & (cols[None, :] < COL_LIMIT)
     return tl.load(base + rows[:, None] * row_vectors * VECTOR + cols[None, :], mask=mask, other=0.0)
-
-
-@triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    # Triton's interpreter multiplies bf16 operands as their raw uint16 bits; fp32
-    # operands holding the same bf16 values give the exact products a GPU's bf16 dot does.
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc=acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -60,7 +51,7 @@ def _attention_fwd_kernel(
     stride_ob, stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, HEAD_MAIN: tl.constexpr, HEAD_TAIL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_KEYS: tl.constexpr, VECTOR: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    EVEN_KEYS: tl.constexpr, VECTOR: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     query_block = tl.program_id(0)
     batch_head = tl.program_id(1)
@@ -86,10 +77,10 @@ def _attention_fwd_kernel(
     for key_start in range(0, tokens, BLOCK_N):
         keys = key_start + tl.arange(0, BLOCK_N)
         k_main = _load_tile(k_base, keys, stride_kt, tokens, cols_main, HEAD_DIM, VECTOR)
-        scores = _dot(q_main, tl.trans(k_main), None, DOT_PRECISION, DOT_UPCAST)
+        scores = dot(q_main, tl.trans(k_main), None, DOT_PRECISION)
         if HEAD_TAIL > 0:
             k_tail = _load_tile(k_base, keys, stride_kt, tokens, cols_tail, HEAD_DIM, VECTOR)
-            scores = _dot(q_tail, tl.trans(k_tail), scores, DOT_PRECISION, DOT_UPCAST)
+            scores = dot(q_tail, tl.trans(k_tail), scores, DOT_PRECISION)
         if not EVEN_KEYS:
             # Padding keys read as zeros would score 0, not -inf: mask them before the max.
             scores = tl.where((keys < tokens)[None, :], scores, float("-inf"))
@@ -104,19 +95,19 @@ def _attention_fwd_kernel(
         v_main = _load_tile(v_base, keys, stride_vt, tokens, cols_main, HEAD_DIM, VECTOR)
         # fp16/bf16: P is rounded to the input dtype for the tensor-core dot, as
         # FlashAttention does; fp32 keeps fp32 (and ieee dots) throughout.
-        probs = probs.to(v_main.dtype)
-        out_main = _dot(probs, v_main, out_main * rescale[:, None], DOT_PRECISION, DOT_UPCAST)
+        probs = to_storage(probs, v_main.dtype)
+        out_main = dot(probs, v_main, out_main * rescale[:, None], DOT_PRECISION)
         if HEAD_TAIL > 0:
             v_tail = _load_tile(v_base, keys, stride_vt, tokens, cols_tail, HEAD_DIM, VECTOR)
-            out_tail = _dot(probs, v_tail, out_tail * rescale[:, None], DOT_PRECISION, DOT_UPCAST)
+            out_tail = dot(probs, v_tail, out_tail * rescale[:, None], DOT_PRECISION)
 
     out_dtype = out_ptr.dtype.element_ty
     store_rows = queries[:, None] < tokens
     out_rows = out_base + queries[:, None] * stride_ot * VECTOR
-    tl.store(out_rows + cols_main[None, :], (out_main / row_sum[:, None]).to(out_dtype),
+    tl.store(out_rows + cols_main[None, :], to_storage(out_main / row_sum[:, None], out_dtype),
              mask=store_rows & (cols_main[None, :] < HEAD_DIM))
     if HEAD_TAIL > 0:
-        tl.store(out_rows + cols_tail[None, :], (out_tail / row_sum[:, None]).to(out_dtype),
+        tl.store(out_rows + cols_tail[None, :], to_storage(out_tail / row_sum[:, None], out_dtype),
                  mask=store_rows & (cols_tail[None, :] < HEAD_DIM))
 
 
@@ -174,7 +165,6 @@ def _attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
         BLOCK_M=block_m, BLOCK_N=block_n,
         EVEN_KEYS=tokens % block_n == 0, VECTOR=vector,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        DOT_UPCAST=TRITON_INTERPRET and q.dtype == torch.bfloat16,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

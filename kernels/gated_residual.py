@@ -19,6 +19,7 @@ from .modulate import (
     row_launch_config,
     unit_stride_rows,
 )
+from .interpreter import to_storage
 from .runtime import use_triton
 
 
@@ -42,7 +43,7 @@ def _gated_residual_kernel(
     x = tl.load(x_ptr + batch * x_stride_batch + token * x_stride_token + columns, mask=mask, other=0.0)
     y = tl.load(y_ptr + batch * y_stride_batch + token * y_stride_token + columns, mask=mask, other=0.0)
     gate = tl.load(gate_ptr + batch * gate_stride_batch + columns, mask=mask, other=0.0)
-    residual = (x.to(tl.float32) + gate.to(tl.float32) * y.to(tl.float32)).to(residual_ptr.dtype.element_ty)
+    residual = to_storage(x.to(tl.float32) + gate.to(tl.float32) * y.to(tl.float32), residual_ptr.dtype.element_ty)
     tl.store(residual_ptr + row * D + columns, residual, mask=mask)
 
     if NORMALIZE:
@@ -54,7 +55,7 @@ def _gated_residual_kernel(
         normed = _layernorm_modulate(
             residual.to(tl.float32), mask, shift.to(tl.float32), scale.to(tl.float32), D, eps
         )
-        tl.store(normed_ptr + row * D + columns, normed.to(normed_ptr.dtype.element_ty), mask=mask)
+        tl.store(normed_ptr + row * D + columns, to_storage(normed, normed_ptr.dtype.element_ty), mask=mask)
 
 
 def _gated_residual_triton(x, gate, y, shift=None, scale=None, eps=1e-6):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .interpreter import to_storage
 from .runtime import use_triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -48,7 +49,7 @@ def _modulate_layernorm_kernel(
     shift = tl.load(shift_ptr + batch * shift_stride_batch + columns, mask=mask, other=0.0)
     scale = tl.load(scale_ptr + batch * scale_stride_batch + columns, mask=mask, other=0.0)
     out = _layernorm_modulate(x.to(tl.float32), mask, shift.to(tl.float32), scale.to(tl.float32), D, eps)
-    tl.store(out_ptr + row * D + columns, out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * D + columns, to_storage(out, out_ptr.dtype.element_ty), mask=mask)
 
 
 def row_launch_config(hidden_size: int) -> tuple[int, int]:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .interpreter import dot, to_storage
 from .runtime import TRITON_INTERPRET, use_triton
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -24,7 +25,7 @@ def _patch_embed_kernel(
     stride_wd, stride_wc, stride_wi, stride_wj,
     stride_bias, stride_pos_t, stride_pos_d,
     PATCH: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -61,10 +62,7 @@ def _patch_embed_kernel(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(weight_ptr + k_offsets_w[:, None] + col_offsets_w[None, :],
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if DOT_IN_FP32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc += tl.dot(a, b, input_precision=INPUT_PRECISION)
+        acc = dot(a, b, acc, INPUT_PRECISION)
 
     bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)
     # pos_embed is shared by every image of the batch: index it by token, not by row.
@@ -72,7 +70,7 @@ def _patch_embed_kernel(
                   mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
     acc += bias[None, :] + pos
     out_offsets = offs_m[:, None].to(tl.int64) * hidden_size + offs_n[None, :]
-    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + out_offsets, to_storage(acc, out_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
 
 
@@ -102,9 +100,6 @@ def _patch_embed_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         return out
     pos = pos_embed[0] if pos_embed.dim() == 3 else pos_embed
     block_m, block_n, block_k = _block_sizes(in_features, x.dtype)
-    # The interpreter multiplies bf16 tiles as their raw uint16 bits; exact fp32 products
-    # of the bf16 values (8-bit mantissas) give the same result the GPU's bf16 dot does.
-    dot_in_fp32 = TRITON_INTERPRET and x.dtype == torch.bfloat16
     grid = (triton.cdiv(rows, block_m), triton.cdiv(hidden_size, block_n))
     _patch_embed_kernel[grid](
         x, weight, bias, pos, out,
@@ -113,8 +108,7 @@ def _patch_embed_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         bias.stride(0), pos.stride(0), pos.stride(1),
         PATCH=patch,
         # "ieee" keeps the fp32 path true fp32 (tf32 would cost ~1e-3 relative error).
-        INPUT_PRECISION="ieee" if x.dtype == torch.float32 or dot_in_fp32 else "tf32",
-        DOT_IN_FP32=dot_in_fp32,
+        INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=4, num_stages=3,
     )

@@ -1,18 +1,25 @@
 """The fast model against the reference: parity, state-dict compatibility, torch.compile."""
+import copy
+
 import pytest
 import torch
 
 import fastdit
 from fastdit import reference
 from fastdit.kernels import kernel_path
-from parity import DTYPES, MODEL_TOLERANCE, assert_parity, perturb_
+from parity import MODEL_TOLERANCE, assert_parity, perturb_, relative_max_error
 
 PATH = kernel_path("cpu")
+
+# Weight noise on top of the init. At 0.02 the model is so ill-conditioned that the eager
+# bf16 reference itself misses the 5e-2 bf16 bound on some seeds (measured 3.4e-2 to 5.6e-2
+# over four seeds); at 0.05 it lands at 1.6e-2 to 3.0e-2, so the bound tests the kernels.
+PERTURBATION = 0.05
 
 
 def build_pair(name, input_size, attn_backend="triton", **kwargs):
     ref = reference.DiT_models[name](input_size=input_size, num_classes=10, **kwargs).eval()
-    perturb_(ref, std=0.02)
+    perturb_(ref, std=PERTURBATION)
     fast = fastdit.DiT_models[name](input_size=input_size, num_classes=10, attn_backend=attn_backend, **kwargs).eval()
     fast.load_state_dict(ref.state_dict(), strict=True)
     return ref, fast
@@ -44,18 +51,23 @@ def test_forward_parity_fp32(name):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", ["DiT-S/2", "DiT-B/4", "DiT-XL/8"])
 def test_forward_parity_half(name, dtype):
-    """Half-precision fast model vs the fp32 reference on the same (rounded) weights."""
+    """Half-precision fast model vs the fp32 reference on the same (rounded) weights, and no
+    less accurate than the reference itself run eagerly in that dtype."""
     patch = int(name[-1])
     ref, fast = build_pair(name, input_size=4 * patch)
-    # Both models see the same rounded weights; the reference computes in fp32.
     ref.load_state_dict({key: value.to(dtype).float() for key, value in ref.state_dict().items()})
+    ref_half = copy.deepcopy(ref).to(dtype)
     fast.to(dtype)
     x, t, y = inputs(ref, dtype=dtype)
     with torch.no_grad():
         expected = ref.forward_with_cfg(x.float(), t, y, 4.0)
         actual = fast.forward_with_cfg(x, t, y, 4.0)
+        eager_half = ref_half.forward_with_cfg(x, t, y, 4.0)
     assert actual.dtype == dtype
     assert_parity(actual, expected, MODEL_TOLERANCE[dtype], f"{name} {dtype}")
+    # The conditioning path (embedders, adaLN linears) is the same torch code in both, so
+    # the fused kernels may add little: 25% over the eager error bounds that, loosely.
+    assert relative_max_error(actual, expected) <= 1.25 * relative_max_error(eager_half, expected) + 1e-3
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "math"])
