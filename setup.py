@@ -11,9 +11,10 @@ setup(
     # top-level `kernels` module would shadow the PyPI package of that name.
     packages=["fastdit", "fastdit.kernels"],
     package_dir={"fastdit": "fastdit", "fastdit.kernels": "kernels"},
-    install_requires=["torch>=2.5", "triton>=3.6", "numpy"],
+    install_requires=["torch>=2.5", "triton>=3.6", "numpy", "safetensors>=0.4", "pillow", "tqdm", "scikit-learn"],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "tqdm"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3"],
+        "vae": ["diffusers>=0.27"],
         "flash-attn": ["flash-attn>=2.5"],
         "xformers": ["xformers"],
     },

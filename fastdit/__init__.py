@@ -5,9 +5,21 @@ arguments, same state-dict keys); ``fastdit.reference`` is the plain PyTorch ora
 """
 from fastdit import reference
 from fastdit.attention import ATTENTION_BACKENDS
+from fastdit.checkpoint import CheckpointError, load, save_pretrained
 from fastdit.kernels import kernel_path
 from fastdit.model import DiT, DiT_models
+from fastdit.sampling import sample
 
 __version__ = "0.1.0"
 
-__all__ = ["ATTENTION_BACKENDS", "DiT", "DiT_models", "kernel_path", "reference"]
+__all__ = [
+    "ATTENTION_BACKENDS",
+    "CheckpointError",
+    "DiT",
+    "DiT_models",
+    "kernel_path",
+    "load",
+    "reference",
+    "sample",
+    "save_pretrained",
+]

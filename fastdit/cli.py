@@ -2,18 +2,29 @@
 import argparse
 import sys
 
-from fastdit import demo
+from fastdit import demo, distributed, sample_cli
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr and exit code 2, as the commands' own errors."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="fastdit", description="Fast, checked DiT (Peebles & Xie, 2023).")
+    parser = ArgumentParser(prog="fastdit", description="Fast, checked DiT (Peebles & Xie, 2023).")
     commands = parser.add_subparsers(dest="command", required=True)
     demo.add_arguments(commands.add_parser("demo", help="check a model against the reference and time it"))
+    sample_cli.add_arguments(commands.add_parser("sample", help="sample images from a DiT (torchrun: many GPUs)"))
     args = parser.parse_args(argv)
     try:
-        return {"demo": demo.run}[args.command](args)
-    except (ValueError, TypeError, KeyError, ImportError) as error:
-        print(f"fastdit {args.command}: error: {error}", file=sys.stderr)
+        return {"demo": demo.run, "sample": sample_cli.run}[args.command](args)
+    # CheckpointError is a ValueError; OSError: an unwritable --out, a full disk.
+    except (ValueError, TypeError, KeyError, ImportError, OSError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error  # KeyError's str() quotes it
+        if distributed.is_main_process():  # under torchrun every rank fails alike: one line, not one per rank
+            print(f"fastdit {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -14,6 +14,7 @@ step of the residual stream is one fused kernel:
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from fastdit.attention import attention, check_backend
 from fastdit.kernels.gated_residual import gated_residual_modulate_layernorm
@@ -120,7 +121,21 @@ class DiT(nn.Module):
             [DiTBlock(hidden_size, num_heads, mlp_ratio, attn_backend) for _ in range(depth)]
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.gradient_checkpointing = False  # recompute each block's activations in backward
         initialize_dit_weights(self)
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        """A model in eval mode from a checkpoint file or directory: see ``fastdit.checkpoint.load``."""
+        from fastdit import checkpoint  # checkpoint builds this class: imported at call time
+
+        return checkpoint.load(path, **kwargs)
+
+    def save_pretrained(self, directory):
+        """Write ``config.json`` and ``model.safetensors`` to ``directory``: see ``fastdit.checkpoint``."""
+        from fastdit import checkpoint
+
+        checkpoint.save_pretrained(self, directory)
 
     @property
     def attn_backend(self):
@@ -152,7 +167,10 @@ class DiT(nn.Module):
         h = modulate_layernorm(x, shift_msa, scale_msa)
         for block, modulation, next_modulation in zip(self.blocks, modulations, modulations[1:]):
             # Every modulation begins with (shift, scale) of its first LayerNorm.
-            x, h = block(x, h, modulation, *next_modulation[:2])
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x, h = checkpoint(block, x, h, modulation, *next_modulation[:2], use_reentrant=False)
+            else:
+                x, h = block(x, h, modulation, *next_modulation[:2])
         return self.unpatchify(self.final_layer(h))
 
     def forward_with_cfg(self, x, t, y, cfg_scale):

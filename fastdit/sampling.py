@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 import torch
 
+from .reference import classifier_free_guidance
 from .samplers import SAMPLERS, make_solver
 
 
@@ -53,13 +54,9 @@ class GuidedDenoiser:
         if self.guided:
             x_in, t = torch.cat([x_in, x_in]), torch.cat([t, t])
         out = self.forward(x_in, t, self.y).float()
-        cond = out[:n]
-        eps = cond[:, :c]
         if self.guided:
-            g, uncond = self.guidance_channels, out[n:]
-            guided = uncond[:, :g] + self.cfg_scale * (cond[:, :g] - uncond[:, :g])
-            eps = torch.cat([guided, cond[:, g:c]], dim=1)
-        return eps, (cond[:, c:] if out.shape[1] == 2 * c else None)
+            out = classifier_free_guidance(out, self.cfg_scale, self.guidance_channels)[:n]
+        return out[:, :c], (out[:, c:] if out.shape[1] == 2 * c else None)
 
 
 class GraphCaptureError(RuntimeError):

@@ -12,6 +12,10 @@ contiguous (B, T, H, Dh) so that ``.view(B, T, H * Dh)`` feeds the output projec
 Head dims that are not a power of two (DiT-XL: 1152 / 16 = 72) are split into a
 power-of-two part and a remainder padded to 16 (72 = 64 + 8 -> 16) rather than padded
 to 128 whole: the dots run over 80 columns instead of 128.
+
+The forward also writes each query row's logsumexp of the scaled scores (fp32,
+(batch, heads, tokens)), from which the backward (attention_backward.py, imported at the
+end of this file so that importing it registers the autograd) recomputes the probabilities.
 """
 import math
 
@@ -24,6 +28,7 @@ from .runtime import TRITON_INTERPRET, use_triton
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256
+_LOG2E: tl.constexpr = tl.constexpr(math.log2(math.e))
 
 
 @triton.jit
@@ -39,7 +44,7 @@ def _head_base(ptr, batch, head, batch_vectors, head_vectors, VECTOR: tl.constex
 
 @triton.jit
 def _attention_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
     tokens, heads, qk_scale_log2,
     # (batch, token, head) strides counted in VECTOR-element (16-byte) units: a stride like
     # 72 or 216 elements is 16-byte aligned, but only a multiple of 16 elements would let
@@ -109,6 +114,9 @@ def _attention_fwd_kernel(
     if HEAD_TAIL > 0:
         tl.store(out_rows + cols_tail[None, :], to_storage(out_tail / row_sum[:, None], out_dtype),
                  mask=store_rows & (cols_tail[None, :] < HEAD_DIM))
+    # Back from log2 units to the natural logsumexp that the op returns.
+    lse = (row_max + tl.log2(row_sum)) / _LOG2E
+    tl.store(lse_ptr + batch_head.to(tl.int64) * tokens + queries, lse, mask=queries < tokens)
 
 
 def _split_head_dim(head_dim: int) -> tuple[int, int]:
@@ -147,9 +155,18 @@ def _is_vector_aligned(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and strides_aligned
 
 
-def _attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+def _as_vector_aligned(t: torch.Tensor) -> torch.Tensor:
+    """t itself when the kernels' 16-byte loads can read it in place (qkv.unbind views,
+    transposes, contiguous tensors), else a contiguous copy (head_dim not unit stride, or a
+    view starting mid-vector)."""
+    return t if _is_vector_aligned(t) else t.clone(memory_format=torch.contiguous_format)
+
+
+def _attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     batch, tokens, heads, head_dim = q.shape
     out = torch.empty((batch, tokens, heads, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, tokens), dtype=torch.float32, device=q.device)
     head_main, head_tail = _split_head_dim(head_dim)
     if batch * heads > 65535:
         raise ValueError(f"attention: q's batch * heads must be at most 65535 (the CUDA grid's y limit), "
@@ -158,7 +175,7 @@ def _attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
     grid = (triton.cdiv(tokens, block_m), batch * heads)
     vector = 16 // q.element_size()  # elements per 16-byte load; the op made every stride a multiple
     _attention_fwd_kernel[grid](
-        q, k, v, out,
+        q, k, v, out, lse,
         tokens, heads, softmax_scale * math.log2(math.e),
         *(stride // vector for t in (q, k, v, out) for stride in t.stride()[:3]),
         HEAD_DIM=head_dim, HEAD_MAIN=head_main, HEAD_TAIL=head_tail,
@@ -167,16 +184,24 @@ def _attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )
-    return out
+    return out, lse
+
+
+def attention_reference_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 softmax_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(attention_reference's output, the fp32 logsumexp of each query row's scaled scores, (B, H, T))."""
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    q32, k32, v32 = (t.float().transpose(1, 2) for t in (q, k, v))  # (B, H, T, Dh)
+    scores = q32 @ k32.transpose(-1, -2) * scale
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None])
+    return (probs @ v32).transpose(1, 2).to(q.dtype).contiguous(), lse
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         softmax_scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v in fp32 on (B, T, H, Dh) tensors, cast to q's dtype."""
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    q32, k32, v32 = (t.float().transpose(1, 2) for t in (q, k, v))  # (B, H, T, Dh)
-    probs = torch.softmax(q32 @ k32.transpose(-1, -2) * scale, dim=-1)
-    return (probs @ v32).transpose(1, 2).to(q.dtype).contiguous()
+    return attention_reference_with_lse(q, k, v, softmax_scale)[0]
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None) -> None:
@@ -202,25 +227,37 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
         raise ValueError(f"attention: softmax_scale must be a finite positive number, got {softmax_scale}")
 
 
-@torch.library.custom_op("fastdit::attention", mutates_args=())
+@torch.library.custom_op("fastdit::attention_forward", mutates_args=())
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      softmax_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(attention(q, k, v, softmax_scale), lse)``: lse is the fp32 logsumexp of each query
+    row's scaled scores, (batch, heads, tokens), which the backward recomputes the
+    probabilities from. Differentiable in q, k and v (not through lse)."""
+    _check_inputs(q, k, v, softmax_scale)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    if not use_triton(q) or q.numel() == 0:
+        return attention_reference_with_lse(q, k, v, scale)
+    return _attention_triton(*(_as_vector_aligned(t) for t in (q, k, v)), scale)
+
+
+@attention_forward.register_fake
+def _(q, k, v, softmax_scale=None):
+    batch, tokens, heads, _ = q.shape
+    lse = q.new_empty((batch, heads, tokens), dtype=torch.float32)
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), lse
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None) -> torch.Tensor:
-    """softmax(q k^T * softmax_scale) v per (batch, head), non-causal.
+    """softmax(q k^T * softmax_scale) v per (batch, head), non-causal, differentiable.
 
     q, k, v: (batch, tokens, heads, head_dim), read in place through their strides when
     head_dim has unit stride and rows start 16-byte aligned (else copied first: the one
     copy this op may make); head_dim a multiple of 8, at most 256. softmax_scale defaults to head_dim ** -0.5 and must be positive.
     Returns a new contiguous (batch, tokens, heads, head_dim) tensor in q's dtype.
     """
-    _check_inputs(q, k, v, softmax_scale)
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    if not use_triton(q) or q.numel() == 0:
-        return attention_reference(q, k, v, scale)
-    # Views the kernel's 16-byte loads cannot read (head_dim not unit stride, or a view
-    # starting mid-vector) are copied; qkv.unbind, transposes and contiguous tensors are not.
-    q, k, v = (t if _is_vector_aligned(t) else t.clone(memory_format=torch.contiguous_format) for t in (q, k, v))
-    return _attention_triton(q, k, v, scale)
+    return attention_forward(q, k, v, softmax_scale)[0]
 
 
-@attention.register_fake
-def _(q, k, v, softmax_scale=None):
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+# Last: the backward kernels read this module's tile helpers, and importing them registers
+# attention_forward's autograd.
+from . import attention_backward  # noqa: E402,F401

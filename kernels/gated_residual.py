@@ -1,21 +1,30 @@
-"""Gated residual update of DiT, ``x + gate[:, None] * y``, optionally fused with the next adaLN norm.
+"""Gated residual update of DiT, ``x + gate[:, None] * y``, optionally fused with the next adaLN norm,
+and the backward of both.
 
 Each DiT sub-block ends with ``x = x + gate * y`` and the next one starts with
 ``modulate(LayerNorm(x), shift, scale)``. Fused, the row of x and y is read once and the
 new residual stream and its normalised, modulated copy are written together: one pass
 instead of three. ``gate``/``shift``/``scale`` are (B, D) chunks of ``adaLN_modulation(c)``,
 taken with their batch stride as in ``modulate.py``.
+
+Under ``torch.autocast`` the residual stream x stays fp32 while y, gate, shift and scale come out of
+bf16/fp16 linears: the residual keeps x's dtype and the normed copy takes shift's.
 """
 import torch
 import triton
 import triton.language as tl
 
 from .modulate import (
+    TOKENS_PER_PROGRAM,
     _layernorm_modulate,
+    _layernorm_modulate_backward,
+    backward_launch_config,
     check_hidden_states,
     check_modulation,
     check_per_sample,
+    layernorm_modulate_grads_fp32,
     modulate_layernorm_reference,
+    per_sample_partials,
     row_launch_config,
     unit_stride_rows,
 )
@@ -58,6 +67,64 @@ def _gated_residual_kernel(
         tl.store(normed_ptr + row * D + columns, to_storage(normed, normed_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _gated_residual_backward_kernel(
+    grad_residual_ptr, gate_ptr, y_ptr, grad_y_ptr, partial_grad_gate_ptr,
+    grad_normed_ptr, residual_ptr, scale_ptr, grad_x_ptr, partial_grad_shift_ptr, partial_grad_scale_ptr,
+    tokens, D, token_blocks,
+    grad_residual_stride_batch, grad_residual_stride_token, y_stride_batch, y_stride_token,
+    grad_normed_stride_batch, grad_normed_stride_token, residual_stride_batch, residual_stride_token,
+    gate_stride_batch, scale_stride_batch,
+    eps,
+    NORMALIZE: tl.constexpr,
+    TOKENS_PER_PROGRAM: tl.constexpr,
+    TILE_TOKENS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    program = tl.program_id(0).to(tl.int64)
+    batch = program // token_blocks
+    first_token = (program % token_blocks) * TOKENS_PER_PROGRAM
+    last_token = tl.minimum(first_token + TOKENS_PER_PROGRAM, tokens)
+    columns = tl.arange(0, BLOCK_D)
+
+    gate = tl.load(gate_ptr + batch * gate_stride_batch + columns, mask=columns < D, other=0.0).to(tl.float32)
+    grad_gate = tl.zeros([TILE_TOKENS, BLOCK_D], dtype=tl.float32)
+    if NORMALIZE:
+        scale = tl.load(scale_ptr + batch * scale_stride_batch + columns, mask=columns < D, other=0.0).to(tl.float32)
+        grad_shift = tl.zeros([TILE_TOKENS, BLOCK_D], dtype=tl.float32)
+        grad_scale = tl.zeros([TILE_TOKENS, BLOCK_D], dtype=tl.float32)
+    for tile_start in range(first_token, last_token, TILE_TOKENS):
+        token = (tile_start + tl.arange(0, TILE_TOKENS))[:, None]
+        mask = (token < last_token) & (columns[None, :] < D)
+        grad = tl.load(
+            grad_residual_ptr + batch * grad_residual_stride_batch + token * grad_residual_stride_token + columns[None, :],
+            mask=mask, other=0.0,
+        ).to(tl.float32)
+        out_offsets = (batch * tokens + token) * D + columns[None, :]
+        if NORMALIZE:
+            # The normed output reaches x, gate and y through the residual, as stored (see the forward).
+            grad_normed = tl.load(
+                grad_normed_ptr + batch * grad_normed_stride_batch + token * grad_normed_stride_token + columns[None, :],
+                mask=mask, other=0.0,
+            ).to(tl.float32)
+            residual = tl.load(
+                residual_ptr + batch * residual_stride_batch + token * residual_stride_token + columns[None, :],
+                mask=mask, other=0.0,
+            ).to(tl.float32)
+            grad_through_norm, xhat = _layernorm_modulate_backward(residual, mask, grad_normed, scale[None, :], D, eps)
+            grad += grad_through_norm
+            grad_shift += grad_normed
+            grad_scale += grad_normed * xhat
+            tl.store(grad_x_ptr + out_offsets, to_storage(grad, grad_x_ptr.dtype.element_ty), mask=mask)
+        y = tl.load(y_ptr + batch * y_stride_batch + token * y_stride_token + columns[None, :], mask=mask, other=0.0)
+        grad_gate += grad * y.to(tl.float32)
+        tl.store(grad_y_ptr + out_offsets, to_storage(grad * gate[None, :], grad_y_ptr.dtype.element_ty), mask=mask)
+    tl.store(partial_grad_gate_ptr + program * D + columns, tl.sum(grad_gate, axis=0), mask=columns < D)
+    if NORMALIZE:
+        tl.store(partial_grad_shift_ptr + program * D + columns, tl.sum(grad_shift, axis=0), mask=columns < D)
+        tl.store(partial_grad_scale_ptr + program * D + columns, tl.sum(grad_scale, axis=0), mask=columns < D)
+
+
 def _gated_residual_triton(x, gate, y, shift=None, scale=None, eps=1e-6):
     """Launch the kernel; normalises (and returns ``(residual, normed)``) when shift/scale are given."""
     normalize = shift is not None
@@ -66,7 +133,7 @@ def _gated_residual_triton(x, gate, y, shift=None, scale=None, eps=1e-6):
     residual = torch.empty((batch, tokens, hidden_size), dtype=x.dtype, device=x.device)
     if normalize:
         shift, scale = unit_stride_rows(shift), unit_stride_rows(scale)
-        normed = torch.empty_like(residual)
+        normed = torch.empty_like(residual, dtype=shift.dtype)
     else:
         # never read when NORMALIZE is off; the kernel only needs valid pointers and strides
         shift, scale, normed = gate, gate, residual
@@ -83,6 +150,42 @@ def _gated_residual_triton(x, gate, y, shift=None, scale=None, eps=1e-6):
     return (residual, normed) if normalize else residual
 
 
+def _gated_residual_backward_triton(grad_residual, gate, y, grad_normed=None, residual=None, scale=None, eps=1e-6):
+    """Launch the backward kernel: ``(grad_gate, grad_y)``, or with grad_normed/residual/scale the fused
+    op's ``(grad_x, grad_gate, grad_y, grad_shift, grad_scale)``."""
+    normalize = grad_normed is not None
+    grad_residual, gate, y = unit_stride_rows(grad_residual), unit_stride_rows(gate), unit_stride_rows(y)
+    batch, tokens, hidden_size = y.shape
+    grad_y = torch.empty((batch, tokens, hidden_size), dtype=y.dtype, device=y.device)
+    partials = per_sample_partials(batch, tokens, hidden_size, 3 if normalize else 1, y.device)
+    if normalize:
+        grad_normed, residual, scale = unit_stride_rows(grad_normed), unit_stride_rows(residual), unit_stride_rows(scale)
+        grad_x = torch.empty_like(grad_y, dtype=residual.dtype)
+        partial_grad_shift, partial_grad_scale = partials[1:]
+    else:
+        # never touched when NORMALIZE is off; the kernel only needs valid pointers and strides
+        grad_normed, residual, scale, grad_x = grad_residual, grad_residual, gate, grad_y
+        partial_grad_shift = partial_grad_scale = partials[0]
+    if grad_y.numel() > 0:
+        block_d, tile_tokens, num_warps = backward_launch_config(hidden_size)
+        token_blocks = partials[0].shape[1]
+        _gated_residual_backward_kernel[(batch * token_blocks,)](
+            grad_residual, gate, y, grad_y, partials[0],
+            grad_normed, residual, scale, grad_x, partial_grad_shift, partial_grad_scale,
+            tokens, hidden_size, token_blocks,
+            grad_residual.stride(0), grad_residual.stride(1), y.stride(0), y.stride(1),
+            grad_normed.stride(0), grad_normed.stride(1), residual.stride(0), residual.stride(1),
+            gate.stride(0), scale.stride(0),
+            eps,
+            NORMALIZE=normalize, TOKENS_PER_PROGRAM=TOKENS_PER_PROGRAM, TILE_TOKENS=tile_tokens,
+            BLOCK_D=block_d, num_warps=num_warps,
+        )
+    grad_gate, *grad_modulation = (partial.sum(1).to(gate.dtype) for partial in partials)
+    if normalize:
+        return grad_x, grad_gate, grad_y, *grad_modulation
+    return grad_gate, grad_y
+
+
 def gated_residual_reference(x, gate, y):
     return (x.float() + gate.float()[:, None] * y.float()).to(x.dtype)
 
@@ -92,15 +195,31 @@ def gated_residual_modulate_layernorm_reference(x, gate, y, shift, scale, eps: f
     return residual, modulate_layernorm_reference(residual, shift, scale, eps)
 
 
+def gated_residual_backward_reference(grad_residual, gate, y):
+    grad_residual = grad_residual.float()
+    return (grad_residual * y.float()).sum(1).to(gate.dtype), (grad_residual * gate.float()[:, None]).to(y.dtype)
+
+
+def gated_residual_modulate_layernorm_backward_reference(
+    grad_residual, grad_normed, residual, gate, y, scale, eps: float = 1e-6
+):
+    grad_through_norm, grad_shift, grad_scale = layernorm_modulate_grads_fp32(grad_normed, residual, scale, eps)
+    grad_residual = grad_residual.float() + grad_through_norm
+    grad_gate, grad_y = gated_residual_backward_reference(grad_residual, gate, y)
+    return grad_residual.to(residual.dtype), grad_gate, grad_y, grad_shift.to(scale.dtype), grad_scale.to(scale.dtype)
+
+
 def _check_gated_residual_inputs(x, gate, y):
     check_hidden_states("x", x)
     check_hidden_states("y", y, like=x)
-    check_per_sample("gate", gate, x)
+    check_per_sample("gate", gate, x, "y", y)
 
 
 @torch.library.custom_op("fastdit::gated_residual", mutates_args=())
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``x + gate[:, None] * y`` with x, y (B, T, D) and gate (B, D)."""
+    """``x + gate[:, None] * y`` with x, y (B, T, D) and gate (B, D), in x's dtype.
+
+    gate and y share one dtype: x's, or a half dtype when x is fp32."""
     _check_gated_residual_inputs(x, gate, y)
     if use_triton(x):
         return _gated_residual_triton(x, gate, y)
@@ -116,9 +235,12 @@ def _(x, gate, y):
 def gated_residual_modulate_layernorm(
     x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(residual, modulate_layernorm(residual, shift, scale, eps))`` with ``residual = x + gate[:, None] * y``."""
+    """``(residual, modulate_layernorm(residual, shift, scale, eps))`` with ``residual = x + gate[:, None] * y``.
+
+    y, gate, shift and scale share one dtype: x's, or a half dtype when x is fp32. The residual has
+    x's dtype, the normed copy shift's."""
     _check_gated_residual_inputs(x, gate, y)
-    check_modulation(shift, scale, x, eps)
+    check_modulation(shift, scale, x, eps, "y", y)
     if use_triton(x):
         return _gated_residual_triton(x, gate, y, shift, scale, eps)
     return gated_residual_modulate_layernorm_reference(x, gate, y, shift, scale, eps)
@@ -126,4 +248,67 @@ def gated_residual_modulate_layernorm(
 
 @gated_residual_modulate_layernorm.register_fake
 def _(x, gate, y, shift, scale, eps=1e-6):
-    return x.new_empty(x.shape), x.new_empty(x.shape)
+    return x.new_empty(x.shape), x.new_empty(x.shape, dtype=shift.dtype)
+
+
+# The backward ops are called by autograd with the forward's validated inputs.
+@torch.library.custom_op("fastdit::gated_residual_backward", mutates_args=())
+def gated_residual_backward(
+    grad_residual: torch.Tensor, gate: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_gate, grad_y) of ``gated_residual``; the grad wrt x is ``grad_residual`` itself."""
+    if use_triton(y):
+        return _gated_residual_backward_triton(grad_residual, gate, y)
+    return gated_residual_backward_reference(grad_residual, gate, y)
+
+
+@gated_residual_backward.register_fake
+def _(grad_residual, gate, y):
+    return gate.new_empty(gate.shape), y.new_empty(y.shape)
+
+
+@torch.library.custom_op("fastdit::gated_residual_modulate_layernorm_backward", mutates_args=())
+def gated_residual_modulate_layernorm_backward(
+    grad_residual: torch.Tensor, grad_normed: torch.Tensor, residual: torch.Tensor,
+    gate: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_gate, grad_y, grad_shift, grad_scale) of ``gated_residual_modulate_layernorm``,
+    given its stored ``residual`` output."""
+    if use_triton(y):
+        return _gated_residual_backward_triton(grad_residual, gate, y, grad_normed, residual, scale, eps)
+    return gated_residual_modulate_layernorm_backward_reference(grad_residual, grad_normed, residual, gate, y, scale, eps)
+
+
+@gated_residual_modulate_layernorm_backward.register_fake
+def _(grad_residual, grad_normed, residual, gate, y, scale, eps):
+    grad_gate, grad_shift, grad_scale = (gate.new_empty(gate.shape) for _ in range(3))
+    return residual.new_empty(residual.shape), grad_gate, y.new_empty(y.shape), grad_shift, grad_scale
+
+
+def _gated_residual_setup_context(ctx, inputs, output):
+    _, gate, y = inputs
+    ctx.save_for_backward(gate, y)
+
+
+def _gated_residual_autograd_backward(ctx, grad_residual):
+    gate, y = ctx.saved_tensors
+    grad_gate, grad_y = gated_residual_backward(grad_residual, gate, y)
+    return grad_residual, grad_gate, grad_y
+
+
+def _fused_setup_context(ctx, inputs, output):
+    _, gate, y, _, scale, eps = inputs
+    residual, _ = output
+    # The stored residual, not x: LayerNorm's backward needs it and it is alive anyway (the next block's input).
+    ctx.save_for_backward(residual, gate, y, scale)
+    ctx.eps = eps
+
+
+def _fused_autograd_backward(ctx, grad_residual, grad_normed):
+    residual, gate, y, scale = ctx.saved_tensors
+    grads = gated_residual_modulate_layernorm_backward(grad_residual, grad_normed, residual, gate, y, scale, ctx.eps)
+    return *grads, None
+
+
+gated_residual.register_autograd(_gated_residual_autograd_backward, setup_context=_gated_residual_setup_context)
+gated_residual_modulate_layernorm.register_autograd(_fused_autograd_backward, setup_context=_fused_setup_context)

@@ -1,12 +1,15 @@
-"""adaLN modulation of DiT: ``LayerNorm(x) * (1 + scale) + shift``, fused into one pass.
+"""adaLN modulation of DiT: ``LayerNorm(x) * (1 + scale) + shift``, fused into one pass, and its backward.
 
 DiT normalises every token without affine parameters (eps 1e-6) and then modulates it with
 per-sample ``shift``/``scale`` vectors (B, D) broadcast over the T tokens. In the model those
 vectors are chunks of ``adaLN_modulation(c)`` (B, 6D), so they arrive as strided views: the
-kernel takes their batch stride instead of copying them.
+kernels take their batch stride instead of copying them.
 
-The per-row math lives in ``_layernorm_modulate`` so that the fused residual op in
-``gated_residual.py`` reuses it, together with the launch and validation helpers below.
+Under ``torch.autocast`` the residual stream ``x`` stays fp32 while shift/scale come out of a
+bf16/fp16 linear: the output is then in shift's dtype (it feeds a GEMM that would cast it anyway).
+
+The per-row math lives in ``_layernorm_modulate`` (and its backward) so that the fused residual
+op in ``gated_residual.py`` reuses it, together with the launch and validation helpers below.
 """
 import torch
 import torch.nn.functional as F
@@ -17,17 +20,50 @@ from .interpreter import to_storage
 from .runtime import use_triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+# Tokens of one sample per backward program. The per-sample grads (shift, scale, gate) are sums over
+# tokens: each program accumulates its block in registers and writes one fp32 partial row, and torch
+# sums the (B, token blocks, D) partials, deterministically and with no atomics. 16 keeps that buffer
+# a sixteenth of a gradient while DiT training batches (B*T in the thousands) still fill a GPU.
+TOKENS_PER_PROGRAM = 16
+# Values in one (tokens, hidden) tile of a backward program, spread over 8 warps: 16 fp32 registers a
+# thread, so the fused backward's eight live tiles do not spill.
+BACKWARD_TILE_VALUES = 4096
+BACKWARD_NUM_WARPS = 8
+
+
+@triton.jit
+def _normalize(rows, mask, D, eps):
+    """(xhat, rstd) of fp32 rows (one, or a tile) held in registers, normalised along the last axis;
+    masked lanes are zero in the rows and in xhat."""
+    mean = tl.sum(rows, axis=-1, keep_dims=True) / D
+    # Two moments on the resident row, not E[x^2] - E[x]^2: rows with a large mean (the
+    # residual stream drifts) would otherwise lose the variance to cancellation in fp32.
+    centered = tl.where(mask, rows - mean, 0.0)
+    rstd = tl.rsqrt(tl.sum(centered * centered, axis=-1, keep_dims=True) / D + eps)
+    return centered * rstd, rstd
 
 
 @triton.jit
 def _layernorm_modulate(row, mask, shift, scale, D, eps):
     """Normalise one fp32 row held in registers (masked lanes zero) and modulate it."""
-    mean = tl.sum(row, axis=0) / D
-    # Two moments on the resident row, not E[x^2] - E[x]^2: rows with a large mean (the
-    # residual stream drifts) would otherwise lose the variance to cancellation in fp32.
-    centered = tl.where(mask, row - mean, 0.0)
-    variance = tl.sum(centered * centered, axis=0) / D
-    return centered * tl.rsqrt(variance + eps) * (1.0 + scale) + shift
+    xhat, _ = _normalize(row, mask, D, eps)
+    return xhat * (1.0 + scale) + shift
+
+
+@triton.jit
+def _layernorm_modulate_backward(rows, mask, grad, scale, D, eps):
+    """(grad wrt rows, xhat) of ``_layernorm_modulate`` for the fp32 output grad ``grad`` (masked lanes zero).
+
+    mean and rstd are recomputed from the rows, which the backward reads anyway to form xhat: that
+    costs no memory traffic, where saving them would cost the forward a write and an extra output."""
+    xhat, rstd = _normalize(rows, mask, D, eps)
+    grad_xhat = grad * (1.0 + scale)
+    # LayerNorm's Jacobian removes the components of grad_xhat along the all-ones vector and along xhat.
+    mean_grad_xhat = tl.sum(grad_xhat, axis=-1, keep_dims=True) / D
+    mean_grad_xhat_xhat = tl.sum(grad_xhat * xhat, axis=-1, keep_dims=True) / D
+    return rstd * (grad_xhat - mean_grad_xhat - xhat * mean_grad_xhat_xhat), xhat
 
 
 @triton.jit
@@ -52,6 +88,40 @@ def _modulate_layernorm_kernel(
     tl.store(out_ptr + row * D + columns, to_storage(out, out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _modulate_layernorm_backward_kernel(
+    grad_ptr, x_ptr, scale_ptr, grad_x_ptr, partial_grad_shift_ptr, partial_grad_scale_ptr,
+    tokens, D, token_blocks,
+    grad_stride_batch, grad_stride_token, x_stride_batch, x_stride_token, scale_stride_batch,
+    eps,
+    TOKENS_PER_PROGRAM: tl.constexpr,
+    TILE_TOKENS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    program = tl.program_id(0).to(tl.int64)
+    batch = program // token_blocks
+    first_token = (program % token_blocks) * TOKENS_PER_PROGRAM
+    last_token = tl.minimum(first_token + TOKENS_PER_PROGRAM, tokens)
+    columns = tl.arange(0, BLOCK_D)
+
+    scale = tl.load(scale_ptr + batch * scale_stride_batch + columns, mask=columns < D, other=0.0).to(tl.float32)
+    grad_shift = tl.zeros([TILE_TOKENS, BLOCK_D], dtype=tl.float32)
+    grad_scale = tl.zeros([TILE_TOKENS, BLOCK_D], dtype=tl.float32)
+    for tile_start in range(first_token, last_token, TILE_TOKENS):
+        token = (tile_start + tl.arange(0, TILE_TOKENS))[:, None]
+        mask = (token < last_token) & (columns[None, :] < D)
+        grad = tl.load(grad_ptr + batch * grad_stride_batch + token * grad_stride_token + columns[None, :], mask=mask, other=0.0)
+        x = tl.load(x_ptr + batch * x_stride_batch + token * x_stride_token + columns[None, :], mask=mask, other=0.0)
+        grad = grad.to(tl.float32)
+        grad_x, xhat = _layernorm_modulate_backward(x.to(tl.float32), mask, grad, scale[None, :], D, eps)
+        grad_shift += grad
+        grad_scale += grad * xhat
+        grad_x_offsets = (batch * tokens + token) * D + columns[None, :]
+        tl.store(grad_x_ptr + grad_x_offsets, to_storage(grad_x, grad_x_ptr.dtype.element_ty), mask=mask)
+    tl.store(partial_grad_shift_ptr + program * D + columns, tl.sum(grad_shift, axis=0), mask=columns < D)
+    tl.store(partial_grad_scale_ptr + program * D + columns, tl.sum(grad_scale, axis=0), mask=columns < D)
+
+
 def row_launch_config(hidden_size: int) -> tuple[int, int]:
     """(BLOCK_D, num_warps) for kernels that hold one whole row of ``hidden_size`` in registers."""
     block_d = triton.next_power_of_2(hidden_size)
@@ -64,10 +134,22 @@ def unit_stride_rows(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
 
 
+def backward_launch_config(hidden_size: int) -> tuple[int, int, int]:
+    """(BLOCK_D, TILE_TOKENS, num_warps) for the backward kernels, which step through tiles of whole rows."""
+    block_d = triton.next_power_of_2(hidden_size)
+    return block_d, max(1, min(TOKENS_PER_PROGRAM, BACKWARD_TILE_VALUES // block_d)), BACKWARD_NUM_WARPS
+
+
+def per_sample_partials(batch: int, tokens: int, hidden_size: int, count: int, device) -> list[torch.Tensor]:
+    """``count`` fp32 (batch, token blocks, hidden_size) buffers, one partial sum per backward program."""
+    token_blocks = triton.cdiv(tokens, TOKENS_PER_PROGRAM)
+    return [torch.empty((batch, token_blocks, hidden_size), dtype=torch.float32, device=device) for _ in range(count)]
+
+
 def _modulate_layernorm_triton(x, shift, scale, eps):
     x, shift, scale = unit_stride_rows(x), unit_stride_rows(shift), unit_stride_rows(scale)
     batch, tokens, hidden_size = x.shape
-    out = torch.empty((batch, tokens, hidden_size), dtype=x.dtype, device=x.device)
+    out = torch.empty((batch, tokens, hidden_size), dtype=shift.dtype, device=x.device)
     if out.numel() == 0:
         return out
     block_d, num_warps = row_launch_config(hidden_size)
@@ -81,13 +163,48 @@ def _modulate_layernorm_triton(x, shift, scale, eps):
     return out
 
 
+def _modulate_layernorm_backward_triton(grad, x, scale, eps):
+    grad, x, scale = unit_stride_rows(grad), unit_stride_rows(x), unit_stride_rows(scale)
+    batch, tokens, hidden_size = x.shape
+    grad_x = torch.empty((batch, tokens, hidden_size), dtype=x.dtype, device=x.device)
+    partial_grad_shift, partial_grad_scale = per_sample_partials(batch, tokens, hidden_size, 2, x.device)
+    if grad_x.numel() > 0:
+        block_d, tile_tokens, num_warps = backward_launch_config(hidden_size)
+        token_blocks = partial_grad_shift.shape[1]
+        _modulate_layernorm_backward_kernel[(batch * token_blocks,)](
+            grad, x, scale, grad_x, partial_grad_shift, partial_grad_scale,
+            tokens, hidden_size, token_blocks,
+            grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), scale.stride(0),
+            eps,
+            TOKENS_PER_PROGRAM=TOKENS_PER_PROGRAM, TILE_TOKENS=tile_tokens, BLOCK_D=block_d, num_warps=num_warps,
+        )
+    return grad_x, partial_grad_shift.sum(1).to(scale.dtype), partial_grad_scale.sum(1).to(scale.dtype)
+
+
 def modulate_layernorm_reference(x, shift, scale, eps: float = 1e-6):
     normed = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
-    return (normed * (1 + scale.float()[:, None]) + shift.float()[:, None]).to(x.dtype)
+    return (normed * (1 + scale.float()[:, None]) + shift.float()[:, None]).to(shift.dtype)
+
+
+def layernorm_modulate_grads_fp32(grad, x, scale, eps):
+    """fp32 (grad_x, grad_shift, grad_scale) of ``modulate_layernorm_reference``, by the kernels' formulas."""
+    grad, x = grad.float(), x.float()
+    centered = x - x.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(centered.square().mean(-1, keepdim=True) + eps)
+    xhat = centered * rstd
+    grad_xhat = grad * (1 + scale.float()[:, None])
+    mean_grad_xhat = grad_xhat.mean(-1, keepdim=True)
+    mean_grad_xhat_xhat = (grad_xhat * xhat).mean(-1, keepdim=True)
+    return rstd * (grad_xhat - mean_grad_xhat - xhat * mean_grad_xhat_xhat), grad.sum(1), (grad * xhat).sum(1)
+
+
+def modulate_layernorm_backward_reference(grad, x, scale, eps: float = 1e-6):
+    grad_x, grad_shift, grad_scale = layernorm_modulate_grads_fp32(grad, x, scale, eps)
+    return grad_x.to(x.dtype), grad_shift.to(scale.dtype), grad_scale.to(scale.dtype)
 
 
 def check_hidden_states(name: str, tensor: torch.Tensor, like: torch.Tensor | None = None) -> None:
-    """Raise unless ``tensor`` is (batch, tokens, hidden_size) in a supported dtype (and matches ``like``)."""
+    """Raise unless ``tensor`` is (batch, tokens, hidden_size) in a supported dtype (and fits ``like``, x)."""
     if tensor.dim() != 3:
         raise ValueError(f"{name} must be 3-D (batch, tokens, hidden_size); got shape {tuple(tensor.shape)}")
     if like is None:
@@ -96,39 +213,52 @@ def check_hidden_states(name: str, tensor: torch.Tensor, like: torch.Tensor | No
         return
     if tensor.shape != like.shape:
         raise ValueError(f"{name} must have the shape of x {tuple(like.shape)}; got {tuple(tensor.shape)}")
-    _check_dtype_and_device(name, tensor, like)
+    check_compute_dtype(name, tensor, like)
+    _check_device(name, tensor, like)
 
 
-def check_per_sample(name: str, vector: torch.Tensor, x: torch.Tensor) -> None:
-    """Raise unless ``vector`` is a (batch, hidden_size) modulation vector for ``x``."""
+def check_compute_dtype(name: str, tensor: torch.Tensor, x: torch.Tensor) -> None:
+    """Raise unless ``tensor`` has x's dtype, or a half dtype while x is fp32 (autocast's residual stream)."""
+    if tensor.dtype == x.dtype or (x.dtype == torch.float32 and tensor.dtype in HALF_DTYPES):
+        return
+    raise TypeError(
+        f"{name} must have the dtype of x ({x.dtype}), or float16/bfloat16 when x is float32; got {tensor.dtype}"
+    )
+
+
+def check_per_sample(name: str, vector: torch.Tensor, x: torch.Tensor, like_name: str, like: torch.Tensor) -> None:
+    """Raise unless ``vector`` is a (batch, hidden_size) modulation vector for ``x`` in the dtype of ``like``."""
     expected = (x.shape[0], x.shape[2])
     if tuple(vector.shape) != expected:
         raise ValueError(
             f"{name} must have shape (batch, hidden_size) = {expected} to match x; got {tuple(vector.shape)}"
         )
-    _check_dtype_and_device(name, vector, x)
+    if vector.dtype != like.dtype:
+        raise TypeError(f"{name} must have the dtype of {like_name} ({like.dtype}); got {vector.dtype}")
+    _check_device(name, vector, x)
 
 
-def check_modulation(shift: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, eps: float) -> None:
-    """Raise unless shift/scale modulate ``x`` and eps is a usable LayerNorm epsilon."""
-    check_per_sample("shift", shift, x)
-    check_per_sample("scale", scale, x)
+def check_modulation(shift, scale, x, eps: float, like_name: str, like: torch.Tensor) -> None:
+    """Raise unless shift/scale modulate ``x`` in the dtype of ``like`` and eps is a usable LayerNorm epsilon."""
+    check_per_sample("shift", shift, x, like_name, like)
+    check_per_sample("scale", scale, x, like_name, like)
     if not eps > 0:
         raise ValueError(f"eps must be positive; got {eps}")
 
 
-def _check_dtype_and_device(name, tensor, x):
-    if tensor.dtype != x.dtype:
-        raise TypeError(f"{name} must have the dtype of x ({x.dtype}); got {tensor.dtype}")
+def _check_device(name, tensor, x):
     if tensor.device != x.device:
         raise ValueError(f"{name} must be on the device of x ({x.device}); got {tensor.device}")
 
 
 @torch.library.custom_op("fastdit::modulate_layernorm", mutates_args=())
 def modulate_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """``LayerNorm(x) * (1 + scale[:, None]) + shift[:, None]`` (no affine), x (B, T, D), shift/scale (B, D)."""
+    """``LayerNorm(x) * (1 + scale[:, None]) + shift[:, None]`` (no affine), x (B, T, D), shift/scale (B, D).
+
+    shift and scale share one dtype: x's, or a half dtype when x is fp32; the output has shift's dtype."""
     check_hidden_states("x", x)
-    check_modulation(shift, scale, x, eps)
+    check_modulation(shift, scale, x, eps, "shift", shift)
+    check_compute_dtype("shift", shift, x)
     if use_triton(x):
         return _modulate_layernorm_triton(x, shift, scale, eps)
     return modulate_layernorm_reference(x, shift, scale, eps)
@@ -136,4 +266,35 @@ def modulate_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
 
 @modulate_layernorm.register_fake
 def _(x, shift, scale, eps=1e-6):
-    return x.new_empty(x.shape)
+    return x.new_empty(x.shape, dtype=shift.dtype)
+
+
+@torch.library.custom_op("fastdit::modulate_layernorm_backward", mutates_args=())
+def modulate_layernorm_backward(
+    grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_shift, grad_scale) of ``modulate_layernorm`` for the output grad ``grad``; called by
+    autograd with the forward's validated inputs (shift is not needed)."""
+    if use_triton(x):
+        return _modulate_layernorm_backward_triton(grad, x, scale, eps)
+    return modulate_layernorm_backward_reference(grad, x, scale, eps)
+
+
+@modulate_layernorm_backward.register_fake
+def _(grad, x, scale, eps):
+    return x.new_empty(x.shape), scale.new_empty(scale.shape), scale.new_empty(scale.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, _, scale, eps = inputs
+    ctx.save_for_backward(x, scale)
+    ctx.eps = eps
+
+
+def _backward(ctx, grad):
+    x, scale = ctx.saved_tensors
+    grad_x, grad_shift, grad_scale = modulate_layernorm_backward(grad, x, scale, ctx.eps)
+    return grad_x, grad_shift, grad_scale, None
+
+
+modulate_layernorm.register_autograd(_backward, setup_context=_setup_context)

@@ -4,7 +4,16 @@ The conv has kernel = stride = p, so it is a GEMM over non-overlapping patches:
 ``tokens (B*T, K) @ weight (K, D)`` with ``K = C*p*p``. The kernel gathers each patch
 straight from the image in its A-operand load (no patchified copy of x), reads the conv
 weight through its strides as the (K, D) B operand (no transpose copy), accumulates in
-fp32 and adds bias and pos_embed in the epilogue before the single rounding to x's dtype.
+fp32 and adds bias and pos_embed in the epilogue before the single rounding to the output dtype.
+
+Dtypes follow autocast: x and weight share the GEMM's dtype, bias and pos_embed share the
+output's (fp32 under bf16 autocast, where the residual stream stays fp32).
+
+The backward is two more GEMMs over the same gather: grad_x = grad_out @ W^T stored through
+the inverse of the forward's gather (patches do not overlap, so each pixel is written once),
+and grad_weight = patches^T @ grad_out reduced over all B*T rows in fixed chunks of fp32
+partial sums (the same kernel sums grad_out's rows for grad_bias), then summed in order:
+deterministic, no atomics.
 """
 import torch
 import torch.nn.functional as F
@@ -15,6 +24,36 @@ from .interpreter import dot, to_storage
 from .runtime import TRITON_INTERPRET, use_triton
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _patch_row_offsets(row_indices, tokens, patches_per_row, stride_b, stride_h, stride_w, PATCH: tl.constexpr):
+    """Offset of each row's patch corner: row = (batch, token), token = hp * (W/p) + wp (the
+    conv output flattened row-major); int64 so that large batches of large images cannot
+    overflow the address arithmetic."""
+    batch = row_indices // tokens
+    token = row_indices % tokens
+    patch_h = token // patches_per_row
+    patch_w = token % patches_per_row
+    return (batch.to(tl.int64) * stride_b + (patch_h * PATCH).to(tl.int64) * stride_h
+            + (patch_w * PATCH).to(tl.int64) * stride_w)
+
+
+@triton.jit
+def _patch_column_offsets(columns, stride_c, stride_i, stride_j, PATCH: tl.constexpr):
+    """Offset of each column k = c*p*p + i*p + j within a patch: the order of weight.view(D, C*p*p)."""
+    channel = columns // (PATCH * PATCH)
+    within = columns % (PATCH * PATCH)
+    return channel * stride_c + (within // PATCH) * stride_i + (within % PATCH) * stride_j
+
+
+@triton.jit
+def _as_operand(block, dtype: tl.constexpr):
+    """``block`` in ``dtype``, the dots' operand dtype: under autocast grad_out comes in fp32
+    while x and weight are bf16, and is rounded as autocast's conv backward rounds it."""
+    if block.dtype != dtype:
+        block = to_storage(block.to(tl.float32), dtype)
+    return block
 
 
 @triton.jit
@@ -35,28 +74,15 @@ def _patch_embed_kernel(
     mask_m = offs_m < rows
     mask_n = offs_n < hidden_size
 
-    # Row = (batch, token), token = hp * (W/p) + wp: the conv output flattened row-major.
-    batch = offs_m // tokens
-    token = offs_m % tokens
-    patch_h = token // patches_per_row
-    patch_w = token % patches_per_row
-    # int64 so that large batches of large images cannot overflow the address arithmetic.
-    row_offsets = (batch.to(tl.int64) * stride_xb
-                   + (patch_h * PATCH).to(tl.int64) * stride_xh
-                   + (patch_w * PATCH).to(tl.int64) * stride_xw)
+    row_offsets = _patch_row_offsets(offs_m, tokens, patches_per_row, stride_xb, stride_xh, stride_xw, PATCH)
     col_offsets_w = offs_n.to(tl.int64) * stride_wd
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k_start in range(0, in_features, BLOCK_K):
-        # Column k = c*p*p + i*p + j: the order of weight.view(D, C*p*p).
         offs_k = k_start + tl.arange(0, BLOCK_K)
         mask_k = offs_k < in_features
-        channel = offs_k // (PATCH * PATCH)
-        within = offs_k % (PATCH * PATCH)
-        i = within // PATCH
-        j = within % PATCH
-        k_offsets_x = channel * stride_xc + i * stride_xh + j * stride_xw
-        k_offsets_w = channel * stride_wc + i * stride_wi + j * stride_wj
+        k_offsets_x = _patch_column_offsets(offs_k, stride_xc, stride_xh, stride_xw, PATCH)
+        k_offsets_w = _patch_column_offsets(offs_k, stride_wc, stride_wi, stride_wj, PATCH)
         # Masked-off k columns load as zeros on both sides, so K pads up to tl.dot's minimum of 16.
         a = tl.load(x_ptr + row_offsets[:, None] + k_offsets_x[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
@@ -66,6 +92,7 @@ def _patch_embed_kernel(
 
     bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)
     # pos_embed is shared by every image of the batch: index it by token, not by row.
+    token = offs_m % tokens
     pos = tl.load(pos_ptr + token[:, None].to(tl.int64) * stride_pos_t + offs_n[None, :] * stride_pos_d,
                   mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
     acc += bias[None, :] + pos
@@ -74,12 +101,79 @@ def _patch_embed_kernel(
              mask=mask_m[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _patch_embed_grad_x_kernel(
+    grad_out_ptr, weight_ptr, grad_x_ptr,
+    rows, tokens, patches_per_row, in_features, hidden_size,
+    stride_wd, stride_wc, stride_wi, stride_wj,
+    stride_xb, stride_xc, stride_xh, stride_xw,
+    PATCH: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """grad_patches (rows, K) = grad_out (rows, D) @ W^T (D, K), scattered into grad_x."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_m = offs_m < rows
+    mask_k = offs_k < in_features
+    k_offsets_w = _patch_column_offsets(offs_k, stride_wc, stride_wi, stride_wj, PATCH)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n_start in range(0, hidden_size, BLOCK_N):
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < hidden_size
+        weight_t = tl.load(weight_ptr + offs_n[:, None].to(tl.int64) * stride_wd + k_offsets_w[None, :],
+                           mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        grad = tl.load(grad_out_ptr + offs_m[:, None].to(tl.int64) * hidden_size + offs_n[None, :],
+                       mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        acc = dot(_as_operand(grad, weight_t.dtype), weight_t, acc, INPUT_PRECISION)
+    row_offsets = _patch_row_offsets(offs_m, tokens, patches_per_row, stride_xb, stride_xh, stride_xw, PATCH)
+    k_offsets_x = _patch_column_offsets(offs_k, stride_xc, stride_xh, stride_xw, PATCH)
+    tl.store(grad_x_ptr + row_offsets[:, None] + k_offsets_x[None, :], to_storage(acc, grad_x_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_k[None, :])
+
+
+@triton.jit
+def _patch_embed_grad_weight_kernel(
+    x_ptr, grad_out_ptr, partial_weight_ptr, partial_bias_ptr,
+    rows, chunk_rows, tokens, patches_per_row, in_features, hidden_size,
+    stride_xb, stride_xc, stride_xh, stride_xw,
+    PATCH: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One chunk's fp32 partial sums: patches^T (K, rows) @ grad_out (rows, D) into
+    partial_weight[chunk] (D, K), and grad_out's column sums into partial_bias[chunk] (D,)."""
+    chunk = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_n = offs_n < hidden_size
+    mask_k = offs_k < in_features
+    k_offsets_x = _patch_column_offsets(offs_k, stride_xc, stride_xh, stride_xw, PATCH)
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m_start in range(0, chunk_rows, BLOCK_M):
+        offs_m = chunk * chunk_rows + m_start + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < rows
+        row_offsets = _patch_row_offsets(offs_m, tokens, patches_per_row, stride_xb, stride_xh, stride_xw, PATCH)
+        patches_t = tl.load(x_ptr + k_offsets_x[:, None] + row_offsets[None, :],
+                            mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+        grad = tl.load(grad_out_ptr + offs_m[:, None].to(tl.int64) * hidden_size + offs_n[None, :],
+                       mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        acc = dot(patches_t, _as_operand(grad, patches_t.dtype), acc, INPUT_PRECISION)
+        if tl.program_id(2) == 0:
+            # grad_bias from grad_out as it came, not rounded to the dots' dtype.
+            bias_acc += tl.sum(grad.to(tl.float32), 0)
+    partial = partial_weight_ptr + chunk.to(tl.int64) * hidden_size * in_features
+    tl.store(partial + offs_n[None, :] * in_features + offs_k[:, None], acc, mask=mask_k[:, None] & mask_n[None, :])
+    if tl.program_id(2) == 0:
+        tl.store(partial_bias_ptr + chunk.to(tl.int64) * hidden_size + offs_n, bias_acc, mask=mask_n)
+
+
 def _block_sizes(in_features: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K) for a launch."""
     block_k = min(32, max(16, triton.next_power_of_2(in_features)))
     if TRITON_INTERPRET:
-        # Small tiles keep the interpreter fast; BLOCK_K=32 still exercises the K loop and its tail.
-        return 32, 64, block_k
+        # Few programs keep the interpreter fast (it pays per block operation, not per element);
+        # BLOCK_M=32 and BLOCK_K=32 still exercise the row and K loops and their tails.
+        return 32, 128, block_k
     # K is tiny (16..256), so the op is mostly writing the (B*T, D) output. Picked by a sweep
     # on an H100 (DiT-XL/2 shapes): fp16/bf16 64x128 tiles, fp32 (ieee dot on FMA units) 128x64.
     if dtype == torch.float32:
@@ -87,15 +181,24 @@ def _block_sizes(in_features: int, dtype: torch.dtype) -> tuple[int, int, int]:
     return 64, 128, block_k
 
 
-def _patch_embed_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                        pos_embed: torch.Tensor) -> torch.Tensor:
+def _gemm_shape(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """(rows, tokens, patches_per_row, in_features, hidden_size) of the patch GEMM."""
     batch, channels, height, width = x.shape
     hidden_size, _, patch, _ = weight.shape
-    patches_per_row = width // patch
-    tokens = (height // patch) * patches_per_row
-    rows = batch * tokens
-    in_features = channels * patch * patch
-    out = torch.empty((batch, tokens, hidden_size), dtype=x.dtype, device=x.device)
+    tokens = (height // patch) * (width // patch)
+    return batch * tokens, tokens, width // patch, channels * patch * patch, hidden_size
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # "ieee" keeps the fp32 path true fp32 (tf32 would cost ~1e-3 relative error).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _patch_embed_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                        pos_embed: torch.Tensor) -> torch.Tensor:
+    rows, tokens, patches_per_row, in_features, hidden_size = _gemm_shape(x, weight)
+    patch = weight.shape[-1]
+    out = torch.empty((x.shape[0], tokens, hidden_size), dtype=pos_embed.dtype, device=x.device)
     if rows == 0 or hidden_size == 0:
         return out
     pos = pos_embed[0] if pos_embed.dim() == 3 else pos_embed
@@ -106,13 +209,49 @@ def _patch_embed_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         rows, tokens, patches_per_row, in_features, hidden_size,
         *x.stride(), *weight.stride(),
         bias.stride(0), pos.stride(0), pos.stride(1),
-        PATCH=patch,
-        # "ieee" keeps the fp32 path true fp32 (tf32 would cost ~1e-3 relative error).
-        INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        PATCH=patch, INPUT_PRECISION=_input_precision(x.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=4, num_stages=3,
     )
     return out
+
+
+def _weight_chunk_rows(rows: int, block_m: int, parallel_tiles: int) -> int:
+    """Rows per grad_weight chunk, a multiple of BLOCK_M fixed by the shapes alone: enough
+    chunks that about 512 programs (4 per H100 SM) share the reduction. Interpreted: two, so
+    that the test sizes exercise the reduction of partial sums."""
+    chunks = 2 if TRITON_INTERPRET else max(1, 512 // parallel_tiles)
+    return block_m * max(1, triton.cdiv(triton.cdiv(rows, chunks), block_m))
+
+
+def _patch_embed_backward_triton(grad_out, x, weight, bias, pos_embed, output_mask):
+    """patch_embed_backward's four gradients, None where output_mask is False; grad_out contiguous."""
+    rows, tokens, patches_per_row, in_features, hidden_size = _gemm_shape(x, weight)
+    need_x, need_weight, need_bias, need_pos = output_mask
+    block_m, block_n, block_k = _block_sizes(in_features, x.dtype)
+    launch = dict(PATCH=weight.shape[-1], INPUT_PRECISION=_input_precision(x.dtype),
+                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=3)
+    grad_x = grad_weight = grad_bias = grad_pos = None
+    if need_x:
+        grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        _patch_embed_grad_x_kernel[(triton.cdiv(rows, block_m), triton.cdiv(in_features, block_k))](
+            grad_out, weight, grad_x, rows, tokens, patches_per_row, in_features, hidden_size,
+            *weight.stride(), *grad_x.stride(), **launch)
+    if need_weight or need_bias:
+        tiles = (triton.cdiv(hidden_size, block_n), triton.cdiv(in_features, block_k))
+        chunk_rows = _weight_chunk_rows(rows, block_m, tiles[0] * tiles[1])
+        chunks = triton.cdiv(rows, chunk_rows)
+        partial_weight = torch.empty((chunks, hidden_size, in_features), dtype=torch.float32, device=x.device)
+        partial_bias = torch.empty((chunks, hidden_size), dtype=torch.float32, device=x.device)
+        _patch_embed_grad_weight_kernel[(chunks, *tiles)](
+            x, grad_out, partial_weight, partial_bias, rows, chunk_rows, tokens, patches_per_row,
+            in_features, hidden_size, *x.stride(), **launch)
+        grad_weight = partial_weight.sum(0).view(weight.shape).to(weight.dtype)
+        grad_bias = partial_bias.sum(0).to(bias.dtype)
+    if need_pos:
+        # DiT's pos_embed is frozen; a plain batch sum serves the models that train theirs.
+        grad_pos = grad_out.sum(0, dtype=torch.float32).reshape(pos_embed.shape).to(pos_embed.dtype)
+    return grad_x, grad_weight, grad_bias, grad_pos
 
 
 def patch_embed_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -120,17 +259,32 @@ def patch_embed_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     """Conv2d(kernel = stride = p), flatten to (B, T, D), add pos_embed; fp32 math, one rounding."""
     patch = weight.shape[-1]
     tokens = F.conv2d(x.float(), weight.float(), bias.float(), stride=patch).flatten(2).transpose(1, 2)
-    return (tokens + pos_embed.float()).to(x.dtype)
+    return (tokens + pos_embed.float()).to(pos_embed.dtype)
+
+
+def patch_embed_backward_reference(grad_out, x, weight, bias, pos_embed):
+    """(grad_x, grad_weight, grad_bias, grad_pos_embed) of patch_embed_reference in fp32 math,
+    each cast to its input's dtype: patches are F.unfold's columns, grad_x folds them back."""
+    patch = weight.shape[-1]
+    grad = grad_out.float()  # (B, T, D)
+    patches = F.unfold(x.float(), patch, stride=patch)  # (B, K, T), K = C*p*p in weight.view(D, K)'s order
+    grad_patches = weight.float().flatten(1).t() @ grad.transpose(1, 2)  # (K, D) @ (B, D, T)
+    grad_x = F.fold(grad_patches, x.shape[-2:], patch, stride=patch)
+    grad_weight = (grad.transpose(1, 2) @ patches.transpose(1, 2)).sum(0).view(weight.shape)
+    grads = grad_x, grad_weight, grad.sum((0, 1)), grad.sum(0).reshape(pos_embed.shape)
+    return tuple(g.to(t.dtype) for g, t in zip(grads, (x, weight, bias, pos_embed)))
 
 
 def _validate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pos_embed: torch.Tensor) -> None:
     if x.dim() != 4:
         raise ValueError(f"patch_embed: x must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"patch_embed: x must be float32, float16 or bfloat16, got {x.dtype}")
+    for name, tensor in (("x", x), ("bias", bias)):
+        if tensor.dtype not in _SUPPORTED_DTYPES:
+            raise TypeError(f"patch_embed: {name} must be float32, float16 or bfloat16, got {tensor.dtype}")
+    for name, tensor, like, like_name in (("weight", weight, x, "x"), ("pos_embed", pos_embed, bias, "bias")):
+        if tensor.dtype != like.dtype:
+            raise TypeError(f"patch_embed: {name} must have {like_name}'s dtype {like.dtype}, got {tensor.dtype}")
     for name, tensor in (("weight", weight), ("bias", bias), ("pos_embed", pos_embed)):
-        if tensor.dtype != x.dtype:
-            raise TypeError(f"patch_embed: {name} must have x's dtype {x.dtype}, got {tensor.dtype}")
         if tensor.device != x.device:
             raise ValueError(f"patch_embed: {name} must be on x's device {x.device}, got {tensor.device}")
     batch, channels, height, width = x.shape
@@ -155,7 +309,8 @@ def patch_embed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pos_e
     """DiT's patch embedding: (B, C, H, W) image -> (B, T, D) tokens with position embedding added.
 
     weight (D, C, p, p) and bias (D,) are the patchify Conv2d's; pos_embed is (1, T, D) or (T, D),
-    T = (H/p)*(W/p) in row-major patch order. All in one dtype; the output has it too.
+    T = (H/p)*(W/p) in row-major patch order. x and weight share one dtype, bias and pos_embed
+    another (the same, or fp32 under autocast); the output has pos_embed's. Differentiable.
     """
     _validate(x, weight, bias, pos_embed)
     if use_triton(x):
@@ -167,4 +322,44 @@ def patch_embed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pos_e
 def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
     patch = weight.shape[-1]
     tokens = (x.shape[2] // patch) * (x.shape[3] // patch)
-    return x.new_empty((x.shape[0], tokens, weight.shape[0]))
+    return x.new_empty((x.shape[0], tokens, weight.shape[0]), dtype=pos_embed.dtype)
+
+
+@torch.library.custom_op("fastdit::patch_embed_backward", mutates_args=())
+def patch_embed_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                         pos_embed: torch.Tensor, output_mask: list[bool]
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_weight, grad_bias, grad_pos_embed) of patch_embed for grad_out (B, T, D):
+    new contiguous tensors with the shapes and dtypes of x, weight, bias and pos_embed. An entry
+    whose output_mask is False is not computed and comes back empty, shape (0,)."""
+    _validate(x, weight, bias, pos_embed)
+    tokens, hidden_size = pos_embed.shape[-2:]
+    if grad_out.shape != (x.shape[0], tokens, hidden_size) or grad_out.dtype != pos_embed.dtype:
+        raise ValueError(f"patch_embed_backward: grad_out must be {pos_embed.dtype} of shape "
+                         f"{(x.shape[0], tokens, hidden_size)}, got {grad_out.dtype} {tuple(grad_out.shape)}")
+    if len(output_mask) != 4:
+        raise ValueError(f"patch_embed_backward: output_mask must hold 4 flags, got {len(output_mask)}")
+    inputs = x, weight, bias, pos_embed
+    if use_triton(x) and grad_out.numel() > 0:
+        grads = _patch_embed_backward_triton(grad_out.contiguous(), *inputs, output_mask)
+    else:
+        grads = patch_embed_backward_reference(grad_out, *inputs)
+    return tuple(grad if needed else t.new_empty(0) for grad, t, needed in zip(grads, inputs, output_mask))
+
+
+@patch_embed_backward.register_fake
+def _(grad_out, x, weight, bias, pos_embed, output_mask):
+    return tuple(t.new_empty(t.shape if needed else 0) for t, needed in zip((x, weight, bias, pos_embed), output_mask))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad_out):
+    needs = list(ctx.needs_input_grad)
+    grads = patch_embed_backward(grad_out, *ctx.saved_tensors, needs)
+    return tuple(grad if needed else None for grad, needed in zip(grads, needs))
+
+
+patch_embed.register_autograd(_backward, setup_context=_setup_context)

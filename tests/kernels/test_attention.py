@@ -5,7 +5,8 @@ import torch
 from parity import DTYPES, KERNEL_TOLERANCE, assert_parity, relative_max_error
 
 from fastdit.kernels import kernel_path
-from fastdit.kernels.attention import attention, attention_reference
+from fastdit.kernels.attention import attention, attention_forward, attention_reference, attention_reference_with_lse
+from fastdit.kernels.attention_backward import attention_backward, attention_backward_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 requires_triton = pytest.mark.skipif(
@@ -49,9 +50,13 @@ def expected(q, k, v, softmax_scale=None):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_matches_reference(shape, dtype):
     q, k, v = make_qkv(*shape, dtype)
-    out = attention(q, k, v)
+    out, lse = attention_forward(q, k, v)
     assert out.dtype == dtype and out.shape == q.shape and out.is_contiguous()
-    assert_parity(out, expected(q, k, v), KERNEL_TOLERANCE[dtype])
+    expected_out, expected_lse = attention_reference_with_lse(q.float(), k.float(), v.float())
+    assert_parity(out, expected_out, KERNEL_TOLERANCE[dtype])
+    # fp32 in every dtype: the scores accumulate exact products of the inputs in fp32.
+    assert lse.dtype == torch.float32
+    assert_parity(lse, expected_lse, KERNEL_TOLERANCE[torch.float32], "lse")
 
 
 @requires_triton
@@ -114,6 +119,90 @@ def test_forgotten_rescale_fails_tolerance():
     assert relative_max_error(wrong, exact) > max(KERNEL_TOLERANCE.values())
 
 
+# Backward: T off the block sizes (7, 33, 100 > two key blocks), head dims 72 (64 + 16 tail),
+# 64, 32 and 128, batch 1 and 2. T=1 is left out: there dq and dk are exactly zero.
+GRAD_SHAPES = [(2, 7, 3, 72), (1, 33, 2, 64), (1, 100, 1, 72), (1, 64, 2, 32), (1, 40, 1, 128)]
+
+
+def kernel_gradients(q, k, v, grad_out, softmax_scale=None):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))  # leaves that keep the views' strides
+    attention(q, k, v, softmax_scale).backward(grad_out)
+    return q.grad, k.grad, v.grad
+
+
+def reference_gradients(q, k, v, grad_out, softmax_scale=None):
+    """Autograd through attention_reference in fp32 on the same inputs."""
+    q, k, v = (t.detach().float().requires_grad_() for t in (q, k, v))
+    attention_reference(q, k, v, softmax_scale).backward(grad_out.float())
+    return q.grad, k.grad, v.grad
+
+
+def assert_gradients_match(q, k, v, grad_out, softmax_scale=None):
+    actual = kernel_gradients(q, k, v, grad_out, softmax_scale)
+    for name, grad, expected_grad in zip("qkv", actual, reference_gradients(q, k, v, grad_out, softmax_scale)):
+        assert grad.dtype == q.dtype and grad.shape == q.shape
+        assert_parity(grad, expected_grad, KERNEL_TOLERANCE[q.dtype], f"grad_{name}")
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", GRAD_SHAPES, ids=str)
+def test_gradients_match_reference(shape, dtype):
+    q, k, v = make_qkv(*shape, dtype)
+    assert_gradients_match(q, k, v, torch.randn(q.shape, device=DEVICE).to(dtype))
+
+
+@requires_triton
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "unaligned", "head-dim-strided"])
+def test_gradient_layouts(layout):
+    # grad_out in the same layout: the backward reads it through its strides too.
+    q, k, v = make_qkv(1, 33, 2, 72, torch.float32, layout)
+    assert_gradients_match(q, k, v, make_qkv(1, 33, 2, 72, torch.float32, layout)[0])
+
+
+@requires_triton
+def test_gradients_of_a_sum_and_explicit_scale():
+    # out.sum()'s gradient is an expanded (stride 0) tensor of ones.
+    q, k, v = make_qkv(2, 20, 2, 72, torch.float32)
+    assert_gradients_match(q, k, v, torch.ones(1, device=DEVICE).expand(q.shape), softmax_scale=0.3)
+
+
+def test_backward_reference_matches_autograd():
+    q, k, v = make_qkv(2, 9, 2, 72, torch.float32)
+    grad_out = torch.randn(q.shape, device=DEVICE)
+    out, lse = attention_reference_with_lse(q, k, v, 0.3)
+    grads = attention_backward_reference(grad_out, q, k, v, out, lse, 0.3)
+    for grad, expected_grad in zip(grads, reference_gradients(q, k, v, grad_out, 0.3)):
+        torch.testing.assert_close(grad, expected_grad)
+
+
+def wrong_gradients(q, k, v, grad_out, mistake):
+    """(grad_q, grad_k, grad_v) in fp32 torch math with one mistake a backward kernel could make."""
+    q, k, v, grad_out = (t.float().transpose(1, 2) for t in (q, k, v, grad_out))  # (B, H, T, Dh)
+    scale = q.shape[-1] ** -0.5
+    probs = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)
+    grad_probs = grad_out @ v.transpose(-1, -2)
+    delta = 0 if mistake == "delta forgotten" else (probs * grad_probs).sum(-1, keepdim=True)
+    grad_scores = probs * (grad_probs - delta) * scale
+    grad_k = (grad_scores if mistake == "dS not transposed for dk" else grad_scores.transpose(-1, -2)) @ q
+    grads = grad_scores @ k, grad_k, probs.transpose(-1, -2) @ grad_out
+    return tuple(g.transpose(1, 2) for g in grads)
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_wrong_backward_fails_tolerance(dtype):
+    q, k, v = make_qkv(1, 40, 2, 72, dtype)
+    grad_out = torch.randn(q.shape, device=DEVICE).to(dtype)
+    actual = kernel_gradients(q, k, v, grad_out)
+    for grad, expected_grad in zip(actual, wrong_gradients(q, k, v, grad_out, "no mistake")):
+        assert_parity(grad, expected_grad, KERNEL_TOLERANCE[dtype])
+    wrong_q, _, _ = wrong_gradients(q, k, v, grad_out, "delta forgotten")
+    assert relative_max_error(actual[0], wrong_q) > KERNEL_TOLERANCE[dtype]
+    _, wrong_k, _ = wrong_gradients(q, k, v, grad_out, "dS not transposed for dk")
+    assert relative_max_error(actual[1], wrong_k) > KERNEL_TOLERANCE[dtype]
+
+
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", [64, 72])
@@ -121,6 +210,24 @@ def test_forgotten_rescale_fails_tolerance():
 def test_long_sequences_on_gpu(tokens, head_dim, dtype):
     q, k, v = make_qkv(2, tokens, 4, head_dim, dtype)
     assert_parity(attention(q, k, v), expected(q, k, v), KERNEL_TOLERANCE[dtype])
+
+
+@requires_cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [64, 72, 256])
+@pytest.mark.parametrize("tokens", [256, 1000, 4096])
+def test_long_sequence_gradients_on_gpu(tokens, head_dim, dtype):
+    q, k, v = make_qkv(1, tokens, 4, head_dim, dtype)
+    assert_gradients_match(q, k, v, torch.randn(q.shape, device=DEVICE).to(dtype))
+
+
+@requires_cuda
+def test_backward_is_deterministic_on_gpu():
+    q, k, v = make_qkv(2, 1000, 4, 72, torch.bfloat16)
+    grad_out = torch.randn(q.shape, device=DEVICE).to(torch.bfloat16)
+    first, second = kernel_gradients(q, k, v, grad_out), kernel_gradients(q, k, v, grad_out)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
 @requires_cuda
@@ -175,17 +282,36 @@ def test_bad_inputs_name_the_argument(case, error, name):
         attention(*_bad_inputs(case))
 
 
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("case, name", [("grad_out shape", "grad_out"), ("lse dtype", "lse")])
+def test_backward_bad_inputs_name_the_argument(case, name):
+    q, k, v = make_qkv(2, 5, 2, 64, torch.float32)
+    out, lse = attention_forward(q, k, v)
+    grad_out = out[:, :4] if case == "grad_out shape" else torch.ones_like(out)
+    lse = lse.double() if case == "lse dtype" else lse
+    with pytest.raises(ValueError, match=rf"^attention_backward: {name}\b"):
+        attention_backward(grad_out, q, k, v, out, lse, 0.125)
+
+
+def test_torch_compile_fullgraph_forward_and_backward_match_eager():
     def self_attention(qkv, heads):
         batch, tokens, width = qkv.shape
         q, k, v = qkv.view(batch, tokens, 3, heads, width // (3 * heads)).unbind(2)
         return attention(q, k, v).view(batch, tokens, width // 3)
 
-    qkv = torch.randn(2, 9, 3 * 2 * 72, device=DEVICE)
+    qkv = torch.randn(2, 9, 3 * 2 * 72, device=DEVICE, requires_grad=True)
+    grad_out = torch.randn(2, 9, 2 * 72, device=DEVICE)
     compiled = torch.compile(self_attention, fullgraph=True)
-    assert torch.equal(compiled(qkv, 2), self_attention(qkv, 2))
+    results = []
+    for fn in (compiled, self_attention):
+        out = fn(qkv, 2)
+        (grad_qkv,) = torch.autograd.grad(out, qkv, grad_out)
+        results.append((out, grad_qkv))
+    assert all(torch.equal(c, e) for c, e in zip(*results))
 
 
 def test_opcheck():
-    q, k, v = make_qkv(2, 9, 2, 72, torch.float16)
-    torch.library.opcheck(attention, (q, k, v), {"softmax_scale": 0.2})
+    q, k, v = (t.detach().requires_grad_() for t in make_qkv(2, 9, 1, 72, torch.float16))
+    torch.library.opcheck(attention_forward, (q, k, v), {"softmax_scale": 0.2})
+    out, lse = attention_forward(q, k, v, 0.2)
+    grad_out = torch.randn_like(out)
+    torch.library.opcheck(attention_backward, (grad_out, *(t.detach() for t in (q, k, v, out, lse)), 0.2))

@@ -5,7 +5,11 @@ from parity import DTYPES, KERNEL_TOLERANCE, assert_parity, relative_max_error
 from fastdit.kernels import kernel_path
 from fastdit.kernels.gated_residual import (
     gated_residual,
+    gated_residual_backward,
+    gated_residual_backward_reference,
     gated_residual_modulate_layernorm,
+    gated_residual_modulate_layernorm_backward,
+    gated_residual_modulate_layernorm_backward_reference,
     gated_residual_reference,
 )
 from fastdit.kernels.modulate import modulate_layernorm, modulate_layernorm_reference
@@ -20,10 +24,10 @@ requires_triton = pytest.mark.skipif(
 SHAPES = [(1, 1, 384), (2, 7, 72), (3, 33, 1152), (2, 100, 200), (1, 16, 768), (2, 5, 1024)]
 
 
-def make_inputs(batch, tokens, hidden_size, dtype, strided):
+def make_inputs(batch, tokens, hidden_size, dtype, strided, x_dtype=None):
     """x, gate, y, shift, scale; strided: x, y token-sliced views and gate/shift/scale chunks of a (B, 6D)
-    adaLN_modulation output, as the model passes them."""
-    def hidden_states():
+    adaLN_modulation output, as the model passes them. x_dtype: x's dtype if not ``dtype`` (autocast)."""
+    def hidden_states(dtype):
         if strided:
             return torch.randn(batch, 2 * tokens, hidden_size, device=DEVICE).to(dtype)[:, ::2]
         return torch.randn(batch, tokens, hidden_size, device=DEVICE).to(dtype)
@@ -32,7 +36,7 @@ def make_inputs(batch, tokens, hidden_size, dtype, strided):
         shift, scale, gate, *_ = torch.randn(batch, 6 * hidden_size, device=DEVICE).to(dtype).chunk(6, dim=1)
     else:
         shift, scale, gate = (torch.randn(batch, hidden_size, device=DEVICE).to(dtype) for _ in range(3))
-    return hidden_states(), gate, hidden_states(), shift, scale
+    return hidden_states(x_dtype or dtype), gate, hidden_states(dtype), shift, scale
 
 
 def expected_residual(x, gate, y):
@@ -41,6 +45,46 @@ def expected_residual(x, gate, y):
 
 def expected_normed(stored_residual, shift, scale):
     return modulate_layernorm_reference(stored_residual.float(), shift.float(), scale.float())
+
+
+def leaves(*tensors):
+    """The tensors made leaves that require grad, in place: views keep their strides."""
+    return [tensor.requires_grad_() for tensor in tensors]
+
+
+def upcast_leaves(*tensors):
+    return [tensor.detach().float().requires_grad_() for tensor in tensors]
+
+
+def expected_gated_residual_grads(x, gate, y, grad_residual):
+    inputs = upcast_leaves(x, gate, y)
+    return torch.autograd.grad(gated_residual_reference(*inputs), inputs, grad_residual.float())
+
+
+def expected_fused_grads(x, gate, y, shift, scale, grad_residual, grad_normed):
+    """Grads of the fp32 reference, inputs upcast. normed is taken from the residual rounded to x's dtype,
+    as the op defines it; the rounding passes gradients straight through."""
+    inputs = upcast_leaves(x, gate, y, shift, scale)
+    residual = gated_residual_reference(*inputs[:3])
+    stored_residual = residual + (residual.to(x.dtype).float() - residual).detach()
+    normed = modulate_layernorm_reference(stored_residual, *inputs[3:])
+    return torch.autograd.grad((residual, normed), inputs, (grad_residual.float(), grad_normed.float()))
+
+
+def fused_grads(x, gate, y, shift, scale, grad_residual, grad_normed):
+    inputs = leaves(x, gate, y, shift, scale)
+    return torch.autograd.grad(gated_residual_modulate_layernorm(*inputs), inputs, (grad_residual, grad_normed))
+
+
+def output_grads(x, shift):
+    """Random grads for (residual, normed), in their dtypes."""
+    return torch.randn(x.shape, device=DEVICE).to(x.dtype), torch.randn(x.shape, device=DEVICE).to(shift.dtype)
+
+
+def assert_grads_match(actual, expected, inputs, names=("x", "gate", "y", "shift", "scale")):
+    for name, grad, exact, tensor in zip(names, actual, expected, inputs):
+        assert grad.dtype == tensor.dtype and grad.shape == tensor.shape, f"grad of {name}: {grad.dtype} {grad.shape}"
+        assert_parity(grad, exact, KERNEL_TOLERANCE[grad.dtype], f"grad of {name}")
 
 
 @requires_triton
@@ -115,6 +159,82 @@ def test_ungated_residual_fails_tolerance(dtype):
     assert relative_max_error(normed, expected_normed(ungated, shift, scale)) > KERNEL_TOLERANCE[dtype]
 
 
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_mixed_dtypes(dtype):
+    # torch.autocast: the residual stream stays fp32 while the linears output half precision
+    x, gate, y, shift, scale = make_inputs(2, 7, 200, dtype, strided=True, x_dtype=torch.float32)
+    residual, normed = gated_residual_modulate_layernorm(x, gate, y, shift, scale)
+    assert residual.dtype == torch.float32 and normed.dtype == dtype
+    fp32_residual = expected_residual(x, gate, y)
+    assert_parity(gated_residual(x, gate, y), fp32_residual, KERNEL_TOLERANCE[torch.float32], "residual")
+    assert_parity(residual, fp32_residual, KERNEL_TOLERANCE[torch.float32], "residual")
+    assert_parity(normed, expected_normed(fp32_residual, shift, scale), KERNEL_TOLERANCE[dtype], "normed")
+
+
+# Gradient tests run on every kernel path: off Triton the backward ops compute the same formulas in
+# torch, not autograd through the reference, so the comparison is never the reference with itself.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_gated_residual_grads_match_reference(shape, dtype):
+    x, gate, y, _, _ = make_inputs(*shape, dtype, strided=True)
+    grad_residual = torch.randn(shape, device=DEVICE).to(dtype)
+    inputs = leaves(x, gate, y)
+    actual = torch.autograd.grad(gated_residual(*inputs), inputs, grad_residual)
+    assert_grads_match(actual, expected_gated_residual_grads(x, gate, y, grad_residual), inputs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_fused_grads_match_reference(shape, dtype):
+    inputs = make_inputs(*shape, dtype, strided=True)
+    grads = output_grads(inputs[0], inputs[3])
+    assert_grads_match(fused_grads(*inputs, *grads), expected_fused_grads(*inputs, *grads), inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_mixed_dtypes_grads(dtype):
+    inputs = make_inputs(2, 33, 384, dtype, strided=True, x_dtype=torch.float32)
+    grads = output_grads(inputs[0], inputs[3])
+    assert_grads_match(fused_grads(*inputs, *grads), expected_fused_grads(*inputs, *grads), inputs)
+    x, gate, y = inputs[:3]
+    actual = torch.autograd.grad(gated_residual(x, gate, y), (x, gate, y), grads[0])
+    assert_grads_match(actual, expected_gated_residual_grads(x, gate, y, grads[0]), (x, gate, y))
+
+
+def test_fused_grads_contiguous_inputs_and_normed_unused():
+    # Only the residual feeds the loss: autograd hands the backward zeros for the normed output's grad.
+    x, gate, y, shift, scale = inputs = leaves(*make_inputs(2, 9, 200, torch.float32, strided=False))
+    residual, _ = gated_residual_modulate_layernorm(*inputs)
+    weight = torch.randn(x.shape, device=DEVICE)
+    actual = torch.autograd.grad((residual * weight).sum(), inputs)
+    expected = expected_fused_grads(*inputs, weight, torch.zeros_like(weight))
+    assert_grads_match(actual, expected, inputs)
+
+
+def test_torch_backward_formulas_match_autograd():
+    # the torch path of the backward ops, whatever path this run takes
+    x, gate, y, shift, scale = inputs = make_inputs(2, 7, 200, torch.float32, strided=True)
+    grad_residual, grad_normed = output_grads(x, shift)
+    residual = gated_residual_reference(x, gate, y)
+    actual = gated_residual_modulate_layernorm_backward_reference(grad_residual, grad_normed, residual, gate, y, scale)
+    assert_grads_match(actual, expected_fused_grads(*inputs, grad_residual, grad_normed), inputs)
+    actual = (grad_residual, *gated_residual_backward_reference(grad_residual, gate, y))
+    assert_grads_match(actual, expected_gated_residual_grads(x, gate, y, grad_residual), (x, gate, y))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_ignoring_the_normed_path_fails_tolerance(dtype):
+    inputs = make_inputs(2, 7, 384, dtype, strided=True)
+    grads = output_grads(inputs[0], inputs[3])
+    grad_x, grad_gate = fused_grads(*inputs, *grads)[:2]
+    # the plain gated residual's grads: what a backward that drops the normed output's grad would return
+    wrong_grad_x = grads[0]
+    wrong_grad_gate = expected_gated_residual_grads(*inputs[:3], grads[0])[1]
+    assert relative_max_error(grad_x, wrong_grad_x) > KERNEL_TOLERANCE[dtype]
+    assert relative_max_error(grad_gate, wrong_grad_gate) > KERNEL_TOLERANCE[dtype]
+
+
 def _bad_inputs(case):
     x, gate, y, shift, scale = make_inputs(2, 3, 72, torch.float32, strided=False)
     if case == "y shape":
@@ -128,11 +248,13 @@ def _bad_inputs(case):
     elif case == "gate dtype":
         gate = gate.bfloat16()
     elif case == "y dtype":
-        y = y.half()
+        x = x.half()
     elif case == "shift batch":
         shift = shift[:1]
     elif case == "scale dtype":
         scale = scale.half()
+    elif case == "shift other half":
+        x, gate, y, shift, scale = x, gate.bfloat16(), y.bfloat16(), shift.half(), scale.bfloat16()
     return x, gate, y, shift, scale
 
 
@@ -154,7 +276,9 @@ def test_gated_residual_bad_inputs_name_the_argument(case, error, name):
 
 
 @pytest.mark.parametrize(
-    "case, error, name", RESIDUAL_CASES + [("shift batch", ValueError, "shift"), ("scale dtype", TypeError, "scale")]
+    "case, error, name",
+    RESIDUAL_CASES
+    + [("shift batch", ValueError, "shift"), ("scale dtype", TypeError, "scale"), ("shift other half", TypeError, "shift")],
 )
 def test_fused_bad_inputs_name_the_argument(case, error, name):
     with pytest.raises(error, match=rf"^{name} "):
@@ -165,17 +289,33 @@ def test_torch_compile_fullgraph_matches_eager():
     def block_tail(x, attention_out, mlp_out, modulation):
         shift_mlp, scale_mlp, gate_mlp, _, _, gate_msa = modulation.chunk(6, dim=1)
         x, normed = gated_residual_modulate_layernorm(x, gate_msa, attention_out, shift_mlp, scale_mlp)
-        return gated_residual(x, gate_mlp, mlp_out), normed
+        return gated_residual(x, gate_mlp, mlp_out * normed), normed
 
-    x, _, attention_out, _, _ = make_inputs(2, 5, 72, torch.float32, strided=True)
-    mlp_out = torch.randn(2, 5, 72, device=DEVICE)
-    modulation = torch.randn(2, 6 * 72, device=DEVICE)
-    compiled = torch.compile(block_tail, fullgraph=True)
-    for actual, eager in zip(compiled(x, attention_out, mlp_out, modulation), block_tail(x, attention_out, mlp_out, modulation)):
-        assert torch.equal(actual, eager)
+    def training_step(tail):
+        x, _, attention_out, _, _ = make_inputs(2, 5, 72, torch.float32, strided=True)
+        inputs = leaves(x, attention_out, torch.randn(2, 5, 72, device=DEVICE), torch.randn(2, 6 * 72, device=DEVICE))
+        residual, normed = tail(*inputs)
+        return residual, normed, *torch.autograd.grad((residual * residual).sum() + normed.sum(), inputs)
+
+    torch.manual_seed(0)
+    eager = training_step(block_tail)
+    torch.manual_seed(0)
+    compiled = training_step(torch.compile(block_tail, fullgraph=True))
+    names = ("residual", "normed", "grad of x", "grad of attention_out", "grad of mlp_out", "grad of modulation")
+    for name, actual, expected in zip(names, compiled, eager):
+        assert torch.equal(actual, expected), name
 
 
 def test_opcheck():
-    x, gate, y, shift, scale = make_inputs(2, 3, 72, torch.bfloat16, strided=True)
+    # requires_grad inputs: opcheck then also checks the autograd registration and the backward ops' fakes
+    x, gate, y, shift, scale = leaves(*make_inputs(2, 3, 72, torch.bfloat16, strided=True))
     torch.library.opcheck(gated_residual, (x, gate, y))
     torch.library.opcheck(gated_residual_modulate_layernorm, (x, gate, y, shift, scale), {"eps": 1e-5})
+    mixed = leaves(*make_inputs(2, 3, 72, torch.float16, strided=True, x_dtype=torch.float32))
+    torch.library.opcheck(gated_residual_modulate_layernorm, mixed)
+    x, gate, y, shift, scale = (tensor.detach() for tensor in mixed)
+    grad_residual, grad_normed = output_grads(x, shift)
+    torch.library.opcheck(gated_residual_backward, (grad_residual, gate, y))
+    torch.library.opcheck(
+        gated_residual_modulate_layernorm_backward, (grad_residual, grad_normed, x, gate, y, scale, 1e-6)
+    )

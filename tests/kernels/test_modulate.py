@@ -3,7 +3,12 @@ import torch
 from parity import DTYPES, KERNEL_TOLERANCE, assert_parity, relative_max_error
 
 from fastdit.kernels import kernel_path
-from fastdit.kernels.modulate import modulate_layernorm, modulate_layernorm_reference
+from fastdit.kernels.modulate import (
+    modulate_layernorm,
+    modulate_layernorm_backward,
+    modulate_layernorm_backward_reference,
+    modulate_layernorm_reference,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 requires_triton = pytest.mark.skipif(
@@ -37,6 +42,24 @@ def make_shift_scale(batch, hidden_size, dtype, strided):
 
 def expected(x, shift, scale, eps=1e-6):
     return modulate_layernorm_reference(x.float(), shift.float(), scale.float(), eps)
+
+
+def op_grads(x, shift, scale, grad):
+    """Grads of the op wrt x, shift, scale (made leaves in place: views keep their strides)."""
+    inputs = [tensor.requires_grad_() for tensor in (x, shift, scale)]
+    return torch.autograd.grad(modulate_layernorm(*inputs), inputs, grad)
+
+
+def expected_grads(x, shift, scale, grad, eps=1e-6):
+    """Grads of the fp32 reference, inputs upcast, by torch.autograd."""
+    inputs = [tensor.detach().float().requires_grad_() for tensor in (x, shift, scale)]
+    return torch.autograd.grad(modulate_layernorm_reference(*inputs, eps), inputs, grad.float())
+
+
+def assert_grads_match(actual, expected, inputs):
+    for name, grad, exact, tensor in zip(("x", "shift", "scale"), actual, expected, inputs):
+        assert grad.dtype == tensor.dtype and grad.shape == tensor.shape, f"grad of {name}: {grad.dtype} {grad.shape}"
+        assert_parity(grad, exact, KERNEL_TOLERANCE[grad.dtype], f"grad of {name}")
 
 
 @requires_triton
@@ -102,6 +125,77 @@ def test_eps_is_used():
     assert_parity(modulate_layernorm(x, shift, scale, 1e-3), expected(x, shift, scale, 1e-3), KERNEL_TOLERANCE[torch.float32])
 
 
+@requires_triton
+def test_mixed_dtypes_output_in_shift_dtype():
+    # torch.autocast: the residual stream stays fp32 while the adaLN linear outputs bf16
+    x = make_x(2, 7, 200, torch.float32, "token-slice")
+    shift, scale = make_shift_scale(2, 200, torch.bfloat16, strided=True)
+    out = modulate_layernorm(x, shift, scale)
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape
+    assert_parity(out, expected(x, shift, scale), KERNEL_TOLERANCE[torch.bfloat16])
+
+
+# Gradient tests run on every kernel path: off Triton the backward op computes the same formulas in
+# torch, not autograd through the reference, so the comparison is never the reference with itself.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_grads_match_reference(shape, dtype):
+    batch, tokens, hidden_size = shape
+    x = make_x(*shape, dtype, "token-slice")
+    shift, scale = make_shift_scale(batch, hidden_size, dtype, strided=True)
+    grad = torch.randn(shape, device=DEVICE).to(dtype)
+    assert_grads_match(op_grads(x, shift, scale, grad), expected_grads(x, shift, scale, grad), (x, shift, scale))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "batch-slice", "transposed"])
+def test_grads_other_layouts(layout):
+    x = make_x(2, 9, 200, torch.float32, layout)
+    shift, scale = make_shift_scale(2, 200, torch.float32, strided=False)
+    grad = torch.randn(x.shape, device=DEVICE)
+    assert_grads_match(op_grads(x, shift, scale, grad), expected_grads(x, shift, scale, grad), (x, shift, scale))
+
+
+def test_grads_of_broadcast_output_grad():
+    # out.sum(1) hands the op a grad expanded over tokens (token stride 0)
+    x = make_x(2, 7, 72, torch.float32)
+    shift, scale = make_shift_scale(2, 72, torch.float32, strided=True)
+    weight = torch.randn(2, 72, device=DEVICE)
+    inputs = [tensor.requires_grad_() for tensor in (x, shift, scale)]
+    actual = torch.autograd.grad((modulate_layernorm(*inputs).sum(1) * weight).sum(), inputs)
+    assert_grads_match(actual, expected_grads(x, shift, scale, weight[:, None].expand(x.shape)), inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_mixed_dtypes_grads(dtype):
+    x = make_x(2, 33, 384, torch.float32, "token-slice")
+    shift, scale = make_shift_scale(2, 384, dtype, strided=True)
+    grad = torch.randn(x.shape, device=DEVICE).to(dtype)
+    assert_grads_match(op_grads(x, shift, scale, grad), expected_grads(x, shift, scale, grad), (x, shift, scale))
+
+
+def test_torch_backward_formulas_match_autograd():
+    # the torch path of the backward op, whatever path this run takes
+    x = make_x(2, 7, 200, torch.float32, "token-slice")
+    shift, scale = make_shift_scale(2, 200, torch.float32, strided=True)
+    grad = torch.randn(x.shape, device=DEVICE)
+    actual = modulate_layernorm_backward_reference(grad, x, scale)
+    assert_grads_match(actual, expected_grads(x, shift, scale, grad), (x, shift, scale))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_without_xhat_projection_fails_tolerance(dtype):
+    x = make_x(2, 7, 384, dtype)
+    shift, scale = make_shift_scale(2, 384, dtype, strided=True)
+    grad = torch.randn(x.shape, device=DEVICE).to(dtype)
+    grad_x = op_grads(x, shift, scale, grad)[0]
+    # LayerNorm's backward without the term along xhat: the gradient of a mean-only normalisation
+    rstd = torch.rsqrt(x.detach().float().var(-1, correction=0, keepdim=True) + 1e-6)
+    grad_xhat = grad.float() * (1 + scale.detach().float()[:, None])
+    wrong = rstd * (grad_xhat - grad_xhat.mean(-1, keepdim=True))
+    assert_parity(grad_x, expected_grads(x, shift, scale, grad)[0], KERNEL_TOLERANCE[dtype])
+    assert relative_max_error(grad_x, wrong) > KERNEL_TOLERANCE[dtype]
+
+
 def _bad_inputs(case):
     x = make_x(2, 3, 72, torch.float32)
     shift, scale = make_shift_scale(2, 72, torch.float32, strided=False)
@@ -114,6 +208,10 @@ def _bad_inputs(case):
         x = x[0]
     elif case == "scale dtype":
         scale = scale.half()
+    elif case == "shift dtype":
+        x = x.bfloat16()
+    elif case == "scale other half":
+        shift, scale = shift.bfloat16(), scale.half()
     elif case == "x int dtype":
         x = x.to(torch.int32)
     elif case == "eps zero":
@@ -128,6 +226,8 @@ def _bad_inputs(case):
         ("shift batch", ValueError, "shift"),
         ("x rank 2", ValueError, "x"),
         ("scale dtype", TypeError, "scale"),
+        ("shift dtype", TypeError, "shift"),
+        ("scale other half", TypeError, "scale"),
         ("x int dtype", TypeError, "x"),
         ("eps zero", ValueError, "eps"),
     ],
@@ -142,13 +242,26 @@ def test_torch_compile_fullgraph_matches_eager():
         shift, scale, *_ = modulation.chunk(6, dim=1)
         return modulate_layernorm(x, shift, scale)
 
-    x = make_x(2, 5, 72, torch.float32, "token-slice")
-    modulation = torch.randn(2, 6 * 72, device=DEVICE)
-    compiled = torch.compile(adaln_norm, fullgraph=True)
-    assert torch.equal(compiled(x, modulation), adaln_norm(x, modulation))
+    def forward_and_backward(norm):
+        x = make_x(2, 5, 72, torch.float32, "token-slice").requires_grad_()
+        modulation = torch.randn(2, 6 * 72, device=DEVICE, requires_grad=True)
+        out = norm(x, modulation)
+        return out, *torch.autograd.grad((out * out).sum(), (x, modulation))
+
+    torch.manual_seed(0)
+    eager = forward_and_backward(adaln_norm)
+    torch.manual_seed(0)
+    compiled = forward_and_backward(torch.compile(adaln_norm, fullgraph=True))
+    for name, actual, expected_value in zip(("output", "grad of x", "grad of modulation"), compiled, eager):
+        assert torch.equal(actual, expected_value), name
 
 
 def test_opcheck():
-    x = make_x(2, 3, 72, torch.float16, "token-slice")
-    shift, scale = make_shift_scale(2, 72, torch.float16, strided=True)
+    # requires_grad inputs: opcheck then also checks the autograd registration and the backward's fake
+    x = make_x(2, 3, 72, torch.float16, "token-slice").requires_grad_()
+    shift, scale = (tensor.requires_grad_() for tensor in make_shift_scale(2, 72, torch.float16, strided=True))
     torch.library.opcheck(modulate_layernorm, (x, shift, scale), {"eps": 1e-5})
+    mixed_x = make_x(2, 3, 72, torch.float32, "token-slice").requires_grad_()
+    torch.library.opcheck(modulate_layernorm, (mixed_x, shift.bfloat16(), scale.bfloat16()))
+    grad = torch.randn(2, 3, 72, device=DEVICE).half()
+    torch.library.opcheck(modulate_layernorm_backward, (grad, x.detach(), scale.detach(), 1e-5))

@@ -3,7 +3,8 @@ import torch
 from parity import DTYPES, KERNEL_TOLERANCE, assert_parity, relative_max_error
 
 from fastdit.kernels import kernel_path
-from fastdit.kernels.patch_embed import patch_embed, patch_embed_reference
+from fastdit.kernels.patch_embed import (patch_embed, patch_embed_backward, patch_embed_backward_reference,
+                                         patch_embed_reference)
 
 triton_only = pytest.mark.skipif(
     kernel_path("cpu") == "torch",
@@ -24,13 +25,16 @@ CONFIGS = [
 ]
 
 
-def _inputs(batch, channels, height, width, patch, hidden_size, dtype):
+def _inputs(batch, channels, height, width, patch, hidden_size, dtype, output_dtype=None):
+    """x and weight in dtype; bias and pos_embed in output_dtype (dtype unless given), as
+    under autocast, where the parameters stay fp32."""
     tokens = (height // patch) * (width // patch)
     x = torch.randn(batch, channels, height, width)
     weight = torch.randn(hidden_size, channels, patch, patch) / (channels * patch * patch) ** 0.5
     bias = torch.randn(hidden_size)
     pos_embed = torch.randn(1, tokens, hidden_size)
-    return [t.to(dtype) for t in (x, weight, bias, pos_embed)]
+    output_dtype = output_dtype or dtype
+    return [x.to(dtype), weight.to(dtype), bias.to(output_dtype), pos_embed.to(output_dtype)]
 
 
 def _expected(x, weight, bias, pos_embed):
@@ -107,6 +111,119 @@ def test_wrong_variant_fails(wrong, dtype):
     assert_parity(out, _expected(x, weight, bias, pos_embed), KERNEL_TOLERANCE[dtype])
 
 
+def _gradients(fn, inputs, grad_out, requires_grad=(True, True, True, True)):
+    leaves = [t.detach().requires_grad_(needed) for t, needed in zip(inputs, requires_grad)]
+    fn(*leaves).backward(grad_out)
+    return [t.grad for t in leaves]
+
+
+def _expected_gradients(inputs, grad_out):
+    """Autograd through patch_embed_reference in fp32 on the same inputs."""
+    return _gradients(patch_embed_reference, [t.float() for t in inputs], grad_out.float())
+
+
+def _grad_out(inputs):
+    x, weight, _, pos_embed = inputs
+    tokens, hidden_size = pos_embed.shape[-2:]
+    return torch.randn(x.shape[0], tokens, hidden_size, device=x.device).to(pos_embed.dtype)
+
+
+def _assert_gradients_match(inputs, grad_out=None):
+    grad_out = _grad_out(inputs) if grad_out is None else grad_out
+    actual = _gradients(patch_embed, inputs, grad_out)
+    for name, grad, expected, t in zip(("x", "weight", "bias", "pos_embed"), actual,
+                                       _expected_gradients(inputs, grad_out), inputs):
+        assert grad.dtype == t.dtype and grad.shape == t.shape
+        assert_parity(grad, expected, KERNEL_TOLERANCE[t.dtype], f"grad_{name}")
+
+
+@triton_only
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "B{}C{}H{}W{}p{}D{}".format(*c))
+def test_gradients_match_reference(config):
+    _assert_gradients_match(_inputs(*config, torch.float32))
+
+
+@triton_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("config", [CONFIGS[2], CONFIGS[5]], ids=lambda c: "B{}C{}H{}W{}p{}D{}".format(*c))
+def test_gradients_in_half_precision(config, dtype):
+    _assert_gradients_match(_inputs(*config, dtype))
+
+
+@triton_only
+@pytest.mark.parametrize("layout", ["channels_last", "strided_slice", "transposed_hw", "parameters"])
+def test_gradients_of_non_contiguous_inputs(layout):
+    x, weight, bias, pos_embed = _inputs(2, 4, 8, 12, 2, 72, torch.float32)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "strided_slice":
+        x = torch.cat([x, x], dim=-1)[..., 1::2]
+    elif layout == "transposed_hw":
+        x = x.transpose(2, 3).contiguous().transpose(2, 3)
+    else:
+        weight = weight.transpose(0, 3).contiguous().transpose(0, 3)
+        pos_embed = pos_embed[0].t().contiguous().t()
+    grad_out = torch.randn(2, 24, 72).transpose(0, 1).contiguous().transpose(0, 1)  # read through .contiguous()
+    _assert_gradients_match([x, weight, bias, pos_embed], grad_out)
+
+
+@triton_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_autocast_dtypes(dtype):
+    """x and weight in half precision, bias and pos_embed fp32: the output is fp32 and exact up
+    to fp32 accumulation (the dot's products are exact), grad_out is rounded to the dots' dtype."""
+    inputs = _inputs(2, 4, 16, 16, 2, 72, dtype, output_dtype=torch.float32)
+    out = patch_embed(*inputs)
+    assert out.dtype == torch.float32
+    assert_parity(out, _expected(*inputs), KERNEL_TOLERANCE[torch.float32])
+    _assert_gradients_match(inputs)
+
+
+@triton_only
+def test_frozen_input_and_pos_embed():
+    # DiT's case: neither the latents nor the fixed sin-cos pos_embed take a gradient.
+    inputs = _inputs(3, 4, 6, 10, 2, 64, torch.float32)
+    grad_out = _grad_out(inputs)
+    grads = _gradients(patch_embed, inputs, grad_out, requires_grad=(False, True, True, False))
+    expected = _expected_gradients(inputs, grad_out)
+    assert grads[0] is None and grads[3] is None
+    for grad, expected_grad in zip(grads[1:3], expected[1:3]):
+        assert_parity(grad, expected_grad, KERNEL_TOLERANCE[torch.float32])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (DiT-XL/2 sizes)")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dit_xl_gradients_on_gpu(dtype):
+    inputs = [t.cuda() for t in _inputs(16, 4, 32, 32, 2, 1152, dtype, output_dtype=torch.float32)]
+    grad_out = _grad_out(inputs)
+    _assert_gradients_match(inputs, grad_out)
+    first, second = (_gradients(patch_embed, inputs, grad_out) for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second)), "the chunked reduction is not deterministic"
+
+
+def test_backward_reference_matches_autograd():
+    inputs = _inputs(2, 3, 8, 12, 4, 40, torch.float32)
+    grad_out = _grad_out(inputs)
+    for grad, expected in zip(patch_embed_backward_reference(grad_out, *inputs), _expected_gradients(inputs, grad_out)):
+        torch.testing.assert_close(grad, expected)
+
+
+@triton_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_wrong_backward_fails_tolerance(dtype):
+    """The tolerance catches a backward that scatters or gathers pixels transposed within a patch."""
+    inputs = _inputs(2, 4, 8, 8, 2, 96, dtype)
+    grad_out = _grad_out(inputs)
+    grad_x, grad_weight, _, _ = _gradients(patch_embed, inputs, grad_out)
+
+    def transposed_patches(x, weight, bias, pos_embed):
+        return patch_embed_reference(x, weight.transpose(2, 3), bias, pos_embed)
+
+    wrong_x, wrong_weight, _, _ = _gradients(transposed_patches, [t.float() for t in inputs], grad_out.float())
+    assert relative_max_error(grad_x, wrong_x) > KERNEL_TOLERANCE[dtype]
+    assert relative_max_error(grad_weight, wrong_weight) > KERNEL_TOLERANCE[dtype]
+
+
 def _break(arguments, what):
     x, weight, bias, pos_embed = arguments
     if what == "x_rank":
@@ -129,6 +246,8 @@ def _break(arguments, what):
         return x, weight.bfloat16(), bias, pos_embed
     if what == "x_dtype":
         return tuple(t.double() for t in arguments)
+    if what == "bias_dtype":
+        return x, weight, bias.double(), pos_embed.double()
     raise AssertionError(what)
 
 
@@ -143,6 +262,7 @@ def _break(arguments, what):
     ("pos_embed_dtype", TypeError, r"pos_embed"),
     ("weight_dtype", TypeError, r"weight"),
     ("x_dtype", TypeError, r"\bx\b"),
+    ("bias_dtype", TypeError, r"bias"),
 ])
 def test_bad_inputs_name_the_argument(what, error, names):
     arguments = _break(_inputs(2, 4, 8, 8, 2, 64, torch.float32), what)
@@ -150,13 +270,32 @@ def test_bad_inputs_name_the_argument(what, error, names):
         patch_embed(*arguments)
 
 
+def test_backward_bad_grad_out_names_it():
+    inputs = _inputs(2, 4, 8, 8, 2, 64, torch.float32)
+    with pytest.raises(ValueError, match=r"^patch_embed_backward: grad_out"):
+        patch_embed_backward(_grad_out(inputs).half(), *inputs, [True] * 4)
+
+
 @triton_only
-def test_torch_compile_fullgraph_matches_eager():
+def test_torch_compile_fullgraph_forward_and_backward_match_eager():
     x, weight, bias, pos_embed = _inputs(2, 4, 8, 12, 2, 72, torch.float32)
+    leaves = [t.requires_grad_() for t in (x, weight, bias)]
+    grad_out = torch.randn(2, 24, 72)
 
     def embed(x, weight, bias, pos_embed):
         return patch_embed(x, weight, bias, pos_embed)
 
-    compiled = torch.compile(embed, fullgraph=True)
-    torch.testing.assert_close(compiled(x, weight, bias, pos_embed), embed(x, weight, bias, pos_embed),
-                               rtol=0, atol=0)
+    results = []
+    for fn in (torch.compile(embed, fullgraph=True), embed):
+        out = fn(x, weight, bias, pos_embed)
+        results.append((out, *torch.autograd.grad(out, leaves, grad_out)))
+    for compiled, eager in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+@triton_only
+def test_opcheck():
+    inputs = [t.requires_grad_() for t in _inputs(2, 4, 8, 8, 2, 72, torch.bfloat16, output_dtype=torch.float32)]
+    torch.library.opcheck(patch_embed, inputs)
+    grad_out = _grad_out(inputs)
+    torch.library.opcheck(patch_embed_backward, (grad_out, *(t.detach() for t in inputs), [True, True, True, False]))

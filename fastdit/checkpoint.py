@@ -1,0 +1,302 @@
+"""DiT weights on disk: the release's ``.pt`` files, ``.safetensors`` files, and the directories
+``save_pretrained`` writes (``config.json`` + ``model.safetensors``).
+
+fastdit never downloads: a checkpoint is a local path. The release publishes plain state dicts
+(DiT-XL-2-256x256.pt) and its training script saves ``{"model", "ema", "opt", "args"}``; both
+load with ``torch.load(weights_only=True)``, which unpickles tensors and containers only. Where
+no config is stored with the weights, it is read off the tensors' shapes (``infer_config``).
+"""
+import argparse
+import json
+import math
+import os
+import re
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import fastdit
+from fastdit import reference
+from fastdit.io import atomic_path, write_text_atomic
+from fastdit.model import DiT
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "fastdit"
+FORMAT_VERSION = 1
+# The config also rides in the safetensors header, so a weights file moved out of its
+# directory still says what model it is (num_heads cannot be read off the shapes).
+CONFIG_METADATA_KEY = "fastdit_config"
+
+CONFIG_KEYS = (
+    "input_size", "patch_size", "in_channels", "hidden_size", "depth",
+    "num_heads", "mlp_ratio", "class_dropout_prob", "num_classes", "learn_sigma",
+)
+PAPER_NUM_HEADS = {config["hidden_size"]: config["num_heads"] for config in reference.DIT_CONFIGS.values()}
+# Every model trained with the release's code has class dropout 0.1, hence a null-class row.
+RELEASE_CLASS_DROPOUT = 0.1
+
+RELEASE_HINT = (
+    "the release's checkpoints (DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt) are published by "
+    "facebookresearch/DiT at https://dl.fbaipublicfiles.com/DiT/models/; download one and pass its "
+    "local path (fastdit never downloads at run time)"
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, or not the weights of a DiT."""
+
+
+def load(path, *, config: dict | None = None, device="cpu", dtype=None, attn_backend="auto") -> DiT:
+    """A fast ``DiT`` in eval mode with the weights at ``path``: a release ``.pt`` file (a state dict,
+    or a dict with ``model`` and/or ``ema``, ``ema`` preferred), a ``.safetensors`` file, or a
+    ``save_pretrained`` directory. ``config`` (constructor arguments) overrides the stored or
+    inferred config; ``dtype=None`` keeps the stored dtype. Loading is strict."""
+    given = _checked_config(config)
+    device = _checked_device(device)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype: expected a floating-point torch.dtype or None, got {dtype!r}")
+    state_dict, stored = read(path)
+    model_arguments = {**stored, **given} if stored is not None else infer_config(state_dict, given)
+    # Built on the meta device: no time spent initialising weights that are replaced at once.
+    with torch.device("meta"):
+        model = DiT(**model_arguments, attn_backend=attn_backend)
+    _check_matches(model, state_dict, path, model_arguments)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def read(path) -> tuple[dict, dict | None]:
+    """(state dict on the CPU, the stored config or None) from any supported checkpoint."""
+    path = _checked_path(path)
+    if os.path.isdir(path):
+        return _read_directory(path)
+    if path.endswith(".safetensors"):
+        return _read_safetensors(path)
+    return _read_torch(path), None
+
+
+def infer_config(state_dict: dict, config: dict | None = None) -> dict:
+    """The DiT constructor arguments that give these tensors' shapes. Values in ``config`` win and
+    settle what the shapes cannot tell: ``num_heads`` for a width the paper does not use, and whether
+    the label table's last row is the null class (assumed, as in every release model, unless
+    ``num_classes`` or ``class_dropout_prob`` is given)."""
+    given = _checked_config(config)
+    hidden_size, in_channels, patch_size, patch_width = _shape(state_dict, "x_embedder.proj.weight", 4)
+    if patch_size != patch_width:
+        raise CheckpointError(f"x_embedder.proj.weight: expected square patches, got {patch_size}x{patch_width}")
+    tokens = _shape(state_dict, "pos_embed", 3)[1]
+    grid = math.isqrt(tokens)
+    if grid * grid != tokens:
+        raise CheckpointError(f"pos_embed: expected a square grid of tokens, got {tokens} tokens")
+    block_indices = {int(match.group(1)) for key in state_dict if (match := re.match(r"blocks\.(\d+)\.", key))}
+    if not block_indices:
+        raise CheckpointError("not a DiT state dict: it has no transformer blocks (no 'blocks.0.*' keys)")
+    mlp_hidden = _shape(state_dict, "blocks.0.mlp.fc1.weight", 2)[0]
+    out_features = _shape(state_dict, "final_layer.linear.weight", 2)[0]
+    out_channels = out_features // patch_size**2
+    if out_channels * patch_size**2 != out_features or out_channels not in (in_channels, 2 * in_channels):
+        raise CheckpointError(
+            f"final_layer.linear.weight: expected {in_channels * patch_size**2} or {2 * in_channels * patch_size**2} "
+            f"output features (patch {patch_size}, {in_channels} channels, with or without learned sigma), "
+            f"got {out_features}"
+        )
+    num_heads = given.get("num_heads", PAPER_NUM_HEADS.get(hidden_size))
+    if num_heads is None:
+        raise CheckpointError(
+            f"num_heads cannot be read from the tensors and hidden_size {hidden_size} is not one of the paper's "
+            f"widths ({', '.join(map(str, PAPER_NUM_HEADS))}): pass it, e.g. config={{'num_heads': ...}}"
+        )
+    inferred = dict(
+        input_size=grid * patch_size,
+        patch_size=patch_size,
+        in_channels=in_channels,
+        hidden_size=hidden_size,
+        depth=max(block_indices) + 1,
+        num_heads=num_heads,
+        mlp_ratio=mlp_hidden / hidden_size,
+        learn_sigma=out_channels == 2 * in_channels,
+        **_label_config(_shape(state_dict, "y_embedder.embedding_table.weight", 2)[0], given),
+    )
+    return {**inferred, **given}
+
+
+def model_config(model) -> dict:
+    """The constructor arguments of a DiT (fast or reference), without ``attn_backend``: that is
+    a choice of the machine that runs the model, not a property of its weights."""
+    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model
+    if not isinstance(model, (DiT, reference.DiT)):
+        raise TypeError(f"model: expected a fastdit.DiT or fastdit.reference.DiT, got {type(model).__name__}")
+    hidden_size = model.pos_embed.shape[-1]
+    return dict(
+        input_size=model.input_size,
+        patch_size=model.patch_size,
+        in_channels=model.in_channels,
+        hidden_size=hidden_size,
+        depth=len(model.blocks),
+        num_heads=model.num_heads,
+        mlp_ratio=model.blocks[0].mlp.fc1.out_features / hidden_size if len(model.blocks) else 4.0,
+        class_dropout_prob=model.y_embedder.dropout_prob,
+        num_classes=model.num_classes,
+        learn_sigma=model.learn_sigma,
+    )
+
+
+def save_pretrained(model, directory) -> None:
+    """Write ``directory/model.safetensors`` (the state dict) and ``directory/config.json`` (the
+    constructor arguments), each atomically; the directory is created if needed."""
+    config = model_config(model)
+    model = getattr(model, "_orig_mod", model)
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    tensors = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    with atomic_path(os.path.join(directory, WEIGHTS_FILE)) as temporary:
+        save_file(tensors, temporary, metadata={"format": "pt", CONFIG_METADATA_KEY: json.dumps(config)})
+    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "fastdit_version": fastdit.__version__}
+    write_text_atomic(os.path.join(directory, CONFIG_FILE), json.dumps({**header, **config}, indent=2) + "\n")
+
+
+# --- readers --------------------------------------------------------------------------------
+
+
+def _read_torch(path) -> dict:
+    try:
+        # The release's training checkpoints also pickle their argparse.Namespace of arguments.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            contents = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({type(error).__name__}): it is truncated, not a PyTorch file, or holds "
+            f"objects other than tensors (fastdit reads .pt files with torch.load(weights_only=True))"
+        ) from error
+    if isinstance(contents, dict):
+        contents = contents.get("ema", contents.get("model", contents))
+    return _checked_state_dict(contents, path)
+
+
+def _read_safetensors(path) -> tuple[dict, dict | None]:
+    try:
+        with safe_open(path, framework="pt", device="cpu") as file:
+            metadata = file.metadata() or {}
+            state_dict = {key: file.get_tensor(key) for key in file.keys()}
+        stored = json.loads(metadata[CONFIG_METADATA_KEY]) if CONFIG_METADATA_KEY in metadata else None
+    except Exception as error:
+        raise CheckpointError(f"cannot read safetensors file {path} ({type(error).__name__}: {error})") from error
+    return _checked_state_dict(state_dict, path), None if stored is None else _checked_config(stored, path)
+
+
+def _read_directory(path) -> tuple[dict, dict]:
+    config_path, weights_path = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
+    for required in (config_path, weights_path):
+        if not os.path.isfile(required):
+            raise CheckpointError(
+                f"{path} is not a fastdit checkpoint directory: it has no {os.path.basename(required)} "
+                f"(save_pretrained writes {CONFIG_FILE} and {WEIGHTS_FILE})"
+            )
+    try:
+        with open(config_path) as file:
+            stored = json.load(file)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"cannot read {config_path}: {error}") from error
+    if not isinstance(stored, dict) or stored.pop("format", None) != FORMAT:
+        raise CheckpointError(f"{config_path} is not a fastdit config (no \"format\": \"{FORMAT}\")")
+    version = stored.pop("format_version", None)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{config_path} has format_version {version!r}; this fastdit reads up to {FORMAT_VERSION}"
+        )
+    stored.pop("fastdit_version", None)
+    state_dict, _ = _read_safetensors(weights_path)
+    return state_dict, _checked_config(stored, config_path)
+
+
+# --- checks ---------------------------------------------------------------------------------
+
+
+def _checked_path(path) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a file or directory path, got {type(path).__name__}")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path}; {RELEASE_HINT}")
+    return path
+
+
+def _checked_config(config, source="config") -> dict:
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise TypeError(f"{source}: expected a dict of DiT constructor arguments, got {type(config).__name__}")
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"{source}: unknown keys {', '.join(unknown)}; valid keys: {', '.join(CONFIG_KEYS)}")
+    return dict(config)
+
+
+def _checked_device(device) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda:0', got {device!r}") from error
+
+
+def _checked_state_dict(contents, path) -> dict:
+    if not isinstance(contents, dict):
+        kind = type(contents).__name__
+        raise CheckpointError(f"{path} is not a DiT state dict: it holds a {kind}, not a dict of tensors")
+    if not contents:
+        raise CheckpointError(f"{path} is not a DiT state dict: it holds no tensors")
+    not_tensors = [key for key, value in contents.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(f"{path} is not a DiT state dict: {_names(not_tensors)} are not tensors")
+    for prefix in ("module.", "_orig_mod."):  # saved from a DistributedDataParallel or torch.compile wrapper
+        if all(key.startswith(prefix) for key in contents):
+            contents = {key.removeprefix(prefix): value for key, value in contents.items()}
+    return contents
+
+
+def _check_matches(model, state_dict, path, arguments) -> None:
+    expected = model.state_dict()
+    described = ", ".join(f"{key}={value}" for key, value in arguments.items())
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    if missing or unexpected:
+        problems = []
+        if missing:
+            problems.append(f"missing keys {_names(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys {_names(unexpected)}")
+        raise CheckpointError(f"{path} does not fit DiT({described}): {'; '.join(problems)}")
+    mismatched = [
+        f"{key} is {tuple(state_dict[key].shape)}, the model's is {tuple(value.shape)}"
+        for key, value in expected.items()
+        if state_dict[key].shape != value.shape
+    ]
+    if mismatched:
+        raise CheckpointError(f"{path} does not fit DiT({described}): {_names(mismatched)}")
+
+
+def _shape(state_dict, key, dims) -> tuple:
+    if key not in state_dict:
+        raise CheckpointError(f"not a DiT state dict: it has no {key!r} (its keys begin {_names(list(state_dict))})")
+    shape = tuple(state_dict[key].shape)
+    if len(shape) != dims:
+        raise CheckpointError(f"not a DiT state dict: {key} has shape {shape}, expected {dims} dimensions")
+    return shape
+
+
+def _label_config(rows, given) -> dict:
+    """num_classes and class_dropout_prob from the label table's row count (classes + the null row)."""
+    if "num_classes" in given:
+        has_null_row = rows == given["num_classes"] + 1
+    elif "class_dropout_prob" in given:
+        has_null_row = given["class_dropout_prob"] > 0
+    else:
+        has_null_row = True
+    return dict(num_classes=rows - has_null_row, class_dropout_prob=RELEASE_CLASS_DROPOUT if has_null_row else 0.0)
+
+
+def _names(items, shown=5) -> str:
+    listed = ", ".join(items[:shown])
+    return listed + (f" and {len(items) - shown} more" if len(items) > shown else "")

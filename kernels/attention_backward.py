@@ -1,0 +1,284 @@
+"""Flash attention backward (FlashAttention-2): the gradients of attention.py's forward.
+
+With P = softmax(S), S = q k^T * scale and dO the output's gradient:
+    dV = P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   dQ = scale * dS K,   dK = scale * dS^T Q,
+where delta = rowsum(dO * O) equals rowsum(P * dP) and needs no (T, T) product. P is
+recomputed block by block from q, k and the forward's row logsumexp, so the backward
+stores no (T, T) matrix either. Three launches, no atomics (deterministic):
+1. delta per query row;
+2. one program per key block: loops over query blocks, accumulates dK and dV in registers;
+3. one program per query block: loops over key blocks, accumulates dQ in registers.
+The head-dim split (main + tail), the strided (B, T, H, Dh) reads and the 16-byte stride
+units are the forward's (see attention.py).
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention import (_LOG2E, _as_vector_aligned, _check_inputs, _head_base, _load_tile, _split_head_dim,
+                        attention_forward)
+from .interpreter import dot, to_storage
+from .runtime import TRITON_INTERPRET, use_triton
+
+
+@triton.jit
+def _attention_bwd_delta_kernel(
+    out_ptr, grad_out_ptr, delta_ptr, tokens, heads,
+    stride_ob, stride_ot, stride_oh, stride_gb, stride_gt, stride_gh,
+    HEAD_DIM: tl.constexpr, HEAD_MAIN: tl.constexpr, HEAD_TAIL: tl.constexpr,
+    BLOCK_M: tl.constexpr, VECTOR: tl.constexpr,
+):
+    query_block = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = (batch_head // heads).to(tl.int64)
+    head = (batch_head % heads).to(tl.int64)
+    out_base = _head_base(out_ptr, batch, head, stride_ob, stride_oh, VECTOR)
+    grad_base = _head_base(grad_out_ptr, batch, head, stride_gb, stride_gh, VECTOR)
+    queries = query_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols_main = tl.arange(0, HEAD_MAIN)
+    out_main = _load_tile(out_base, queries, stride_ot, tokens, cols_main, HEAD_DIM, VECTOR).to(tl.float32)
+    grad_main = _load_tile(grad_base, queries, stride_gt, tokens, cols_main, HEAD_DIM, VECTOR).to(tl.float32)
+    delta = tl.sum(out_main * grad_main, 1)
+    if HEAD_TAIL > 0:
+        cols_tail = HEAD_MAIN + tl.arange(0, HEAD_TAIL)
+        out_tail = _load_tile(out_base, queries, stride_ot, tokens, cols_tail, HEAD_DIM, VECTOR).to(tl.float32)
+        grad_tail = _load_tile(grad_base, queries, stride_gt, tokens, cols_tail, HEAD_DIM, VECTOR).to(tl.float32)
+        delta += tl.sum(out_tail * grad_tail, 1)
+    tl.store(delta_ptr + batch_head.to(tl.int64) * tokens + queries, delta, mask=queries < tokens)
+
+
+@triton.jit
+def _store_tile(base, rows, row_vectors, row_limit, cols, COL_LIMIT: tl.constexpr, VECTOR: tl.constexpr, tile):
+    mask = (rows[:, None] < row_limit) & (cols[None, :] < COL_LIMIT)
+    tl.store(base + rows[:, None] * row_vectors * VECTOR + cols[None, :], to_storage(tile, base.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _attention_bwd_key_kernel(
+    q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr, grad_k_ptr, grad_v_ptr,
+    tokens, heads, softmax_scale, qk_scale_log2,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_gb, stride_gt, stride_gh,
+    stride_dkb, stride_dkt, stride_dkh,
+    stride_dvb, stride_dvt, stride_dvh,
+    HEAD_DIM: tl.constexpr, HEAD_MAIN: tl.constexpr, HEAD_TAIL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VECTOR: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    key_block = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = (batch_head // heads).to(tl.int64)
+    head = (batch_head % heads).to(tl.int64)
+    q_base = _head_base(q_ptr, batch, head, stride_qb, stride_qh, VECTOR)
+    k_base = _head_base(k_ptr, batch, head, stride_kb, stride_kh, VECTOR)
+    v_base = _head_base(v_ptr, batch, head, stride_vb, stride_vh, VECTOR)
+    grad_base = _head_base(grad_out_ptr, batch, head, stride_gb, stride_gh, VECTOR)
+    row_base = batch_head.to(tl.int64) * tokens
+
+    keys = key_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols_main = tl.arange(0, HEAD_MAIN)
+    k_main = _load_tile(k_base, keys, stride_kt, tokens, cols_main, HEAD_DIM, VECTOR)
+    v_main = _load_tile(v_base, keys, stride_vt, tokens, cols_main, HEAD_DIM, VECTOR)
+    grad_k_main = tl.zeros([BLOCK_N, HEAD_MAIN], dtype=tl.float32)
+    grad_v_main = tl.zeros([BLOCK_N, HEAD_MAIN], dtype=tl.float32)
+    if HEAD_TAIL > 0:
+        cols_tail = HEAD_MAIN + tl.arange(0, HEAD_TAIL)
+        k_tail = _load_tile(k_base, keys, stride_kt, tokens, cols_tail, HEAD_DIM, VECTOR)
+        v_tail = _load_tile(v_base, keys, stride_vt, tokens, cols_tail, HEAD_DIM, VECTOR)
+        grad_k_tail = tl.zeros([BLOCK_N, HEAD_TAIL], dtype=tl.float32)
+        grad_v_tail = tl.zeros([BLOCK_N, HEAD_TAIL], dtype=tl.float32)
+
+    for query_start in range(0, tokens, BLOCK_M):
+        queries = query_start + tl.arange(0, BLOCK_M)
+        q_main = _load_tile(q_base, queries, stride_qt, tokens, cols_main, HEAD_DIM, VECTOR)
+        grad_main = _load_tile(grad_base, queries, stride_gt, tokens, cols_main, HEAD_DIM, VECTOR)
+        # Padding queries read lse = +inf: their probabilities come out exactly 0.
+        lse_log2 = tl.load(lse_ptr + row_base + queries, mask=queries < tokens, other=float("inf")) * _LOG2E
+        delta = tl.load(delta_ptr + row_base + queries, mask=queries < tokens, other=0.0)
+        # Transposed (keys x queries) blocks, so that dK and dV come out of plain dots.
+        scores_t = dot(k_main, tl.trans(q_main), None, DOT_PRECISION)
+        grad_probs_t = dot(v_main, tl.trans(grad_main), None, DOT_PRECISION)
+        if HEAD_TAIL > 0:
+            q_tail = _load_tile(q_base, queries, stride_qt, tokens, cols_tail, HEAD_DIM, VECTOR)
+            grad_tail = _load_tile(grad_base, queries, stride_gt, tokens, cols_tail, HEAD_DIM, VECTOR)
+            scores_t = dot(k_tail, tl.trans(q_tail), scores_t, DOT_PRECISION)
+            grad_probs_t = dot(v_tail, tl.trans(grad_tail), grad_probs_t, DOT_PRECISION)
+        probs_t = tl.exp2(scores_t * qk_scale_log2 - lse_log2[None, :])
+        # fp16/bf16: P and dS are rounded to the input dtype for the tensor-core dots, as
+        # in the forward; fp32 keeps fp32.
+        grad_scores_t = to_storage(probs_t * (grad_probs_t - delta[None, :]), q_main.dtype)
+        probs_t = to_storage(probs_t, q_main.dtype)
+        grad_v_main = dot(probs_t, grad_main, grad_v_main, DOT_PRECISION)
+        grad_k_main = dot(grad_scores_t, q_main, grad_k_main, DOT_PRECISION)
+        if HEAD_TAIL > 0:
+            grad_v_tail = dot(probs_t, grad_tail, grad_v_tail, DOT_PRECISION)
+            grad_k_tail = dot(grad_scores_t, q_tail, grad_k_tail, DOT_PRECISION)
+
+    grad_k_base = _head_base(grad_k_ptr, batch, head, stride_dkb, stride_dkh, VECTOR)
+    grad_v_base = _head_base(grad_v_ptr, batch, head, stride_dvb, stride_dvh, VECTOR)
+    _store_tile(grad_k_base, keys, stride_dkt, tokens, cols_main, HEAD_DIM, VECTOR, grad_k_main * softmax_scale)
+    _store_tile(grad_v_base, keys, stride_dvt, tokens, cols_main, HEAD_DIM, VECTOR, grad_v_main)
+    if HEAD_TAIL > 0:
+        _store_tile(grad_k_base, keys, stride_dkt, tokens, cols_tail, HEAD_DIM, VECTOR, grad_k_tail * softmax_scale)
+        _store_tile(grad_v_base, keys, stride_dvt, tokens, cols_tail, HEAD_DIM, VECTOR, grad_v_tail)
+
+
+@triton.jit
+def _attention_bwd_query_kernel(
+    q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr, grad_q_ptr,
+    tokens, heads, softmax_scale, qk_scale_log2,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_gb, stride_gt, stride_gh,
+    stride_dqb, stride_dqt, stride_dqh,
+    HEAD_DIM: tl.constexpr, HEAD_MAIN: tl.constexpr, HEAD_TAIL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_KEYS: tl.constexpr, VECTOR: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    query_block = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = (batch_head // heads).to(tl.int64)
+    head = (batch_head % heads).to(tl.int64)
+    q_base = _head_base(q_ptr, batch, head, stride_qb, stride_qh, VECTOR)
+    k_base = _head_base(k_ptr, batch, head, stride_kb, stride_kh, VECTOR)
+    v_base = _head_base(v_ptr, batch, head, stride_vb, stride_vh, VECTOR)
+    grad_base = _head_base(grad_out_ptr, batch, head, stride_gb, stride_gh, VECTOR)
+    row_base = batch_head.to(tl.int64) * tokens
+
+    queries = query_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols_main = tl.arange(0, HEAD_MAIN)
+    q_main = _load_tile(q_base, queries, stride_qt, tokens, cols_main, HEAD_DIM, VECTOR)
+    grad_main = _load_tile(grad_base, queries, stride_gt, tokens, cols_main, HEAD_DIM, VECTOR)
+    grad_q_main = tl.zeros([BLOCK_M, HEAD_MAIN], dtype=tl.float32)
+    if HEAD_TAIL > 0:
+        cols_tail = HEAD_MAIN + tl.arange(0, HEAD_TAIL)
+        q_tail = _load_tile(q_base, queries, stride_qt, tokens, cols_tail, HEAD_DIM, VECTOR)
+        grad_tail = _load_tile(grad_base, queries, stride_gt, tokens, cols_tail, HEAD_DIM, VECTOR)
+        grad_q_tail = tl.zeros([BLOCK_M, HEAD_TAIL], dtype=tl.float32)
+    lse_log2 = tl.load(lse_ptr + row_base + queries, mask=queries < tokens, other=float("inf")) * _LOG2E
+    delta = tl.load(delta_ptr + row_base + queries, mask=queries < tokens, other=0.0)
+
+    for key_start in range(0, tokens, BLOCK_N):
+        keys = key_start + tl.arange(0, BLOCK_N)
+        k_main = _load_tile(k_base, keys, stride_kt, tokens, cols_main, HEAD_DIM, VECTOR)
+        v_main = _load_tile(v_base, keys, stride_vt, tokens, cols_main, HEAD_DIM, VECTOR)
+        scores = dot(q_main, tl.trans(k_main), None, DOT_PRECISION)
+        grad_probs = dot(grad_main, tl.trans(v_main), None, DOT_PRECISION)
+        if HEAD_TAIL > 0:
+            k_tail = _load_tile(k_base, keys, stride_kt, tokens, cols_tail, HEAD_DIM, VECTOR)
+            v_tail = _load_tile(v_base, keys, stride_vt, tokens, cols_tail, HEAD_DIM, VECTOR)
+            scores = dot(q_tail, tl.trans(k_tail), scores, DOT_PRECISION)
+            grad_probs = dot(grad_tail, tl.trans(v_tail), grad_probs, DOT_PRECISION)
+        if not EVEN_KEYS:
+            # Padding keys score 0, which may exceed a row's logsumexp by enough to overflow exp2.
+            scores = tl.where((keys < tokens)[None, :], scores, float("-inf"))
+        probs = tl.exp2(scores * qk_scale_log2 - lse_log2[:, None])
+        grad_scores = to_storage(probs * (grad_probs - delta[:, None]), q_main.dtype)
+        grad_q_main = dot(grad_scores, k_main, grad_q_main, DOT_PRECISION)
+        if HEAD_TAIL > 0:
+            grad_q_tail = dot(grad_scores, k_tail, grad_q_tail, DOT_PRECISION)
+
+    grad_q_base = _head_base(grad_q_ptr, batch, head, stride_dqb, stride_dqh, VECTOR)
+    _store_tile(grad_q_base, queries, stride_dqt, tokens, cols_main, HEAD_DIM, VECTOR, grad_q_main * softmax_scale)
+    if HEAD_TAIL > 0:
+        _store_tile(grad_q_base, queries, stride_dqt, tokens, cols_tail, HEAD_DIM, VECTOR, grad_q_tail * softmax_scale)
+
+
+def _backward_launch_config(tokens: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(outer, inner, num_warps, num_stages): outer is the block a program owns (keys for
+    dK/dV, queries for dQ), inner the block it loops over."""
+    if TRITON_INTERPRET:
+        outer, inner, num_warps, num_stages = 64, 32, 4, 1
+    elif dtype == torch.float32 or head_dim > 128:
+        # The dK/dV program holds four fp32 (outer, head_dim) tiles: small blocks keep them
+        # in registers. Not yet swept on a GPU, unlike the forward's sizes.
+        outer, inner, num_warps, num_stages = 32, 32, 4 if head_dim <= 128 else 8, 1
+    else:
+        outer, inner, num_warps, num_stages = 64, 32, 4, 2
+    fit = max(16, triton.next_power_of_2(tokens))
+    return min(outer, fit), min(inner, fit), num_warps, num_stages
+
+
+def _attention_backward_triton(grad_out, q, k, v, out, lse, softmax_scale):
+    batch, tokens, heads, head_dim = q.shape
+    head_main, head_tail = _split_head_dim(head_dim)
+    outer, inner, num_warps, num_stages = _backward_launch_config(tokens, head_dim, q.dtype)
+    grads = [torch.empty((batch, tokens, heads, head_dim), dtype=q.dtype, device=q.device) for _ in range(3)]
+    grad_q, grad_k, grad_v = grads
+    delta = torch.empty((batch, heads, tokens), dtype=torch.float32, device=q.device)
+    vector = 16 // q.element_size()
+
+    def strides(*tensors):
+        return [stride // vector for t in tensors for stride in t.stride()[:3]]
+
+    head_args = dict(HEAD_DIM=head_dim, HEAD_MAIN=head_main, HEAD_TAIL=head_tail, VECTOR=vector)
+    dot_args = dict(DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                    num_warps=num_warps, num_stages=num_stages)
+    scales = (softmax_scale, softmax_scale * math.log2(math.e))
+    _attention_bwd_delta_kernel[(triton.cdiv(tokens, outer), batch * heads)](
+        out, grad_out, delta, tokens, heads, *strides(out, grad_out), BLOCK_M=outer, **head_args)
+    _attention_bwd_key_kernel[(triton.cdiv(tokens, outer), batch * heads)](
+        q, k, v, grad_out, lse, delta, grad_k, grad_v, tokens, heads, *scales,
+        *strides(q, k, v, grad_out, grad_k, grad_v), BLOCK_M=inner, BLOCK_N=outer, **head_args, **dot_args)
+    _attention_bwd_query_kernel[(triton.cdiv(tokens, outer), batch * heads)](
+        q, k, v, grad_out, lse, delta, grad_q, tokens, heads, *scales,
+        *strides(q, k, v, grad_out, grad_q), BLOCK_M=outer, BLOCK_N=inner,
+        EVEN_KEYS=tokens % inner == 0, **head_args, **dot_args)
+    return grad_q, grad_k, grad_v
+
+
+def attention_backward_reference(grad_out, q, k, v, out, lse, softmax_scale):
+    """(grad_q, grad_k, grad_v) in fp32 torch math, P recomputed from lse, cast to q's dtype."""
+    q32, k32, v32, grad_out32, out32 = (t.float().transpose(1, 2) for t in (q, k, v, grad_out, out))  # (B, H, T, Dh)
+    probs = torch.exp(q32 @ k32.transpose(-1, -2) * softmax_scale - lse[..., None])
+    delta = (grad_out32 * out32).sum(-1, keepdim=True)
+    grad_scores = probs * (grad_out32 @ v32.transpose(-1, -2) - delta) * softmax_scale
+    grads = (grad_scores @ k32, grad_scores.transpose(-1, -2) @ q32, probs.transpose(-1, -2) @ grad_out32)
+    return tuple(g.transpose(1, 2).to(q.dtype).contiguous() for g in grads)
+
+
+@torch.library.custom_op("fastdit::attention_backward", mutates_args=())
+def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       out: torch.Tensor, lse: torch.Tensor,
+                       softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_q, grad_k, grad_v) of attention_forward(q, k, v, softmax_scale) = (out, lse) for
+    the output gradient grad_out; new contiguous (batch, tokens, heads, head_dim) tensors in q's dtype."""
+    _check_inputs(q, k, v, softmax_scale)
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        if t.shape != q.shape or t.dtype != q.dtype:
+            raise ValueError(f"attention_backward: {name} must have q's shape {tuple(q.shape)} and dtype {q.dtype}, "
+                             f"got {tuple(t.shape)} {t.dtype}")
+    batch, tokens, heads, _ = q.shape
+    if lse.shape != (batch, heads, tokens) or lse.dtype != torch.float32:
+        raise ValueError(f"attention_backward: lse must be float32 of shape {(batch, heads, tokens)}, "
+                         f"got {lse.dtype} {tuple(lse.shape)}")
+    if not use_triton(q) or q.numel() == 0:
+        return attention_backward_reference(grad_out, q, k, v, out, lse, softmax_scale)
+    grad_out, q, k, v, out = (_as_vector_aligned(t) for t in (grad_out, q, k, v, out))
+    return _attention_backward_triton(grad_out, q, k, v, out, lse.contiguous(), softmax_scale)
+
+
+@attention_backward.register_fake
+def _(grad_out, q, k, v, out, lse, softmax_scale):
+    return tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, softmax_scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.softmax_scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    return *attention_backward(grad_out, q, k, v, out, lse, ctx.softmax_scale), None
+
+
+attention_forward.register_autograd(_backward, setup_context=_setup_context)
