@@ -2,7 +2,7 @@
 import argparse
 import sys
 
-from fastdit import demo, distributed, sample_cli
+from fastdit import demo, digits, distributed, encode, sample_cli, train_cli
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -17,9 +17,14 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     demo.add_arguments(commands.add_parser("demo", help="check a model against the reference and time it"))
     sample_cli.add_arguments(commands.add_parser("sample", help="sample images from a DiT (torchrun: many GPUs)"))
+    train_cli.add_arguments(commands.add_parser("train", help="train a DiT (torchrun: many GPUs)"))
+    encode.add_arguments(commands.add_parser("encode", help="precompute VAE latents of an image folder for training"))
+    digits.add_arguments(commands.add_parser("digits-accuracy", help="how recognisable sampled digits are"))
     args = parser.parse_args(argv)
+    runs = {"demo": demo.run, "sample": sample_cli.run, "train": train_cli.run, "encode": encode.run,
+            "digits-accuracy": digits.run}
     try:
-        return {"demo": demo.run, "sample": sample_cli.run}[args.command](args)
+        return runs[args.command](args)
     # CheckpointError is a ValueError; OSError: an unwritable --out, a full disk.
     except (ValueError, TypeError, KeyError, ImportError, OSError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error  # KeyError's str() quotes it

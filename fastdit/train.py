@@ -63,10 +63,10 @@ PRESETS = {
     # than the paper's ImageNet recipe, and no flips (a mirrored digit is another glyph).
     "digits": dict(
         model=None,
-        model_config=dict(input_size=16, patch_size=4, in_channels=1, hidden_size=128, depth=6, num_heads=4,
+        model_config=dict(input_size=16, patch_size=4, in_channels=1, hidden_size=128, depth=4, num_heads=4,
                           num_classes=10, class_dropout_prob=0.1, learn_sigma=True),
-        data="digits", image_size=16, global_batch_size=128, lr=5e-4, steps=3000, ema_decay=0.999, flip=False,
-        precision="fp32", ckpt_every=500, log_every=50,
+        data="digits", image_size=16, global_batch_size=64, lr=1e-3, steps=2500, ema_decay=0.995, flip=False,
+        precision="fp32", ckpt_every=250, log_every=25,
     ),
 }
 
@@ -130,10 +130,12 @@ class Trainer:
         self.local_batch = config.global_batch_size // self.world_size
         self.data = load_data(config)
         _, channels, height, _ = self.data.images.shape
-        self.model = build_model(config, self.data.num_classes, channels, height).to(self.device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)  # the same initial weights on every rank and in every rerun
+            self.model = build_model(config, self.data.num_classes, channels, height).to(self.device)
         self.model.gradient_checkpointing = config.gradient_checkpointing
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=0.0)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=0.0, foreach=True)
         self.diffusion = create_diffusion("")
         precision = config.precision if config.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         self.autocast = precision == "bf16"

@@ -191,15 +191,18 @@ def _attention_bwd_query_kernel(
 
 def _backward_launch_config(tokens: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(outer, inner, num_warps, num_stages): outer is the block a program owns (keys for
-    dK/dV, queries for dQ), inner the block it loops over."""
+    dK/dV, queries for dQ), inner the block it loops over. Chosen so that ptxas (sm_90)
+    reports no register spills at head dims 64, 72 and 128 in every dtype, and 256 in
+    fp16/bf16; not yet timed on a GPU."""
     if TRITON_INTERPRET:
+        # Unequal blocks, so that the tests would catch a kernel mixing them up.
         outer, inner, num_warps, num_stages = 64, 32, 4, 1
-    elif dtype == torch.float32 or head_dim > 128:
-        # The dK/dV program holds four fp32 (outer, head_dim) tiles: small blocks keep them
-        # in registers. Not yet swept on a GPU, unlike the forward's sizes.
-        outer, inner, num_warps, num_stages = 32, 32, 4 if head_dim <= 128 else 8, 1
-    else:
+    elif dtype != torch.float32 and head_dim <= 80:  # a 64 + 16 split at most (DiT's 64 and 72)
         outer, inner, num_warps, num_stages = 64, 32, 4, 2
+    else:
+        # The dK/dV program holds two fp32 (outer, head_dim) accumulators plus its K and V
+        # tiles: smaller blocks over 8 warps keep them in registers.
+        outer, inner, num_warps, num_stages = 32, 32, 8, 1
     fit = max(16, triton.next_power_of_2(tokens))
     return min(outer, fit), min(inner, fit), num_warps, num_stages
 
@@ -208,8 +211,8 @@ def _attention_backward_triton(grad_out, q, k, v, out, lse, softmax_scale):
     batch, tokens, heads, head_dim = q.shape
     head_main, head_tail = _split_head_dim(head_dim)
     outer, inner, num_warps, num_stages = _backward_launch_config(tokens, head_dim, q.dtype)
-    grads = [torch.empty((batch, tokens, heads, head_dim), dtype=q.dtype, device=q.device) for _ in range(3)]
-    grad_q, grad_k, grad_v = grads
+    grad_q, grad_k, grad_v = (torch.empty((batch, tokens, heads, head_dim), dtype=q.dtype, device=q.device)
+                              for _ in range(3))
     delta = torch.empty((batch, heads, tokens), dtype=torch.float32, device=q.device)
     vector = 16 // q.element_size()
 
@@ -220,12 +223,13 @@ def _attention_backward_triton(grad_out, q, k, v, out, lse, softmax_scale):
     dot_args = dict(DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                     num_warps=num_warps, num_stages=num_stages)
     scales = (softmax_scale, softmax_scale * math.log2(math.e))
-    _attention_bwd_delta_kernel[(triton.cdiv(tokens, outer), batch * heads)](
+    grid = (triton.cdiv(tokens, outer), batch * heads)  # one program per outer block of every (batch, head)
+    _attention_bwd_delta_kernel[grid](
         out, grad_out, delta, tokens, heads, *strides(out, grad_out), BLOCK_M=outer, **head_args)
-    _attention_bwd_key_kernel[(triton.cdiv(tokens, outer), batch * heads)](
+    _attention_bwd_key_kernel[grid](
         q, k, v, grad_out, lse, delta, grad_k, grad_v, tokens, heads, *scales,
         *strides(q, k, v, grad_out, grad_k, grad_v), BLOCK_M=inner, BLOCK_N=outer, **head_args, **dot_args)
-    _attention_bwd_query_kernel[(triton.cdiv(tokens, outer), batch * heads)](
+    _attention_bwd_query_kernel[grid](
         q, k, v, grad_out, lse, delta, grad_q, tokens, heads, *scales,
         *strides(q, k, v, grad_out, grad_q), BLOCK_M=outer, BLOCK_N=inner,
         EVEN_KEYS=tokens % inner == 0, **head_args, **dot_args)
@@ -276,7 +280,7 @@ def _setup_context(ctx, inputs, output):
     ctx.softmax_scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
 
 
-def _backward(ctx, grad_out, grad_lse):
+def _backward(ctx, grad_out, _grad_lse):  # lse is non-differentiable: its gradient is zero
     q, k, v, out, lse = ctx.saved_tensors
     return *attention_backward(grad_out, q, k, v, out, lse, ctx.softmax_scale), None
 

@@ -87,6 +87,13 @@ def _gated_residual_backward_kernel(
     last_token = tl.minimum(first_token + TOKENS_PER_PROGRAM, tokens)
     columns = tl.arange(0, BLOCK_D)
 
+    grad_residual_ptr += batch * grad_residual_stride_batch
+    y_ptr += batch * y_stride_batch
+    grad_normed_ptr += batch * grad_normed_stride_batch
+    residual_ptr += batch * residual_stride_batch
+    # grad_x and grad_y are contiguous
+    grad_x_ptr += batch * tokens * D
+    grad_y_ptr += batch * tokens * D
     gate = tl.load(gate_ptr + batch * gate_stride_batch + columns, mask=columns < D, other=0.0).to(tl.float32)
     grad_gate = tl.zeros([TILE_TOKENS, BLOCK_D], dtype=tl.float32)
     if NORMALIZE:
@@ -96,27 +103,21 @@ def _gated_residual_backward_kernel(
     for tile_start in range(first_token, last_token, TILE_TOKENS):
         token = (tile_start + tl.arange(0, TILE_TOKENS))[:, None]
         mask = (token < last_token) & (columns[None, :] < D)
-        grad = tl.load(
-            grad_residual_ptr + batch * grad_residual_stride_batch + token * grad_residual_stride_token + columns[None, :],
-            mask=mask, other=0.0,
-        ).to(tl.float32)
-        out_offsets = (batch * tokens + token) * D + columns[None, :]
+        grad_residual_offsets = token * grad_residual_stride_token + columns[None, :]
+        grad = tl.load(grad_residual_ptr + grad_residual_offsets, mask=mask, other=0.0).to(tl.float32)
+        out_offsets = token * D + columns[None, :]
         if NORMALIZE:
             # The normed output reaches x, gate and y through the residual, as stored (see the forward).
-            grad_normed = tl.load(
-                grad_normed_ptr + batch * grad_normed_stride_batch + token * grad_normed_stride_token + columns[None, :],
-                mask=mask, other=0.0,
-            ).to(tl.float32)
-            residual = tl.load(
-                residual_ptr + batch * residual_stride_batch + token * residual_stride_token + columns[None, :],
-                mask=mask, other=0.0,
-            ).to(tl.float32)
+            grad_normed_offsets = token * grad_normed_stride_token + columns[None, :]
+            grad_normed = tl.load(grad_normed_ptr + grad_normed_offsets, mask=mask, other=0.0).to(tl.float32)
+            residual_offsets = token * residual_stride_token + columns[None, :]
+            residual = tl.load(residual_ptr + residual_offsets, mask=mask, other=0.0).to(tl.float32)
             grad_through_norm, xhat = _layernorm_modulate_backward(residual, mask, grad_normed, scale[None, :], D, eps)
             grad += grad_through_norm
             grad_shift += grad_normed
             grad_scale += grad_normed * xhat
             tl.store(grad_x_ptr + out_offsets, to_storage(grad, grad_x_ptr.dtype.element_ty), mask=mask)
-        y = tl.load(y_ptr + batch * y_stride_batch + token * y_stride_token + columns[None, :], mask=mask, other=0.0)
+        y = tl.load(y_ptr + token * y_stride_token + columns[None, :], mask=mask, other=0.0)
         grad_gate += grad * y.to(tl.float32)
         tl.store(grad_y_ptr + out_offsets, to_storage(grad * gate[None, :], grad_y_ptr.dtype.element_ty), mask=mask)
     tl.store(partial_grad_gate_ptr + program * D + columns, tl.sum(grad_gate, axis=0), mask=columns < D)
@@ -159,7 +160,8 @@ def _gated_residual_backward_triton(grad_residual, gate, y, grad_normed=None, re
     grad_y = torch.empty((batch, tokens, hidden_size), dtype=y.dtype, device=y.device)
     partials = per_sample_partials(batch, tokens, hidden_size, 3 if normalize else 1, y.device)
     if normalize:
-        grad_normed, residual, scale = unit_stride_rows(grad_normed), unit_stride_rows(residual), unit_stride_rows(scale)
+        grad_normed, residual = unit_stride_rows(grad_normed), unit_stride_rows(residual)
+        scale = unit_stride_rows(scale)
         grad_x = torch.empty_like(grad_y, dtype=residual.dtype)
         partial_grad_shift, partial_grad_scale = partials[1:]
     else:
@@ -276,7 +278,9 @@ def gated_residual_modulate_layernorm_backward(
     given its stored ``residual`` output."""
     if use_triton(y):
         return _gated_residual_backward_triton(grad_residual, gate, y, grad_normed, residual, scale, eps)
-    return gated_residual_modulate_layernorm_backward_reference(grad_residual, grad_normed, residual, gate, y, scale, eps)
+    return gated_residual_modulate_layernorm_backward_reference(
+        grad_residual, grad_normed, residual, gate, y, scale, eps
+    )
 
 
 @gated_residual_modulate_layernorm_backward.register_fake

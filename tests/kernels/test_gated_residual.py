@@ -176,25 +176,27 @@ def test_mixed_dtypes(dtype):
 # torch, not autograd through the reference, so the comparison is never the reference with itself.
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_gated_residual_grads_match_reference(shape, dtype):
-    x, gate, y, _, _ = make_inputs(*shape, dtype, strided=True)
-    grad_residual = torch.randn(shape, device=DEVICE).to(dtype)
-    inputs = leaves(x, gate, y)
-    actual = torch.autograd.grad(gated_residual(*inputs), inputs, grad_residual)
-    assert_grads_match(actual, expected_gated_residual_grads(x, gate, y, grad_residual), inputs)
+def test_backward_matches_reference(shape, dtype):
+    # The backward ops called directly: through autograd the forward kernels would double the run time
+    # under the interpreter; the autograd wiring is tested below, for every dtype.
+    x, gate, y, shift, scale = inputs = make_inputs(*shape, dtype, strided=True)
+    grad_residual, grad_normed = output_grads(x, shift)
+    actual = (grad_residual, *gated_residual_backward(grad_residual, gate, y))
+    assert_grads_match(actual, expected_gated_residual_grads(x, gate, y, grad_residual), (x, gate, y))
+    stored_residual = gated_residual_reference(x, gate, y)
+    actual = gated_residual_modulate_layernorm_backward(
+        grad_residual, grad_normed, stored_residual, gate, y, scale, 1e-6
+    )
+    assert_grads_match(actual, expected_fused_grads(*inputs, grad_residual, grad_normed), inputs)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_fused_grads_match_reference(shape, dtype):
-    inputs = make_inputs(*shape, dtype, strided=True)
-    grads = output_grads(inputs[0], inputs[3])
-    assert_grads_match(fused_grads(*inputs, *grads), expected_fused_grads(*inputs, *grads), inputs)
+# (x dtype, dtype of y/gate/shift/scale): one dtype everywhere, or autocast's fp32 residual stream
+DTYPE_PAIRS = [(dtype, dtype) for dtype in DTYPES] + [(torch.float32, torch.float16), (torch.float32, torch.bfloat16)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_mixed_dtypes_grads(dtype):
-    inputs = make_inputs(2, 33, 384, dtype, strided=True, x_dtype=torch.float32)
+@pytest.mark.parametrize("x_dtype, dtype", DTYPE_PAIRS, ids=str)
+def test_autograd_grads_match_reference(x_dtype, dtype):
+    inputs = make_inputs(2, 33, 384, dtype, strided=True, x_dtype=x_dtype)
     grads = output_grads(inputs[0], inputs[3])
     assert_grads_match(fused_grads(*inputs, *grads), expected_fused_grads(*inputs, *grads), inputs)
     x, gate, y = inputs[:3]
@@ -277,8 +279,11 @@ def test_gated_residual_bad_inputs_name_the_argument(case, error, name):
 
 @pytest.mark.parametrize(
     "case, error, name",
-    RESIDUAL_CASES
-    + [("shift batch", ValueError, "shift"), ("scale dtype", TypeError, "scale"), ("shift other half", TypeError, "shift")],
+    RESIDUAL_CASES + [
+        ("shift batch", ValueError, "shift"),
+        ("scale dtype", TypeError, "scale"),
+        ("shift other half", TypeError, "shift"),
+    ],
 )
 def test_fused_bad_inputs_name_the_argument(case, error, name):
     with pytest.raises(error, match=rf"^{name} "):
