@@ -11,6 +11,7 @@ setup(
     # top-level `kernels` module would shadow the PyPI package of that name.
     packages=["fastdit", "fastdit.kernels"],
     package_dir={"fastdit": "fastdit", "fastdit.kernels": "kernels"},
+    package_data={"fastdit": ["assets/digits/*.json", "assets/digits/*.safetensors"]},
     install_requires=["torch>=2.5", "triton>=3.6", "numpy", "safetensors>=0.4", "pillow", "tqdm", "scikit-learn"],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3"],

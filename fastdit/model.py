@@ -159,7 +159,11 @@ class DiT(nn.Module):
         """x: (N, C, H, W) latents (cast to the model's dtype), t: (N,) timesteps, y: (N,) labels."""
         check_model_inputs(self, x, t, y)
         proj = self.x_embedder.proj
-        x = patch_embed(x.to(proj.weight.dtype), proj.weight, proj.bias, self.pos_embed)
+        # Under autocast the GEMM runs in the autocast dtype and the residual stream stays in the
+        # parameters' dtype (pos_embed's), as the reference's conv + pos_embed add does.
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else proj.weight.dtype
+        x = patch_embed(x.to(dtype), proj.weight.to(dtype), proj.bias, self.pos_embed)
         silu_c = F.silu(self.t_embedder(t) + self.y_embedder(y, self.training))
         modulations = [block.modulation(silu_c) for block in self.blocks]
         modulations.append(self.final_layer.modulation(silu_c))

@@ -34,7 +34,10 @@ DEFAULT_IMAGE_SIZE = 256
 DEFAULT_NUM_SAMPLES = 8
 VAE_DOWNSAMPLING = 8  # the Stable Diffusion VAE's latents are 1/8 of the image's size
 PIXEL_CHANNELS = (1, 3)  # models with these in_channels sample grey / RGB pixels in [-1, 1], others VAE latents
-GRID_MAX_IMAGES = 64  # grid.png is a preview: a 50k-image FID run keeps the first 64
+GRID_MAX_IMAGES = 100  # grid.png is a preview: a 50k-image FID run keeps the first 100
+# The model `fastdit sample` uses when given none: a small DiT trained on scikit-learn's digits
+# (`fastdit train --preset digits`), with the sampling settings it was measured with.
+BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "digits")
 GRID_MAX_COLUMNS = 16
 
 
@@ -57,10 +60,11 @@ def add_arguments(parser):
     count = parser.add_mutually_exclusive_group()
     count.add_argument("--num-per-class", type=int, help="images per class of --classes (default 1)")
     count.add_argument("--num-samples", type=int, help=f"images of random classes (default {DEFAULT_NUM_SAMPLES})")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
+    parser.add_argument("--sampler", choices=SAMPLERS, help="default: ddpm (the bundled model: its recommended one)")
     parser.add_argument("--steps", type=int, help="denoising steps; default: "
                         + ", ".join(f"{steps} for {name}" for name, steps in DEFAULT_STEPS.items()))
-    parser.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (1: none; default 4, as the release's sample.py)")
+    parser.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1: none; default 4, as the "
+                        "release's sample.py; the bundled model: its recommended one)")
     parser.add_argument("--seed", type=int, default=0, help="image k's noise depends only on (seed, k)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per model call, per process (default 32)")
     parser.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
@@ -92,6 +96,9 @@ class Plan:
 
 def run(args):
     started = time.perf_counter()
+    use_bundled_model(args)
+    args.sampler = args.sampler or "ddpm"
+    args.cfg_scale = 4.0 if args.cfg_scale is None else args.cfg_scale
     check_flags(args)
     with distributed.launch(args.device) as process:
         plan = distributed.fail_together(lambda: prepare(args, process), process)
@@ -101,6 +108,23 @@ def run(args):
         if process.is_main:
             write_outputs(args, plan, process, samples, started, sampling_seconds)
     return 0
+
+
+def use_bundled_model(args):
+    """With neither --model nor --ckpt: the bundled digits model, ten images of each class, and the
+    sampler, steps and guidance it was measured with (flags given explicitly win)."""
+    settings = os.path.join(BUNDLED_MODEL, "sampling.json")
+    if args.model is not None or args.ckpt is not None or not os.path.exists(settings):
+        return
+    with open(settings) as file:
+        recommended = json.load(file)
+    args.ckpt = BUNDLED_MODEL
+    if args.classes is None and args.num_samples is None:
+        args.classes = list(range(recommended["num_classes"]))
+        args.num_per_class = args.num_per_class or recommended["num_per_class"]
+    for name in ("sampler", "steps", "cfg_scale"):
+        if getattr(args, name) is None:
+            setattr(args, name, recommended[name])
 
 
 def check_flags(args):
