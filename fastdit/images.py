@@ -8,6 +8,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 GRID_PADDING = 2  # px of black between tiles, as torchvision's make_grid that the release's sample.py uses
 LABEL_MIN_TILE = 32  # px: on smaller tiles the default font's class id would hide most of the image
+PREVIEW_MIN_TILE = 64  # px: smaller images are enlarged (nearest) in grid.png
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
@@ -38,6 +39,9 @@ def grid(images: np.ndarray, labels=None, columns=None) -> np.ndarray:
     (H', W', C) image; with ``labels`` each tile of at least ``LABEL_MIN_TILE`` px shows its class id."""
     if images.dtype != np.uint8 or images.ndim != 4 or len(images) == 0:
         raise ValueError(f"images: expected a non-empty uint8 (N, H, W, C) array, got {images.dtype} {images.shape}")
+    # Small images (digits, 16 px) are enlarged, pixel for pixel, to a tile a person can read.
+    scale = max(1, PREVIEW_MIN_TILE // min(images.shape[1:3]))
+    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
     count, height, width, channels = images.shape
     columns = min(columns or math.ceil(math.sqrt(count)), count)
     rows = math.ceil(count / columns)

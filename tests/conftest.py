@@ -6,6 +6,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests import the shared tolerance table as `parity`
 
+# One intra-op thread: the tests' tiny ops gain nothing from threads, and on a busy CPU (two
+# xdist workers on two cores) spinning OpenMP threads make each op many times slower.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

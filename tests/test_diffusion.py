@@ -15,16 +15,6 @@ from fastdit.reference import DiT
 FIXTURE = os.path.join(os.path.dirname(__file__), "data", "release_diffusion.pt")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model's ops gain nothing from threads, and on a busy CPU the thread pool's barriers make each
-    op orders of magnitude slower (seen: 0.1 s -> 5 s per sample)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_dit(seed=0, class_dropout_prob=0.1, learn_sigma=True):
     """The tests' tiny DiT with every weight drawn from a seeded generator, in sorted name order.
 

@@ -15,6 +15,7 @@ from PIL import Image
 
 from fastdit import checkpoint, images, reference, sample_cli
 from fastdit.cli import main
+from fastdit.digits import conditioned_class_accuracy
 from fastdit.sampling import sample
 
 NUM_CLASSES = 10
@@ -180,7 +181,6 @@ BAD_INPUT = [  # (case, argv from the fixture's paths, what the one stderr line 
     ("image size vs checkpoint", lambda p: [*p.ckpt, "--image-size", "16"], "this model makes 8 px images"),
     ("image size vs model", lambda p: ["--model", "DiT-S/8", "--image-size", "100"], "a multiple of 64 px"),
     ("unwritable out", lambda p: [*p.ckpt, "--out", p.under_a_file], "is a file"),
-    ("no model", lambda p: [], "pass --ckpt PATH"),
     ("model and ckpt", lambda p: [*p.ckpt, "--model", "DiT-S/2"], "not allowed with argument"),
     ("vae for a pixel model", lambda p: [*p.ckpt, "--vae", p.missing], "--vae: this model samples pixels"),
     ("per class without classes", lambda p: [*p.ckpt, "--num-per-class", "2"], "--num-per-class: needs --classes"),
@@ -224,8 +224,8 @@ def test_failed_write_leaves_no_partial_file(pixel_ckpt, tmp_path, capsys, monke
 
 
 @pytest.mark.parametrize("argv, words", [
-    pytest.param([], "pass --ckpt PATH", id="no model"),
     pytest.param(["--model", "DiT-S/8", "--classes", "1000"], "class ids must be in [0, 999]", id="class id"),
+    pytest.param(["--classes", "10"], "class ids must be in [0, 9]", id="bundled model class id"),
 ])
 def test_console_script_exit_code_and_stderr(argv, words, tmp_path):
     out = tmp_path / "out"
@@ -234,6 +234,20 @@ def test_console_script_exit_code_and_stderr(argv, words, tmp_path):
     assert result.returncode == 2
     assert result.stderr.splitlines() == [result.stderr.strip()] and words in result.stderr, result.stderr
     assert result.stdout == "" and not out.exists()
+
+
+def test_no_arguments_samples_recognisable_digits_from_the_bundled_model(tmp_path, capsys):
+    out = tmp_path / "samples"
+    code, err = run_cli(["sample", "--out", str(out), "--no-progress"], capsys)
+    assert code == 0, err
+    data = npz(out)
+    assert data["images"].dtype == np.uint8 and data["images"].shape[0] == 100
+    assert np.array_equal(data["labels"], np.repeat(np.arange(10), 10))
+    assert (out / "grid.png").exists()
+    record = json.loads((out / "run.json").read_text())
+    assert record["model"]["checkpoint"] == os.path.abspath(sample_cli.BUNDLED_MODEL)
+    # The README's claim: an SVC trained on the real digits recognises the samples' classes.
+    assert conditioned_class_accuracy(data["images"], data["labels"]) >= 0.95
 
 
 def test_to_uint8_maps_as_the_release():

@@ -18,7 +18,7 @@ import warnings
 import pytest
 import torch
 from parity import relative_max_error
-from test_diffusion import one_thread, release_fixture, tiny_dit  # noqa: F401 (one_thread: autouse fixture)
+from test_diffusion import release_fixture, tiny_dit
 
 from fastdit import reference, reference_diffusion, sampling
 from fastdit.diffusion import create_diffusion, space_timesteps

@@ -1,0 +1,136 @@
+"""pytest-benchmark suite of fastdit: run ``pytest benchmarks/ --benchmark-only`` from the repository root.
+
+One group per operation, one row per implementation (``reference-...`` the baselines,
+``fastdit-...``, ``sdpa-...``). Sizes follow the device: DiT's real shapes on a CUDA GPU, tiny
+ones on the CPU, where the fused ops take their torch path unless ``TRITON_INTERPRET=1`` (each
+group's name and extra_info say which path ran). Every benchmark checks its output against the
+reference first; the timed function synchronises the device; warm-up (and compiling) happens
+before timing. torch.compile rows are skipped on the CPU unless ``--compile-on-cpu``.
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+# Appended, not prepended: tests/ holds files named like the benchmarks (test_model.py).
+sys.path.append(os.path.join(os.path.dirname(__file__), os.pardir, "tests"))  # tests/parity.py, the tolerances
+
+from fastdit.bench_workloads import (  # noqa: E402
+    WORKLOAD_BUILDERS,
+    check_parity,
+    dtype_name,
+    implementation_dtype,
+    unavailable_reason,
+)
+from fastdit.flops import named_shape, workload_flops  # noqa: E402
+from harness import (  # noqa: E402
+    DEVICE,
+    DTYPE,
+    KERNEL_PATH,
+    ON_GPU,
+    ModelCase,
+    check_outputs,
+    op_implementation,
+    op_tolerance,
+    synchronize,
+)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--compile-on-cpu", action="store_true",
+                     help="also time the torch.compile rows on the CPU (compiling takes minutes there)")
+
+
+def pytest_report_header(config):
+    return f"fastdit benchmarks on {DEVICE} ({dtype_name(DTYPE)}), fused ops: {KERNEL_PATH}"
+
+
+@pytest.fixture
+def skip_unless_available(request):
+    """``skip_unless_available(implementation, workload=None)``: skip what does not run here."""
+
+    def check(implementation, workload=None):
+        reason = unavailable_reason(implementation, DEVICE, workload, request.config.getoption("--compile-on-cpu"))
+        if reason is not None:
+            pytest.skip(reason)
+
+    return check
+
+
+@pytest.fixture
+def measure(benchmark):
+    """``measure(fn, group, rounds=None, flops=None, bytes_moved=None, images=None, **info)``: warm fn up, time it
+    with the device synchronised inside, and record FLOPs, bytes, images and their rates in extra_info.
+    ``rounds``: a fixed number of rounds (for long steps); default: pytest-benchmark calibrates."""
+
+    def run(fn, group, rounds=None, flops=None, bytes_moved=None, images=None, **info):
+        def timed():
+            result = fn()
+            synchronize()
+            return result
+
+        for _ in range(2):  # compiling, autotuning, CUDA-graph recording, the allocator
+            timed()
+        benchmark.group = group
+        benchmark.extra_info.update(device=torch.cuda.get_device_name() if ON_GPU else "cpu", fused_ops=KERNEL_PATH,
+                                    **info)
+        if rounds is None:
+            benchmark(timed)
+        else:
+            benchmark.pedantic(timed, rounds=rounds, warmup_rounds=0, iterations=1)
+        if benchmark.stats is None:  # --benchmark-disable: ran once, untimed
+            return
+        seconds = benchmark.stats.stats.median
+        for name, amount, unit, scale in (("flops", flops, "TFLOP/s", 1e12), ("bytes", bytes_moved, "GB/s", 1e9),
+                                          ("images", images, "images/s", 1)):
+            if amount is not None:
+                benchmark.extra_info[name] = amount
+                benchmark.extra_info[unit] = amount / seconds / scale
+
+    return run
+
+
+@pytest.fixture
+def benchmark_op(measure, skip_unless_available):
+    """``benchmark_op(implementation, reference_op, fastdit_op, inputs, expected, group, flops=None,
+    elements_moved=None)``: run ``implementation`` of one op on ``inputs``, check it against
+    ``expected`` (the op's fp32 torch reference), then time it. ``elements_moved``: elements read
+    and written at the least (bytes follow from the implementation's dtype)."""
+
+    def run(implementation, reference_op, fastdit_op, inputs, expected, group, flops=None, elements_moved=None):
+        skip_unless_available(implementation)
+        fn, dtype = op_implementation(implementation, reference_op, fastdit_op, inputs)
+        error = check_outputs(fn(), expected, op_tolerance(implementation, dtype), implementation)
+        bytes_moved = None if elements_moved is None else elements_moved * dtype.itemsize
+        measure(fn, group, flops=flops, bytes_moved=bytes_moved, dtype=dtype_name(dtype), max_error=error)
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def model_case(request):
+    """A ModelCase, indirectly parametrized with (model name, image size, batch); one per module."""
+    case = ModelCase(*request.param)
+    yield case
+    case.close()
+    torch._dynamo.reset()  # its compiled graphs, too: and the next models compile afresh, under no recompile limit
+    if ON_GPU:
+        torch.cuda.empty_cache()
+
+
+@pytest.fixture
+def benchmark_workload(measure, skip_unless_available):
+    """``benchmark_workload(case, workload, implementation, rounds)``: check one workload of
+    ``fastdit.bench_workloads`` against the reference, then time its step."""
+
+    def run(case, workload, implementation, rounds):
+        skip_unless_available(implementation, workload)
+        dtype = implementation_dtype(implementation, DTYPE)
+        work = WORKLOAD_BUILDERS[workload](case.models, implementation, case.inputs)
+        error = check_parity(work.output(), case.expected(workload), dtype, f"{implementation} {workload}")
+        shape = named_shape(case.name, case.image_size // 8)
+        measure(work.step, case.group(workload), rounds=rounds, flops=workload_flops(shape, workload) * work.images,
+                images=work.images, dtype=dtype_name(dtype), max_error=error)
+
+    return run

@@ -1,0 +1,107 @@
+"""Analytic FLOP counts of DiT, per image, for throughput and MFU figures.
+
+Counted: every matrix product of a forward (the patchify conv, every linear layer, q k^T and
+softmax(.) v), as one multiply-accumulate (MAC) per multiply-add; FLOPs = 2 MACs. This is exactly
+what ``torch.utils.flop_counter`` counts (in FLOPs), and within 0.1% of what the paper reports as
+"Gflops" (MACs: DiT-XL/2 at 256 px 118.6; its counter, fvcore, adds some elementwise work).
+Norms, softmax, activations and the modulation are left out: a few operations per element,
+under 1% of the total for every DiT configuration.
+"""
+import dataclasses
+
+from fastdit.reference import DIT_CONFIGS, DiT_models
+
+FREQUENCY_EMBEDDING_SIZE = 256  # the timestep embedder's sinusoidal features
+
+# Backward of a matmul costs two matmuls of the forward's size (input and weight
+# gradients), so a training step is about 3 forwards, the usual estimate for MFU.
+TRAINING_FORWARDS = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTShape:
+    """The sizes of a DiT that its FLOPs depend on; ``input_size`` is the latent side."""
+
+    input_size: int
+    patch_size: int
+    hidden_size: int
+    depth: int
+    num_heads: int
+    in_channels: int = 4
+    out_channels: int = 8
+    mlp_hidden_size: int | None = None  # None: 4 * hidden_size (mlp_ratio 4)
+
+    def __post_init__(self):
+        if self.mlp_hidden_size is None:
+            object.__setattr__(self, "mlp_hidden_size", 4 * self.hidden_size)  # frozen: set once, here
+
+    @property
+    def tokens(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+
+def named_shape(name: str, input_size: int, in_channels: int = 4, learn_sigma: bool = True) -> DiTShape:
+    """The shape of ``fastdit.DiT_models[name](input_size=...)``, e.g. ``named_shape("DiT-XL/2", 32)``."""
+    if name not in DiT_models:
+        raise KeyError(f"unknown model {name!r}; valid names: {', '.join(DiT_models)}")
+    size, patch = name.removeprefix("DiT-").split("/")
+    patch = int(patch)
+    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0 or input_size % patch:
+        raise ValueError(f"input_size: expected a positive multiple of the patch size {patch} (latent side, "
+                         f"image size / 8), got {input_size!r}")
+    return DiTShape(input_size=input_size, patch_size=patch, in_channels=in_channels,
+                    out_channels=in_channels * (2 if learn_sigma else 1), **DIT_CONFIGS[size])
+
+
+def shape_of(model) -> DiTShape:
+    """The shape of a built model (``fastdit.DiT`` or ``fastdit.reference.DiT``, or a compiled one)."""
+    return DiTShape(
+        input_size=model.input_size,
+        patch_size=model.patch_size,
+        hidden_size=model.pos_embed.shape[-1],
+        depth=len(model.blocks),
+        num_heads=model.num_heads,
+        in_channels=model.in_channels,
+        out_channels=model.out_channels,
+        mlp_hidden_size=model.blocks[0].mlp.fc1.out_features if len(model.blocks) else None,
+    )
+
+
+def attention_macs(tokens: int, hidden_size: int) -> int:
+    """q k^T and softmax(.) v of one image, all heads: tokens^2 x head_dim each, per head."""
+    return 2 * tokens * tokens * hidden_size
+
+
+def forward_macs_by_part(shape: DiTShape) -> dict[str, int]:
+    """MACs of one image's forward, by part of the model."""
+    d, tokens, depth = shape.hidden_size, shape.tokens, shape.depth
+    mlp = shape.mlp_hidden_size
+    patch_features = shape.in_channels * shape.patch_size**2
+    return {
+        "patch_embed": tokens * patch_features * d,
+        "timestep_embed": FREQUENCY_EMBEDDING_SIZE * d + d * d,
+        "adaln_modulation": depth * d * 6 * d + d * 2 * d,  # per image, not per token
+        "attention_projections": depth * tokens * 4 * d * d,  # qkv (3 d^2) and proj (d^2)
+        "attention_scores": depth * attention_macs(tokens, d),
+        "mlp": depth * tokens * 2 * d * mlp,
+        "final_layer": tokens * d * shape.patch_size**2 * shape.out_channels,
+    }
+
+
+def forward_macs(shape: DiTShape) -> int:
+    """MACs of one image's forward (the paper's "Gflops" x 1e9)."""
+    return sum(forward_macs_by_part(shape).values())
+
+
+def forward_flops(shape: DiTShape) -> int:
+    """FLOPs of one image's forward: 2 x MACs."""
+    return 2 * forward_macs(shape)
+
+
+def workload_flops(shape: DiTShape, workload: str) -> int:
+    """FLOPs per image of a benchmark workload: ``"forward"``; ``"sampling-step"`` (one guided
+    step: the model runs on the image and on its unconditional copy); ``"training-step"``."""
+    forwards = {"forward": 1, "sampling-step": 2, "training-step": TRAINING_FORWARDS}
+    if workload not in forwards:
+        raise ValueError(f"workload: expected one of {', '.join(forwards)}, got {workload!r}")
+    return forwards[workload] * forward_flops(shape)
