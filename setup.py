@@ -14,7 +14,8 @@ setup(
     package_data={"fastdit": ["assets/digits/*.json", "assets/digits/*.safetensors"]},
     install_requires=["torch>=2.5", "triton>=3.6", "numpy", "safetensors>=0.4", "pillow", "tqdm", "scikit-learn"],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "matplotlib>=3.7"],
+        "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
         "vae": ["diffusers>=0.27"],
         "flash-attn": ["flash-attn>=2.5"],
         "xformers": ["xformers"],

@@ -21,6 +21,7 @@ from fastdit.bench_workloads import (  # noqa: E402
     check_parity,
     dtype_name,
     implementation_dtype,
+    true_fp32,
     unavailable_reason,
 )
 from fastdit.flops import named_shape, workload_flops  # noqa: E402
@@ -35,6 +36,12 @@ from harness import (  # noqa: E402
     op_tolerance,
     synchronize,
 )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _true_fp32():
+    with true_fp32():
+        yield
 
 
 def pytest_addoption(parser):

@@ -1,5 +1,6 @@
-"""What the benchmark files share: the device and its sizes, group names, the implementations of a
-single op, and one model configuration with its reference outputs."""
+"""What the benchmark files share: the device and its precision, group names, the implementations
+of a single op (those of fastdit.bench_workloads, on an op instead of a model), and one model
+configuration with its reference outputs."""
 import torch
 import torch.nn.functional as F
 
@@ -22,14 +23,9 @@ DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32  # each device's fast precision
 KERNEL_PATH = kernel_path(DEVICE)
 
-# The implementations of one op (a kernel group); attention adds the SDPA backends and packages.
-OP_IMPLEMENTATIONS = ("reference-eager-fp32", "reference-eager-bf16", "reference-compiled",
-                      "fastdit-eager", "fastdit-compiled", "fastdit-cudagraphs")
-
-
-def group_name(operation: str, shape: str, dtype: torch.dtype = DTYPE) -> str:
+def group_name(operation: str, shape: str) -> str:
     """e.g. "modulate_layernorm B32 T256 D1152 bf16 [cuda, fused ops: triton]"."""
-    return f"{operation} {shape} {dtype_name(dtype)} [{DEVICE.type}, fused ops: {KERNEL_PATH}]"
+    return f"{operation} {shape} {dtype_name(DTYPE)} [{DEVICE.type}, fused ops: {KERNEL_PATH}]"
 
 
 def synchronize():

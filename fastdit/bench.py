@@ -11,6 +11,7 @@ import os
 import sys
 
 import torch
+from tqdm.auto import tqdm
 
 import fastdit
 from fastdit import bench_report
@@ -25,6 +26,7 @@ from fastdit.bench_workloads import (
     check_parity,
     dtype_name,
     implementation_dtype,
+    true_fp32,
     unavailable_reason,
 )
 from fastdit.demo import DTYPES
@@ -150,8 +152,6 @@ def _with_speedups(results: list[dict]) -> list[dict]:
 
 
 def run(args):
-    from tqdm.auto import tqdm
-
     settings = _settings(args)
     bench_report.check_plotting()
     device, dtype = settings["device"], settings["dtype"]
@@ -161,7 +161,7 @@ def run(args):
     configurations = [(name, batch) for name in settings["models"] for batch in settings["batch_sizes"]]
     total = len(configurations) * len(settings["workloads"]) * len(settings["implementations"])
     results = []
-    with tqdm(total=total, desc="fastdit bench", disable=args.no_progress, dynamic_ncols=True) as bar:
+    with true_fp32(), tqdm(total=total, desc="fastdit bench", disable=args.no_progress, dynamic_ncols=True) as bar:
         for name, batch in configurations:
             torch._dynamo.reset()  # a fresh compile cache: no recompile limit hit across configurations
             models = ModelSet(name, settings["image_size"] // 8, dtype, device)

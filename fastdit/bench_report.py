@@ -180,10 +180,11 @@ def plot(report: dict, path) -> None:
     """Per workload, one bar per configuration and implementation: its speedup over the baseline
     (a linear scale that models of any size share), labelled with its images/s."""
     from matplotlib.figure import Figure  # the object API: no pyplot, no global backend
+    from matplotlib.patches import Patch
 
     results = [result for result in report["results"] if result["status"] == "ok" and "speedup" in result]
     workloads = list(dict.fromkeys(result["workload"] for result in report["results"]))
-    implementations = _implementations(report["results"])
+    implementations = _implementations(results)  # those measured somewhere
     figure = Figure(figsize=(5 * max(len(workloads), 1), 4.5), layout="constrained")
     axes = figure.subplots(1, max(len(workloads), 1), squeeze=False)[0]
     width = 0.8 / max(len(implementations), 1)
@@ -196,15 +197,16 @@ def plot(report: dict, path) -> None:
                     positions.append(position + (offset - (len(implementations) - 1) / 2) * width)
                     speedups.append(cells[name]["speedup"]["value"])
                     labels.append(f"{cells[name]['throughput']['value']:.3g}")
-            bars = axis.bar(positions, speedups, width, label=name)
-            axis.bar_label(bars, labels, fontsize="x-small", rotation=90, padding=2)
+            if positions:
+                bars = axis.bar(positions, speedups, width, color=f"C{offset}")
+                axis.bar_label(bars, labels, fontsize="x-small", rotation=90, padding=2)
         axis.axhline(1.0, color="grey", linewidth=0.8)
         axis.set_xticks(range(len(configurations)), [f"{model}\nx{batch}" for model, batch in configurations])
         axis.margins(y=0.15)
         axis.set_title(workload)
         axis.set_ylabel(f"speedup over {BASELINE} (labels: images/s)", fontsize="small")
-    handles, labels = axes[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 6) or 1, fontsize="small")
+    handles = [Patch(color=f"C{offset}", label=name) for offset, name in enumerate(implementations)]
+    figure.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6) or 1, fontsize="small")
     figure.suptitle(f"fastdit bench: {report['device']['name']}, {report['settings']['dtype']}")
     with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=120)

@@ -20,11 +20,11 @@ import torch
 
 import fastdit
 from fastdit import reference
-from fastdit.diffusion import create_diffusion
 from fastdit.demo import DTYPES
+from fastdit.diffusion import create_diffusion
 from fastdit.parity import MODEL_TOLERANCE, perturb_, relative_max_error
 from fastdit.samplers import make_solver
-from fastdit.sampling import GuidedDenoiser, _capture, _warm_up
+from fastdit.sampling import GuidedDenoiser, capture, warm_up
 
 IMPLEMENTATIONS = ("reference-eager-fp32", "reference-eager-bf16", "reference-compiled",
                    "fastdit-eager", "fastdit-compiled", "fastdit-cudagraphs")
@@ -55,14 +55,26 @@ def cuda_graphed(fn: Callable[[], torch.Tensor], device: torch.device) -> Callab
     """``fn`` (on fixed input tensors) captured into a CUDA graph: each call replays it and
     returns the graph's output buffer."""
     outputs = []
-    _warm_up(fn, device)
-    replay = _capture(lambda: outputs.append(fn()), device)
+    warm_up(fn, device)
+    replay = capture(lambda: outputs.append(fn()), device)
 
     def run():
         replay()
         return outputs[0]
 
     return run
+
+
+@contextlib.contextmanager
+def true_fp32():
+    """cuDNN convolutions default to TF32 on a GPU (about 1e-3 relative): within this context the
+    fp32 reference, the oracle, computes in fp32 throughout."""
+    allowed = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = allowed
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -110,8 +122,8 @@ class Inputs:
 
 
 class ModelSet:
-    """The models of one configuration, all with one set of perturbed weights rounded to ``dtype``
-    (so the fp32 reference is the oracle of every precision). ``model(implementation)`` is built
+    """The models of one configuration, all with one set of perturbed weights rounded to bf16 and
+    ``dtype`` (so the fp32 reference is the oracle of every precision). ``model(implementation)`` is built
     once and kept; ``trainable(implementation)`` is a fresh fp32 copy, as training mutates it."""
 
     def __init__(self, name: str, input_size: int, dtype: torch.dtype, device, seed: int = 0):
@@ -119,7 +131,7 @@ class ModelSet:
         model = perturb_(reference.DiT_models[name](input_size=input_size), seed=seed)
         with torch.no_grad():  # values every precision in play holds exactly
             for parameter in model.parameters():
-                for precision in {torch.bfloat16, dtype}:
+                for precision in (torch.bfloat16, dtype):
                     parameter.copy_(parameter.to(precision))
         self.reference = model.to(self.device).eval()
         self._models = {BASELINE: self.reference}
@@ -146,9 +158,9 @@ class ModelSet:
     def trainable(self, implementation: str):
         """(fp32 module to optimise, its forward, autocast dtype or None) for a training step."""
         family = implementation.split("-")[0]
-        module = self._eager(family)
-        forward = compiled(module, self.device, fullgraph=family == "fastdit") if implementation.endswith(
-            "-compiled") else module
+        module = forward = self._eager(family)
+        if implementation.endswith("-compiled"):
+            forward = compiled(module, self.device, fullgraph=family == "fastdit")
         dtype = implementation_dtype(implementation, self.dtype)
         return module, forward, (None if dtype == torch.float32 else dtype)
 
@@ -251,5 +263,5 @@ def check_parity(actual, expected, dtype: torch.dtype, what: str) -> float:
     tolerance = MODEL_TOLERANCE[dtype]
     if not error <= tolerance:
         raise ParityError(f"{what}: {name} differs from the reference by {error:.3e} (relative max error), "
-                          f"more than the {str(dtype).removeprefix('torch.')} tolerance {tolerance:.0e}")
+                          f"more than the {dtype_name(dtype)} tolerance {tolerance:.0e}")
     return error

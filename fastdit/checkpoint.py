@@ -126,7 +126,7 @@ def model_config(model) -> dict:
     """The constructor arguments of a DiT (fast or reference), without ``attn_backend``: that is
     a choice of the machine that runs the model, not a property of its weights."""
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd model
-    if not isinstance(model, (DiT, reference.DiT)):
+    if not isinstance(model, reference.DiT):  # fastdit.DiT is one too
         raise TypeError(f"model: expected a fastdit.DiT or fastdit.reference.DiT, got {type(model).__name__}")
     hidden_size = model.pos_embed.shape[-1]
     return dict(

@@ -2,7 +2,7 @@
 import argparse
 import sys
 
-from fastdit import demo, digits, distributed, encode, sample_cli, train_cli
+from fastdit import bench, demo, digits, distributed, encode, sample_cli, train_cli
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -20,9 +20,11 @@ def main(argv=None):
     train_cli.add_arguments(commands.add_parser("train", help="train a DiT (torchrun: many GPUs)"))
     encode.add_arguments(commands.add_parser("encode", help="precompute VAE latents of an image folder for training"))
     digits.add_arguments(commands.add_parser("digits-accuracy", help="how recognisable sampled digits are"))
+    bench.add_arguments(commands.add_parser("bench", help="images/s and MFU against the baselines; writes "
+                                                         "report.json/.md/.png"))
     args = parser.parse_args(argv)
     runs = {"demo": demo.run, "sample": sample_cli.run, "train": train_cli.run, "encode": encode.run,
-            "digits-accuracy": digits.run}
+            "digits-accuracy": digits.run, "bench": bench.run}
     try:
         return runs[args.command](args)
     # CheckpointError is a ValueError; OSError: an unwritable --out, a full disk.

@@ -1,11 +1,11 @@
 """`fastdit demo`: build a model, check it against the reference, time both."""
-import time
-
 import torch
 
 import fastdit
 from fastdit import reference
 from fastdit.kernels import kernel_path
+from fastdit.parity import perturb_, relative_max_error
+from fastdit.timing import time_median
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -20,20 +20,6 @@ def add_arguments(parser):
     parser.add_argument("--repeats", type=int, default=3)
 
 
-def _time(fn, device, repeats):
-    fn()  # warm-up: kernel compilation, allocator
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 def run(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
@@ -41,9 +27,7 @@ def run(args):
         raise ValueError(f"--image-size: expected a multiple of 8 (the VAE's downsampling), got {args.image_size}")
     latent = args.image_size // 8
     ref = reference.DiT_models[args.model](input_size=latent).to(device).eval()
-    with torch.no_grad():  # a fresh adaLN-Zero model outputs zeros: perturb it so the check means something
-        for parameter in ref.parameters():
-            parameter.add_(0.02 * torch.randn_like(parameter))
+    perturb_(ref)  # a fresh adaLN-Zero model outputs zeros: perturb it so the check means something
     fast = fastdit.DiT_models[args.model](input_size=latent, attn_backend=args.attn_backend)
     fast.load_state_dict(ref.state_dict(), strict=True)
     fast = fast.to(device=device, dtype=dtype).eval()
@@ -54,9 +38,9 @@ def run(args):
     with torch.no_grad():
         expected = ref(x, t, y)
         actual = fast(x.to(dtype), t, y)
-        error = ((actual.float() - expected).abs().max() / expected.abs().max()).item()
-        ref_time = _time(lambda: ref(x, t, y), device, args.repeats)
-        fast_time = _time(lambda: fast(x.to(dtype), t, y), device, args.repeats)
+        error = relative_max_error(actual, expected)
+        ref_time = time_median(lambda: ref(x, t, y), device, args.repeats)
+        fast_time = time_median(lambda: fast(x.to(dtype), t, y), device, args.repeats)
     params = sum(p.numel() for p in ref.parameters())
     print(f"{args.model} ({params / 1e6:.1f}M parameters), {args.batch_size} x {latent}x{latent} latents, {device}")
     print(f"kernels: {kernel_path(device)}, attention: {fast.attn_backend}, dtype: {str(dtype).removeprefix('torch.')}")

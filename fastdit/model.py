@@ -20,15 +20,8 @@ from fastdit.attention import attention, check_backend
 from fastdit.kernels.gated_residual import gated_residual_modulate_layernorm
 from fastdit.kernels.modulate import modulate_layernorm
 from fastdit.kernels.patch_embed import patch_embed
-from fastdit.reference import (
-    LabelEmbedder,
-    Mlp,
-    PatchEmbed,
-    TimestepEmbedder,
-    classifier_free_guidance,
-    initialize_dit_weights,
-    model_constructors,
-)
+from fastdit import reference
+from fastdit.reference import Mlp, model_constructors
 from fastdit.validation import check_model_inputs
 
 
@@ -84,58 +77,18 @@ class FinalLayer(nn.Module):
         return self.linear(h)
 
 
-class DiT(nn.Module):
-    """Diffusion model with a Transformer backbone, on fused kernels."""
+class DiT(reference.DiT):
+    """Diffusion model with a Transformer backbone, on fused kernels: the reference's constructor
+    (so the same modules, parameters and initialisation), with a fused forward."""
 
-    def __init__(
-        self,
-        input_size=32,
-        patch_size=2,
-        in_channels=4,
-        hidden_size=1152,
-        depth=28,
-        num_heads=16,
-        mlp_ratio=4.0,
-        class_dropout_prob=0.1,
-        num_classes=1000,
-        learn_sigma=True,
-        attn_backend="auto",
-    ):
-        super().__init__()
-        if input_size % patch_size:
-            raise ValueError(f"input_size: must be a multiple of patch_size {patch_size}, got {input_size}")
-        self.learn_sigma = learn_sigma
-        self.in_channels = in_channels
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.input_size = input_size
-        self.patch_size = patch_size
-        self.num_heads = num_heads
-        self.num_classes = num_classes
+    block_class = DiTBlock
+    final_layer_class = FinalLayer
 
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        num_patches = self.x_embedder.num_patches
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList(
-            [DiTBlock(hidden_size, num_heads, mlp_ratio, attn_backend) for _ in range(depth)]
-        )
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+    def __init__(self, *args, attn_backend="auto", **kwargs):
+        """The release's arguments (see ``fastdit.reference.DiT``), plus ``attn_backend``."""
+        super().__init__(*args, **kwargs)
+        self.set_attn_backend(attn_backend)
         self.gradient_checkpointing = False  # recompute each block's activations in backward
-        initialize_dit_weights(self)
-
-    @classmethod
-    def from_pretrained(cls, path, **kwargs):
-        """A model in eval mode from a checkpoint file or directory: see ``fastdit.checkpoint.load``."""
-        from fastdit import checkpoint  # checkpoint builds this class: imported at call time
-
-        return checkpoint.load(path, **kwargs)
-
-    def save_pretrained(self, directory):
-        """Write ``config.json`` and ``model.safetensors`` to ``directory``: see ``fastdit.checkpoint``."""
-        from fastdit import checkpoint
-
-        checkpoint.save_pretrained(self, directory)
 
     @property
     def attn_backend(self):
@@ -146,14 +99,6 @@ class DiT(nn.Module):
         for block in self.blocks:
             block.attn.attn_backend = backend
         return self
-
-    def unpatchify(self, x):
-        """(N, T, p*p*C) -> (N, C, H, W)."""
-        c, p = self.out_channels, self.patch_size
-        h = w = self.input_size // p
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, h * p, w * p)
 
     def forward(self, x, t, y):
         """x: (N, C, H, W) latents (cast to the model's dtype), t: (N,) timesteps, y: (N,) labels."""
@@ -176,12 +121,6 @@ class DiT(nn.Module):
             else:
                 x, h = block(x, h, modulation, *next_modulation[:2])
         return self.unpatchify(self.final_layer(h))
-
-    def forward_with_cfg(self, x, t, y, cfg_scale):
-        """Classifier-free guidance over a [cond; uncond] batch, guiding the first 3 channels
-        as the release does."""
-        half = x[: len(x) // 2]
-        return classifier_free_guidance(self.forward(torch.cat([half, half], dim=0), t, y), cfg_scale)
 
 
 DiT_models = model_constructors(DiT)

@@ -9,8 +9,10 @@ MODEL_TOLERANCE = {
     torch.bfloat16: 5e-2,
 }
 
-# Weight noise that makes a fresh adaLN-Zero model (which outputs zeros) a meaningful test;
-# at 0.05 the eager bf16 reference sits well inside the bf16 bound (tests/test_model.py).
+# Weight noise that makes a fresh adaLN-Zero model (which outputs zeros) a meaningful test. At
+# 0.02 the model is so ill-conditioned that the eager bf16 reference itself misses the 5e-2
+# bf16 bound on some seeds (measured 3.4e-2 to 5.6e-2 over four seeds); at 0.05 it lands at
+# 1.6e-2 to 3.0e-2, so the bound tests the kernels.
 PERTURBATION = 0.05
 
 

@@ -157,6 +157,10 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     """Diffusion model with a Transformer backbone."""
 
+    # The fast model (fastdit.model) builds the same modules from its fused blocks.
+    block_class = DiTBlock
+    final_layer_class = FinalLayer
+
     def __init__(
         self,
         input_size=32,
@@ -171,6 +175,8 @@ class DiT(nn.Module):
         learn_sigma=True,
     ):
         super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input_size: must be a multiple of patch_size {patch_size}, got {input_size}")
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -185,8 +191,8 @@ class DiT(nn.Module):
         num_patches = self.x_embedder.num_patches
         # Fixed sin-cos embedding, kept as a frozen parameter so it is in the state dict.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.blocks = nn.ModuleList([self.block_class(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = self.final_layer_class(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
     def initialize_weights(self):

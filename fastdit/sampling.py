@@ -75,7 +75,7 @@ def _run_eager(denoiser, solver, noise, x, iterate):
     return x
 
 
-def _warm_up(fn, device):
+def warm_up(fn, device):
     """Run fn eagerly on a side stream, as capture needs: it warms up the allocator, cuBLAS and torch.compile."""
     side = torch.cuda.Stream(device=device)
     side.wait_stream(torch.cuda.current_stream(device))
@@ -84,7 +84,7 @@ def _warm_up(fn, device):
     torch.cuda.current_stream(device).wait_stream(side)
 
 
-def _capture(fn, device):
+def capture(fn, device):
     """Record fn's kernels into a CUDA graph (nothing runs) and return its replay."""
     graph = torch.cuda.CUDAGraph()
     try:
@@ -117,8 +117,8 @@ def _run_cuda_graph(denoiser, solver, noise, x, iterate):
 
     steps = iter(iterate(range(len(solver))))
     load(next(steps))
-    _warm_up(one_step, x.device)  # step 0, run for real
-    replay = _capture(one_step, x.device)
+    warm_up(one_step, x.device)  # step 0, run for real
+    replay = capture(one_step, x.device)
     for i in steps:
         load(i)
         replay()

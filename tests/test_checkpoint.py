@@ -20,7 +20,7 @@ FORMATS = ("plain.pt", "training.pt", "model_only.pt", "bare.safetensors", "dire
 
 
 def tiny_reference(seed=0, **changes):
-    return perturb_(reference.DiT(**{**TINY, **changes}).eval(), std=0.05, seed=seed)
+    return perturb_(reference.DiT(**{**TINY, **changes}).eval(), seed=seed)
 
 
 def saved_pt(model, tmp_path):

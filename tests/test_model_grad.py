@@ -10,7 +10,7 @@ GRAD_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2}
 
 
 def pair(name, input_size, **kwargs):
-    ref = perturb_(reference.DiT_models[name](input_size=input_size, num_classes=10, **kwargs), std=0.05)
+    ref = perturb_(reference.DiT_models[name](input_size=input_size, num_classes=10, **kwargs))
     fast = fastdit.DiT_models[name](input_size=input_size, num_classes=10, attn_backend="triton", **kwargs)
     fast.load_state_dict(ref.state_dict())
     return ref.eval(), fast.eval()

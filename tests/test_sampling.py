@@ -200,8 +200,8 @@ def test_cuda_graphs_on_cpu_is_an_error():
 def test_graph_loop_on_static_buffers_equals_eager(sampler, steps, eta, cfg_scale, monkeypatch):
     """The CUDA-graph loop's bookkeeping (step 0 as warm-up, per-step loads into static buffers, state copies),
     on the CPU: "capture" returns the step function itself, so each replay runs it on the buffers."""
-    monkeypatch.setattr(sampling, "_warm_up", lambda fn, device: fn())
-    monkeypatch.setattr(sampling, "_capture", lambda fn, device: fn)
+    monkeypatch.setattr(sampling, "warm_up", lambda fn, device: fn())
+    monkeypatch.setattr(sampling, "capture", lambda fn, device: fn)
     model, labels, seed = tiny_dit(), torch.tensor([4, 0, 2]), 8
     denoiser = GuidedDenoiser(model, labels, model.num_classes, cfg_scale, 3, 4, torch.float32)
     solver = make_solver(sampler, steps, eta)

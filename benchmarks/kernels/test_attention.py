@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fastdit.attention import attention as attention_by_backend
+from fastdit.bench_workloads import IMPLEMENTATIONS, dtype_name
 from fastdit.flops import attention_macs
 from fastdit.kernels.attention import attention, attention_reference
-from fastdit.bench_workloads import dtype_name
-from harness import DTYPE, ON_GPU, OP_IMPLEMENTATIONS, check_outputs, group_name, random_inputs
+from harness import DTYPE, ON_GPU, check_outputs, group_name, random_inputs
 from parity import KERNEL_TOLERANCE
 
 HEADS = [(16, 72), (12, 64)]  # (heads, head dim): DiT-XL, DiT-B
@@ -51,7 +51,7 @@ def library_implementation(name, qkv):
     return lambda: attention_by_backend(*qkv.unbind(2), backend)
 
 
-@pytest.mark.parametrize("implementation", OP_IMPLEMENTATIONS + tuple(SDPA_BACKENDS) + tuple(PACKAGES))
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS + tuple(SDPA_BACKENDS) + tuple(PACKAGES))
 @pytest.mark.parametrize("heads, head_dim", HEADS, ids=lambda value: str(value))
 @pytest.mark.parametrize("batch, tokens", SIZES, ids=lambda value: str(value))
 def test_attention(measure, benchmark_op, batch, tokens, heads, head_dim, implementation):
@@ -60,7 +60,7 @@ def test_attention(measure, benchmark_op, batch, tokens, heads, head_dim, implem
     group = group_name("attention", f"B{batch} T{tokens} H{heads} Dh{head_dim}")
     flops = 2 * batch * attention_macs(tokens, heads * head_dim)
     elements_moved = 4 * batch * tokens * heads * head_dim  # q, k, v in, out
-    if implementation in OP_IMPLEMENTATIONS:
+    if implementation in IMPLEMENTATIONS:
         benchmark_op(implementation, reference_attention, fastdit_attention, [qkv], expected, group, flops=flops,
                      elements_moved=elements_moved)
         return

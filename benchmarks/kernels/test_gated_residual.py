@@ -2,13 +2,14 @@
 reference model's ops against fastdit's fused ops."""
 import pytest
 
+from fastdit.bench_workloads import IMPLEMENTATIONS
 from fastdit.kernels.gated_residual import (
     gated_residual,
     gated_residual_modulate_layernorm,
     gated_residual_modulate_layernorm_reference,
     gated_residual_reference,
 )
-from harness import ON_GPU, OP_IMPLEMENTATIONS, group_name, random_inputs, reference_modulate_layernorm
+from harness import ON_GPU, group_name, random_inputs, reference_modulate_layernorm
 
 # (batch, tokens, hidden size): DiT-XL/2 at 256 and 512 px and DiT-S/2 at 256 px; a small one on the CPU.
 SHAPES = [(32, 256, 1152), (8, 1024, 1152), (32, 256, 384)] if ON_GPU else [(2, 64, 384)]
@@ -25,7 +26,7 @@ def reference_gated_residual_modulate_layernorm(x, gate, y, shift, scale):
     return residual, reference_modulate_layernorm(residual, shift, scale)
 
 
-@pytest.mark.parametrize("implementation", OP_IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda shape: SHAPE_IDS(*shape))
 def test_gated_residual(benchmark_op, shape, implementation):
     batch, tokens, hidden = shape
@@ -35,7 +36,7 @@ def test_gated_residual(benchmark_op, shape, implementation):
                  elements_moved=3 * batch * tokens * hidden + batch * hidden)  # x, y in, out; gate
 
 
-@pytest.mark.parametrize("implementation", OP_IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda shape: SHAPE_IDS(*shape))
 def test_gated_residual_modulate_layernorm(benchmark_op, shape, implementation):
     batch, tokens, hidden = shape

@@ -3,8 +3,9 @@ one GEMM with a fused epilogue."""
 import pytest
 import torch.nn.functional as F
 
+from fastdit.bench_workloads import IMPLEMENTATIONS
 from fastdit.kernels.patch_embed import patch_embed, patch_embed_reference
-from harness import ON_GPU, OP_IMPLEMENTATIONS, group_name, random_inputs
+from harness import ON_GPU, group_name, random_inputs
 
 # (batch, latent side, patch, hidden size): DiT-XL/2 at 256 and 512 px; a small one on the CPU.
 SHAPES = [(32, 32, 2, 1152), (8, 64, 2, 1152)] if ON_GPU else [(2, 16, 2, 384)]
@@ -16,7 +17,7 @@ def reference_patch_embed(x, weight, bias, pos_embed):
     return F.conv2d(x, weight, bias, stride=weight.shape[-1]).flatten(2).transpose(1, 2) + pos_embed
 
 
-@pytest.mark.parametrize("implementation", OP_IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda shape: "B{}-{}x{}-p{}-D{}".format(shape[0], shape[1], *shape[1:]))
 def test_patch_embed(benchmark_op, shape, implementation):
     batch, size, patch, hidden = shape
