@@ -7,8 +7,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 GRID_PADDING = 2  # px of black between tiles, as torchvision's make_grid that the release's sample.py uses
-LABEL_MIN_TILE = 32  # px: on smaller tiles the default font's class id would hide most of the image
-PREVIEW_MIN_TILE = 64  # px: smaller images are enlarged (nearest) in grid.png
+PREVIEW_MIN_TILE = 64  # px: smaller images are enlarged (nearest) so that a class id fits on them
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
@@ -36,7 +35,7 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 def grid(images: np.ndarray, labels=None, columns=None) -> np.ndarray:
     """Tile uint8 (N, H, W, C) images row by row, ``columns`` per row (default: a square), into one uint8
-    (H', W', C) image; with ``labels`` each tile of at least ``LABEL_MIN_TILE`` px shows its class id."""
+    (H', W', C) image; with ``labels`` each tile shows its class id; images under ``PREVIEW_MIN_TILE`` px are enlarged."""
     if images.dtype != np.uint8 or images.ndim != 4 or len(images) == 0:
         raise ValueError(f"images: expected a non-empty uint8 (N, H, W, C) array, got {images.dtype} {images.shape}")
     # Small images (digits, 16 px) are enlarged, pixel for pixel, to a tile a person can read.
@@ -50,7 +49,7 @@ def grid(images: np.ndarray, labels=None, columns=None) -> np.ndarray:
     corners = [(GRID_PADDING + (k % columns) * step_x, GRID_PADDING + (k // columns) * step_y) for k in range(count)]
     for image, (x, y) in zip(images, corners):
         canvas[y:y + height, x:x + width] = image
-    if labels is None or min(height, width) < LABEL_MIN_TILE:
+    if labels is None:
         return canvas
     picture = _pil_image(canvas)
     draw, font = ImageDraw.Draw(picture), ImageFont.load_default(size=max(10, min(height, width) // 12))

@@ -90,6 +90,19 @@ class DiT(reference.DiT):
         self.set_attn_backend(attn_backend)
         self.gradient_checkpointing = False  # recompute each block's activations in backward
 
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        """A model in eval mode from a checkpoint file or directory: see ``fastdit.checkpoint.load``."""
+        from fastdit import checkpoint  # checkpoint builds this class: imported at call time
+
+        return checkpoint.load(path, **kwargs)
+
+    def save_pretrained(self, directory):
+        """Write ``config.json`` and ``model.safetensors`` to ``directory``: see ``fastdit.checkpoint``."""
+        from fastdit import checkpoint
+
+        checkpoint.save_pretrained(self, directory)
+
     @property
     def attn_backend(self):
         return self.blocks[0].attn.attn_backend if len(self.blocks) else "auto"

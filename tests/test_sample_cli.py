@@ -109,9 +109,10 @@ def test_pixel_model_end_to_end(pixel_ckpt, tmp_path, capsys):
     for name, image in zip(names, data["images"]):
         np.testing.assert_array_equal(np.asarray(Image.open(out / "images" / name)), image)
     grid = np.asarray(Image.open(out / "grid.png"))
-    pad = images.GRID_PADDING  # one row per class, --num-per-class columns
-    assert grid.shape == (3 * (8 + pad) + pad, 2 * (8 + pad) + pad, 3)
-    np.testing.assert_array_equal(grid[pad:pad + 8, 2 * pad + 8:2 * pad + 16], data["images"][1])
+    pad, tile = images.GRID_PADDING, images.PREVIEW_MIN_TILE  # 8 px images enlarged 8x
+    assert grid.shape == (3 * (tile + pad) + pad, 2 * (tile + pad) + pad, 3)  # a row per class
+    enlarged = data["images"][1].repeat(8, axis=0).repeat(8, axis=1)
+    np.testing.assert_array_equal(grid[pad:pad + tile, 2 * pad + tile:2 * pad + 2 * tile][20:], enlarged[20:])
 
     record = json.loads((out / "run.json").read_text())
     assert {"command", "arguments", "model", "vae", "sampling", "outputs", "versions", "timings"} <= set(record)
@@ -265,11 +266,12 @@ def test_png_round_trip_and_grid(channels):
     tiles = np.random.default_rng(0).integers(0, 256, (5, 32, 32, channels), dtype=np.uint8)
     decoded = np.asarray(Image.open(io.BytesIO(images.png_bytes(tiles[0]))))
     np.testing.assert_array_equal(decoded.reshape(tiles[0].shape), tiles[0])
-    grid = images.grid(tiles, columns=2)
+    big = np.random.default_rng(1).integers(0, 256, (5, 64, 64, channels), dtype=np.uint8)
+    grid = images.grid(big, columns=2)
     pad = images.GRID_PADDING
-    assert grid.shape == (3 * (32 + pad) + pad, 2 * (32 + pad) + pad, channels)
-    np.testing.assert_array_equal(grid[2 * (32 + pad) + pad:][:32, pad:pad + 32], tiles[4])
-    labelled = images.grid(tiles, labels=[0, 1, 2, 3, 999], columns=2)
+    assert grid.shape == (3 * (64 + pad) + pad, 2 * (64 + pad) + pad, channels)
+    np.testing.assert_array_equal(grid[2 * (64 + pad) + pad:][:64, pad:pad + 64], big[4])
+    labelled = images.grid(big, labels=[0, 1, 2, 3, 999], columns=2)
     assert labelled.shape == grid.shape and not np.array_equal(labelled, grid)
-    small = tiles[:, :16, :16]
-    np.testing.assert_array_equal(images.grid(small, labels=[1] * 5), images.grid(small))  # too small to label
+    enlarged = images.grid(tiles, columns=2)  # 32 px tiles are shown twice as large
+    np.testing.assert_array_equal(enlarged[pad:pad + 64, pad:pad + 64], tiles[0].repeat(2, 0).repeat(2, 1))
