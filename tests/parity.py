@@ -7,9 +7,11 @@ output is rounded once to its dtype, so its error sits near that dtype's unit ro
 order but stay well under what a wrong kernel produces (tests check a deliberately wrong
 variant fails). Whole-model bounds are the ones the project promises (issue 3).
 """
+import pytest
 import torch
 
 from fastdit import parity
+from fastdit.kernels import kernel_path
 from fastdit.parity import MODEL_TOLERANCE, PERTURBATION, perturb_  # noqa: F401 (the tests import them from here)
 
 KERNEL_TOLERANCE = {
@@ -19,6 +21,13 @@ KERNEL_TOLERANCE = {
 }
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Kernel-vs-reference tests need the Triton path: on the torch path an op is its own reference.
+requires_triton = pytest.mark.skipif(
+    kernel_path(DEVICE) == "torch",
+    reason="no Triton path on this device (set TRITON_INTERPRET=1): the op would run its own reference",
+)
 
 
 def relative_max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -2,17 +2,11 @@ import math
 
 import pytest
 import torch
-from parity import DTYPES, KERNEL_TOLERANCE, assert_parity, relative_max_error
+from parity import DEVICE, DTYPES, KERNEL_TOLERANCE, assert_parity, relative_max_error, requires_triton
 
-from fastdit.kernels import kernel_path
 from fastdit.kernels.attention import attention, attention_forward, attention_reference, attention_reference_with_lse
 from fastdit.kernels.attention_backward import attention_backward, attention_backward_reference
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-requires_triton = pytest.mark.skipif(
-    kernel_path(DEVICE) == "torch",
-    reason="no Triton path on this device (set TRITON_INTERPRET=1): the op would run its own reference",
-)
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (long sequences, the CUDA caching allocator)")
 
 # (batch, tokens, heads, head_dim): one token, token counts off any block size, DiT-XL's

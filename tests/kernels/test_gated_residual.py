@@ -1,8 +1,7 @@
 import pytest
 import torch
-from parity import DTYPES, KERNEL_TOLERANCE, assert_parity, relative_max_error
+from parity import DEVICE, DTYPES, KERNEL_TOLERANCE, assert_parity, relative_max_error, requires_triton
 
-from fastdit.kernels import kernel_path
 from fastdit.kernels.gated_residual import (
     gated_residual,
     gated_residual_backward,
@@ -14,11 +13,6 @@ from fastdit.kernels.gated_residual import (
 )
 from fastdit.kernels.modulate import modulate_layernorm, modulate_layernorm_reference
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-requires_triton = pytest.mark.skipif(
-    kernel_path(DEVICE) == "torch",
-    reason="no Triton path on this device (set TRITON_INTERPRET=1): the op would run its own reference",
-)
 
 # batch 1, token counts off any block size, DiT hidden sizes, and hidden sizes that are not a power of two
 SHAPES = [(1, 1, 384), (2, 7, 72), (3, 33, 1152), (2, 100, 200), (1, 16, 768), (2, 5, 1024)]

@@ -1,15 +1,10 @@
 import pytest
 import torch
-from parity import DTYPES, KERNEL_TOLERANCE, assert_parity, relative_max_error
+from parity import DTYPES, KERNEL_TOLERANCE, assert_parity, relative_max_error, requires_triton
 
-from fastdit.kernels import kernel_path
 from fastdit.kernels.patch_embed import (patch_embed, patch_embed_backward, patch_embed_backward_reference,
                                          patch_embed_reference)
 
-triton_only = pytest.mark.skipif(
-    kernel_path("cpu") == "torch",
-    reason="no Triton path on cpu (set TRITON_INTERPRET=1): the op would be compared with itself",
-)
 
 # (B, C, H, W, p, D). K = C*p*p runs 4..256: below tl.dot's 16 (padded), a partial K block
 # (12, 48) and several K blocks (64, 256); token counts 1, 9, 15 (non-square image), 16.
@@ -41,7 +36,7 @@ def _expected(x, weight, bias, pos_embed):
     return patch_embed_reference(x.float(), weight.float(), bias.float(), pos_embed.float())
 
 
-@triton_only
+@requires_triton
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "B{}C{}H{}W{}p{}D{}".format(*c))
 def test_matches_reference(config, dtype):
@@ -51,7 +46,7 @@ def test_matches_reference(config, dtype):
     assert_parity(out, _expected(x, weight, bias, pos_embed), KERNEL_TOLERANCE[dtype])
 
 
-@triton_only
+@requires_triton
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["channels_last", "strided_slice", "transposed_hw"])
 def test_non_contiguous_x(layout, dtype):
@@ -67,7 +62,7 @@ def test_non_contiguous_x(layout, dtype):
     assert_parity(out, _expected(x, weight, bias, pos_embed), KERNEL_TOLERANCE[dtype])
 
 
-@triton_only
+@requires_triton
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_non_contiguous_parameters(dtype):
     x, weight, bias, pos_embed = _inputs(2, 3, 8, 8, 4, 200, dtype)
@@ -79,7 +74,7 @@ def test_non_contiguous_parameters(dtype):
     assert_parity(out, _expected(x, weight, bias, pos_embed), KERNEL_TOLERANCE[dtype])
 
 
-@triton_only
+@requires_triton
 def test_pos_embed_2d_equals_3d():
     x, weight, bias, pos_embed = _inputs(2, 4, 8, 8, 2, 96, torch.float32)
     assert pos_embed.dim() == 3
@@ -87,13 +82,13 @@ def test_pos_embed_2d_equals_3d():
                                patch_embed(x, weight, bias, pos_embed), rtol=0, atol=0)
 
 
-@triton_only
+@requires_triton
 def test_empty_batch():
     x, weight, bias, pos_embed = _inputs(0, 4, 8, 8, 2, 64, torch.float32)
     assert patch_embed(x, weight, bias, pos_embed).shape == (0, 16, 64)
 
 
-@triton_only
+@requires_triton
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("wrong", ["pixels_transposed_in_patch", "patches_transposed"])
 def test_wrong_variant_fails(wrong, dtype):
@@ -137,20 +132,20 @@ def _assert_gradients_match(inputs, grad_out=None):
         assert_parity(grad, expected, KERNEL_TOLERANCE[t.dtype], f"grad_{name}")
 
 
-@triton_only
+@requires_triton
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "B{}C{}H{}W{}p{}D{}".format(*c))
 def test_gradients_match_reference(config):
     _assert_gradients_match(_inputs(*config, torch.float32))
 
 
-@triton_only
+@requires_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("config", [CONFIGS[2], CONFIGS[5]], ids=lambda c: "B{}C{}H{}W{}p{}D{}".format(*c))
 def test_gradients_in_half_precision(config, dtype):
     _assert_gradients_match(_inputs(*config, dtype))
 
 
-@triton_only
+@requires_triton
 @pytest.mark.parametrize("layout", ["channels_last", "strided_slice", "transposed_hw", "parameters"])
 def test_gradients_of_non_contiguous_inputs(layout):
     x, weight, bias, pos_embed = _inputs(2, 4, 8, 12, 2, 72, torch.float32)
@@ -167,7 +162,7 @@ def test_gradients_of_non_contiguous_inputs(layout):
     _assert_gradients_match([x, weight, bias, pos_embed], grad_out)
 
 
-@triton_only
+@requires_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_autocast_dtypes(dtype):
     """x and weight in half precision, bias and pos_embed fp32: the output is fp32 and exact up
@@ -179,7 +174,7 @@ def test_autocast_dtypes(dtype):
     _assert_gradients_match(inputs)
 
 
-@triton_only
+@requires_triton
 def test_frozen_input_and_pos_embed():
     # DiT's case: neither the latents nor the fixed sin-cos pos_embed take a gradient.
     inputs = _inputs(3, 4, 6, 10, 2, 64, torch.float32)
@@ -208,7 +203,7 @@ def test_backward_reference_matches_autograd():
         torch.testing.assert_close(grad, expected)
 
 
-@triton_only
+@requires_triton
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_wrong_backward_fails_tolerance(dtype):
     """The tolerance catches a backward that scatters or gathers pixels transposed within a patch."""
@@ -276,7 +271,7 @@ def test_backward_bad_grad_out_names_it():
         patch_embed_backward(_grad_out(inputs).half(), *inputs, [True] * 4)
 
 
-@triton_only
+@requires_triton
 def test_torch_compile_fullgraph_forward_and_backward_match_eager():
     x, weight, bias, pos_embed = _inputs(2, 4, 8, 12, 2, 72, torch.float32)
     leaves = [t.requires_grad_() for t in (x, weight, bias)]
@@ -293,7 +288,7 @@ def test_torch_compile_fullgraph_forward_and_backward_match_eager():
         torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
 
 
-@triton_only
+@requires_triton
 def test_opcheck():
     inputs = [t.requires_grad_() for t in _inputs(2, 4, 8, 8, 2, 72, torch.bfloat16, output_dtype=torch.float32)]
     torch.library.opcheck(patch_embed, inputs)
