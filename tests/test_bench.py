@@ -133,9 +133,9 @@ def test_package_tolerances_are_the_test_suites():
     assert PACKAGE_MODEL_TOLERANCE == MODEL_TOLERANCE
 
 
-def test_importing_fastdit_does_not_import_matplotlib():
+def test_importing_fastdit_does_not_import_matplotlib(tmp_path):
     code = "import sys, fastdit, fastdit.bench; sys.exit('matplotlib' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], cwd=tmp_path).returncode == 0  # the installed fastdit
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

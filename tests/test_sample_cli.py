@@ -230,8 +230,9 @@ def test_failed_write_leaves_no_partial_file(pixel_ckpt, tmp_path, capsys, monke
 ])
 def test_console_script_exit_code_and_stderr(argv, words, tmp_path):
     out = tmp_path / "out"
+    # From tmp_path: from the checkout's root, -m would find the source tree's fastdit/, not the installed one.
     result = subprocess.run([sys.executable, "-m", "fastdit", "sample", *argv, "--out", str(out)],
-                            capture_output=True, text=True, timeout=120)
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [result.stderr.strip()] and words in result.stderr, result.stderr
     assert result.stdout == "" and not out.exists()

@@ -44,10 +44,12 @@ def train_in_process(config):
         torch.use_deterministic_algorithms(False)
 
 
-def run_script(args, **kwargs):
+def run_script(args, cwd):
+    """``python args`` from ``cwd`` (not the checkout, whose fastdit/ source tree would shadow the
+    installed package), one thread."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **kwargs)
+    return subprocess.Popen([sys.executable, *args], env=env, cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def read_log(out):
@@ -60,7 +62,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
     expected = train_in_process(tiny_config(tmp_path / "straight", steps=steps, ckpt_every=every))
     config = tiny_config(tmp_path / "killed", steps=steps, ckpt_every=every)
     arguments = ["-c", RUNNER, json.dumps(config.__dict__)]
-    process = run_script(arguments)
+    process = run_script(arguments, tmp_path)
     first = tmp_path / "killed" / "checkpoints" / f"{every:08d}.pt"
     deadline = time.time() + 120
     while not first.exists() and process.poll() is None and time.time() < deadline:
@@ -68,7 +70,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    resumed = run_script(arguments)
+    resumed = run_script(arguments, tmp_path)
     _, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr
     final = torch.load(tmp_path / "killed" / "checkpoints" / f"{steps:08d}.pt", weights_only=True)
@@ -82,7 +84,7 @@ def test_two_gloo_processes_equal_one(tmp_path):
     single = train_in_process(tiny_config(tmp_path / "one", steps=3))
     config = tiny_config(tmp_path / "two", steps=3)
     process = run_script(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-                          "--no-python", sys.executable, "-c", RUNNER, json.dumps(config.__dict__)])
+                          "--no-python", sys.executable, "-c", RUNNER, json.dumps(config.__dict__)], tmp_path)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr
     two = torch.load(tmp_path / "two" / "checkpoints" / f"{3:08d}.pt", weights_only=True)

@@ -121,7 +121,7 @@ def test_without_diffusers(monkeypatch, tmp_path):
         VAE.load(tmp_path)
 
 
-def test_importing_fastdit_does_not_import_diffusers():
+def test_importing_fastdit_does_not_import_diffusers(tmp_path):
     code = "import sys, fastdit, fastdit.vae, fastdit.checkpoint; assert 'diffusers' not in sys.modules"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
