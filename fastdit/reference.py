@@ -10,7 +10,6 @@ import math
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 def modulate(x, shift, scale):

@@ -20,7 +20,7 @@ def check_labels(y: torch.Tensor, num_classes: int, allow_null: bool, name: str 
     if _is_tracing() or y.numel() == 0:
         return
     high = num_classes if allow_null else num_classes - 1
-    low_seen, high_seen = int(y.min()), int(y.max())
+    low_seen, high_seen = torch.stack(torch.aminmax(y)).tolist()  # one device sync, not two
     if low_seen < 0 or high_seen > high:
         null = f" (index {num_classes} is the null class)" if allow_null else ""
         bad = low_seen if low_seen < 0 else high_seen
