@@ -31,7 +31,7 @@ CONFIG_METADATA_KEY = "fastdit_config"
 
 CONFIG_KEYS = (
     "input_size", "patch_size", "in_channels", "hidden_size", "depth",
-    "num_heads", "mlp_ratio", "class_dropout_prob", "num_classes", "learn_sigma",
+    "num_heads", "mlp_ratio", "class_dropout_prob", "num_classes", "learn_sigma", "block",
 )
 PAPER_NUM_HEADS = {config["hidden_size"]: config["num_heads"] for config in reference.DIT_CONFIGS.values()}
 # Every model trained with the release's code has class dropout 0.1, hence a null-class row.
@@ -117,6 +117,7 @@ def infer_config(state_dict: dict, config: dict | None = None) -> dict:
         num_heads=num_heads,
         mlp_ratio=mlp_hidden / hidden_size,
         learn_sigma=out_channels == 2 * in_channels,
+        block=_block_design(state_dict, hidden_size),
         **_label_config(_shape(state_dict, "y_embedder.embedding_table.weight", 2)[0], given),
     )
     return {**inferred, **given}
@@ -140,6 +141,7 @@ def model_config(model) -> dict:
         class_dropout_prob=model.y_embedder.dropout_prob,
         num_classes=model.num_classes,
         learn_sigma=model.learn_sigma,
+        block=model.block,
     )
 
 
@@ -284,6 +286,21 @@ def _shape(state_dict, key, dims) -> tuple:
     if len(shape) != dims:
         raise CheckpointError(f"not a DiT state dict: {key} has shape {shape}, expected {dims} dimensions")
     return shape
+
+
+def _block_design(state_dict, hidden_size) -> str:
+    """Which of the paper's block designs the tensors of block 0 are."""
+    if "blocks.0.cross_attn.q.weight" in state_dict:
+        return "cross-attn"
+    if "blocks.0.adaLN_modulation.1.weight" not in state_dict:
+        return "in-context"
+    modulations = _shape(state_dict, "blocks.0.adaLN_modulation.1.weight", 2)[0] // hidden_size
+    if modulations not in (4, 6):
+        raise CheckpointError(
+            f"blocks.0.adaLN_modulation.1.weight: expected {6 * hidden_size} (adaLN-Zero) or {4 * hidden_size} "
+            f"(adaLN) output features, got {modulations * hidden_size}"
+        )
+    return "adaln-zero" if modulations == 6 else "adaln"
 
 
 def _label_config(rows, given) -> dict:

@@ -9,7 +9,7 @@ under 1% of the total for every DiT configuration.
 """
 import dataclasses
 
-from fastdit.reference import DIT_CONFIGS, DiT_models
+from fastdit.reference import ADAPTIVE_DESIGNS, CONDITION_TOKENS, DIT_CONFIGS, DiT_models, check_block_design
 
 FREQUENCY_EMBEDDING_SIZE = 256  # the timestep embedder's sinusoidal features
 
@@ -30,8 +30,10 @@ class DiTShape:
     in_channels: int = 4
     out_channels: int = 8
     mlp_hidden_size: int | None = None  # None: 4 * hidden_size (mlp_ratio 4)
+    block: str = "adaln-zero"  # the paper's block design
 
     def __post_init__(self):
+        check_block_design(self.block)
         if self.mlp_hidden_size is None:
             object.__setattr__(self, "mlp_hidden_size", 4 * self.hidden_size)  # frozen: set once, here
 
@@ -40,7 +42,8 @@ class DiTShape:
         return (self.input_size // self.patch_size) ** 2
 
 
-def named_shape(name: str, input_size: int, in_channels: int = 4, learn_sigma: bool = True) -> DiTShape:
+def named_shape(name: str, input_size: int, in_channels: int = 4, learn_sigma: bool = True,
+                block: str = "adaln-zero") -> DiTShape:
     """The shape of ``fastdit.DiT_models[name](input_size=...)``, e.g. ``named_shape("DiT-XL/2", 32)``."""
     if name not in DiT_models:
         raise KeyError(f"unknown model {name!r}; valid names: {', '.join(DiT_models)}")
@@ -50,7 +53,7 @@ def named_shape(name: str, input_size: int, in_channels: int = 4, learn_sigma: b
         raise ValueError(f"input_size: expected a positive multiple of the patch size {patch} (latent side, "
                          f"image size / 8), got {input_size!r}")
     return DiTShape(input_size=input_size, patch_size=patch, in_channels=in_channels,
-                    out_channels=in_channels * (2 if learn_sigma else 1), **DIT_CONFIGS[size])
+                    out_channels=in_channels * (2 if learn_sigma else 1), block=block, **DIT_CONFIGS[size])
 
 
 def shape_of(model) -> DiTShape:
@@ -64,6 +67,7 @@ def shape_of(model) -> DiTShape:
         in_channels=model.in_channels,
         out_channels=model.out_channels,
         mlp_hidden_size=model.blocks[0].mlp.fc1.out_features if len(model.blocks) else None,
+        block=model.block,
     )
 
 
@@ -77,15 +81,23 @@ def forward_macs_by_part(shape: DiTShape) -> dict[str, int]:
     d, tokens, depth = shape.hidden_size, shape.tokens, shape.depth
     mlp = shape.mlp_hidden_size
     patch_features = shape.in_channels * shape.patch_size**2
-    return {
+    # In-context conditioning runs the blocks on the image tokens and the [t, y] tokens.
+    sequence = tokens + CONDITION_TOKENS if shape.block == "in-context" else tokens
+    parts = {
         "patch_embed": tokens * patch_features * d,
         "timestep_embed": FREQUENCY_EMBEDDING_SIZE * d + d * d,
-        "adaln_modulation": depth * d * 6 * d + d * 2 * d,  # per image, not per token
-        "attention_projections": depth * tokens * 4 * d * d,  # qkv (3 d^2) and proj (d^2)
-        "attention_scores": depth * attention_macs(tokens, d),
-        "mlp": depth * tokens * 2 * d * mlp,
+        "attention_projections": depth * sequence * 4 * d * d,  # qkv (3 d^2) and proj (d^2)
+        "attention_scores": depth * attention_macs(sequence, d),
+        "mlp": depth * sequence * 2 * d * mlp,
         "final_layer": tokens * d * shape.patch_size**2 * shape.out_channels,
     }
+    if shape.block in ADAPTIVE_DESIGNS:  # per image, not per token: (6 or 4) d per block, 2 d final
+        parts["adaln_modulation"] = depth * d * (6 if shape.block == "adaln-zero" else 4) * d + d * 2 * d
+    if shape.block == "cross-attn":  # q and proj per image token, k and v per [t, y] token, scores to 2 keys
+        parts["cross_attention"] = depth * (
+            2 * tokens * d * d + CONDITION_TOKENS * 2 * d * d + 2 * tokens * CONDITION_TOKENS * d
+        )
+    return parts
 
 
 def forward_macs(shape: DiTShape) -> int:

@@ -120,8 +120,33 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class CrossAttention(nn.Module):
+    """Multi-head attention from the image tokens (queries) to a short context sequence
+    (keys and values): the cross-attention block's conditioning on [t, c]."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim, bias=True)
+        self.kv = nn.Linear(dim, dim * 2, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, context):
+        B, T, D = x.shape
+        q = self.q(x).reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(context).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)
+        x = attn.softmax(dim=-1) @ v
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+
+
+# --- the paper's four block designs (Section 3.2, Figure 3) ---------------------------------
+
+
 class DiTBlock(nn.Module):
-    """A DiT block with adaptive layer norm zero (adaLN-Zero) conditioning."""
+    """adaLN-Zero: LayerNorm's shift and scale, and a gate before each residual add, regressed
+    from c = t + y; the gates start at zero, so each block starts as the identity."""
 
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
         super().__init__()
@@ -138,7 +163,64 @@ class DiTBlock(nn.Module):
         return x
 
 
+class AdaLNBlock(nn.Module):
+    """adaLN: LayerNorm's shift and scale regressed from c = t + y; residuals add ungated."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 4 * hidden_size, bias=True))
+
+    def forward(self, x, c):
+        shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
+        x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class CrossAttentionBlock(nn.Module):
+    """Cross-attention: a ViT block with a multi-head cross-attention layer to the length-two
+    sequence [t, y] after the self-attention (standard, affine LayerNorms)."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.cross_attn = CrossAttention(hidden_size, num_heads)
+        self.norm3 = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+
+    def forward(self, x, c):
+        x = x + self.attn(self.norm1(x))
+        x = x + self.cross_attn(self.norm2(x), c)
+        x = x + self.mlp(self.norm3(x))
+        return x
+
+
+class InContextBlock(nn.Module):
+    """In-context conditioning: a standard ViT block; t and y ride in the sequence as two extra
+    tokens, so the block itself ignores c."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+
+    def forward(self, x, c):
+        x = x + self.attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return x
+
+
 class FinalLayer(nn.Module):
+    """Adaptive final LayerNorm (the adaLN designs) and the linear decoder to patches."""
+
     def __init__(self, hidden_size, patch_size, out_channels):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -150,15 +232,46 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
+class LayerNormFinalLayer(nn.Module):
+    """Standard (affine) final LayerNorm and the linear decoder: the token-conditioned designs."""
+
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+
+    def forward(self, x, c):
+        return self.linear(self.norm_final(x))
+
+
+BLOCK_DESIGNS = ("adaln-zero", "adaln", "cross-attn", "in-context")
+# Designs that condition through adaptive LayerNorm on c = t + y; the others see [t, y] as tokens.
+ADAPTIVE_DESIGNS = ("adaln-zero", "adaln")
+# How many conditioning tokens the token designs carry: the timestep and the class.
+CONDITION_TOKENS = 2
+
+
+def check_block_design(block):
+    if block not in BLOCK_DESIGNS:
+        raise ValueError(f"block: expected one of {', '.join(map(repr, BLOCK_DESIGNS))}, got {block!r}")
+    return block
+
+
 # --- the model ------------------------------------------------------------------------------
 
 
 class DiT(nn.Module):
     """Diffusion model with a Transformer backbone."""
 
-    # The fast model (fastdit.model) builds the same modules from its fused blocks.
-    block_class = DiTBlock
-    final_layer_class = FinalLayer
+    # Block and final layer of each design; the fast model (fastdit.model) builds the same
+    # modules from its fused ones.
+    block_classes = {
+        "adaln-zero": DiTBlock, "adaln": AdaLNBlock, "cross-attn": CrossAttentionBlock, "in-context": InContextBlock,
+    }
+    final_layer_classes = {
+        "adaln-zero": FinalLayer, "adaln": FinalLayer, "cross-attn": LayerNormFinalLayer,
+        "in-context": LayerNormFinalLayer,
+    }
 
     def __init__(
         self,
@@ -172,8 +285,12 @@ class DiT(nn.Module):
         class_dropout_prob=0.1,
         num_classes=1000,
         learn_sigma=True,
+        block="adaln-zero",
     ):
+        """The release's arguments, plus ``block``: the paper's block design, one of
+        ``BLOCK_DESIGNS`` (the release and its checkpoints are "adaln-zero")."""
         super().__init__()
+        self.block = check_block_design(block)
         if input_size % patch_size:
             raise ValueError(f"input_size: must be a multiple of patch_size {patch_size}, got {input_size}")
         self.learn_sigma = learn_sigma
@@ -190,8 +307,9 @@ class DiT(nn.Module):
         num_patches = self.x_embedder.num_patches
         # Fixed sin-cos embedding, kept as a frozen parameter so it is in the state dict.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([self.block_class(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
-        self.final_layer = self.final_layer_class(hidden_size, patch_size, self.out_channels)
+        block_class = self.block_classes[block]
+        self.blocks = nn.ModuleList([block_class(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = self.final_layer_classes[block](hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -205,11 +323,21 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
+    def condition(self, t, y):
+        """The design's conditioning: the vector c = t + y for the adaLN designs, else the
+        length-two sequence [t, y] (N, 2, D)."""
+        t, y = self.t_embedder(t), self.y_embedder(y, self.training)
+        return t + y if self.block in ADAPTIVE_DESIGNS else torch.stack([t, y], dim=1)
+
     def forward(self, x, t, y):
         x = self.x_embedder(x) + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)
+        c = self.condition(t, y)
+        if self.block == "in-context":
+            x = torch.cat([c, x], dim=1)
         for block in self.blocks:
             x = block(x, c)
+        if self.block == "in-context":
+            x = x[:, CONDITION_TOKENS:]  # decode only the image tokens
         x = self.final_layer(x, c)
         return self.unpatchify(x)
 
@@ -231,9 +359,11 @@ def classifier_free_guidance(model_out, cfg_scale, channels=3):
 
 
 def initialize_dit_weights(model):
-    """adaLN-Zero initialisation of the release: xavier-uniform linears with zero bias, the
-    patch conv as a linear, N(0, 0.02) label table and timestep MLP, sin-cos positions, and
-    zeros in every adaLN modulation and the final projection (each block starts as identity)."""
+    """The release's initialisation: xavier-uniform linears with zero bias, the patch conv as a
+    linear, N(0, 0.02) label table and timestep MLP, sin-cos positions, and zeros in every adaLN
+    modulation and the final projection. With adaLN-Zero each block so starts as the identity;
+    with adaLN each norm starts as a plain LayerNorm (zero shift and scale), ungated. Affine
+    LayerNorms (the token designs) start at weight 1, bias 0."""
     for module in model.modules():
         if isinstance(module, nn.Linear):
             nn.init.xavier_uniform_(module.weight)
@@ -248,11 +378,10 @@ def initialize_dit_weights(model):
     nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
     nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
     nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
-    for block in model.blocks:
-        nn.init.zeros_(block.adaLN_modulation[-1].weight)
-        nn.init.zeros_(block.adaLN_modulation[-1].bias)
-    nn.init.zeros_(model.final_layer.adaLN_modulation[-1].weight)
-    nn.init.zeros_(model.final_layer.adaLN_modulation[-1].bias)
+    for module in [*model.blocks, model.final_layer]:
+        if hasattr(module, "adaLN_modulation"):
+            nn.init.zeros_(module.adaLN_modulation[-1].weight)
+            nn.init.zeros_(module.adaLN_modulation[-1].bias)
     nn.init.zeros_(model.final_layer.linear.weight)
     nn.init.zeros_(model.final_layer.linear.bias)
 

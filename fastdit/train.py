@@ -36,6 +36,7 @@ class TrainConfig:
     out: str
     model: str | None = "DiT-XL/2"
     model_config: dict | None = None  # constructor arguments; overrides `model`
+    block: str = "adaln-zero"  # the paper's block design (fastdit.reference.BLOCK_DESIGNS)
     data: str = "digits"  # "digits", a directory of latent shards, or (pixel) an image folder
     pixel: bool = False
     image_size: int = 256
@@ -53,7 +54,7 @@ class TrainConfig:
     seed: int = 0
 
     # Fields that must match to resume a run; `steps`, logging and checkpoint cadence may change.
-    RESUME_KEYS = ("model", "model_config", "data", "pixel", "image_size", "global_batch_size", "lr", "ema_decay",
+    RESUME_KEYS = ("model", "model_config", "block", "data", "pixel", "image_size", "global_batch_size", "lr", "ema_decay",
                    "class_dropout_prob", "flip", "precision", "seed")
 
 
@@ -79,12 +80,14 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 def build_model(config: TrainConfig, num_classes: int, in_channels: int, input_size: int) -> DiT:
     if config.model_config is not None:
         arguments = dict(config.model_config)
-        for name, value in (("num_classes", num_classes), ("in_channels", in_channels), ("input_size", input_size)):
+        fitted = (("num_classes", num_classes), ("in_channels", in_channels), ("input_size", input_size),
+                  ("block", config.block))
+        for name, value in fitted:
             if arguments.setdefault(name, value) != value:
-                raise ValueError(f"model_config: {name}={arguments[name]} does not fit the data ({name}={value})")
+                raise ValueError(f"model_config: {name}={arguments[name]!r} does not fit the run ({name}={value!r})")
         return DiT(**arguments)
     return DiT_models[config.model](input_size=input_size, in_channels=in_channels, num_classes=num_classes,
-                                    class_dropout_prob=config.class_dropout_prob)
+                                    class_dropout_prob=config.class_dropout_prob, block=config.block)
 
 
 def load_data(config: TrainConfig) -> datasets.TensorData:
@@ -218,10 +221,11 @@ class Trainer:
 
     def resume(self, path):
         state = torch.load(path, map_location=self.device, weights_only=True)
-        saved = state["config"]
+        # A key missing from an older checkpoint had its field's default.
+        saved = {**{field.name: field.default for field in dataclasses.fields(TrainConfig)}, **state["config"]}
         for key in TrainConfig.RESUME_KEYS:
-            if saved.get(key) != getattr(self.config, key):
-                raise ValueError(f"resume: {path} was trained with {key}={saved.get(key)!r}, this run asks for "
+            if saved[key] != getattr(self.config, key):
+                raise ValueError(f"resume: {path} was trained with {key}={saved[key]!r}, this run asks for "
                                  f"{key}={getattr(self.config, key)!r}; use another --out to start a new run")
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])

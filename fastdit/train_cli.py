@@ -4,6 +4,7 @@ import dataclasses
 import torch
 
 from fastdit import distributed
+from fastdit.reference import BLOCK_DESIGNS
 from fastdit.train import PRESETS, TrainConfig, Trainer
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -13,6 +14,7 @@ def add_arguments(parser):
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a ready configuration (flags override it)")
     parser.add_argument("--out", required=True, help="run directory: checkpoints, log.jsonl, model/ (resumed if present)")
     parser.add_argument("--model", help="DiT-S/2 ... DiT-XL/8")
+    parser.add_argument("--block", choices=BLOCK_DESIGNS, help="the paper's block design (default adaln-zero)")
     parser.add_argument("--data", help="'digits', a directory of latent shards (fastdit encode), or with --pixel an "
                                        "image folder")
     parser.add_argument("--pixel", action="store_true", default=None, help="train on images, not latents")

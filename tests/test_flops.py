@@ -57,6 +57,23 @@ def test_paper_gflops(name, input_size, gflops):
     assert forward_macs(named_shape(name, input_size)) / 1e9 == pytest.approx(gflops, rel=1e-3)
 
 
+@pytest.mark.parametrize("block", reference.BLOCK_DESIGNS)
+def test_block_designs_equal_torch_flop_counter(block):
+    with torch.device("meta"):
+        model = reference.DiT_models["DiT-S/4"](input_size=16, block=block).eval()
+    shape = named_shape("DiT-S/4", 16, block=block)
+    assert shape_of(model) == shape
+    assert forward_macs(shape) == counted_macs_per_image(model)
+
+
+def test_block_design_costs_as_the_paper_reports():
+    """Section 3.2: in-context and adaLN add next to nothing; cross-attention about 15%."""
+    macs = {block: forward_macs(named_shape("DiT-XL/2", 32, block=block)) for block in reference.BLOCK_DESIGNS}
+    for block in ("adaln", "in-context"):
+        assert macs[block] / macs["adaln-zero"] == pytest.approx(1, abs=0.02), block
+    assert macs["cross-attn"] / macs["adaln-zero"] == pytest.approx(1.15, abs=0.02)
+
+
 def test_dit_xl_2_at_256_px_is_118_6_gmacs():
     assert round(forward_macs(named_shape("DiT-XL/2", 32)) / 1e9, 1) == 118.6
 

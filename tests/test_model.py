@@ -13,10 +13,13 @@ PATH = kernel_path("cpu")
 
 
 def build_pair(name, input_size, attn_backend="triton", **kwargs):
-    ref = reference.DiT_models[name](input_size=input_size, num_classes=10, **kwargs).eval()
-    perturb_(ref)
+    """(reference, fast) models with the same perturbed weights: a paper configuration by name,
+    or with ``name=None`` one built from ``kwargs``."""
+    ref_class, fast_class = (reference.DiT, fastdit.DiT) if name is None else (reference.DiT_models[name],
+                                                                               fastdit.DiT_models[name])
+    ref = perturb_(ref_class(input_size=input_size, num_classes=10, **kwargs)).eval()
     with torch.device("meta"):  # skip a second initialisation: the weights come from the reference
-        fast = fastdit.DiT_models[name](input_size=input_size, num_classes=10, attn_backend=attn_backend, **kwargs)
+        fast = fast_class(input_size=input_size, num_classes=10, attn_backend=attn_backend, **kwargs)
     fast.load_state_dict({key: value.clone() for key, value in ref.state_dict().items()}, strict=True, assign=True)
     fast.eval()
     return ref, fast
