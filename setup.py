@@ -19,6 +19,7 @@ setup(
         "vae": ["diffusers>=0.27"],
         "flash-attn": ["flash-attn>=2.5"],
         "xformers": ["xformers"],
+        "native": ["cmake>=3.18", "ninja"],  # builds the C++ runner fastdit-run (CMakeLists.txt)
     },
     entry_points={"console_scripts": ["fastdit=fastdit.cli:main"]},
 )

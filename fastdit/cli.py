@@ -2,7 +2,7 @@
 import argparse
 import sys
 
-from fastdit import bench, demo, digits, distributed, encode, sample_cli, train_cli
+from fastdit import bench, demo, digits, distributed, encode, export, sample_cli, train_cli
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -22,9 +22,11 @@ def main(argv=None):
     digits.add_arguments(commands.add_parser("digits-accuracy", help="how recognisable sampled digits are"))
     bench.add_arguments(commands.add_parser("bench", help="images/s and MFU against the baselines; writes "
                                                          "report.json/.md/.png"))
+    export.add_arguments(commands.add_parser("export", help="compile the guided denoiser into an AOTInductor .pt2 "
+                                                           "package for the C++ runner fastdit-run"))
     args = parser.parse_args(argv)
     runs = {"demo": demo.run, "sample": sample_cli.run, "train": train_cli.run, "encode": encode.run,
-            "digits-accuracy": digits.run, "bench": bench.run}
+            "digits-accuracy": digits.run, "bench": bench.run, "export": export.run}
     try:
         return runs[args.command](args)
     # CheckpointError is a ValueError; OSError: an unwritable --out, a full disk.

@@ -45,11 +45,7 @@ def add_arguments(parser):
     parser.description = ("Sample class-conditional images from a DiT. On many GPUs: torchrun --nproc_per_node K -m "
                           "fastdit sample ..., which gives the same images as one process for the same --seed and "
                           "--batch-size.")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", help="an architecture with RANDOM weights (noise-like images), one of "
-                        + ", ".join(fastdit.DiT_models))
-    source.add_argument("--ckpt", help="a trained checkpoint: the release's .pt, a .safetensors file or a "
-                        "save_pretrained directory")
+    add_model_arguments(parser)
     parser.add_argument("--vae", help="a local diffusers AutoencoderKL directory, to decode a latent model's samples "
                         "to images (needs diffusers: pip install 'fastdit[vae]'); without it a latent model's samples.npz holds "
                         "the latents")
@@ -76,6 +72,15 @@ def add_arguments(parser):
     parser.add_argument("--out", default="samples", help="output directory (default: ./samples)")
     parser.add_argument("--save-images", action="store_true", help="also write one PNG per image to OUT/images/")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_model_arguments(parser):
+    """--model or --ckpt (neither: the bundled model, ``use_bundled_model``), read by ``load_model``."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help="an architecture with RANDOM weights (noise-like images), one of "
+                        + ", ".join(fastdit.DiT_models))
+    source.add_argument("--ckpt", help="a trained checkpoint: the release's .pt, a .safetensors file or a "
+                        "save_pretrained directory")
 
 
 @dataclasses.dataclass

@@ -1,0 +1,479 @@
+// fastdit-run: DDIM sampling in C++ from a `fastdit export` package, with no Python.
+//
+// MODEL.pt2 (AOTInductor) is one guided denoiser call (x, t, y) -> eps; MODEL.json beside it holds the DDIM
+// schedule and the shapes. The loop below is fastdit.samplers.DDIM with eta 0, in the same fp32 arithmetic, so
+// for the same noise and labels the result is fastdit.sample(..., sampler="ddim")'s.
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace {
+
+const char* USAGE = R"(usage: fastdit-run MODEL.pt2 --out OUT.npy [--labels ID ...] [--seed S | --noise NOISE.npy]
+                   [--image GRID.pgm]
+
+Sample class-conditional images with DDIM from a package written by `fastdit export --out MODEL.pt2`
+(the schedule, shapes and guidance scale are read from MODEL.json beside it).
+
+  MODEL.pt2           the AOTInductor package
+  --out OUT.npy       the samples, float32 (N, C, H, W) (pixels in [-1, 1], or latents)
+  --labels ID ...     one class id per image (default: 0, 1, 2, ... modulo the number of classes, one batch,
+                      or as many as --noise has images); any number, run in batches of the exported size
+  --seed S            image k starts from the noise fastdit.sample draws for (S, k) (default 0): the same
+                      images as `fastdit sample --sampler ddim --seed S` for the same labels and settings
+  --noise NOISE.npy   the initial noise x_T instead, float32 (N, C, H, W), one image per label
+  --image GRID.pgm    pixel-space models: also a grid of the images (binary PGM for 1 channel, PPM for 3)
+  -h, --help          this help
+
+Errors are one line on stderr: exit status 2 for bad arguments or files, 1 when the model fails to run.
+)";
+
+// A mistake in the arguments or the input files: one line on stderr, exit status 2.
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// --- the constants file: a small JSON reader for what `fastdit export` writes -------------------------------
+
+struct Json {
+  enum Kind { Null, Bool, Number, String, Array, Object } kind = Null;
+  double number = 0;
+  std::string text;
+  std::vector<Json> items;
+  std::map<std::string, Json> members;
+};
+
+class JsonReader {
+ public:
+  explicit JsonReader(std::string text) : text_(std::move(text)) {}
+
+  Json document() {
+    Json value = parse();
+    skip_space();
+    if (at_ < text_.size()) fail("text after the document");
+    return value;
+  }
+
+ private:
+  std::string text_;
+  size_t at_ = 0;
+
+  [[noreturn]] void fail(const std::string& what) {
+    throw UsageError("invalid JSON at byte " + std::to_string(at_) + ": " + what);
+  }
+  void skip_space() {
+    while (at_ < text_.size() && std::isspace(static_cast<unsigned char>(text_[at_]))) ++at_;
+  }
+  bool take(char c) {
+    skip_space();
+    if (at_ < text_.size() && text_[at_] == c) return ++at_, true;
+    return false;
+  }
+  void expect(char c) {
+    if (!take(c)) fail(std::string("expected '") + c + "'");
+  }
+  bool take_word(const char* word) {
+    size_t length = std::char_traits<char>::length(word);
+    if (text_.compare(at_, length, word) != 0) return false;
+    at_ += length;
+    return true;
+  }
+  std::string string() {
+    expect('"');
+    std::string out;
+    while (at_ < text_.size() && text_[at_] != '"') {
+      char c = text_[at_++];
+      if (c == '\\' && at_ < text_.size()) {
+        char escaped = text_[at_++];
+        if (escaped == 'u') {  // only key names and messages are strings: no need to decode code points
+          at_ += 4;
+          c = '?';
+        } else {
+          c = escaped == 'n' ? '\n' : escaped == 't' ? '\t' : escaped;
+        }
+      }
+      out += c;
+    }
+    expect('"');
+    return out;
+  }
+  Json parse() {
+    Json value;
+    skip_space();
+    if (at_ >= text_.size()) fail("unexpected end");
+    char c = text_[at_];
+    if (c == '{') {
+      value.kind = Json::Object;
+      ++at_;
+      if (take('}')) return value;
+      do {
+        skip_space();
+        std::string key = string();
+        expect(':');
+        value.members[key] = parse();
+      } while (take(','));
+      expect('}');
+    } else if (c == '[') {
+      value.kind = Json::Array;
+      ++at_;
+      if (take(']')) return value;
+      do value.items.push_back(parse());
+      while (take(','));
+      expect(']');
+    } else if (c == '"') {
+      value.kind = Json::String;
+      value.text = string();
+    } else if (take_word("true") || take_word("false")) {
+      value.kind = Json::Bool;
+      value.number = text_[at_ - 4] == 't';
+    } else if (take_word("null")) {
+      value.kind = Json::Null;
+    } else {
+      // strtod is correctly rounded: a float written by Python's repr comes back bit for bit.
+      const char* start = text_.c_str() + at_;
+      char* end = nullptr;
+      value.number = std::strtod(start, &end);
+      if (end == start) fail("expected a value");
+      value.kind = Json::Number;
+      at_ += end - start;
+    }
+    return value;
+  }
+};
+
+const Json& member(const Json& object, const std::string& key, Json::Kind kind, const std::string& file) {
+  auto found = object.members.find(key);
+  if (found == object.members.end() || found->second.kind != kind)
+    throw UsageError(file + ": missing or malformed \"" + key + "\" (re-export the model with fastdit export)");
+  return found->second;
+}
+
+struct Constants {
+  int64_t batch_size, channels, size, num_classes;
+  bool pixels;
+  std::string device;
+  std::vector<int64_t> timesteps;  // the model's timestep at each step, in sampling order
+  std::vector<float> a, b;         // x_prev = a x + b eps (fastdit.samplers.DDIM's row, eta 0)
+};
+
+std::string read_file(const std::string& path, const char* what) {
+  std::ifstream file(path, std::ios::binary);
+  if (!file) throw UsageError(std::string(what) + " not found or unreadable: " + path);
+  std::ostringstream contents;
+  contents << file.rdbuf();
+  return contents.str();
+}
+
+Constants read_constants(const std::string& path) {
+  Json root = JsonReader(read_file(path, "constants file (fastdit export writes it beside the .pt2)")).document();
+  if (root.kind != Json::Object || member(root, "format", Json::String, path).text != "fastdit-export")
+    throw UsageError(path + ": not a fastdit export constants file");
+  if (member(root, "format_version", Json::Number, path).number > 1)
+    throw UsageError(path + ": written by a newer fastdit export; this runner reads format_version 1");
+  if (member(root, "eta", Json::Number, path).number != 0)
+    throw UsageError(path + ": eta > 0 (DDIM with noise) is not supported by this runner");
+  auto integer = [&](const char* key) { return static_cast<int64_t>(member(root, key, Json::Number, path).number); };
+  Constants constants{integer("batch_size"), integer("in_channels"), integer("input_size"), integer("num_classes"),
+                      member(root, "pixels", Json::Bool, path).number != 0,
+                      member(root, "device", Json::String, path).text};
+  const auto& timesteps = member(root, "timesteps", Json::Array, path).items;
+  const auto& abar = member(root, "alphas_cumprod", Json::Array, path).items;
+  const auto& abar_prev = member(root, "alphas_cumprod_prev", Json::Array, path).items;
+  if (timesteps.empty() || abar.size() != timesteps.size() || abar_prev.size() != timesteps.size())
+    throw UsageError(path + ": timesteps, alphas_cumprod and alphas_cumprod_prev must be as long as each other");
+  for (size_t i = 0; i < timesteps.size(); ++i) {
+    // The same float64 operations as fastdit.samplers.DDIM (sigma = 0), then rounded to fp32 as it does.
+    double sqrt_recip = std::sqrt(1.0 / abar[i].number), sqrt_recipm1 = std::sqrt(1.0 / abar[i].number - 1.0);
+    double a = std::sqrt(abar_prev[i].number) * sqrt_recip;
+    double b = std::sqrt(1.0 - abar_prev[i].number - 0.0) - std::sqrt(abar_prev[i].number) * sqrt_recipm1;
+    constants.timesteps.push_back(static_cast<int64_t>(timesteps[i].number));
+    constants.a.push_back(static_cast<float>(a));
+    constants.b.push_back(static_cast<float>(b));
+  }
+  return constants;
+}
+
+// --- noise: fastdit.sampling.ImageNoise ----------------------------------------------------------------------
+
+// numpy's SeedSequence([seed, index]).generate_state(2) as one 64-bit seed: fastdit.sampling.image_seed.
+uint64_t image_seed(uint64_t seed, uint64_t index) {
+  std::vector<uint32_t> entropy;
+  for (uint64_t value : {seed, index}) {  // each integer as its 32-bit words, least significant first
+    do entropy.push_back(static_cast<uint32_t>(value)), value >>= 32;
+    while (value);
+  }
+  uint32_t hash_const = 0x43b0d7e5;
+  auto hashmix = [&](uint32_t value) {
+    value ^= hash_const;
+    hash_const *= 0x931e8875;
+    value *= hash_const;
+    return value ^ (value >> 16);
+  };
+  auto mix = [](uint32_t x, uint32_t y) {
+    uint32_t result = 0xca01f9dd * x - 0x4973f715 * y;
+    return result ^ (result >> 16);
+  };
+  uint32_t pool[4];
+  for (size_t i = 0; i < 4; ++i) pool[i] = hashmix(i < entropy.size() ? entropy[i] : 0);
+  for (size_t source = 0; source < 4; ++source)
+    for (size_t target = 0; target < 4; ++target)
+      if (source != target) pool[target] = mix(pool[target], hashmix(pool[source]));
+  for (size_t source = 4; source < entropy.size(); ++source)
+    for (size_t target = 0; target < 4; ++target) pool[target] = mix(pool[target], hashmix(entropy[source]));
+  uint32_t state[2], output_const = 0x8b51f9dd;
+  for (size_t i = 0; i < 2; ++i) {
+    uint32_t value = pool[i] ^ output_const;
+    output_const *= 0x58f38ded;
+    value *= output_const;
+    state[i] = value ^ (value >> 16);
+  }
+  return (static_cast<uint64_t>(state[0]) << 32) | state[1];
+}
+
+// x_T of images 0..count-1: each from its own CPU generator, as torch.Generator().manual_seed(image_seed(seed, k)).
+at::Tensor seeded_noise(uint64_t seed, int64_t count, const Constants& c) {
+  std::vector<at::Tensor> images;
+  for (int64_t k = 0; k < count; ++k) {
+    auto generator = at::make_generator<at::CPUGeneratorImpl>(image_seed(seed, k));
+    images.push_back(at::randn({c.channels, c.size, c.size}, generator, at::kFloat));
+  }
+  return at::stack(images);
+}
+
+// --- .npy files (format version 1.0), float32 little-endian, C order ------------------------------------------
+
+at::Tensor read_npy(const std::string& path) {
+  std::string bytes = read_file(path, "--noise file");
+  if (bytes.size() < 10 || bytes.compare(0, 6, "\x93NUMPY") != 0)
+    throw UsageError("--noise " + path + ": not a .npy file");
+  size_t header_size = bytes[6] == 1 ? static_cast<uint8_t>(bytes[8]) | static_cast<uint8_t>(bytes[9]) << 8 : 0;
+  size_t start = 10 + header_size;
+  std::string header = bytes.substr(10, header_size);
+  if (bytes[6] != 1 || header.find("'descr': '<f4'") == std::string::npos ||
+      header.find("'fortran_order': False") == std::string::npos)
+    throw UsageError("--noise " + path + ": expected float32 in C order (np.save(path, x.astype(np.float32)))");
+  std::vector<int64_t> shape;
+  std::istringstream dims(header.substr(header.find('(') + 1, header.find(')') - header.find('(') - 1));
+  for (std::string dim; std::getline(dims, dim, ',');)
+    if (dim.find_first_not_of(' ') != std::string::npos) shape.push_back(std::stoll(dim));
+  int64_t count = 1;
+  for (int64_t dim : shape) count *= dim;
+  if (bytes.size() != start + count * sizeof(float)) throw UsageError("--noise " + path + ": truncated");
+  return at::from_blob(bytes.data() + start, shape, at::kFloat).clone();
+}
+
+// Written beside the target and renamed over it: a reader never sees a half-written file.
+void write_atomic(const std::string& path, const std::string& bytes) {
+  std::string temporary = path + ".tmp." + std::to_string(getpid());
+  std::ofstream file(temporary, std::ios::binary);
+  file.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  file.close();
+  if (!file || std::rename(temporary.c_str(), path.c_str()) != 0) {
+    std::remove(temporary.c_str());
+    throw UsageError("cannot write " + path);
+  }
+}
+
+std::string npy_bytes(const at::Tensor& samples) {
+  std::string shape;
+  for (int64_t dim : samples.sizes()) shape += std::to_string(dim) + ", ";
+  shape = shape.substr(0, shape.size() - 2);
+  std::string header = "{'descr': '<f4', 'fortran_order': False, 'shape': (" + shape + "), }";
+  header.append(63 - (10 + header.size()) % 64, ' ') += '\n';  // the data starts 64-byte aligned
+  std::string bytes = std::string("\x93NUMPY\x01\x00", 8);
+  bytes += static_cast<char>(header.size() & 0xff);
+  bytes += static_cast<char>(header.size() >> 8);
+  at::Tensor data = samples.contiguous();
+  return bytes + header + std::string(static_cast<const char*>(data.data_ptr()), data.nbytes());
+}
+
+// fastdit.images.grid(fastdit.images.to_uint8(samples)) without the class ids: 2 px of black between tiles,
+// small images enlarged to 64 px, as a binary PGM (grey) or PPM (RGB).
+std::string grid_bytes(const at::Tensor& samples) {
+  int64_t count = samples.size(0), channels = samples.size(1), height = samples.size(2), width = samples.size(3);
+  int64_t scale = std::max<int64_t>(1, 64 / std::min(height, width));
+  at::Tensor pixels = (127.5 * samples + 128.0).clamp(0, 255).to(at::kByte).permute({0, 2, 3, 1});
+  pixels = pixels.repeat_interleave(scale, 1).repeat_interleave(scale, 2);
+  height *= scale, width *= scale;
+  int64_t columns = std::min<int64_t>(static_cast<int64_t>(std::ceil(std::sqrt(count))), count);
+  int64_t rows = (count + columns - 1) / columns;
+  at::Tensor canvas = at::zeros({rows * (height + 2) + 2, columns * (width + 2) + 2, channels}, at::kByte);
+  for (int64_t k = 0; k < count; ++k) {
+    int64_t y = 2 + (k / columns) * (height + 2), x = 2 + (k % columns) * (width + 2);
+    canvas.slice(0, y, y + height).slice(1, x, x + width).copy_(pixels[k]);
+  }
+  std::string header = std::string(channels == 1 ? "P5" : "P6") + "\n" + std::to_string(canvas.size(1)) + " " +
+                       std::to_string(canvas.size(0)) + "\n255\n";
+  return header + std::string(static_cast<const char*>(canvas.data_ptr()), canvas.nbytes());
+}
+
+// --- sampling --------------------------------------------------------------------------------------------------
+
+// Labels and noise are run in batches of the package's static batch size; the last batch is padded (each image is
+// computed independently of the others in its batch, so padding changes nothing).
+at::Tensor sample(torch::inductor::AOTIModelPackageLoader& loader, const Constants& c,
+                  const std::vector<int64_t>& labels, const at::Tensor& noise) {
+  at::Device device(c.device);
+  auto on_device = at::TensorOptions().device(device);
+  std::vector<at::Tensor> a, b;
+  for (size_t i = 0; i < c.timesteps.size(); ++i) {
+    a.push_back(at::scalar_tensor(c.a[i], on_device.dtype(at::kFloat)));
+    b.push_back(at::scalar_tensor(c.b[i], on_device.dtype(at::kFloat)));
+  }
+  int64_t total = static_cast<int64_t>(labels.size());
+  std::vector<at::Tensor> batches;
+  for (int64_t start = 0; start < total; start += c.batch_size) {
+    int64_t count = std::min(c.batch_size, total - start);
+    at::Tensor x = at::zeros({c.batch_size, c.channels, c.size, c.size}, at::kFloat);
+    x.slice(0, 0, count).copy_(noise.slice(0, start, start + count));
+    at::Tensor y = at::zeros({c.batch_size}, at::kLong);
+    for (int64_t k = 0; k < count; ++k) y[k] = labels[start + k];
+    x = x.to(device), y = y.to(device);
+    at::Tensor t = at::empty({c.batch_size}, on_device.dtype(at::kLong));
+    for (size_t i = 0; i < c.timesteps.size(); ++i) {
+      t.fill_(c.timesteps[i]);
+      at::Tensor eps = loader.run({x, t, y})[0];
+      x = a[i] * x + b[i] * eps;
+    }
+    batches.push_back(x.slice(0, 0, count).cpu());
+  }
+  return at::cat(batches);
+}
+
+struct Arguments {
+  std::string package, out, noise, image;
+  std::vector<int64_t> labels;
+  uint64_t seed = 0;
+  bool has_seed = false;
+};
+
+int64_t parse_integer(const std::string& flag, const std::string& text) {
+  size_t used = 0;
+  int64_t value = 0;
+  try {
+    value = std::stoll(text, &used);
+  } catch (const std::exception&) {
+  }
+  if (text.empty() || used != text.size()) throw UsageError(flag + ": expected an integer, got '" + text + "'");
+  return value;
+}
+
+Arguments parse_arguments(int argc, char** argv) {
+  Arguments args;
+  for (int i = 1; i < argc; ++i) {
+    std::string flag = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) throw UsageError(flag + ": expected a value");
+      return argv[++i];
+    };
+    if (flag == "-h" || flag == "--help") {
+      std::cout << USAGE;
+      std::exit(0);
+    } else if (flag == "--out") {
+      args.out = value();
+    } else if (flag == "--noise") {
+      args.noise = value();
+    } else if (flag == "--image") {
+      args.image = value();
+    } else if (flag == "--seed") {
+      int64_t seed = parse_integer(flag, value());
+      if (seed < 0) throw UsageError("--seed: expected an integer >= 0, got " + std::to_string(seed));
+      args.seed = static_cast<uint64_t>(seed), args.has_seed = true;
+    } else if (flag == "--labels") {
+      while (i + 1 < argc && std::string(argv[i + 1]).rfind("--", 0) != 0)
+        args.labels.push_back(parse_integer(flag, argv[++i]));
+      if (args.labels.empty()) throw UsageError("--labels: expected one or more class ids");
+    } else if (flag.rfind("-", 0) == 0) {
+      throw UsageError("unknown option " + flag);
+    } else if (args.package.empty()) {
+      args.package = flag;
+    } else {
+      throw UsageError("unexpected argument " + flag + " (one MODEL.pt2 only)");
+    }
+  }
+  if (args.package.empty()) throw UsageError("no package given: fastdit-run MODEL.pt2 --out OUT.npy (see --help)");
+  if (args.out.empty()) throw UsageError("--out: required (the .npy file to write)");
+  if (!args.noise.empty() && args.has_seed) throw UsageError("--noise and --seed: pass one, not both");
+  return args;
+}
+
+int run(int argc, char** argv) {
+  Arguments args = parse_arguments(argc, argv);
+  std::string json_path = args.package.substr(0, args.package.rfind(".pt2")) + ".json";
+  if (args.package.size() < 4 || args.package.compare(args.package.size() - 4, 4, ".pt2") != 0)
+    throw UsageError("expected a package ending in .pt2 (fastdit export --out MODEL.pt2), got " + args.package);
+  if (access(args.package.c_str(), R_OK) != 0) throw UsageError("package not found or unreadable: " + args.package);
+  Constants c = read_constants(json_path);
+  if (!args.image.empty() && !c.pixels)
+    throw UsageError("--image: this model samples latents (" + std::to_string(c.channels) +
+                     " channels), not pixels; decode OUT.npy with the VAE instead");
+
+  at::Tensor noise;
+  if (!args.noise.empty()) {
+    noise = read_npy(args.noise);
+    bool fits = noise.dim() == 4 && noise.size(0) > 0 && noise.size(1) == c.channels && noise.size(2) == c.size &&
+                noise.size(3) == c.size;
+    if (!fits)
+      throw UsageError("--noise: expected shape (N, " + std::to_string(c.channels) + ", " + std::to_string(c.size) +
+                       ", " + std::to_string(c.size) + "), got " + c10::str(noise.sizes()));
+    if (!args.labels.empty() && static_cast<int64_t>(args.labels.size()) != noise.size(0))
+      throw UsageError("--labels: " + std::to_string(args.labels.size()) + " labels for " +
+                       std::to_string(noise.size(0)) + " noise images; pass one label per image");
+  }
+  if (args.labels.empty()) {
+    int64_t count = noise.defined() ? noise.size(0) : c.batch_size;
+    for (int64_t k = 0; k < count; ++k) args.labels.push_back(k % c.num_classes);
+  }
+  for (int64_t label : args.labels)
+    if (label < 0 || label >= c.num_classes)
+      throw UsageError("--labels: class ids must be in [0, " + std::to_string(c.num_classes - 1) + "] (the model has " +
+                       std::to_string(c.num_classes) + " classes), got " + std::to_string(label));
+  if (!noise.defined()) noise = seeded_noise(args.seed, static_cast<int64_t>(args.labels.size()), c);
+
+  auto started = std::chrono::steady_clock::now();
+  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> loader;
+  try {
+    loader = std::make_unique<torch::inductor::AOTIModelPackageLoader>(args.package);
+  } catch (const std::exception& error) {
+    std::string message = error.what();
+    throw UsageError("cannot load package " + args.package + ": " + message.substr(0, message.find('\n')));
+  }
+  at::Tensor samples = sample(*loader, c, args.labels, noise);
+  double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  write_atomic(args.out, npy_bytes(samples));
+  if (!args.image.empty()) write_atomic(args.image, grid_bytes(samples));
+  std::printf("fastdit-run: wrote %s (%lld images, ddim %zu steps, %.2f s)\n", args.out.c_str(),
+              static_cast<long long>(samples.size(0)), c.timesteps.size(), seconds);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const UsageError& error) {
+    std::cerr << "fastdit-run: error: " << error.what() << "\n";
+    return 2;
+  } catch (const std::exception& error) {
+    std::string message = error.what();
+    std::cerr << "fastdit-run: error: " << message.substr(0, message.find('\n')) << "\n";
+    return 1;
+  }
+}
