@@ -103,6 +103,8 @@ def run(args):
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as error:
         raise ValueError(f"--device: expected a torch device such as cpu or cuda:0, got {args.device!r}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this machine has no CUDA device (or torch was built without CUDA)")
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
 
     fast = load_model(args, "cpu", dtype)

@@ -415,11 +415,10 @@ Arguments parse_arguments(int argc, char** argv) {
 
 int run(int argc, char** argv) {
   Arguments args = parse_arguments(argc, argv);
-  std::string json_path = args.package.substr(0, args.package.rfind(".pt2")) + ".json";
   if (args.package.size() < 4 || args.package.compare(args.package.size() - 4, 4, ".pt2") != 0)
     throw UsageError("expected a package ending in .pt2 (fastdit export --out MODEL.pt2), got " + args.package);
   if (access(args.package.c_str(), R_OK) != 0) throw UsageError("package not found or unreadable: " + args.package);
-  Constants c = read_constants(json_path);
+  Constants c = read_constants(args.package.substr(0, args.package.size() - 4) + ".json");  // fastdit.export's name
   if (!args.image.empty() && !c.pixels)
     throw UsageError("--image: this model samples latents (" + std::to_string(c.channels) +
                      " channels), not pixels; decode OUT.npy with the VAE instead");

@@ -134,6 +134,7 @@ def bad_inputs(package, tmp_path):
 @pytest.mark.parametrize("arguments, message", [
     ([], "no package given"),
     (["missing.pt2", "--out", "o.npy"], "package not found"),
+    (["noise3.npy", "--out", "o.npy"], "expected a package ending in .pt2"),
     (["PACKAGE"], "--out: required"),
     (["PACKAGE", "--out", "o.npy", "--labels", "10"], "class ids must be in [0, 9]"),
     (["PACKAGE", "--out", "o.npy", "--labels", "-1"], "class ids must be in [0, 9]"),
@@ -170,6 +171,8 @@ def test_runner_errors(runner, package, bad_inputs, arguments, message):
     (["--batch-size", "0", "--out", "m.pt2"], "--batch-size: expected an integer >= 1"),
     (["--image-size", "32", "--out", "m.pt2"], "--image-size: this model makes 16 px images, got 32"),
     (["--device", "nonsense", "--out", "m.pt2"], "--device: expected a torch device"),
+    pytest.param(["--device", "cuda", "--out", "m.pt2"], "--device cuda: this machine has no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")),
 ])
 def test_export_errors(tmp_path, monkeypatch, capsys, arguments, message):
     monkeypatch.chdir(tmp_path)
