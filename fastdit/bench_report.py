@@ -96,13 +96,12 @@ def build(settings: dict, peak: dict, results: list[dict], argv: list[str]) -> d
     }
 
 
-def check_plotting() -> None:
+def check_plotting(what: str = "fastdit bench draws throughput.png") -> None:
     """Fail before a long run, not after it, when matplotlib is missing."""
     try:
         import matplotlib  # noqa: F401
     except ImportError as error:
-        raise ImportError(f"fastdit bench draws throughput.png with matplotlib, which is not importable ({error}); "
-                          "pip install matplotlib") from None
+        raise ImportError(f"{what} with matplotlib, which is not importable ({error}); pip install matplotlib") from None
 
 
 def _configurations(results, workload):
@@ -117,7 +116,8 @@ def _implementations(results):
     return list(dict.fromkeys(result["implementation"] for result in results))
 
 
-def _table(header, rows):
+def markdown_table(header, rows) -> list[str]:
+    """Lines of a markdown table: the first column left-aligned, the others right-aligned."""
     lines = ["| " + " | ".join(header) + " |", "| --- | ---: |" + " ---: |" * (len(header) - 2)]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
@@ -161,11 +161,11 @@ def markdown(report: dict) -> str:
     for workload in dict.fromkeys(result["workload"] for result in results):
         configurations = _configurations(results, workload)
         lines += ["", f"## {workload}", "", "Images/s (speedup):", ""]
-        lines += _table(["model", "batch"] + implementations,
+        lines += markdown_table(["model", "batch"] + implementations,
                         [[model, str(batch)] + [_throughput_cell(cells.get(name)) for name in implementations]
                          for (model, batch), cells in configurations.items()])
         lines += ["", "TFLOP/s · MFU" + (" · of datasheet:" if datasheet else ":"), ""]
-        lines += _table(["model", "batch"] + implementations,
+        lines += markdown_table(["model", "batch"] + implementations,
                         [[model, str(batch)] + [_efficiency_cell(cells.get(name)) for name in implementations]
                          for (model, batch), cells in configurations.items()])
     missing = [result for result in results if result["status"] != "ok"]
