@@ -1,9 +1,10 @@
 """`fastdit export` and the C++ runner `fastdit-run` (native/fastdit_run.cpp, CMakeLists.txt).
 
-The bundled digits model is exported once (10 DDIM steps, batch 4) and the runner built once, into temporary
-directories (module fixtures; one xdist group, so one worker does both). The runner's samples are checked against
-``fastdit.sample(..., sampler="ddim")`` for the same weights, noise and labels; bad arguments of both commands must
-fail with one line on stderr, exit status 2 and nothing written. Only a machine without a C++ compiler skips the runner.
+The bundled digits model is exported once (10 DDIM steps, batch 4) and the runner built once per test session,
+into temporary directories that the pytest-xdist workers share (under a file lock: whichever worker comes first
+does the work). The runner's samples are checked against ``fastdit.sample(..., sampler="ddim")`` for the same
+weights, noise and labels; bad arguments of both commands must fail with one line on stderr, exit status 2 and
+nothing written. Only a machine without a C++ compiler skips the runner.
 """
 import json
 import os
@@ -14,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 
 import fastdit
 from fastdit import images, reference
@@ -24,19 +26,32 @@ from fastdit.sample_cli import BUNDLED_MODEL
 from fastdit.samplers import make_solver
 from fastdit.sampling import ImageNoise
 
-pytestmark = pytest.mark.xdist_group("export")
-
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, BATCH, CFG_SCALE = 10, 4, 4.0
 SHAPE = (1, 16, 16)  # the digits model: 16x16 grey pixels
 LABELS = [3, 1, 4, 1, 5, 9]  # more than one batch: the runner pads the last one
 
 
+def once_per_session(tmp_path_factory, name, make):
+    """The directory ``name`` of this test session, filled by ``make(directory)`` by the first worker to ask.
+    (pytest-xdist's xdist_group would keep these tests on one worker, but with pytest 9 it is silently ignored.)"""
+    base = tmp_path_factory.getbasetemp()
+    directory = (base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / name  # the workers' common parent
+    with FileLock(f"{directory}.lock"):
+        if not (directory / "done").exists():
+            directory.mkdir(exist_ok=True)
+            make(directory)
+            (directory / "done").touch()
+    return directory
+
+
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
-    out = tmp_path_factory.mktemp("export") / "digits.pt2"
-    assert main(["export", "--steps", str(STEPS), "--batch-size", str(BATCH), "--out", str(out)]) == 0
-    return out
+    def export(directory):
+        out = directory / "digits.pt2"
+        assert main(["export", "--steps", str(STEPS), "--batch-size", str(BATCH), "--out", str(out)]) == 0
+
+    return once_per_session(tmp_path_factory, "export", export) / "digits.pt2"
 
 
 def run_checked(command, cwd, env=None):
@@ -49,21 +64,26 @@ def run_checked(command, cwd, env=None):
 def runner(tmp_path_factory):
     if not any(shutil.which(name) for name in ("c++", "g++", "clang++")):
         pytest.skip("no C++ compiler (c++, g++ or clang++) to build fastdit-run")
-    build = tmp_path_factory.mktemp("build")
     # cmake and ninja from PyPI (pip install 'fastdit[native]') live beside this Python.
     path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     cmake = shutil.which("cmake", path=path)
     assert cmake, "cmake not found: pip install 'fastdit[native]' (cmake and ninja from PyPI)"
     generator = ["-G", "Ninja"] if shutil.which("ninja", path=path) else []
     env = {**os.environ, "PATH": path}
-    run_checked([cmake, "-S", REPOSITORY, "-B", str(build), *generator,
-                 f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"], cwd=build, env=env)
-    run_checked([cmake, "--build", str(build)], cwd=build, env=env)
-    return str(build / "fastdit-run")
+
+    def build(directory):
+        run_checked([cmake, "-S", REPOSITORY, "-B", str(directory), *generator,
+                     f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"], cwd=directory, env=env)
+        run_checked([cmake, "--build", str(directory)], cwd=directory, env=env)
+
+    return str(once_per_session(tmp_path_factory, "build", build) / "fastdit-run")
 
 
 def run_native(runner, *arguments, cwd):
-    return subprocess.run([runner, *map(str, arguments)], check=False, cwd=cwd, capture_output=True, text=True)
+    # One thread, as conftest.py gives the tests: on two busy cores libtorch's spinning threads cost seconds.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([runner, *map(str, arguments)], check=False, cwd=cwd, env=env, capture_output=True,
+                          text=True)
 
 
 def test_constants_are_the_ddim_solvers(package):
