@@ -8,14 +8,12 @@ divided by the sum once at the end. The tokens x tokens score matrix is never st
 q, k and v are read through their (batch, token, head) strides, so the views that
 ``qkv.view(B, T, 3, H, Dh).unbind(2)`` gives need no copy, and the output is written
 contiguous (B, T, H, Dh) so that ``.view(B, T, H * Dh)`` feeds the output projection.
-
-Head dims that are not a power of two (DiT-XL: 1152 / 16 = 72) are split into a
-power-of-two part and a remainder padded to 16 (72 = 64 + 8 -> 16) rather than padded
-to 128 whole: the dots run over 80 columns instead of 128.
+The tiles (16-byte stride units, the head dim split into a power-of-two part and a
+padded tail) are shared with the backward: see attention_tiles.py.
 
 The forward also writes each query row's logsumexp of the scaled scores (fp32,
-(batch, heads, tokens)), from which the backward (attention_backward.py, imported at the
-end of this file so that importing it registers the autograd) recomputes the probabilities.
+(batch, heads, tokens)), from which the backward (attention_backward.py, registered below
+as this op's autograd) recomputes the probabilities.
 """
 import math
 
@@ -23,33 +21,18 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention_backward import attention_backward
+from .attention_tiles import (_LOG2E, _as_vector_aligned, _check_inputs, _load_tile, _program_qkv, _split_head_dim,
+                              _store_tile, _vector_strides)
 from .interpreter import dot, to_storage
 from .runtime import TRITON_INTERPRET, use_triton
-
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MAX_HEAD_DIM = 256
-_LOG2E: tl.constexpr = tl.constexpr(math.log2(math.e))
-
-
-@triton.jit
-def _load_tile(base, rows, row_vectors, row_limit, cols, COL_LIMIT: tl.constexpr, VECTOR: tl.constexpr):
-    mask = (rows[:, None] < row_limit) & (cols[None, :] < COL_LIMIT)
-    return tl.load(base + rows[:, None] * row_vectors * VECTOR + cols[None, :], mask=mask, other=0.0)
-
-
-@triton.jit
-def _head_base(ptr, batch, head, batch_vectors, head_vectors, VECTOR: tl.constexpr):
-    return ptr + (batch * batch_vectors + head * head_vectors) * VECTOR
 
 
 @triton.jit
 def _attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
     tokens, heads, qk_scale_log2,
-    # (batch, token, head) strides counted in VECTOR-element (16-byte) units: a stride like
-    # 72 or 216 elements is 16-byte aligned, but only a multiple of 16 elements would let
-    # the compiler prove it, and unproven 16-bit rows gave wrong results on an H100 with
-    # Triton 3.6. Multiplying by the constexpr VECTOR in the kernel proves it.
+    # (batch, token, head) strides counted in VECTOR-element (16-byte) units: see attention_tiles.py.
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -58,14 +41,9 @@ def _attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_KEYS: tl.constexpr, VECTOR: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    query_block = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    batch = (batch_head // heads).to(tl.int64)
-    head = (batch_head % heads).to(tl.int64)
-    q_base = _head_base(q_ptr, batch, head, stride_qb, stride_qh, VECTOR)
-    k_base = _head_base(k_ptr, batch, head, stride_kb, stride_kh, VECTOR)
-    v_base = _head_base(v_ptr, batch, head, stride_vb, stride_vh, VECTOR)
-    out_base = _head_base(out_ptr, batch, head, stride_ob, stride_oh, VECTOR)
+    query_block, _, _, row_base, q_base, k_base, v_base, out_base = _program_qkv(
+        q_ptr, k_ptr, v_ptr, out_ptr, tokens, heads,
+        stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_ob, stride_oh, VECTOR)
 
     queries = query_block * BLOCK_M + tl.arange(0, BLOCK_M)
     cols_main = tl.arange(0, HEAD_MAIN)
@@ -106,25 +84,12 @@ def _attention_fwd_kernel(
             v_tail = _load_tile(v_base, keys, stride_vt, tokens, cols_tail, HEAD_DIM, VECTOR)
             out_tail = dot(probs, v_tail, out_tail * rescale[:, None], DOT_PRECISION)
 
-    out_dtype = out_ptr.dtype.element_ty
-    store_rows = queries[:, None] < tokens
-    out_rows = out_base + queries[:, None] * stride_ot * VECTOR
-    tl.store(out_rows + cols_main[None, :], to_storage(out_main / row_sum[:, None], out_dtype),
-             mask=store_rows & (cols_main[None, :] < HEAD_DIM))
+    _store_tile(out_base, queries, stride_ot, tokens, cols_main, HEAD_DIM, VECTOR, out_main / row_sum[:, None])
     if HEAD_TAIL > 0:
-        tl.store(out_rows + cols_tail[None, :], to_storage(out_tail / row_sum[:, None], out_dtype),
-                 mask=store_rows & (cols_tail[None, :] < HEAD_DIM))
+        _store_tile(out_base, queries, stride_ot, tokens, cols_tail, HEAD_DIM, VECTOR, out_tail / row_sum[:, None])
     # Back from log2 units to the natural logsumexp that the op returns.
     lse = (row_max + tl.log2(row_sum)) / _LOG2E
-    tl.store(lse_ptr + batch_head.to(tl.int64) * tokens + queries, lse, mask=queries < tokens)
-
-
-def _split_head_dim(head_dim: int) -> tuple[int, int]:
-    """(main, tail) column widths: main is the largest power of two <= head_dim (at least
-    the 16 that tl.dot needs), tail covers the rest padded to a power of two >= 16, or 0."""
-    main = max(16, 1 << (head_dim.bit_length() - 1))
-    rest = head_dim - main
-    return main, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
+    tl.store(lse_ptr + row_base + queries, lse, mask=queries < tokens)
 
 
 def _launch_config(tokens: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
@@ -147,21 +112,6 @@ def _launch_config(tokens: int, head_dim: int, dtype: torch.dtype) -> tuple[int,
     return min(block_m, fit), min(block_n, fit), num_warps, num_stages
 
 
-def _is_vector_aligned(t: torch.Tensor) -> bool:
-    """Unit stride along head_dim and 16-byte aligned base and (batch, token, head) strides
-    (those of size-1 dims never move the pointer): what the kernel's vector loads need."""
-    vector = 16 // t.element_size()
-    strides_aligned = all(stride % vector == 0 or size == 1 for stride, size in zip(t.stride()[:3], t.shape[:3]))
-    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and strides_aligned
-
-
-def _as_vector_aligned(t: torch.Tensor) -> torch.Tensor:
-    """t itself when the kernels' 16-byte loads can read it in place (qkv.unbind views,
-    transposes, contiguous tensors), else a contiguous copy (head_dim not unit stride, or a
-    view starting mid-vector)."""
-    return t if _is_vector_aligned(t) else t.clone(memory_format=torch.contiguous_format)
-
-
 def _attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     batch, tokens, heads, head_dim = q.shape
@@ -177,7 +127,7 @@ def _attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _attention_fwd_kernel[grid](
         q, k, v, out, lse,
         tokens, heads, softmax_scale * math.log2(math.e),
-        *(stride // vector for t in (q, k, v, out) for stride in t.stride()[:3]),
+        *_vector_strides(q, k, v, out),
         HEAD_DIM=head_dim, HEAD_MAIN=head_main, HEAD_TAIL=head_tail,
         BLOCK_M=block_m, BLOCK_N=block_n,
         EVEN_KEYS=tokens % block_n == 0, VECTOR=vector,
@@ -204,29 +154,6 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return attention_reference_with_lse(q, k, v, softmax_scale)[0]
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"attention: {name} must be a tensor, got {type(t).__name__}")
-    if q.dim() != 4:
-        raise ValueError(f"attention: q must have rank 4 (batch, tokens, heads, head_dim), got shape {tuple(q.shape)}")
-    if q.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"attention: q must be float32, float16 or bfloat16, got {q.dtype}")
-    for name, t in (("k", k), ("v", v)):
-        if t.shape != q.shape:
-            raise ValueError(f"attention: {name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
-        if t.dtype != q.dtype:
-            raise TypeError(f"attention: {name} must have q's dtype {q.dtype}, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"attention: {name} must be on q's device {q.device}, got {t.device}")
-    head_dim = q.shape[-1]
-    if head_dim % 8 != 0 or head_dim > _MAX_HEAD_DIM:
-        raise ValueError(f"attention: q's last dim (head_dim) must be a multiple of 8 and at most "
-                         f"{_MAX_HEAD_DIM}, got {head_dim}")
-    if softmax_scale is not None and not (math.isfinite(softmax_scale) and softmax_scale > 0):
-        raise ValueError(f"attention: softmax_scale must be a finite positive number, got {softmax_scale}")
-
-
 @torch.library.custom_op("fastdit::attention_forward", mutates_args=())
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       softmax_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,6 +174,22 @@ def _(q, k, v, softmax_scale=None):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device), lse
 
 
+def _setup_context(ctx, inputs, output):
+    q, k, v, softmax_scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.softmax_scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+
+
+def _backward(ctx, grad_out, _grad_lse):  # lse is non-differentiable: its gradient is zero
+    q, k, v, out, lse = ctx.saved_tensors
+    return *attention_backward(grad_out, q, k, v, out, lse, ctx.softmax_scale), None
+
+
+attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * softmax_scale) v per (batch, head), non-causal, differentiable.
 
@@ -256,8 +199,3 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: 
     Returns a new contiguous (batch, tokens, heads, head_dim) tensor in q's dtype.
     """
     return attention_forward(q, k, v, softmax_scale)[0]
-
-
-# Last: the backward kernels read this module's tile helpers, and importing them registers
-# attention_forward's autograd.
-from . import attention_backward  # noqa: E402,F401

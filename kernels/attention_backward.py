@@ -9,7 +9,8 @@ stores no (T, T) matrix either. Three launches, no atomics (deterministic):
 2. one program per key block: loops over query blocks, accumulates dK and dV in registers;
 3. one program per query block: loops over key blocks, accumulates dQ in registers.
 The head-dim split (main + tail), the strided (B, T, H, Dh) reads and the 16-byte stride
-units are the forward's (see attention.py).
+units are the forward's (see attention_tiles.py). attention.py registers this op as the
+forward's autograd.
 """
 import math
 
@@ -17,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import (_LOG2E, _as_vector_aligned, _check_inputs, _head_base, _load_tile, _split_head_dim,
-                        attention_forward)
+from .attention_tiles import (_LOG2E, _as_vector_aligned, _check_inputs, _head_base, _load_tile, _program_head,
+                              _program_qkv, _split_head_dim, _store_tile, _vector_strides)
 from .interpreter import dot, to_storage
 from .runtime import TRITON_INTERPRET, use_triton
 
@@ -30,10 +31,7 @@ def _attention_bwd_delta_kernel(
     HEAD_DIM: tl.constexpr, HEAD_MAIN: tl.constexpr, HEAD_TAIL: tl.constexpr,
     BLOCK_M: tl.constexpr, VECTOR: tl.constexpr,
 ):
-    query_block = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    batch = (batch_head // heads).to(tl.int64)
-    head = (batch_head % heads).to(tl.int64)
+    query_block, batch, head, row_base = _program_head(tokens, heads)
     out_base = _head_base(out_ptr, batch, head, stride_ob, stride_oh, VECTOR)
     grad_base = _head_base(grad_out_ptr, batch, head, stride_gb, stride_gh, VECTOR)
     queries = query_block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -46,14 +44,7 @@ def _attention_bwd_delta_kernel(
         out_tail = _load_tile(out_base, queries, stride_ot, tokens, cols_tail, HEAD_DIM, VECTOR).to(tl.float32)
         grad_tail = _load_tile(grad_base, queries, stride_gt, tokens, cols_tail, HEAD_DIM, VECTOR).to(tl.float32)
         delta += tl.sum(out_tail * grad_tail, 1)
-    tl.store(delta_ptr + batch_head.to(tl.int64) * tokens + queries, delta, mask=queries < tokens)
-
-
-@triton.jit
-def _store_tile(base, rows, row_vectors, row_limit, cols, COL_LIMIT: tl.constexpr, VECTOR: tl.constexpr, tile):
-    mask = (rows[:, None] < row_limit) & (cols[None, :] < COL_LIMIT)
-    tl.store(base + rows[:, None] * row_vectors * VECTOR + cols[None, :], to_storage(tile, base.dtype.element_ty),
-             mask=mask)
+    tl.store(delta_ptr + row_base + queries, delta, mask=queries < tokens)
 
 
 @triton.jit
@@ -69,15 +60,9 @@ def _attention_bwd_key_kernel(
     HEAD_DIM: tl.constexpr, HEAD_MAIN: tl.constexpr, HEAD_TAIL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VECTOR: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    key_block = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    batch = (batch_head // heads).to(tl.int64)
-    head = (batch_head % heads).to(tl.int64)
-    q_base = _head_base(q_ptr, batch, head, stride_qb, stride_qh, VECTOR)
-    k_base = _head_base(k_ptr, batch, head, stride_kb, stride_kh, VECTOR)
-    v_base = _head_base(v_ptr, batch, head, stride_vb, stride_vh, VECTOR)
-    grad_base = _head_base(grad_out_ptr, batch, head, stride_gb, stride_gh, VECTOR)
-    row_base = batch_head.to(tl.int64) * tokens
+    key_block, batch, head, row_base, q_base, k_base, v_base, grad_base = _program_qkv(
+        q_ptr, k_ptr, v_ptr, grad_out_ptr, tokens, heads,
+        stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_gb, stride_gh, VECTOR)
 
     keys = key_block * BLOCK_N + tl.arange(0, BLOCK_N)
     cols_main = tl.arange(0, HEAD_MAIN)
@@ -140,15 +125,9 @@ def _attention_bwd_query_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_KEYS: tl.constexpr, VECTOR: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    query_block = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    batch = (batch_head // heads).to(tl.int64)
-    head = (batch_head % heads).to(tl.int64)
-    q_base = _head_base(q_ptr, batch, head, stride_qb, stride_qh, VECTOR)
-    k_base = _head_base(k_ptr, batch, head, stride_kb, stride_kh, VECTOR)
-    v_base = _head_base(v_ptr, batch, head, stride_vb, stride_vh, VECTOR)
-    grad_base = _head_base(grad_out_ptr, batch, head, stride_gb, stride_gh, VECTOR)
-    row_base = batch_head.to(tl.int64) * tokens
+    query_block, batch, head, row_base, q_base, k_base, v_base, grad_base = _program_qkv(
+        q_ptr, k_ptr, v_ptr, grad_out_ptr, tokens, heads,
+        stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_gb, stride_gh, VECTOR)
 
     queries = query_block * BLOCK_M + tl.arange(0, BLOCK_M)
     cols_main = tl.arange(0, HEAD_MAIN)
@@ -215,23 +194,19 @@ def _attention_backward_triton(grad_out, q, k, v, out, lse, softmax_scale):
                               for _ in range(3))
     delta = torch.empty((batch, heads, tokens), dtype=torch.float32, device=q.device)
     vector = 16 // q.element_size()
-
-    def strides(*tensors):
-        return [stride // vector for t in tensors for stride in t.stride()[:3]]
-
     head_args = dict(HEAD_DIM=head_dim, HEAD_MAIN=head_main, HEAD_TAIL=head_tail, VECTOR=vector)
     dot_args = dict(DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                     num_warps=num_warps, num_stages=num_stages)
     scales = (softmax_scale, softmax_scale * math.log2(math.e))
     grid = (triton.cdiv(tokens, outer), batch * heads)  # one program per outer block of every (batch, head)
     _attention_bwd_delta_kernel[grid](
-        out, grad_out, delta, tokens, heads, *strides(out, grad_out), BLOCK_M=outer, **head_args)
+        out, grad_out, delta, tokens, heads, *_vector_strides(out, grad_out), BLOCK_M=outer, **head_args)
     _attention_bwd_key_kernel[grid](
         q, k, v, grad_out, lse, delta, grad_k, grad_v, tokens, heads, *scales,
-        *strides(q, k, v, grad_out, grad_k, grad_v), BLOCK_M=inner, BLOCK_N=outer, **head_args, **dot_args)
+        *_vector_strides(q, k, v, grad_out, grad_k, grad_v), BLOCK_M=inner, BLOCK_N=outer, **head_args, **dot_args)
     _attention_bwd_query_kernel[grid](
         q, k, v, grad_out, lse, delta, grad_q, tokens, heads, *scales,
-        *strides(q, k, v, grad_out, grad_q), BLOCK_M=outer, BLOCK_N=inner,
+        *_vector_strides(q, k, v, grad_out, grad_q), BLOCK_M=outer, BLOCK_N=inner,
         EVEN_KEYS=tokens % inner == 0, **head_args, **dot_args)
     return grad_q, grad_k, grad_v
 
@@ -271,18 +246,3 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 def _(grad_out, q, k, v, out, lse, softmax_scale):
     return tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
 
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, softmax_scale = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.softmax_scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-
-
-def _backward(ctx, grad_out, _grad_lse):  # lse is non-differentiable: its gradient is zero
-    q, k, v, out, lse = ctx.saved_tensors
-    return *attention_backward(grad_out, q, k, v, out, lse, ctx.softmax_scale), None
-
-
-attention_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -18,6 +18,10 @@ from .modulate import (
     TOKENS_PER_PROGRAM,
     _layernorm_modulate,
     _layernorm_modulate_backward,
+    _program_row,
+    _program_token_block,
+    _store_partial,
+    _token_tile,
     backward_launch_config,
     check_hidden_states,
     check_modulation,
@@ -42,12 +46,7 @@ def _gated_residual_kernel(
     NORMALIZE: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # int64 so that row * D cannot overflow on large batches of long sequences
-    row = tl.program_id(0).to(tl.int64)
-    batch = row // tokens
-    token = row % tokens
-    columns = tl.arange(0, BLOCK_D)
-    mask = columns < D
+    row, batch, token, columns, mask = _program_row(tokens, D, BLOCK_D)
 
     x = tl.load(x_ptr + batch * x_stride_batch + token * x_stride_token + columns, mask=mask, other=0.0)
     y = tl.load(y_ptr + batch * y_stride_batch + token * y_stride_token + columns, mask=mask, other=0.0)
@@ -81,11 +80,8 @@ def _gated_residual_backward_kernel(
     TILE_TOKENS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    program = tl.program_id(0).to(tl.int64)
-    batch = program // token_blocks
-    first_token = (program % token_blocks) * TOKENS_PER_PROGRAM
-    last_token = tl.minimum(first_token + TOKENS_PER_PROGRAM, tokens)
-    columns = tl.arange(0, BLOCK_D)
+    program, batch, first_token, last_token, columns = _program_token_block(
+        tokens, token_blocks, TOKENS_PER_PROGRAM, BLOCK_D)
 
     grad_residual_ptr += batch * grad_residual_stride_batch
     y_ptr += batch * y_stride_batch
@@ -101,8 +97,7 @@ def _gated_residual_backward_kernel(
         grad_shift = tl.zeros([TILE_TOKENS, BLOCK_D], dtype=tl.float32)
         grad_scale = tl.zeros([TILE_TOKENS, BLOCK_D], dtype=tl.float32)
     for tile_start in range(first_token, last_token, TILE_TOKENS):
-        token = (tile_start + tl.arange(0, TILE_TOKENS))[:, None]
-        mask = (token < last_token) & (columns[None, :] < D)
+        token, mask = _token_tile(tile_start, last_token, columns, D, TILE_TOKENS)
         grad_residual_offsets = token * grad_residual_stride_token + columns[None, :]
         grad = tl.load(grad_residual_ptr + grad_residual_offsets, mask=mask, other=0.0).to(tl.float32)
         out_offsets = token * D + columns[None, :]
@@ -120,10 +115,10 @@ def _gated_residual_backward_kernel(
         y = tl.load(y_ptr + token * y_stride_token + columns[None, :], mask=mask, other=0.0)
         grad_gate += grad * y.to(tl.float32)
         tl.store(grad_y_ptr + out_offsets, to_storage(grad * gate[None, :], grad_y_ptr.dtype.element_ty), mask=mask)
-    tl.store(partial_grad_gate_ptr + program * D + columns, tl.sum(grad_gate, axis=0), mask=columns < D)
+    _store_partial(partial_grad_gate_ptr, program, D, columns, grad_gate)
     if NORMALIZE:
-        tl.store(partial_grad_shift_ptr + program * D + columns, tl.sum(grad_shift, axis=0), mask=columns < D)
-        tl.store(partial_grad_scale_ptr + program * D + columns, tl.sum(grad_scale, axis=0), mask=columns < D)
+        _store_partial(partial_grad_shift_ptr, program, D, columns, grad_shift)
+        _store_partial(partial_grad_scale_ptr, program, D, columns, grad_scale)
 
 
 def _gated_residual_triton(x, gate, y, shift=None, scale=None, eps=1e-6):

@@ -9,7 +9,8 @@ Under ``torch.autocast`` the residual stream ``x`` stays fp32 while shift/scale 
 bf16/fp16 linear: the output is then in shift's dtype (it feeds a GEMM that would cast it anyway).
 
 The per-row math lives in ``_layernorm_modulate`` (and its backward) so that the fused residual
-op in ``gated_residual.py`` reuses it, together with the launch and validation helpers below.
+op in ``gated_residual.py`` reuses it, together with the backward's token-block helpers and the
+launch and validation helpers below.
 """
 import torch
 import torch.nn.functional as F
@@ -68,6 +69,39 @@ def _layernorm_modulate_backward(rows, mask, grad, scale, D, eps):
 
 
 @triton.jit
+def _program_row(tokens, D, BLOCK_D: tl.constexpr):
+    """(row, batch, token, columns, mask) of a forward program: the grid is (batch * tokens,), each
+    program one token's row of D columns; int64 so that row * D cannot overflow on large batches
+    of long sequences."""
+    row = tl.program_id(0).to(tl.int64)
+    columns = tl.arange(0, BLOCK_D)
+    return row, row // tokens, row % tokens, columns, columns < D
+
+
+@triton.jit
+def _program_token_block(tokens, token_blocks, TOKENS_PER_PROGRAM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(program, batch, first_token, last_token, columns) of a backward program: the grid is
+    (batch * token_blocks,), each program one block of one sample's tokens; int64 offsets."""
+    program = tl.program_id(0).to(tl.int64)
+    first_token = (program % token_blocks) * TOKENS_PER_PROGRAM
+    last_token = tl.minimum(first_token + TOKENS_PER_PROGRAM, tokens)
+    return program, program // token_blocks, first_token, last_token, tl.arange(0, BLOCK_D)
+
+
+@triton.jit
+def _token_tile(tile_start, last_token, columns, D, TILE_TOKENS: tl.constexpr):
+    """(token, mask) of the (TILE_TOKENS, columns) tile from tile_start: token is a column vector."""
+    token = (tile_start + tl.arange(0, TILE_TOKENS))[:, None]
+    return token, (token < last_token) & (columns[None, :] < D)
+
+
+@triton.jit
+def _store_partial(partial_ptr, program, D, columns, tile_sums):
+    """One program's fp32 partial row of a per-sample grad: the column sums of its tile accumulator."""
+    tl.store(partial_ptr + program * D + columns, tl.sum(tile_sums, axis=0), mask=columns < D)
+
+
+@triton.jit
 def _modulate_layernorm_kernel(
     x_ptr, shift_ptr, scale_ptr, out_ptr,
     tokens, D,
@@ -75,12 +109,7 @@ def _modulate_layernorm_kernel(
     eps,
     BLOCK_D: tl.constexpr,
 ):
-    # int64 so that row * D cannot overflow on large batches of long sequences
-    row = tl.program_id(0).to(tl.int64)
-    batch = row // tokens
-    token = row % tokens
-    columns = tl.arange(0, BLOCK_D)
-    mask = columns < D
+    row, batch, token, columns, mask = _program_row(tokens, D, BLOCK_D)
 
     x = tl.load(x_ptr + batch * x_stride_batch + token * x_stride_token + columns, mask=mask, other=0.0)
     shift = tl.load(shift_ptr + batch * shift_stride_batch + columns, mask=mask, other=0.0)
@@ -99,11 +128,8 @@ def _modulate_layernorm_backward_kernel(
     TILE_TOKENS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    program = tl.program_id(0).to(tl.int64)
-    batch = program // token_blocks
-    first_token = (program % token_blocks) * TOKENS_PER_PROGRAM
-    last_token = tl.minimum(first_token + TOKENS_PER_PROGRAM, tokens)
-    columns = tl.arange(0, BLOCK_D)
+    program, batch, first_token, last_token, columns = _program_token_block(
+        tokens, token_blocks, TOKENS_PER_PROGRAM, BLOCK_D)
 
     grad_ptr += batch * grad_stride_batch
     x_ptr += batch * x_stride_batch
@@ -112,16 +138,15 @@ def _modulate_layernorm_backward_kernel(
     grad_shift = tl.zeros([TILE_TOKENS, BLOCK_D], dtype=tl.float32)
     grad_scale = tl.zeros([TILE_TOKENS, BLOCK_D], dtype=tl.float32)
     for tile_start in range(first_token, last_token, TILE_TOKENS):
-        token = (tile_start + tl.arange(0, TILE_TOKENS))[:, None]
-        mask = (token < last_token) & (columns[None, :] < D)
+        token, mask = _token_tile(tile_start, last_token, columns, D, TILE_TOKENS)
         grad = tl.load(grad_ptr + token * grad_stride_token + columns[None, :], mask=mask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + token * x_stride_token + columns[None, :], mask=mask, other=0.0)
         grad_x, xhat = _layernorm_modulate_backward(x.to(tl.float32), mask, grad, scale[None, :], D, eps)
         grad_shift += grad
         grad_scale += grad * xhat
         tl.store(grad_x_ptr + token * D + columns[None, :], to_storage(grad_x, grad_x_ptr.dtype.element_ty), mask=mask)
-    tl.store(partial_grad_shift_ptr + program * D + columns, tl.sum(grad_shift, axis=0), mask=columns < D)
-    tl.store(partial_grad_scale_ptr + program * D + columns, tl.sum(grad_scale, axis=0), mask=columns < D)
+    _store_partial(partial_grad_shift_ptr, program, D, columns, grad_shift)
+    _store_partial(partial_grad_scale_ptr, program, D, columns, grad_scale)
 
 
 def row_launch_config(hidden_size: int) -> tuple[int, int]:

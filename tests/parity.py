@@ -21,6 +21,13 @@ KERNEL_TOLERANCE = {
 }
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# (x dtype, dtype of the other inputs): one dtype everywhere, or autocast's fp32 residual stream
+# with half-precision modulation
+DTYPE_PAIRS = [(dtype, dtype) for dtype in DTYPES] + [(torch.float32, torch.float16), (torch.float32, torch.bfloat16)]
+
+# (batch, tokens, hidden_size) of the per-token ops: batch 1, token counts off any block size,
+# DiT hidden sizes, and hidden sizes that are not a power of two
+HIDDEN_STATE_SHAPES = [(1, 1, 384), (2, 7, 72), (3, 33, 1152), (2, 100, 200), (1, 16, 768), (2, 5, 1024)]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Kernel-vs-reference tests need the Triton path: on the torch path an op is its own reference.
@@ -40,3 +47,22 @@ def assert_parity(actual: torch.Tensor, expected: torch.Tensor, tolerance: float
     error = relative_max_error(actual, expected)
     assert error <= tolerance, f"{what}: relative max error {error:.3e} > {tolerance:.1e}"
 
+
+def assert_grads_match(actual, expected, inputs, names):
+    """Each grad has its input's dtype and shape and is within that dtype's tolerance of the expected one."""
+    for name, grad, exact, tensor in zip(names, actual, expected, inputs):
+        assert grad.dtype == tensor.dtype and grad.shape == tensor.shape, f"grad of {name}: {grad.dtype} {grad.shape}"
+        assert_parity(grad, exact, KERNEL_TOLERANCE[grad.dtype], f"grad of {name}")
+
+
+
+def assert_compiled_matches_eager(run, fn, names):
+    """``run(fn)`` returns tensors (outputs, grads): run with ``torch.compile(fn, fullgraph=True)``
+    it must return them bit for bit as with eager ``fn``, from the same seed."""
+    torch.manual_seed(0)
+    eager = run(fn)
+    torch.manual_seed(0)
+    compiled = run(torch.compile(fn, fullgraph=True))
+    assert len(compiled) == len(eager) == len(names)
+    for name, actual, expected in zip(names, compiled, eager):
+        assert torch.equal(actual, expected), name

@@ -2,7 +2,8 @@ import math
 
 import pytest
 import torch
-from parity import DEVICE, DTYPES, KERNEL_TOLERANCE, assert_parity, relative_max_error, requires_triton
+from parity import (DEVICE, DTYPES, KERNEL_TOLERANCE, assert_compiled_matches_eager, assert_parity, relative_max_error,
+                    requires_triton)
 
 from fastdit.kernels.attention import attention, attention_forward, attention_reference, attention_reference_with_lse
 from fastdit.kernels.attention_backward import attention_backward, attention_backward_reference
@@ -294,13 +295,12 @@ def test_torch_compile_fullgraph_forward_and_backward_match_eager():
 
     qkv = torch.randn(2, 9, 3 * 2 * 72, device=DEVICE, requires_grad=True)
     grad_out = torch.randn(2, 9, 2 * 72, device=DEVICE)
-    compiled = torch.compile(self_attention, fullgraph=True)
-    results = []
-    for fn in (compiled, self_attention):
+
+    def forward_and_backward(fn):
         out = fn(qkv, 2)
-        (grad_qkv,) = torch.autograd.grad(out, qkv, grad_out)
-        results.append((out, grad_qkv))
-    assert all(torch.equal(c, e) for c, e in zip(*results))
+        return out, *torch.autograd.grad(out, qkv, grad_out)
+
+    assert_compiled_matches_eager(forward_and_backward, self_attention, ("output", "grad of qkv"))
 
 
 def test_opcheck():

@@ -1,6 +1,7 @@
 import pytest
 import torch
-from parity import DEVICE, DTYPES, KERNEL_TOLERANCE, assert_parity, relative_max_error, requires_triton
+from parity import (DEVICE, DTYPE_PAIRS, DTYPES, HIDDEN_STATE_SHAPES, KERNEL_TOLERANCE, assert_compiled_matches_eager,
+                    assert_grads_match, assert_parity, relative_max_error, requires_triton)
 
 from fastdit.kernels.gated_residual import (
     gated_residual,
@@ -14,8 +15,8 @@ from fastdit.kernels.gated_residual import (
 from fastdit.kernels.modulate import modulate_layernorm, modulate_layernorm_reference
 
 
-# batch 1, token counts off any block size, DiT hidden sizes, and hidden sizes that are not a power of two
-SHAPES = [(1, 1, 384), (2, 7, 72), (3, 33, 1152), (2, 100, 200), (1, 16, 768), (2, 5, 1024)]
+# The op's inputs in order; grads of a prefix of them (x, gate, y) take the first names.
+GRAD_NAMES = ("x", "gate", "y", "shift", "scale")
 
 
 def make_inputs(batch, tokens, hidden_size, dtype, strided, x_dtype=None):
@@ -75,16 +76,10 @@ def output_grads(x, shift):
     return torch.randn(x.shape, device=DEVICE).to(x.dtype), torch.randn(x.shape, device=DEVICE).to(shift.dtype)
 
 
-def assert_grads_match(actual, expected, inputs, names=("x", "gate", "y", "shift", "scale")):
-    for name, grad, exact, tensor in zip(names, actual, expected, inputs):
-        assert grad.dtype == tensor.dtype and grad.shape == tensor.shape, f"grad of {name}: {grad.dtype} {grad.shape}"
-        assert_parity(grad, exact, KERNEL_TOLERANCE[grad.dtype], f"grad of {name}")
-
-
 @requires_triton
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("shape", HIDDEN_STATE_SHAPES, ids=str)
 def test_gated_residual_matches_reference(shape, dtype, strided):
     x, gate, y, _, _ = make_inputs(*shape, dtype, strided)
     residual = gated_residual(x, gate, y)
@@ -95,7 +90,7 @@ def test_gated_residual_matches_reference(shape, dtype, strided):
 @requires_triton
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("shape", HIDDEN_STATE_SHAPES, ids=str)
 def test_fused_matches_reference(shape, dtype, strided):
     x, gate, y, shift, scale = make_inputs(*shape, dtype, strided)
     residual, normed = gated_residual_modulate_layernorm(x, gate, y, shift, scale)
@@ -169,33 +164,29 @@ def test_mixed_dtypes(dtype):
 # Gradient tests run on every kernel path: off Triton the backward ops compute the same formulas in
 # torch, not autograd through the reference, so the comparison is never the reference with itself.
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("shape", HIDDEN_STATE_SHAPES, ids=str)
 def test_backward_matches_reference(shape, dtype):
     # The backward ops called directly: through autograd the forward kernels would double the run time
     # under the interpreter; the autograd wiring is tested below, for every dtype.
     x, gate, y, shift, scale = inputs = make_inputs(*shape, dtype, strided=True)
     grad_residual, grad_normed = output_grads(x, shift)
     actual = (grad_residual, *gated_residual_backward(grad_residual, gate, y))
-    assert_grads_match(actual, expected_gated_residual_grads(x, gate, y, grad_residual), (x, gate, y))
+    assert_grads_match(actual, expected_gated_residual_grads(x, gate, y, grad_residual), (x, gate, y), GRAD_NAMES)
     stored_residual = gated_residual_reference(x, gate, y)
     actual = gated_residual_modulate_layernorm_backward(
         grad_residual, grad_normed, stored_residual, gate, y, scale, 1e-6
     )
-    assert_grads_match(actual, expected_fused_grads(*inputs, grad_residual, grad_normed), inputs)
-
-
-# (x dtype, dtype of y/gate/shift/scale): one dtype everywhere, or autocast's fp32 residual stream
-DTYPE_PAIRS = [(dtype, dtype) for dtype in DTYPES] + [(torch.float32, torch.float16), (torch.float32, torch.bfloat16)]
+    assert_grads_match(actual, expected_fused_grads(*inputs, grad_residual, grad_normed), inputs, GRAD_NAMES)
 
 
 @pytest.mark.parametrize("x_dtype, dtype", DTYPE_PAIRS, ids=str)
 def test_autograd_grads_match_reference(x_dtype, dtype):
     inputs = make_inputs(2, 33, 384, dtype, strided=True, x_dtype=x_dtype)
     grads = output_grads(inputs[0], inputs[3])
-    assert_grads_match(fused_grads(*inputs, *grads), expected_fused_grads(*inputs, *grads), inputs)
+    assert_grads_match(fused_grads(*inputs, *grads), expected_fused_grads(*inputs, *grads), inputs, GRAD_NAMES)
     x, gate, y = inputs[:3]
     actual = torch.autograd.grad(gated_residual(x, gate, y), (x, gate, y), grads[0])
-    assert_grads_match(actual, expected_gated_residual_grads(x, gate, y, grads[0]), (x, gate, y))
+    assert_grads_match(actual, expected_gated_residual_grads(x, gate, y, grads[0]), (x, gate, y), GRAD_NAMES)
 
 
 def test_fused_grads_contiguous_inputs_and_normed_unused():
@@ -205,7 +196,7 @@ def test_fused_grads_contiguous_inputs_and_normed_unused():
     weight = torch.randn(x.shape, device=DEVICE)
     actual = torch.autograd.grad((residual * weight).sum(), inputs)
     expected = expected_fused_grads(*inputs, weight, torch.zeros_like(weight))
-    assert_grads_match(actual, expected, inputs)
+    assert_grads_match(actual, expected, inputs, GRAD_NAMES)
 
 
 def test_torch_backward_formulas_match_autograd():
@@ -214,9 +205,9 @@ def test_torch_backward_formulas_match_autograd():
     grad_residual, grad_normed = output_grads(x, shift)
     residual = gated_residual_reference(x, gate, y)
     actual = gated_residual_modulate_layernorm_backward_reference(grad_residual, grad_normed, residual, gate, y, scale)
-    assert_grads_match(actual, expected_fused_grads(*inputs, grad_residual, grad_normed), inputs)
+    assert_grads_match(actual, expected_fused_grads(*inputs, grad_residual, grad_normed), inputs, GRAD_NAMES)
     actual = (grad_residual, *gated_residual_backward_reference(grad_residual, gate, y))
-    assert_grads_match(actual, expected_gated_residual_grads(x, gate, y, grad_residual), (x, gate, y))
+    assert_grads_match(actual, expected_gated_residual_grads(x, gate, y, grad_residual), (x, gate, y), GRAD_NAMES)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -296,13 +287,8 @@ def test_torch_compile_fullgraph_matches_eager():
         residual, normed = tail(*inputs)
         return residual, normed, *torch.autograd.grad((residual * residual).sum() + normed.sum(), inputs)
 
-    torch.manual_seed(0)
-    eager = training_step(block_tail)
-    torch.manual_seed(0)
-    compiled = training_step(torch.compile(block_tail, fullgraph=True))
     names = ("residual", "normed", "grad of x", "grad of attention_out", "grad of mlp_out", "grad of modulation")
-    for name, actual, expected in zip(names, compiled, eager):
-        assert torch.equal(actual, expected), name
+    assert_compiled_matches_eager(training_step, block_tail, names)
 
 
 def test_opcheck():

@@ -1,6 +1,7 @@
 import pytest
 import torch
-from parity import DEVICE, DTYPES, KERNEL_TOLERANCE, assert_parity, relative_max_error, requires_triton
+from parity import (DEVICE, DTYPE_PAIRS, DTYPES, HIDDEN_STATE_SHAPES, KERNEL_TOLERANCE, assert_compiled_matches_eager,
+                    assert_grads_match, assert_parity, relative_max_error, requires_triton)
 
 from fastdit.kernels.modulate import (
     modulate_layernorm,
@@ -10,8 +11,7 @@ from fastdit.kernels.modulate import (
 )
 
 
-# batch 1, token counts off any block size, DiT hidden sizes, and hidden sizes that are not a power of two
-SHAPES = [(1, 1, 384), (2, 7, 72), (3, 33, 1152), (2, 100, 200), (1, 16, 768), (2, 5, 1024)]
+GRAD_NAMES = ("x", "shift", "scale")
 
 
 def make_x(batch, tokens, hidden_size, dtype, layout="contiguous"):
@@ -50,16 +50,10 @@ def expected_grads(x, shift, scale, grad, eps=1e-6):
     return torch.autograd.grad(modulate_layernorm_reference(*inputs, eps), inputs, grad.float())
 
 
-def assert_grads_match(actual, expected, inputs):
-    for name, grad, exact, tensor in zip(("x", "shift", "scale"), actual, expected, inputs):
-        assert grad.dtype == tensor.dtype and grad.shape == tensor.shape, f"grad of {name}: {grad.dtype} {grad.shape}"
-        assert_parity(grad, exact, KERNEL_TOLERANCE[grad.dtype], f"grad of {name}")
-
-
 @requires_triton
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("shape", HIDDEN_STATE_SHAPES, ids=str)
 def test_matches_reference(shape, dtype, strided):
     batch, tokens, hidden_size = shape
     x = make_x(*shape, dtype, "token-slice" if strided else "contiguous")
@@ -132,7 +126,7 @@ def test_mixed_dtypes_output_in_shift_dtype():
 # Gradient tests run on every kernel path: off Triton the backward op computes the same formulas in
 # torch, not autograd through the reference, so the comparison is never the reference with itself.
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("shape", HIDDEN_STATE_SHAPES, ids=str)
 def test_backward_matches_reference(shape, dtype):
     # The backward op called directly: through autograd the forward kernel would double the run time
     # under the interpreter; the autograd wiring is tested below, for every dtype.
@@ -141,11 +135,7 @@ def test_backward_matches_reference(shape, dtype):
     shift, scale = make_shift_scale(batch, hidden_size, dtype, strided=True)
     grad = torch.randn(shape, device=DEVICE).to(dtype)
     actual = modulate_layernorm_backward(grad, x, scale, 1e-6)
-    assert_grads_match(actual, expected_grads(x, shift, scale, grad), (x, shift, scale))
-
-
-# (x dtype, shift/scale dtype): one dtype everywhere, or autocast's fp32 residual stream with half modulation
-DTYPE_PAIRS = [(dtype, dtype) for dtype in DTYPES] + [(torch.float32, torch.float16), (torch.float32, torch.bfloat16)]
+    assert_grads_match(actual, expected_grads(x, shift, scale, grad), (x, shift, scale), GRAD_NAMES)
 
 
 @pytest.mark.parametrize("x_dtype, dtype", DTYPE_PAIRS, ids=str)
@@ -153,7 +143,8 @@ def test_autograd_grads_match_reference(x_dtype, dtype):
     x = make_x(2, 33, 384, x_dtype, "token-slice")
     shift, scale = make_shift_scale(2, 384, dtype, strided=True)
     grad = torch.randn(x.shape, device=DEVICE).to(dtype)
-    assert_grads_match(op_grads(x, shift, scale, grad), expected_grads(x, shift, scale, grad), (x, shift, scale))
+    inputs = (x, shift, scale)
+    assert_grads_match(op_grads(*inputs, grad), expected_grads(*inputs, grad), inputs, GRAD_NAMES)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "batch-slice", "transposed"])
@@ -161,7 +152,8 @@ def test_grads_other_layouts(layout):
     x = make_x(2, 9, 200, torch.float32, layout)
     shift, scale = make_shift_scale(2, 200, torch.float32, strided=False)
     grad = torch.randn(x.shape, device=DEVICE)
-    assert_grads_match(op_grads(x, shift, scale, grad), expected_grads(x, shift, scale, grad), (x, shift, scale))
+    inputs = (x, shift, scale)
+    assert_grads_match(op_grads(*inputs, grad), expected_grads(*inputs, grad), inputs, GRAD_NAMES)
 
 
 def test_grads_of_broadcast_output_grad():
@@ -171,7 +163,7 @@ def test_grads_of_broadcast_output_grad():
     weight = torch.randn(2, 72, device=DEVICE)
     inputs = [tensor.requires_grad_() for tensor in (x, shift, scale)]
     actual = torch.autograd.grad((modulate_layernorm(*inputs).sum(1) * weight).sum(), inputs)
-    assert_grads_match(actual, expected_grads(x, shift, scale, weight[:, None].expand(x.shape)), inputs)
+    assert_grads_match(actual, expected_grads(x, shift, scale, weight[:, None].expand(x.shape)), inputs, GRAD_NAMES)
 
 
 def test_torch_backward_formulas_match_autograd():
@@ -180,7 +172,7 @@ def test_torch_backward_formulas_match_autograd():
     shift, scale = make_shift_scale(2, 200, torch.float32, strided=True)
     grad = torch.randn(x.shape, device=DEVICE)
     actual = modulate_layernorm_backward_reference(grad, x, scale)
-    assert_grads_match(actual, expected_grads(x, shift, scale, grad), (x, shift, scale))
+    assert_grads_match(actual, expected_grads(x, shift, scale, grad), (x, shift, scale), GRAD_NAMES)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -249,12 +241,7 @@ def test_torch_compile_fullgraph_matches_eager():
         out = norm(x, modulation)
         return out, *torch.autograd.grad((out * out).sum(), (x, modulation))
 
-    torch.manual_seed(0)
-    eager = forward_and_backward(adaln_norm)
-    torch.manual_seed(0)
-    compiled = forward_and_backward(torch.compile(adaln_norm, fullgraph=True))
-    for name, actual, expected_value in zip(("output", "grad of x", "grad of modulation"), compiled, eager):
-        assert torch.equal(actual, expected_value), name
+    assert_compiled_matches_eager(forward_and_backward, adaln_norm, ("output", "grad of x", "grad of modulation"))
 
 
 def test_opcheck():

@@ -1,6 +1,7 @@
 import pytest
 import torch
-from parity import DTYPES, KERNEL_TOLERANCE, assert_parity, relative_max_error, requires_triton
+from parity import (DTYPES, KERNEL_TOLERANCE, assert_compiled_matches_eager, assert_parity, relative_max_error,
+                    requires_triton)
 
 from fastdit.kernels.patch_embed import (patch_embed, patch_embed_backward, patch_embed_backward_reference,
                                          patch_embed_reference)
@@ -280,12 +281,12 @@ def test_torch_compile_fullgraph_forward_and_backward_match_eager():
     def embed(x, weight, bias, pos_embed):
         return patch_embed(x, weight, bias, pos_embed)
 
-    results = []
-    for fn in (torch.compile(embed, fullgraph=True), embed):
+    def forward_and_backward(fn):
         out = fn(x, weight, bias, pos_embed)
-        results.append((out, *torch.autograd.grad(out, leaves, grad_out)))
-    for compiled, eager in zip(*results):
-        torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+        return out, *torch.autograd.grad(out, leaves, grad_out)
+
+    names = ("output", "grad of x", "grad of weight", "grad of bias")
+    assert_compiled_matches_eager(forward_and_backward, embed, names)
 
 
 @requires_triton

@@ -1,0 +1,120 @@
+"""The (batch, tokens, heads, head_dim) tiles that attention's forward (attention.py) and
+backward (attention_backward.py) kernels share, and the inputs they accept.
+
+q, k, v and the gradients are read in place through their (batch, token, head) strides,
+counted in VECTOR-element (16-byte) units: a stride like 72 or 216 elements is 16-byte
+aligned, but only a multiple of 16 elements would let the compiler prove it, and unproven
+16-bit rows gave wrong results on an H100 with Triton 3.6. Multiplying by the constexpr
+VECTOR in the kernel proves it.
+
+Head dims that are not a power of two (DiT-XL: 1152 / 16 = 72) are split into a
+power-of-two part and a remainder padded to 16 (72 = 64 + 8 -> 16) rather than padded
+to 128 whole: the dots run over 80 columns instead of 128.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .interpreter import to_storage
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_HEAD_DIM = 256
+_LOG2E: tl.constexpr = tl.constexpr(math.log2(math.e))
+
+
+@triton.jit
+def _head_base(ptr, batch, head, batch_vectors, head_vectors, VECTOR: tl.constexpr):
+    return ptr + (batch * batch_vectors + head * head_vectors) * VECTOR
+
+
+@triton.jit
+def _program_head(tokens, heads):
+    """This program's (block, batch, head, row_base) on the grid (token blocks, batch * heads):
+    its block of tokens, its batch and head (int64), and where its head's rows start in a
+    (batch, heads, tokens) tensor such as lse."""
+    batch_head = tl.program_id(1)
+    batch = (batch_head // heads).to(tl.int64)
+    head = (batch_head % heads).to(tl.int64)
+    return tl.program_id(0), batch, head, batch_head.to(tl.int64) * tokens
+
+
+@triton.jit
+def _program_qkv(
+    q_ptr, k_ptr, v_ptr, o_ptr, tokens, heads,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_ob, stride_oh,
+    VECTOR: tl.constexpr,
+):
+    """``_program_head``'s (block, batch, head, row_base), then the bases of its head in q, k, v
+    and a fourth (batch, tokens, heads, head_dim) tensor o (the output, or its gradient)."""
+    block, batch, head, row_base = _program_head(tokens, heads)
+    return (block, batch, head, row_base,
+            _head_base(q_ptr, batch, head, stride_qb, stride_qh, VECTOR),
+            _head_base(k_ptr, batch, head, stride_kb, stride_kh, VECTOR),
+            _head_base(v_ptr, batch, head, stride_vb, stride_vh, VECTOR),
+            _head_base(o_ptr, batch, head, stride_ob, stride_oh, VECTOR))
+
+
+@triton.jit
+def _load_tile(base, rows, row_vectors, row_limit, cols, COL_LIMIT: tl.constexpr, VECTOR: tl.constexpr):
+    mask = (rows[:, None] < row_limit) & (cols[None, :] < COL_LIMIT)
+    return tl.load(base + rows[:, None] * row_vectors * VECTOR + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_tile(base, rows, row_vectors, row_limit, cols, COL_LIMIT: tl.constexpr, VECTOR: tl.constexpr, tile):
+    mask = (rows[:, None] < row_limit) & (cols[None, :] < COL_LIMIT)
+    tl.store(base + rows[:, None] * row_vectors * VECTOR + cols[None, :], to_storage(tile, base.dtype.element_ty),
+             mask=mask)
+
+
+def _split_head_dim(head_dim: int) -> tuple[int, int]:
+    """(main, tail) column widths: main is the largest power of two <= head_dim (at least
+    the 16 that tl.dot needs), tail covers the rest padded to a power of two >= 16, or 0."""
+    main = max(16, 1 << (head_dim.bit_length() - 1))
+    rest = head_dim - main
+    return main, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
+
+
+def _vector_strides(*tensors: torch.Tensor) -> list[int]:
+    """Each tensor's (batch, token, head) strides in its 16-byte vector units, as the kernels take them."""
+    return [stride // (16 // t.element_size()) for t in tensors for stride in t.stride()[:3]]
+
+
+def _is_vector_aligned(t: torch.Tensor) -> bool:
+    """Unit stride along head_dim and 16-byte aligned base and (batch, token, head) strides
+    (those of size-1 dims never move the pointer): what the kernel's vector loads need."""
+    vector = 16 // t.element_size()
+    strides_aligned = all(stride % vector == 0 or size == 1 for stride, size in zip(t.stride()[:3], t.shape[:3]))
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and strides_aligned
+
+
+def _as_vector_aligned(t: torch.Tensor) -> torch.Tensor:
+    """t itself when the kernels' 16-byte loads can read it in place (qkv.unbind views,
+    transposes, contiguous tensors), else a contiguous copy (head_dim not unit stride, or a
+    view starting mid-vector)."""
+    return t if _is_vector_aligned(t) else t.clone(memory_format=torch.contiguous_format)
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a tensor, got {type(t).__name__}")
+    if q.dim() != 4:
+        raise ValueError(f"attention: q must have rank 4 (batch, tokens, heads, head_dim), got shape {tuple(q.shape)}")
+    if q.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"attention: q must be float32, float16 or bfloat16, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"attention: {name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"attention: {name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"attention: {name} must be on q's device {q.device}, got {t.device}")
+    head_dim = q.shape[-1]
+    if head_dim % 8 != 0 or head_dim > _MAX_HEAD_DIM:
+        raise ValueError(f"attention: q's last dim (head_dim) must be a multiple of 8 and at most "
+                         f"{_MAX_HEAD_DIM}, got {head_dim}")
+    if softmax_scale is not None and not (math.isfinite(softmax_scale) and softmax_scale > 0):
+        raise ValueError(f"attention: softmax_scale must be a finite positive number, got {softmax_scale}")
