@@ -35,8 +35,8 @@ Sample class-conditional images with DDIM from a package written by `fastdit exp
   --out OUT.npy       the samples, float32 (N, C, H, W) (pixels in [-1, 1], or latents)
   --labels ID ...     one class id per image (default: 0, 1, 2, ... modulo the number of classes, one batch,
                       or as many as --noise has images); any number, run in batches of the exported size
-  --seed S            image k starts from the noise fastdit.sample draws for (S, k) (default 0): the same
-                      images as `fastdit sample --sampler ddim --seed S` for the same labels and settings
+  --seed S            image k starts from the noise that fastdit.sample(..., seed=S) and `fastdit sample
+                      --seed S` draw for image k (default 0), so the same labels give the same images
   --noise NOISE.npy   the initial noise x_T instead, float32 (N, C, H, W), one image per label
   --image GRID.pgm    pixel-space models: also a grid of the images (binary PGM for 1 channel, PPM for 3)
   -h, --help          this help
