@@ -10,7 +10,8 @@ variant fails). Whole-model bounds are the ones the project promises (issue 3).
 import pytest
 import torch
 
-from fastdit import parity
+import fastdit
+from fastdit import parity, reference
 from fastdit.kernels import kernel_path
 from fastdit.parity import MODEL_TOLERANCE, PERTURBATION, perturb_  # noqa: F401 (the tests import them from here)
 
@@ -66,3 +67,45 @@ def assert_compiled_matches_eager(run, fn, names):
     assert len(compiled) == len(eager) == len(names)
     for name, actual, expected in zip(names, compiled, eager):
         assert torch.equal(actual, expected), name
+
+
+# --- whole models ---------------------------------------------------------------------------
+
+
+def build_pair(name, input_size, attn_backend="triton", **kwargs):
+    """(reference, fast) models with the same perturbed weights: a paper configuration by name,
+    or with ``name=None`` one built from ``kwargs``."""
+    ref_class, fast_class = (reference.DiT, fastdit.DiT) if name is None else (reference.DiT_models[name],
+                                                                               fastdit.DiT_models[name])
+    ref = perturb_(ref_class(input_size=input_size, num_classes=10, **kwargs)).eval()
+    with torch.device("meta"):  # skip a second initialisation: the weights come from the reference
+        fast = fast_class(input_size=input_size, num_classes=10, attn_backend=attn_backend, **kwargs)
+    fast.load_state_dict({key: value.clone() for key, value in ref.state_dict().items()}, strict=True, assign=True)
+    fast.eval()
+    return ref, fast
+
+
+def inputs(model, batch=2, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(1)
+    size = model.input_size
+    x = torch.randn(batch, model.in_channels, size, size, generator=generator).to(dtype)
+    t = torch.randint(0, 1000, (batch,), generator=generator)
+    y = torch.randint(0, 10, (batch,), generator=generator)
+    y[-1] = 10  # the null class
+    return x, t, y
+
+
+# Gradients sum over the batch and tokens: looser than the forward's bounds.
+GRAD_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2}
+
+
+def loss_and_grads(model, x, t, y, autocast):
+    """({parameter name: gradient}, gradient of x) of a fixed random projection of model(x, t, y)."""
+    x = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        out = model(x, t, y)
+    # A fixed random projection of the output: every output element gets its own gradient.
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    (out.float() * weights).sum().backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    return grads, x.grad

@@ -8,9 +8,8 @@ import torch
 import fastdit
 from fastdit import checkpoint, reference
 from fastdit.kernels import kernel_path
-from parity import MODEL_TOLERANCE, assert_parity, relative_max_error
-from test_model import build_pair, inputs
-from test_model_grad import GRAD_TOLERANCE, loss_and_grads
+from parity import (GRAD_TOLERANCE, MODEL_TOLERANCE, assert_parity, build_pair, inputs, loss_and_grads,
+                    relative_max_error)
 
 DESIGNS = reference.BLOCK_DESIGNS
 OTHER_DESIGNS = [design for design in DESIGNS if design != "adaln-zero"]  # adaLN-Zero: tests/test_model*.py

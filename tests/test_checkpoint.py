@@ -15,7 +15,7 @@ from parity import MODEL_TOLERANCE, assert_parity, perturb_
 
 # A paper width (384 -> 6 heads) so that every field, num_heads included, is inferred.
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=384, depth=2, num_heads=6,
-            mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=10, learn_sigma=True)
+            mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=10, learn_sigma=True, block="adaln-zero")
 FORMATS = ("plain.pt", "training.pt", "model_only.pt", "bare.safetensors", "directory")
 
 
@@ -124,7 +124,7 @@ def meta_state_dict(constructor, **kwargs):
 def test_infer_paper_configs(name, input_size):
     size, patch = name.removeprefix("DiT-").split("/")
     expected = dict(input_size=input_size, patch_size=int(patch), in_channels=4, **reference.DIT_CONFIGS[size],
-                    mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True)
+                    mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, block="adaln-zero")
     state_dict = meta_state_dict(reference.DiT_models[name], input_size=input_size)
     assert checkpoint.infer_config(state_dict) == expected
 

@@ -7,32 +7,9 @@ import torch
 import fastdit
 from fastdit import reference
 from fastdit.kernels import kernel_path
-from parity import MODEL_TOLERANCE, assert_parity, perturb_, relative_max_error
+from parity import MODEL_TOLERANCE, assert_parity, build_pair, inputs, relative_max_error
 
 PATH = kernel_path("cpu")
-
-
-def build_pair(name, input_size, attn_backend="triton", **kwargs):
-    """(reference, fast) models with the same perturbed weights: a paper configuration by name,
-    or with ``name=None`` one built from ``kwargs``."""
-    ref_class, fast_class = (reference.DiT, fastdit.DiT) if name is None else (reference.DiT_models[name],
-                                                                               fastdit.DiT_models[name])
-    ref = perturb_(ref_class(input_size=input_size, num_classes=10, **kwargs)).eval()
-    with torch.device("meta"):  # skip a second initialisation: the weights come from the reference
-        fast = fast_class(input_size=input_size, num_classes=10, attn_backend=attn_backend, **kwargs)
-    fast.load_state_dict({key: value.clone() for key, value in ref.state_dict().items()}, strict=True, assign=True)
-    fast.eval()
-    return ref, fast
-
-
-def inputs(model, batch=2, dtype=torch.float32):
-    generator = torch.Generator().manual_seed(1)
-    size = model.input_size
-    x = torch.randn(batch, model.in_channels, size, size, generator=generator).to(dtype)
-    t = torch.randint(0, 1000, (batch,), generator=generator)
-    y = torch.randint(0, 10, (batch,), generator=generator)
-    y[-1] = 10  # the null class
-    return x, t, y
 
 
 # Every family and patch size at 16 tokens (the fast path's kernels, interpreted on CPU).
