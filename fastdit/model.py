@@ -87,25 +87,25 @@ class FusedBlock(nn.Module):
 class DiTBlock(FusedBlock):
     """adaLN-Zero."""
 
+    modulations = 6
+
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, attn_backend="auto"):
         super().__init__()
         self.attn = Attention(hidden_size, num_heads, attn_backend)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        self.adaLN_modulation = nn.Sequential(
+            nn.SiLU(), nn.Linear(hidden_size, self.modulations * hidden_size, bias=True)
+        )
 
     def branches(self, silu_c, dtype):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation[1](silu_c).chunk(6, 1)
         return [(shift_msa, scale_msa, gate_msa, self.attn), (shift_mlp, scale_mlp, gate_mlp, self.mlp)]
 
 
-class AdaLNBlock(FusedBlock):
+class AdaLNBlock(DiTBlock):
     """adaLN: ungated."""
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, attn_backend="auto"):
-        super().__init__()
-        self.attn = Attention(hidden_size, num_heads, attn_backend)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 4 * hidden_size, bias=True))
+    modulations = 4
 
     def branches(self, silu_c, dtype):
         shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation[1](silu_c).chunk(4, dim=1)

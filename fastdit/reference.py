@@ -148,13 +148,17 @@ class DiTBlock(nn.Module):
     """adaLN-Zero: LayerNorm's shift and scale, and a gate before each residual add, regressed
     from c = t + y; the gates start at zero, so each block starts as the identity."""
 
+    modulations = 6  # (shift, scale, gate) for the attention and for the MLP
+
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        self.adaLN_modulation = nn.Sequential(
+            nn.SiLU(), nn.Linear(hidden_size, self.modulations * hidden_size, bias=True)
+        )
 
     def forward(self, x, c):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
@@ -163,16 +167,10 @@ class DiTBlock(nn.Module):
         return x
 
 
-class AdaLNBlock(nn.Module):
+class AdaLNBlock(DiTBlock):
     """adaLN: LayerNorm's shift and scale regressed from c = t + y; residuals add ungated."""
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 4 * hidden_size, bias=True))
+    modulations = 4  # (shift, scale) for the attention and for the MLP
 
     def forward(self, x, c):
         shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)

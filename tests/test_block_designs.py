@@ -1,6 +1,5 @@
 """The paper's four block designs (adaLN-Zero, adaLN, cross-attention, in-context): the fast
 model against the reference for each, forward and backward, and through checkpoints."""
-import copy
 
 import pytest
 import torch
@@ -8,8 +7,8 @@ import torch
 import fastdit
 from fastdit import checkpoint, reference
 from fastdit.kernels import kernel_path
-from parity import (GRAD_TOLERANCE, MODEL_TOLERANCE, assert_parity, build_pair, inputs, loss_and_grads,
-                    relative_max_error)
+from parity import (MODEL_TOLERANCE, assert_checkpointing_changes_no_gradient, assert_gradients_match,
+                    assert_half_precision_parity, assert_parity, build_pair, inputs)
 
 DESIGNS = reference.BLOCK_DESIGNS
 OTHER_DESIGNS = [design for design in DESIGNS if design != "adaln-zero"]  # adaLN-Zero: tests/test_model*.py
@@ -46,49 +45,21 @@ def test_odd_batch_token_count_and_non_contiguous_input(block):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("block", OTHER_DESIGNS)
 def test_forward_parity_half(block, dtype):
-    """As tests/test_model.py's half-precision test: the fp32 reference on the rounded weights
-    is the oracle, and the fused model is no less accurate than the reference run in ``dtype``."""
     ref, fast = small_pair(block)
-    ref.load_state_dict({key: value.to(dtype).float() for key, value in ref.state_dict().items()})
-    ref_half = copy.deepcopy(ref).to(dtype)
-    fast.to(dtype)
-    x, t, y = inputs(ref, dtype=dtype)
-    with torch.no_grad():
-        expected = ref.forward_with_cfg(x.float(), t, y, 4.0)
-        actual = fast.forward_with_cfg(x, t, y, 4.0)
-        eager_half = ref_half.forward_with_cfg(x, t, y, 4.0)
-    assert actual.dtype == dtype
-    assert_parity(actual, expected, MODEL_TOLERANCE[dtype], f"{block} {dtype}")
-    assert relative_max_error(actual, expected) <= 1.25 * relative_max_error(eager_half, expected) + 1e-3
+    assert_half_precision_parity(ref, fast, dtype, block)
 
 
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("block", OTHER_DESIGNS)
 def test_gradients_match_reference(block, autocast):
     ref, fast = small_pair(block)
-    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(2))
-    t, y = torch.tensor([10, 900]), torch.tensor([3, 10])
-    expected, expected_x = loss_and_grads(ref, x, t, y, autocast)
-    actual, actual_x = loss_and_grads(fast, x, t, y, autocast)
-    tolerance = GRAD_TOLERANCE[torch.bfloat16 if autocast else torch.float32]
-    assert expected.keys() == actual.keys()
-    for key in expected:
-        assert_parity(actual[key], expected[key], tolerance, f"{block} {key}")
-    assert_parity(actual_x, expected_x, tolerance, f"{block} x")
+    assert_gradients_match(ref, fast, autocast, block)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
     """Cross-attention's branch closes over the conditioning tokens: recomputed in backward."""
     _, fast = small_pair("cross-attn")
-    x = torch.randn(2, 4, 16, 16)
-    t, y = torch.tensor([10, 900]), torch.tensor([3, 10])
-    plain, plain_x = loss_and_grads(fast, x, t, y, False)
-    fast.zero_grad()
-    fast.gradient_checkpointing = True
-    checkpointed, checkpointed_x = loss_and_grads(fast, x, t, y, False)
-    for key in plain:
-        assert torch.equal(plain[key], checkpointed[key]), key
-    assert torch.equal(plain_x, checkpointed_x)
+    assert_checkpointing_changes_no_gradient(fast)
 
 
 def test_designs_differ_as_the_paper_describes():

@@ -1,5 +1,4 @@
 """The fast model against the reference: parity, state-dict compatibility, torch.compile."""
-import copy
 
 import pytest
 import torch
@@ -7,7 +6,7 @@ import torch
 import fastdit
 from fastdit import reference
 from fastdit.kernels import kernel_path
-from parity import MODEL_TOLERANCE, assert_parity, build_pair, inputs, relative_max_error
+from parity import MODEL_TOLERANCE, assert_half_precision_parity, assert_parity, build_pair, inputs
 
 PATH = kernel_path("cpu")
 
@@ -28,23 +27,8 @@ def test_forward_parity_fp32(name):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", ["DiT-S/2", "DiT-B/4", "DiT-XL/8"])
 def test_forward_parity_half(name, dtype):
-    """Half-precision fast model vs the fp32 reference on the same (rounded) weights, and no
-    less accurate than the reference itself run eagerly in that dtype."""
-    patch = int(name[-1])
-    ref, fast = build_pair(name, input_size=4 * patch)
-    ref.load_state_dict({key: value.to(dtype).float() for key, value in ref.state_dict().items()})
-    ref_half = copy.deepcopy(ref).to(dtype)
-    fast.to(dtype)
-    x, t, y = inputs(ref, dtype=dtype)
-    with torch.no_grad():
-        expected = ref.forward_with_cfg(x.float(), t, y, 4.0)
-        actual = fast.forward_with_cfg(x, t, y, 4.0)
-        eager_half = ref_half.forward_with_cfg(x, t, y, 4.0)
-    assert actual.dtype == dtype
-    assert_parity(actual, expected, MODEL_TOLERANCE[dtype], f"{name} {dtype}")
-    # The conditioning path (embedders, adaLN linears) is the same torch code in both, so
-    # the fused kernels may add little: 25% over the eager error bounds that, loosely.
-    assert relative_max_error(actual, expected) <= 1.25 * relative_max_error(eager_half, expected) + 1e-3
+    ref, fast = build_pair(name, input_size=4 * int(name[-1]))
+    assert_half_precision_parity(ref, fast, dtype, name)
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "math"])
