@@ -122,7 +122,7 @@ class Mlp(nn.Module):
 
 class CrossAttention(nn.Module):
     """Multi-head attention from the image tokens (queries) to a short context sequence
-    (keys and values): the cross-attention block's conditioning on [t, c]."""
+    (keys and values): the cross-attention block's conditioning on [t, y]."""
 
     def __init__(self, dim, num_heads):
         super().__init__()
