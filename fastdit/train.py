@@ -220,7 +220,10 @@ class Trainer:
         return os.path.join(self.checkpoint_dir, names[-1]) if names else None
 
     def resume(self, path):
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        # Loaded to the CPU: load_state_dict copies weights and moments to the parameters' device,
+        # while the RNG states must stay CPU ByteTensors (torch.set_rng_state refuses a GPU copy)
+        # and AdamW's step counters CPU scalars (on a GPU each costs a host sync per step).
+        state = torch.load(path, map_location="cpu", weights_only=True)
         # A key missing from an older checkpoint had its field's default.
         saved = {**{field.name: field.default for field in dataclasses.fields(TrainConfig)}, **state["config"]}
         for key in TrainConfig.RESUME_KEYS:

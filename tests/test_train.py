@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from fastdit import distributed
+from fastdit import distributed, train
 from fastdit.train import TrainConfig, Trainer
 
 TINY = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10,
@@ -18,7 +18,7 @@ TINY = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, 
 # Runs a TrainConfig given as JSON in argv[1], deterministically; under torchrun when launched so.
 RUNNER = """
 import json, sys, torch
-from fastdit import distributed
+from fastdit import distributed, train
 from fastdit.train import TrainConfig, Trainer
 torch.use_deterministic_algorithms(True)
 with distributed.launch("cpu") as process:
@@ -122,3 +122,26 @@ def test_loss_goes_down_and_model_is_written(tmp_path):
     assert losses[-1] < losses[0]
     assert os.path.exists(tmp_path / "model" / "model.safetensors")
     assert trainer.step == 60
+
+
+def test_resume_onto_an_accelerator_keeps_rng_states_and_adam_steps_on_the_cpu(tmp_path, monkeypatch):
+    """Resume a CPU run's checkpoint into a trainer on another device (the meta device stands in for a GPU):
+    the RNG states must reach torch as CPU ByteTensors (a GPU copy is a TypeError there), and AdamW's
+    ``step`` counters must stay CPU scalars (on the GPU each would cost a host sync per parameter per step)."""
+    saved_cuda_states = [torch.get_rng_state(), torch.get_rng_state()]  # stand-ins for two GPUs' states
+    monkeypatch.setattr(train, "_rng_state", lambda: {"torch": torch.get_rng_state(), "cuda": saved_cuda_states})
+    train_in_process(tiny_config(tmp_path, steps=2))
+    handed = {}
+    monkeypatch.setattr(torch, "set_rng_state", lambda state: handed.setdefault("torch", state))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: handed.setdefault("cuda", states))
+    trainer = Trainer(tiny_config(tmp_path, steps=2), distributed.Process(0, 1, 0, torch.device("meta"), None))
+    trainer.resume(trainer.latest_checkpoint())
+    assert trainer.step == 2
+    for state in (handed["torch"], *handed["cuda"]):
+        assert state.device.type == "cpu" and state.dtype == torch.uint8
+    assert len(handed["cuda"]) == len(saved_cuda_states)
+    assert len(trainer.optimizer.state) > 0
+    for adam in trainer.optimizer.state.values():
+        assert adam["step"].device.type == "cpu" and adam["step"].item() == 2
+        assert adam["exp_avg"].device.type == "meta" and adam["exp_avg_sq"].device.type == "meta"
+    assert all(parameter.device.type == "meta" for parameter in trainer.ema.parameters())
