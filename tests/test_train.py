@@ -124,6 +124,7 @@ def test_loss_goes_down_and_model_is_written(tmp_path):
     assert trainer.step == 60
 
 
+@pytest.mark.filterwarnings("ignore:.*to a meta parameter.*is a no-op")  # the stand-in device holds no values
 def test_resume_onto_an_accelerator_keeps_rng_states_and_adam_steps_on_the_cpu(tmp_path, monkeypatch):
     """Resume a CPU run's checkpoint into a trainer on another device (the meta device stands in for a GPU):
     the RNG states must reach torch as CPU ByteTensors (a GPU copy is a TypeError there), and AdamW's
