@@ -117,3 +117,82 @@ def workload_flops(shape: DiTShape, workload: str) -> int:
     if workload not in forwards:
         raise ValueError(f"workload: expected one of {', '.join(forwards)}, got {workload!r}")
     return forwards[workload] * forward_flops(shape)
+
+
+# --- per operation: the matrix products one by one, for the roofline (fastdit/roofline.py) ---
+
+
+@dataclasses.dataclass(frozen=True)
+class Linear:
+    """One linear layer of a forward (the patchify conv is one: a linear map of each patch), run
+    ``count`` times (once per block for a block's layer) on ``rows`` rows per image: its tokens, or
+    1 for a layer that acts on the conditioning vector once per image."""
+
+    name: str
+    part: str  # the key of forward_macs_by_part that it counts towards
+    rows: int
+    in_features: int
+    out_features: int
+    count: int = 1
+
+    @property
+    def macs(self) -> int:
+        return self.count * self.rows * self.in_features * self.out_features
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionProduct:
+    """q k^T and softmax(.) v of one attention per image, all heads, run ``count`` times."""
+
+    name: str
+    part: str
+    queries: int
+    keys: int
+    hidden_size: int
+    count: int = 1
+
+    @property
+    def macs(self) -> int:
+        return self.count * 2 * self.queries * self.keys * self.hidden_size
+
+
+def forward_linears(shape: DiTShape) -> list[Linear]:
+    """Every linear layer of one image's forward, in the order the model runs them."""
+    d, tokens, depth = shape.hidden_size, shape.tokens, shape.depth
+    sequence = tokens + CONDITION_TOKENS if shape.block == "in-context" else tokens
+    linears = [
+        Linear("patch_embed", "patch_embed", tokens, shape.in_channels * shape.patch_size**2, d),
+        Linear("timestep_fc1", "timestep_embed", 1, FREQUENCY_EMBEDDING_SIZE, d),
+        Linear("timestep_fc2", "timestep_embed", 1, d, d),
+    ]
+    if shape.block in ADAPTIVE_DESIGNS:
+        modulations = 6 if shape.block == "adaln-zero" else 4
+        linears.append(Linear("adaln_modulation", "adaln_modulation", 1, d, modulations * d, depth))
+    linears += [Linear("qkv", "attention_projections", sequence, d, 3 * d, depth),
+                Linear("attn_proj", "attention_projections", sequence, d, d, depth)]
+    if shape.block == "cross-attn":
+        linears += [Linear("cross_q", "cross_attention", tokens, d, d, depth),
+                    Linear("cross_kv", "cross_attention", CONDITION_TOKENS, d, 2 * d, depth),
+                    Linear("cross_proj", "cross_attention", tokens, d, d, depth)]
+    linears += [Linear("fc1", "mlp", sequence, d, shape.mlp_hidden_size, depth),
+                Linear("fc2", "mlp", sequence, shape.mlp_hidden_size, d, depth)]
+    if shape.block in ADAPTIVE_DESIGNS:
+        linears.append(Linear("final_modulation", "adaln_modulation", 1, d, 2 * d))
+    linears.append(Linear("final_linear", "final_layer", tokens, d, shape.patch_size**2 * shape.out_channels))
+    return linears
+
+
+def forward_attention_products(shape: DiTShape) -> list[AttentionProduct]:
+    """The attention score products of one image's forward."""
+    d, tokens, depth = shape.hidden_size, shape.tokens, shape.depth
+    sequence = tokens + CONDITION_TOKENS if shape.block == "in-context" else tokens
+    products = [AttentionProduct("attention", "attention_scores", sequence, sequence, d, depth)]
+    if shape.block == "cross-attn":
+        products.append(AttentionProduct("cross_attention_scores", "cross_attention", tokens, CONDITION_TOKENS, d,
+                                         depth))
+    return products
+
+
+def forward_macs_by_op(shape: DiTShape) -> dict[str, int]:
+    """MACs of one image's forward, by operation; they sum to ``forward_macs``."""
+    return {op.name: op.macs for op in [*forward_linears(shape), *forward_attention_products(shape)]}

@@ -9,8 +9,11 @@ from fastdit.flops import (
     TRAINING_FORWARDS,
     DiTShape,
     attention_macs,
+    forward_attention_products,
     forward_flops,
+    forward_linears,
     forward_macs,
+    forward_macs_by_op,
     forward_macs_by_part,
     named_shape,
     shape_of,
@@ -111,3 +114,29 @@ def test_bad_arguments():
         named_shape("DiT-S/2", 32.0)
     with pytest.raises(ValueError, match="workload: expected one of forward, sampling-step, training-step, got 'x'"):
         workload_flops(named_shape("DiT-S/2", 32), "x")
+
+
+@pytest.mark.parametrize("block", reference.BLOCK_DESIGNS)
+@pytest.mark.parametrize("name, input_size", [("DiT-XL/2", 32), ("DiT-XL/2", 64), ("DiT-S/4", 16)])
+def test_per_op_counts_add_up_to_the_parts(name, input_size, block):
+    shape = named_shape(name, input_size, block=block)
+    ops = [*forward_linears(shape), *forward_attention_products(shape)]
+    by_part = {}
+    for op in ops:
+        by_part[op.part] = by_part.get(op.part, 0) + op.macs
+    assert by_part == forward_macs_by_part(shape)
+    assert sum(forward_macs_by_op(shape).values()) == forward_macs(shape)
+    assert len(forward_macs_by_op(shape)) == len(ops)  # no two ops share a name
+
+
+def test_per_op_linears_are_the_models_layers():
+    """Each counted linear layer has the in/out features of a layer of the reference model."""
+    with torch.device("meta"):
+        model = reference.DiT_models["DiT-S/2"](input_size=8)
+    shapes = {(module.in_features, module.out_features) for module in model.modules()
+              if isinstance(module, torch.nn.Linear)}
+    shapes.add((model.x_embedder.proj.in_channels * 4, model.x_embedder.proj.out_channels))
+    linears = forward_linears(shape_of(model))
+    assert {(linear.in_features, linear.out_features) for linear in linears} == shapes
+    assert sum(linear.count for linear in linears) == sum(
+        isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) for module in model.modules())
