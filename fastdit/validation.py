@@ -20,11 +20,23 @@ def check_labels(y: torch.Tensor, num_classes: int, allow_null: bool, name: str 
     if _is_tracing() or y.numel() == 0:
         return
     high = num_classes if allow_null else num_classes - 1
-    low_seen, high_seen = torch.stack(torch.aminmax(y)).tolist()  # one device sync, not two
+    null = f" (index {num_classes} is the null class)" if allow_null else ""
+    message = f"{name}: class labels must lie in [0, {high}]{null}"
+    if y.device.type != "cpu":
+        # Reading device labels back would make the host wait for the device in every forward, so in
+        # every sampling and training step: the device checks them itself, without a sync. On CUDA a
+        # bad label then fails as a device-side assertion (as the embedding lookup would), and the
+        # message is lost; ``fastdit.sample`` checks its labels on the host once per call.
+        check_label_range_async(y, high, message)
+        return
+    low_seen, high_seen = torch.stack(torch.aminmax(y)).tolist()  # on the CPU: no device to wait for
     if low_seen < 0 or high_seen > high:
-        null = f" (index {num_classes} is the null class)" if allow_null else ""
-        bad = low_seen if low_seen < 0 else high_seen
-        raise ValueError(f"{name}: class labels must lie in [0, {high}]{null}, got {bad}")
+        raise ValueError(f"{message}, got {low_seen if low_seen < 0 else high_seen}")
+
+
+def check_label_range_async(y: torch.Tensor, high: int, message: str) -> None:
+    """Fail with ``message`` when a label of ``y`` is outside [0, high], asynchronously on a device."""
+    torch._assert_async(((y >= 0) & (y <= high)).all(), message)
 
 
 def check_model_inputs(model, x, t, y) -> None:
