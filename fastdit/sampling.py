@@ -9,6 +9,10 @@ Noise is per image: image k (``first_index + k``) draws its initial latent and t
 sampler noise from its own generator seeded by (seed, k). An image is therefore the same whatever batch
 it is drawn in, and a long run can be split into batches or over processes.
 """
+import collections
+import contextlib
+import copy
+import itertools
 import warnings
 
 import numpy as np
@@ -85,44 +89,125 @@ def warm_up(fn, device):
 
 
 def capture(fn, device):
-    """Record fn's kernels into a CUDA graph (nothing runs) and return its replay."""
-    graph = torch.cuda.CUDAGraph()
+    """Record fn's kernels into a CUDA graph (nothing runs) and return its replay.
+
+    Not ``torch.cuda.graph``: its exit ends the capture before it leaves the capture stream, so when fn fails,
+    ``capture_end`` raises (a capture-invalidated error, fn's own error only as its ``__context__``) and the
+    thread stays on the capture stream. Here the stream is always left, and the error raised is fn's."""
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream(device=device)
+    stream.wait_stream(torch.cuda.current_stream(device))
     try:
-        with torch.cuda.graph(graph):
-            fn()
+        with torch.cuda.stream(stream):
+            graph.capture_begin()
+            try:
+                fn()
+            except BaseException:
+                with contextlib.suppress(RuntimeError):  # ends the capture fn broke; fn's error is the cause
+                    graph.capture_end()
+                raise
+            graph.capture_end()
     except RuntimeError as error:  # e.g. a model that copies a CPU tensor to the GPU in its forward
-        raise GraphCaptureError(str(error).splitlines()[0]) from error
+        raise GraphCaptureError(str(error).splitlines()[0] if str(error) else type(error).__name__) from error
+    torch.cuda.current_stream(device).wait_stream(stream)
     return graph.replay
 
 
-def _run_cuda_graph(denoiser, solver, noise, x, iterate):
-    coefficients = solver.coefficients.to(x.device, torch.float32)
-    static_x, state = x.clone(), solver.initial_state(x)
-    static_t = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    static_coef = torch.empty_like(coefficients[0])
-    static_noise = torch.zeros_like(x) if solver.draws_noise else None
+class GraphedStep:
+    """One denoising step captured into a CUDA graph over static buffers: x, the labels, the model's timestep,
+    the step's coefficient row and noise, and the solver's state. Capture synchronises and allocates a memory
+    pool, so a step is captured once per key (``_graph_key``) and replayed for every step of every ``sample``
+    call with that key, i.e. of every batch of a long run."""
 
-    def load(i):
-        static_t.fill_(int(solver.timesteps[i]))
-        static_coef.copy_(coefficients[i])
-        if static_noise is not None:
-            static_noise.copy_(noise.next())
+    def __init__(self, denoiser, solver, x):
+        self.denoiser = copy.copy(denoiser)
+        self.denoiser.y = denoiser.y.clone()  # the graph reads the labels here; each call loads its own
+        self.solver = solver
+        self.x, self.state = x.clone(), solver.initial_state(x)
+        self.t = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+        self.coef = torch.empty(solver.coefficients.shape[1], dtype=torch.float32, device=x.device)
+        self.noise = torch.zeros_like(x) if solver.draws_noise else None
+        self.replay = None
 
-    def one_step():
-        eps, variance_values = denoiser(static_x, static_t)
-        x_next, next_state = solver.step(static_x, eps, variance_values, static_coef, static_noise, state)
-        static_x.copy_(x_next)
-        for buffer, value in zip(state, next_state):
+    def step(self):
+        eps, variance_values = self.denoiser(self.x, self.t)
+        x_next, next_state = self.solver.step(self.x, eps, variance_values, self.coef, self.noise, self.state)
+        self.x.copy_(x_next)
+        for buffer, value in zip(self.state, next_state):
             buffer.copy_(value)
 
-    steps = iter(iterate(range(len(solver))))
-    load(next(steps))
-    warm_up(one_step, x.device)  # step 0, run for real
-    replay = capture(one_step, x.device)
-    for i in steps:
-        load(i)
-        replay()
-    return static_x.clone()
+    def run(self, denoiser, solver, noise, x, iterate):
+        """Sample with this call's labels, schedule (same sampler, any number of steps), noise and x_T."""
+        coefficients = solver.coefficients.to(x.device, torch.float32)
+        self.x.copy_(x)
+        self.denoiser.y.copy_(denoiser.y)
+        for buffer, value in zip(self.state, solver.initial_state(x)):
+            buffer.copy_(value)
+
+        def load(i):
+            self.t.fill_(int(solver.timesteps[i]))
+            self.coef.copy_(coefficients[i])
+            if self.noise is not None:
+                self.noise.copy_(noise.next())
+
+        steps = iter(iterate(range(len(solver))))
+        load(next(steps))
+        if self.replay is None:
+            warm_up(self.step, x.device)  # step 0, run for real
+            self.replay = capture(self.step, x.device)
+        else:
+            self.replay()
+        for i in steps:
+            load(i)
+            self.replay()
+        return self.x.clone()
+
+
+MAX_GRAPHS_PER_MODEL = 4  # each holds its activations' memory pool: a few batch shapes, not every one ever seen
+
+
+class _GraphCache(collections.OrderedDict):
+    """A model's captured steps, least recently used first. A copy of the model gets none (its weights, which
+    the graphs read by address, live elsewhere), and neither does a pickled one (a graph cannot be saved)."""
+
+    def __deepcopy__(self, memo):
+        return _GraphCache()
+
+    def __reduce__(self):
+        return _GraphCache, ()
+
+
+def _graph_key(model, denoiser, solver, x, compile):
+    """What a captured step depends on: shapes, dtypes, device, the weights' addresses (a step reads them there,
+    so weights replaced rather than updated in place need a new capture), the guidance settings and the
+    solver's update rule (not its schedule, which the step reads from its buffers)."""
+    weights = tuple(tensor.data_ptr() for tensor in itertools.chain(model.parameters(), model.buffers()))
+    autocast = torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type)
+    return (tuple(x.shape), x.device, denoiser.dtype, denoiser.cfg_scale, denoiser.guidance_channels,
+            solver.name, solver.draws_noise, compile, autocast, weights)
+
+
+def _run_cuda_graph(model, denoiser, solver, noise, x, iterate, compile=False):
+    # Graph capture and replay, streams and Triton launches use the current device, not the tensors': make
+    # x's device current, or a model on cuda:1 would capture and replay on GPU 0's stream.
+    with torch.cuda.device(x.device):
+        graphs = vars(model).setdefault("_fastdit_cuda_graphs", _GraphCache())
+        key = _graph_key(model, denoiser, solver, x, compile)
+        step = graphs.get(key)
+        if isinstance(step, str):  # this step failed to capture before: do not warm up and fail again
+            raise GraphCaptureError(step)
+        if step is None:
+            step = GraphedStep(denoiser, solver, x)
+            try:
+                out = step.run(denoiser, solver, noise, x, iterate)
+            except GraphCaptureError as error:
+                graphs[key] = str(error)
+                raise
+            graphs[key] = step
+            while len(graphs) > MAX_GRAPHS_PER_MODEL:
+                graphs.popitem(last=False)
+            return out
+        graphs.move_to_end(key)
+        return step.run(denoiser, solver, noise, x, iterate)
 
 
 def _progress(enabled, description):
@@ -248,13 +333,14 @@ def sample(model, class_labels, *, sampler="ddpm", steps=250, cfg_scale=1.0, gui
         with torch.no_grad():
             if use_graph:
                 try:
-                    return _run_cuda_graph(denoiser, solver, *start(), iterate)
+                    return _run_cuda_graph(model, denoiser, solver, *start(), iterate, compile)
                 except GraphCaptureError as error:
                     if cuda_graphs is True:
                         raise RuntimeError(f"cuda_graphs=True, but the model's step cannot be captured into a CUDA "
                                            f"graph: {error}") from error
                     warnings.warn(f"sampling without CUDA graphs: the step could not be captured ({error})",
                                   stacklevel=2)
-            return _run_eager(denoiser, solver, *start(), iterate)
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                return _run_eager(denoiser, solver, *start(), iterate)
     finally:
         model.train(was_training)
