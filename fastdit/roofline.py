@@ -1,0 +1,485 @@
+"""`python -m fastdit.roofline`: the roofline of a DiT's forward, guided sampling step and training
+step, op by op, written as docs/performance.md.
+
+Each op that the fast model launches (a cuBLAS GEMM, a fused Triton kernel, a torch elementwise op)
+gets its matrix FLOPs (``fastdit.flops``) and the HBM bytes it must move: every tensor it reads or
+writes crosses HBM exactly once, the least any implementation of that launch can move. At a GPU's
+peaks it takes at least max(FLOPs / peak FLOP/s, bytes / bandwidth): compute-bound above the ridge
+point (peak FLOP/s / bandwidth), memory-bound below. The ops run one after another, so the sum of
+those times is the physical limit of the step; a GPU run (benchmarks/device_check.sh) measures how
+far fastdit is from it.
+"""
+import argparse
+import dataclasses
+import sys
+
+from fastdit.flops import TRAINING_FORWARDS, DiTShape, forward_attention_products, forward_linears, named_shape
+from fastdit.kernels.modulate import TOKENS_PER_PROGRAM
+from fastdit.reference import DiT_models
+
+BF16 = 2  # bytes
+FP32 = 4
+LABELS = 1001  # rows of the label table: ImageNet's 1000 classes and the null class of guidance
+
+
+@dataclasses.dataclass(frozen=True)
+class Peak:
+    """A GPU's dense bf16 tensor-core FLOP/s and HBM bandwidth."""
+
+    name: str
+    tflops: float
+    bandwidth: float  # TB/s
+    source: str
+
+    @property
+    def ridge(self) -> float:
+        """FLOPs per HBM byte at which an op stops being memory-bound."""
+        return self.tflops / self.bandwidth
+
+
+# Dense = the datasheets' "with sparsity" figures halved (their footnote); 989.4 TFLOP/s is 132 SMs
+# x 1,830 MHz x 4,096 dense bf16 FLOPs per SM per clock. H200 has H100's die with faster HBM3e.
+DATASHEET_PEAKS = (
+    Peak("H100 SXM", 989.4, 3.35, "NVIDIA H100 Tensor Core GPU datasheet (nvidia.com/en-us/data-center/h100), "
+         "SXM column: BF16 Tensor Core 1,979 TFLOPS with sparsity, GPU memory bandwidth 3.35 TB/s"),
+    Peak("H200 SXM", 989.4, 4.8, "NVIDIA H200 Tensor Core GPU datasheet (nvidia.com/en-us/data-center/h200), "
+         "SXM column: BF16 Tensor Core 1,979 TFLOPS with sparsity, GPU memory bandwidth 4.8 TB/s"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """Bytes per element: ``activation`` for GEMM operands and outputs, normed copies, modulations;
+    ``parameter`` for the stored weights, which the residual stream and pos_embed share."""
+
+    name: str
+    parameter: int
+
+    @property
+    def autocast(self) -> bool:  # fp32 weights: autocast casts a bf16 copy of each for its GEMM
+        return self.parameter != BF16
+
+
+INFERENCE = Precision("bf16 weights, activations and residual stream (the benchmarks' bf16 model)", BF16)
+TRAINING = Precision("autocast to bf16: fp32 weights and residual stream, bf16 GEMMs (fastdit train)", FP32)
+
+KINDS = {"gemm": "GEMM (cuBLAS)", "fused": "fused (Triton)", "attention": "attention (Triton)",
+         "elementwise": "elementwise (torch)", "optimizer": "optimizer & casts"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """One op of a step, summed over its ``launches``: matrix FLOPs and HBM bytes."""
+
+    name: str
+    kind: str  # a key of KINDS
+    stage: str  # "forward", "backward" or "optimizer"
+    launches: int
+    flops: int
+    bytes: int
+    kernels: tuple[str, ...] = ()  # fastdit's Triton kernels: rows of the static compile facts
+
+    def seconds(self, peak: Peak) -> float:
+        return max(self.flops / (peak.tflops * 1e12), self.bytes / (peak.bandwidth * 1e12))
+
+    def bound(self, peak: Peak) -> str:
+        return "compute" if self.bytes == 0 or self.flops / self.bytes >= peak.ridge else "memory"
+
+
+def _gemm(name, stage, rows, k, n, count, a, with_bias=True) -> Op:
+    """``count`` GEMMs (rows x k) @ (k x n) in bf16, with a bias epilogue."""
+    moved = a * (rows * k + k * n + rows * n + (n if with_bias else 0))
+    return Op(name, "gemm", stage, count, 2 * count * rows * k * n, count * moved)
+
+
+def _sizes(shape: DiTShape, batch: int):
+    return batch * shape.tokens, shape.hidden_size, shape.mlp_hidden_size
+
+
+def forward_ops(shape: DiTShape, batch: int, precision: Precision = INFERENCE) -> list[Op]:
+    """The ops of a forward of the adaLN-Zero DiT (fastdit.model), in the order it runs them."""
+    if shape.block != "adaln-zero":
+        raise ValueError(f"block: the roofline covers the adaLN-Zero model, got {shape.block!r}")
+    rows, d, mlp = _sizes(shape, batch)
+    a, r, depth = BF16, precision.parameter, shape.depth
+    linears = {linear.name: linear for linear in forward_linears(shape)}
+    (attention,) = forward_attention_products(shape)
+
+    def gemm(name):
+        linear = linears[name]
+        return _gemm(name, "forward", batch * linear.rows, linear.in_features, linear.out_features, linear.count, a)
+
+    patch = linears["patch_embed"]
+    # The stream, each sub-block's gated update plus the next norm: x, y in; x, normed out; 3 modulations.
+    stream = rows * d * (2 * r + 2 * a) + 3 * batch * d * a
+    heads = shape.num_heads
+    return [
+        Op("patch_embed", "fused", "forward", 1, 2 * batch * patch.macs,
+           a * rows * patch.in_features + a * patch.in_features * d + r * d + r * shape.tokens * d + r * rows * d,
+           ("_patch_embed_kernel",)),
+        gemm("timestep_fc1"), gemm("timestep_fc2"),
+        Op("label_embed", "elementwise", "forward", 1, 0, 2 * r * batch * d),
+        gemm("adaln_modulation"), gemm("final_modulation"),
+        Op("modulate_layernorm", "fused", "forward", 1, 0, rows * d * (r + a) + 2 * batch * d * a,
+           ("_modulate_layernorm_kernel",)),
+        gemm("qkv"),
+        Op("attention", "attention", "forward", depth, 2 * batch * attention.macs,
+           depth * (4 * a * rows * d + FP32 * batch * heads * shape.tokens), ("_attention_fwd_kernel",)),
+        gemm("attn_proj"),
+        Op("gated_residual_modulate_layernorm", "fused", "forward", 2 * depth, 0, 2 * depth * stream,
+           ("_gated_residual_kernel",)),
+        gemm("fc1"),
+        Op("gelu", "elementwise", "forward", depth, 0, depth * 2 * a * rows * mlp),
+        gemm("fc2"),
+        gemm("final_linear"),
+    ]
+
+
+def _gemm_backward(linear, batch, a, input_grad=True) -> list[Op]:
+    rows, k, n, count = batch * linear.rows, linear.in_features, linear.out_features, linear.count
+    ops = [_gemm(f"{linear.name}: grad weight", "backward", rows, k, n, count, a)]  # bias grad in its epilogue
+    if input_grad:
+        ops.insert(0, _gemm(f"{linear.name}: grad input", "backward", rows, n, k, count, a, with_bias=False))
+    return ops
+
+
+def parameter_count(shape: DiTShape) -> int:
+    """Trainable parameters: every linear layer's weight and bias, and the label table."""
+    return sum(linear.count * (linear.in_features + 1) * linear.out_features
+               for linear in forward_linears(shape)) + LABELS * shape.hidden_size
+
+
+def backward_ops(shape: DiTShape, batch: int, precision: Precision = TRAINING) -> list[Op]:
+    """The ops of the backward, then the optimizer step, in the order they run."""
+    rows, d, mlp = _sizes(shape, batch)
+    a, r, depth, heads = BF16, precision.parameter, shape.depth, shape.num_heads
+    linears = {linear.name: linear for linear in forward_linears(shape)}
+    (attention,) = forward_attention_products(shape)
+    # Flash backward, in dot products of (queries x keys x head dim) per head ("units"; the forward
+    # is 2 units, the model's backward 4): the dk, dv kernel recomputes the scores, then dP, dV and
+    # dK (4); the dq kernel recomputes the scores and dP, then dQ (3).
+    unit = batch * attention.macs  # FLOPs of one unit over all blocks: half the forward's
+    blocks = -(-shape.tokens // TOKENS_PER_PROGRAM)
+    partials = batch * blocks * d * FP32 * 2  # fp32 per-program partial sums, written then summed
+    stream = rows * d * (3 * r + 3 * a) + 2 * batch * d * a + 3 * partials
+    statistics = FP32 * batch * heads * shape.tokens  # lse or delta
+    ops = [
+        *_gemm_backward(linears["final_linear"], batch, a),
+        *_gemm_backward(linears["fc2"], batch, a),
+        Op("gated_residual_modulate_layernorm", "fused", "backward", 2 * depth, 0, 2 * depth * stream,
+           ("_gated_residual_backward_kernel",)),
+        Op("gelu", "elementwise", "backward", depth, 0, depth * 3 * a * rows * mlp),
+        *_gemm_backward(linears["fc1"], batch, a),
+        *_gemm_backward(linears["attn_proj"], batch, a),
+        Op("attention: delta", "attention", "backward", depth, 0, depth * (2 * a * rows * d + statistics),
+           ("_attention_bwd_delta_kernel",)),
+        Op("attention: dk, dv", "attention", "backward", depth, 4 * unit,
+           depth * (6 * a * rows * d + 2 * statistics), ("_attention_bwd_key_kernel",)),
+        Op("attention: dq", "attention", "backward", depth, 3 * unit,
+           depth * (5 * a * rows * d + 2 * statistics), ("_attention_bwd_query_kernel",)),
+        # q, k, v are views of the qkv output: autograd stacks their three gradients into one.
+        Op("qkv gradient stack", "elementwise", "backward", depth, 0, depth * 6 * a * rows * d),
+        *_gemm_backward(linears["qkv"], batch, a),
+        Op("modulate_layernorm", "fused", "backward", 1, 0, rows * d * (2 * r + a) + batch * d * a + 2 * partials,
+           ("_modulate_layernorm_backward_kernel",)),
+        # The stream's first x feeds the first norm and the first gated update: two gradients to add.
+        Op("stream gradient sum", "elementwise", "backward", 1, 0, 3 * r * rows * d),
+        *_gemm_backward(linears["adaln_modulation"], batch, a),
+        *_gemm_backward(linears["final_modulation"], batch, a),
+        *_gemm_backward(linears["timestep_fc2"], batch, a),
+        # Nothing needs the gradient of the sinusoidal features or of the latents.
+        *_gemm_backward(linears["timestep_fc1"], batch, a, input_grad=False),
+        # A dense gradient of the table: zeroed, then the batch's rows added in.
+        Op("label_embed", "elementwise", "backward", 1, 0, FP32 * (LABELS * d + 2 * batch * d)),
+        Op("patch_embed: grad weight", "fused", "backward", 1, 2 * batch * linears["patch_embed"].macs,
+           r * rows * d + a * rows * linears["patch_embed"].in_features, ("_patch_embed_grad_weight_kernel",)),
+    ]
+    parameters = parameter_count(shape)
+    if precision.autocast:
+        cast = parameters - LABELS * d  # the label table is looked up in fp32: not cast
+        ops.insert(0, Op("autocast: weights to bf16", "optimizer", "forward", 1, 0, cast * (FP32 + BF16)))
+        ops.append(Op("autocast: weight gradients to fp32", "optimizer", "backward", 1, 0, cast * (FP32 + BF16)))
+    # AdamW in one pass: parameter, gradient and both moments read, parameter and moments written.
+    ops.append(Op("AdamW (one pass)", "optimizer", "optimizer", 1, 0, parameters * 7 * precision.parameter))
+    return ops
+
+
+def training_ops(shape: DiTShape, batch: int) -> list[Op]:
+    """Forward under autocast, backward and optimizer: one training step."""
+    backward = backward_ops(shape, batch, TRAINING)
+    casts = [op for op in backward if op.stage == "forward"]
+    return casts + forward_ops(shape, batch, TRAINING) + [op for op in backward if op.stage != "forward"]
+
+
+def workload_ops(shape: DiTShape, workload: str, batch: int) -> list[Op]:
+    """A benchmark workload's ops (fastdit.bench_workloads): a guided sampling step runs the model on
+    the batch and its unconditional copy; its solver update is a few latent-sized elementwise ops, left out."""
+    if workload == "forward":
+        return forward_ops(shape, batch)
+    if workload == "sampling-step":
+        return forward_ops(shape, 2 * batch)
+    if workload == "training-step":
+        return training_ops(shape, batch)
+    raise ValueError(f"workload: expected forward, sampling-step or training-step, got {workload!r}")
+
+
+def total_seconds(ops: list[Op], peak: Peak) -> float:
+    return sum(op.seconds(peak) for op in ops)
+
+
+def shares(ops: list[Op], peak: Peak) -> dict[str, float]:
+    """Fraction of the predicted time per kind of op (KINDS)."""
+    total = total_seconds(ops, peak)
+    return {kind: sum(op.seconds(peak) for op in ops if op.kind == kind) / total for kind in KINDS}
+
+
+# --- inputs: the static compile facts (python -m fastdit.kernels.aot --json) and a GPU report ---
+
+
+class InputError(ValueError):
+    """A bad argument or input file: one line, exit 2."""
+
+
+def _read_json(path: str, argument: str):
+    import json
+
+    try:
+        with open(path) as file:
+            return json.load(file)
+    except (OSError, ValueError) as error:
+        raise InputError(f"{argument}: cannot read {path} as JSON ({error})") from None
+
+
+def load_kernel_facts(path: str) -> dict:
+    """The JSON of ``python -m fastdit.kernels.aot --json``: {"triton", "command", "launches": [row, ...]}."""
+    facts = _read_json(path, "--kernels-json")
+    launches = facts.get("launches") if isinstance(facts, dict) else None
+    if not isinstance(launches, list):
+        raise InputError(f"--kernels-json: expected an object with a list 'launches' "
+                         f"(python -m fastdit.kernels.aot --json), got {type(facts).__name__} in {path}")
+    required = ("arch", "model", "image_size", "dtype", "pass", "kernel")
+    for index, row in enumerate(launches):
+        missing = [key for key in required if not isinstance(row, dict) or key not in row]
+        if missing:
+            raise InputError(f"--kernels-json: launch {index} in {path} lacks {', '.join(missing)}")
+    return facts
+
+
+def _kernel_summary(row: dict) -> str:
+    name = row["kernel"].strip("_").removesuffix("_kernel")
+    if row.get("status", "ok") != "ok":
+        return f"{name}: {row['status']}"
+    config = " ".join(f"{key}={value}" for key, value in (row.get("config") or {}).items())
+    shared = row.get("shared_bytes")
+    return (f"{name}: {row.get('registers', '?')} reg · {row.get('spill_bytes', '?')} B spill · "
+            f"{'?' if shared is None else f'{shared / 1024:.0f} KiB'} smem · {row.get('tensor_core', '?')} TC"
+            + (f" ({config})" if config else ""))
+
+
+def kernel_cell(facts: dict, op: Op, model: str, image_size: int, dtypes: tuple[str, ...], arch: int) -> str:
+    """The compiled facts of ``op``'s Triton kernels at this configuration: the default config's rows,
+    in the first of ``dtypes`` that has any."""
+    if op.kind == "gemm":
+        return "cuBLAS (torch)"
+    if not op.kernels:
+        return "torch"
+    wanted = "forward" if op.stage == "forward" else "backward"
+    for dtype in dtypes:
+        rows = [row for row in facts["launches"] if row["kernel"] in op.kernels and row["pass"] == wanted
+                and row["arch"] == arch and row["model"] == model and row["image_size"] == image_size
+                and row["dtype"] == dtype]
+        if any(row.get("default") for row in rows):
+            rows = [row for row in rows if row.get("default")]
+        if rows:
+            return "<br>".join(dict.fromkeys(_kernel_summary(row) for row in rows))
+    return "not in the JSON"
+
+
+def load_measured_peak(path: str) -> tuple[Peak, dict]:
+    """The peaks that ``fastdit bench`` measured (report.json, or docs/benchmarks/<gpu>.json)."""
+    report = _read_json(path, "--bench-json")
+    try:
+        gemm, copy, device = report["peak"]["gemm"], report["peak"]["copy_bandwidth"], report["device"]
+        tflops, gigabytes, name = float(gemm["value"]), float(copy["value"]), device["name"]
+    except (KeyError, TypeError, ValueError) as error:
+        raise InputError(f"--bench-json: expected a fastdit bench report with peak.gemm, peak.copy_bandwidth and "
+                         f"device.name, {path} has no {error}") from None
+    if gemm.get("dtype") != "bf16":
+        raise InputError(f"--bench-json: the GEMM peak in {path} was measured in {gemm.get('dtype')!r}, not bf16 "
+                         "(fastdit bench --dtype bf16)")
+    shape = "x".join(map(str, gemm.get("shape", [])))
+    return Peak(f"measured {name}", tflops, gigabytes / 1000,
+                f"fastdit bench on {name} ({path}): bf16 GEMM {shape}, device-to-device copy (read + write)"), report
+
+
+# --- the document ---
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|" + " --- |" + " ---: |" * (len(header) - 1)]
+            + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def _time(seconds: float) -> str:
+    return f"{seconds * 1e3:,.2f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:,.1f} µs"
+
+
+def _op_rows(ops, peaks, kernel_column) -> list[list[str]]:
+    rows = []
+    for op in ops:
+        intensity = f"{op.flops / op.bytes:,.0f}" if op.flops else "0"
+        row = [op.name, op.stage, str(op.launches), f"{op.flops / 1e9:,.1f}", f"{op.bytes / 1e6:,.1f}", intensity]
+        row += [f"{_time(op.seconds(peak))} · {op.bound(peak)[:3]}" for peak in peaks]
+        rows.append(row + ([kernel_column(op)] if kernel_column else []))
+    return rows
+
+
+def document(model: str, batch: int, image_sizes: list[int], peaks: list[Peak], command: str,
+             facts: dict | None = None, arch: int = 90, bench: dict | None = None) -> str:
+    shapes = {size: named_shape(model, size // 8) for size in image_sizes}
+    lines = [
+        f"# The roofline of {model}", "",
+        f"Generated by `{command}` (fastdit/roofline.py): edit the generator, not this file.", "",
+        "Every op that the fast model launches, with its matrix FLOPs (the count of fastdit/flops.py) and the "
+        "HBM bytes it must move (each tensor it reads or writes crosses HBM once: the least any "
+        "implementation of that launch moves). At a GPU's peaks an op takes at least max(FLOPs / FLOP/s, "
+        "bytes / bandwidth): it is compute-bound (`com`) when its FLOPs per byte reach the ridge point, "
+        "memory-bound (`mem`) below. The ops run one after another, so their sum is the physical limit of "
+        "the step. A GPU run checks this plan: benchmarks/device_check.sh (see benchmarks/README.md).", "",
+        "## Peaks", "",
+    ]
+    lines += _table(["GPU", "dense bf16 TFLOP/s", "HBM TB/s", "ridge FLOP/B", "source"],
+                    [[p.name, f"{p.tflops:,.1f}", f"{p.bandwidth:.2f}", f"{p.ridge:,.0f}", p.source] for p in peaks])
+    workloads = (("forward", "forward"), ("sampling-step", "guided sampling step (CFG: the model at 2 x batch)"),
+                 ("training-step", "training step (forward, backward, AdamW)"))
+    lines += ["", f"## The physical limit at batch {batch}", "",
+              "Predicted time per step at peak, and the images per second it allows.", ""]
+    rows, share_rows = [], []
+    for size, shape in shapes.items():
+        for workload, label in workloads:
+            ops = workload_ops(shape, workload, batch)
+            row = [f"{size} px", label, f"{sum(op.flops for op in ops) / 1e12:,.2f}",
+                   f"{sum(op.bytes for op in ops) / 1e9:,.1f}", str(sum(op.launches for op in ops))]
+            for peak in peaks:
+                seconds = total_seconds(ops, peak)
+                row.append(f"{seconds * 1e3:,.2f} ms ({batch / seconds:,.0f} img/s)")
+                share_rows.append([f"{size} px", workload, peak.name]
+                                  + [f"{100 * value:.1f}%" for value in shares(ops, peak).values()])
+            rows.append(row)
+    lines += _table(["image", "step", "TFLOP", "GB moved", "launches"] + [p.name for p in peaks], rows)
+    lines += ["", "Predicted shares of the time:", ""]
+    lines += _table(["image", "step", "GPU"] + list(KINDS.values()), share_rows)
+    forward = {size: sum(op.flops for op in forward_ops(shape, batch)) for size, shape in shapes.items()}
+    training = {size: sum(op.flops for op in training_ops(shape, batch)) for size, shape in shapes.items()}
+    lines += ["", "Training FLOPs: " + "; ".join(
+        f"at {size} px the ops execute {training[size] / 1e12:,.2f} TFLOP against the model's "
+        f"{TRAINING_FORWARDS * forward[size] / 1e12:,.2f} ({TRAINING_FORWARDS} forwards, the MFU convention)"
+        for size in shapes) + ": the flash backward recomputes the scores twice and dP once (3 products of "
+        "the size of q k^T beyond the model's 4), and nobody needs the gradients of the latents or of the "
+        "timestep features (2 input-gradient GEMMs fewer)."]
+    kernel_header = f"fastdit kernel (sm_{arch}, static)"
+    for size, shape in shapes.items():
+        latent = size // 8
+        for workload, title, dtypes in (("forward", "forward", ("bf16",)),
+                                        ("training-step", "training step", ("amp", "bf16"))):
+            column = (lambda op, size=size, dtypes=dtypes: kernel_cell(facts, op, model, size, dtypes, arch)
+                      ) if facts else None
+            lines += ["", f"## {size} px ({latent}x{latent} latent, {shape.tokens} tokens), batch {batch}: "
+                      f"{title}, per op", ""]
+            lines += _table(["op", "pass", "launches", "GFLOP", "MB moved", "FLOP/B"] + [p.name for p in peaks]
+                            + ([kernel_header] if facts else []),
+                            _op_rows(workload_ops(shape, workload, batch), peaks, column))
+    lines += ["", "## Static compile facts", ""]
+    if facts:
+        lines += [f"The kernel column: `{facts.get('command', 'python -m fastdit.kernels.aot')}` (Triton "
+                  f"{facts.get('triton', '?')}), the launches of {model} at sm_{arch} in the default launch "
+                  "config: registers per thread, spilled bytes, shared memory and tensor-core instructions "
+                  "(wgmma on sm_90, mma on sm_80). The training tables show the autocast (`amp`) compiles "
+                  "where the JSON has them, else bf16."]
+    else:
+        lines += ["No `--kernels-json` given, so the kernel column is left out: `python -m fastdit.kernels.aot "
+                  "--arch 90 --json docs/kernels.json`, then regenerate with `--kernels-json docs/kernels.json`."]
+    lines += ["", "## Measured", ""] + _measured(bench, model, peaks) + ["", "## What the count assumes", ""]
+    lines += [
+        f"- Forward: {INFERENCE.name}. Training: {TRAINING.name}; AdamW keeps fp32 moments.",
+        "- A GEMM reads its two operands and bias and writes its output once; its backward is two GEMMs "
+        "(input and weight gradient) with the bias gradient in the weight gradient's epilogue (where the "
+        "library reduces it apart, that is one more pass over the output gradient).",
+        "- AdamW in one pass (7 fp32 values per parameter, as `fused=True`); the benchmark's `foreach=True` "
+        "makes several passes. Under autocast each weight is cast to bf16 once per forward and its gradient "
+        "back to fp32 once per backward. fastdit train also updates an EMA copy (3 more fp32 values per "
+        "parameter); the benchmark's training step does not.",
+        "- GELU is not fused into fc1 and q, k, v's gradients are stacked into the qkv gradient by autograd: "
+        "both are real launches of the eager model, and fusing them is work the limit shows the worth of.",
+        "- Left out, each under 0.01% of a step at batch 64: the timestep features, the conditioning's add "
+        "and SiLU, the unpatchify copy, the loss, the guidance combination and the solver update.",
+        "- Not modelled: kernel launch latency (the launches column counts them; CUDA graphs remove most of "
+        "it), L2 reuse that reads a tensor for less than its size, and the time one op overlaps another.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _measured(bench: dict | None, model: str, peaks: list[Peak]) -> list[str]:
+    if bench is None:
+        return ["No GPU report yet. `benchmarks/device_check.sh` on a lent H100 or H200 writes "
+                "docs/benchmarks/<gpu>.json; regenerate with `--bench-json docs/benchmarks/<gpu>.json` for the "
+                "measured peaks' column and the measured steps against their limit."]
+    measured = peaks[-1]
+    rows = []
+    for result in bench.get("results", []):
+        if result.get("model") != model or result.get("status") != "ok" or result.get("dtype") != "bf16":
+            continue
+        size, batch, workload = result["image_size"], result["batch_size"], result["workload"]
+        limit = total_seconds(workload_ops(named_shape(model, size // 8), workload, batch), measured)
+        seconds = result["time"]["value"]
+        rows.append([result["implementation"], f"{size} px", str(batch), workload, _time(seconds), _time(limit),
+                     f"{100 * limit / seconds:.0f}%"])
+    lines = [f"The last peak column is {measured.name}, from its report. Its steps against their limit at "
+             "those peaks (bf16 implementations):", ""]
+    return lines + (_table(["implementation", "image", "batch", "step", "measured", "limit", "of the limit"], rows)
+                    if rows else [f"(the report has no bf16 step of {model})"])
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(prog="python -m fastdit.roofline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="the markdown file to write (docs/performance.md)")
+    parser.add_argument("--kernels-json", help="static compile facts: python -m fastdit.kernels.aot --json FILE")
+    parser.add_argument("--bench-json", help="a fastdit bench report (docs/benchmarks/<gpu>.json): its measured "
+                                             "peaks become one more GPU")
+    parser.add_argument("--model", default="DiT-XL/2", choices=list(DiT_models), metavar="MODEL")
+    parser.add_argument("--batch", type=int, default=64, help="images per step (default 64)")
+    parser.add_argument("--image-sizes", type=int, nargs="+", default=[256, 512], metavar="PX")
+    parser.add_argument("--arch", type=int, default=90, help="the compile target of the kernel column (default 90)")
+    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if args.batch < 1:
+            raise InputError(f"--batch: expected a positive integer, got {args.batch}")
+        for size in args.image_sizes:
+            if size % 8:
+                raise InputError(f"--image-sizes: expected multiples of 8 (the VAE's downsampling), got {size}")
+            named_shape(args.model, size // 8)
+        facts = load_kernel_facts(args.kernels_json) if args.kernels_json else None
+        peaks, bench = list(DATASHEET_PEAKS), None
+        if args.bench_json:
+            measured, bench = load_measured_peak(args.bench_json)
+            peaks.append(measured)
+        text = document(args.model, args.batch, list(dict.fromkeys(args.image_sizes)), peaks,
+                        "python -m fastdit.roofline " + " ".join(argv), facts, args.arch, bench)
+        from fastdit.io import write_text_atomic
+
+        write_text_atomic(args.out, text)
+    except (InputError, ValueError, OSError) as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    print(f"{parser.prog}: wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
