@@ -1,9 +1,10 @@
 """``sample``: class-conditional latents from a DiT, with classifier-free guidance and a CUDA-graph loop.
 
 One denoising step = one (guided) forward of the model + one solver update (``fastdit.samplers``). On CUDA
-the whole step is captured once into a CUDA graph over static buffers (x, the model's timestep, the step's
-coefficient row, the step's noise) and replayed for every step, so a step costs one graph launch; step 0
-runs eagerly first, as the warm-up that capture needs.
+the whole step is captured once into a CUDA graph over static buffers (x, the labels, the model's timestep,
+the step's coefficient row, the step's noise) and replayed for every step, so a step costs one graph launch;
+step 0 runs eagerly first, as the warm-up that capture needs. The captured step is kept with the model and
+replayed by later calls with the same batch shape and settings, so a run of many batches captures once.
 
 Noise is per image: image k (``first_index + k``) draws its initial latent and then, step by step, its
 sampler noise from its own generator seeded by (seed, k). An image is therefore the same whatever batch
@@ -274,7 +275,8 @@ def sample(model, class_labels, *, sampler="ddpm", steps=250, cfg_scale=1.0, gui
     compile: run the model through torch.compile. cuda_graphs: capture one whole step into a CUDA graph
         and replay it ("auto": when the model is on CUDA, falling back to eager steps with a warning when
         the model's forward cannot be captured, e.g. it copies a CPU tensor to the GPU; True: such a model
-        is an error, as is a model on the CPU).
+        is an error, as is a model on the CPU). A captured step is reused by later calls with the same batch
+        size, sampler and guidance (at most ``MAX_GRAPHS_PER_MODEL`` such steps are kept per model).
     """
     for name in ("in_channels", "out_channels", "input_size", "num_classes"):
         if not hasattr(model, name):
