@@ -22,18 +22,21 @@ from .modulate import (
     _program_token_block,
     _store_partial,
     _token_tile,
-    backward_launch_config,
+    backward_candidates,
     check_hidden_states,
     check_modulation,
     check_per_sample,
     layernorm_modulate_grads_fp32,
     modulate_layernorm_reference,
     per_sample_partials,
-    row_launch_config,
+    row_candidates,
+    row_tuning_key,
     unit_stride_rows,
 )
+from . import tuning
 from .interpreter import to_storage
-from .runtime import use_triton
+from .launch import ROW_FP_FUSION
+from .runtime import device_guard, use_triton
 
 
 @triton.jit
@@ -133,16 +136,21 @@ def _gated_residual_triton(x, gate, y, shift=None, scale=None, eps=1e-6):
     else:
         # never read when NORMALIZE is off; the kernel only needs valid pointers and strides
         shift, scale, normed = gate, gate, residual
-    if residual.numel() > 0:
-        block_d, num_warps = row_launch_config(hidden_size)
-        _gated_residual_kernel[(batch * tokens,)](
+
+    def launch(config):
+        return _gated_residual_kernel[(batch * tokens,)](
             x, gate, y, shift, scale, residual, normed,
             tokens, hidden_size,
             x.stride(0), x.stride(1), y.stride(0), y.stride(1),
             gate.stride(0), shift.stride(0), scale.stride(0),
             eps,
-            NORMALIZE=normalize, BLOCK_D=block_d, num_warps=num_warps,
+            NORMALIZE=normalize, **config, enable_fp_fusion=ROW_FP_FUSION,
         )
+
+    if residual.numel() > 0:
+        kernel = "gated_residual_modulate_layernorm" if normalize else "gated_residual"
+        with device_guard(x):
+            tuning.choose(kernel, row_tuning_key(x, normed), row_candidates(hidden_size, x.device), launch, x.device)
     return (residual, normed) if normalize else residual
 
 
@@ -163,10 +171,10 @@ def _gated_residual_backward_triton(grad_residual, gate, y, grad_normed=None, re
         # never touched when NORMALIZE is off; the kernel only needs valid pointers and strides
         grad_normed, residual, scale, grad_x = grad_residual, grad_residual, gate, grad_y
         partial_grad_shift = partial_grad_scale = partials[0]
-    if grad_y.numel() > 0:
-        block_d, tile_tokens, num_warps = backward_launch_config(hidden_size)
-        token_blocks = partials[0].shape[1]
-        _gated_residual_backward_kernel[(batch * token_blocks,)](
+    token_blocks = partials[0].shape[1]
+
+    def launch(config):
+        return _gated_residual_backward_kernel[(batch * token_blocks,)](
             grad_residual, gate, y, grad_y, partials[0],
             grad_normed, residual, scale, grad_x, partial_grad_shift, partial_grad_scale,
             tokens, hidden_size, token_blocks,
@@ -174,9 +182,14 @@ def _gated_residual_backward_triton(grad_residual, gate, y, grad_normed=None, re
             grad_normed.stride(0), grad_normed.stride(1), residual.stride(0), residual.stride(1),
             gate.stride(0), scale.stride(0),
             eps,
-            NORMALIZE=normalize, TOKENS_PER_PROGRAM=TOKENS_PER_PROGRAM, TILE_TOKENS=tile_tokens,
-            BLOCK_D=block_d, num_warps=num_warps,
+            NORMALIZE=normalize, TOKENS_PER_PROGRAM=TOKENS_PER_PROGRAM, **config, enable_fp_fusion=ROW_FP_FUSION,
         )
+
+    if grad_y.numel() > 0:
+        kernel = "gated_residual_modulate_layernorm_backward" if normalize else "gated_residual_backward"
+        with device_guard(y):
+            tuning.choose(kernel, row_tuning_key(y, grad_residual), backward_candidates(hidden_size, y.device),
+                          launch, y.device)
     grad_gate, *grad_modulation = (partial.sum(1).to(gate.dtype) for partial in partials)
     if normalize:
         return grad_x, grad_gate, grad_y, *grad_modulation

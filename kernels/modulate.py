@@ -17,8 +17,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import tuning
 from .interpreter import to_storage
-from .runtime import use_triton
+from .launch import ROW_FP_FUSION, Config, config, offer, size_bucket
+from .runtime import device_guard, use_triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -149,11 +151,23 @@ def _modulate_layernorm_backward_kernel(
     _store_partial(partial_grad_scale_ptr, program, D, columns, grad_scale)
 
 
-def row_launch_config(hidden_size: int) -> tuple[int, int]:
-    """(BLOCK_D, num_warps) for kernels that hold one whole row of ``hidden_size`` in registers."""
+def row_candidates(hidden_size: int, device: torch.device) -> list[Config]:
+    """Launch configurations of the kernels that hold one whole row of ``hidden_size`` in registers.
+
+    BLOCK_D is the row padded to a power of two (it must hold the row); the warps vary. Default:
+    4 warps up to 1024 columns, past that 8, which keep each thread's share of the row (and of
+    the fused kernel's five rows) small enough not to spill. The alternatives halve and double
+    it: fewer warps mean fewer idle lanes on the padding, more mean more loads in flight."""
     block_d = triton.next_power_of_2(hidden_size)
-    # Past 1024 columns, 8 warps keep each thread's share of the row small enough not to spill.
-    return block_d, 4 if block_d <= 1024 else 8
+    default = 4 if block_d <= 1024 else 8
+    warps = [default] + [w for w in (default // 2, default * 2) if block_d >= 32 * w]
+    return offer(device, [config(w, BLOCK_D=block_d) for w in warps])
+
+
+def row_tuning_key(x: torch.Tensor, out: torch.Tensor) -> tuple:
+    """The shape class of a row launch: dtypes, hidden size and the bucket of its row count."""
+    batch, tokens, hidden_size = x.shape
+    return x.dtype, out.dtype, hidden_size, size_bucket(batch * tokens)
 
 
 def unit_stride_rows(tensor: torch.Tensor) -> torch.Tensor:
@@ -161,10 +175,18 @@ def unit_stride_rows(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
 
 
-def backward_launch_config(hidden_size: int) -> tuple[int, int, int]:
-    """(BLOCK_D, TILE_TOKENS, num_warps) for the backward kernels, which step through tiles of whole rows."""
+def backward_candidates(hidden_size: int, device: torch.device) -> list[Config]:
+    """Launch configurations of the backward kernels, which step through (TILE_TOKENS, BLOCK_D)
+    tiles of whole rows. Default: BACKWARD_TILE_VALUES over BACKWARD_NUM_WARPS (see there);
+    alternatives: the same tile over 4 warps (more programs per SM), and a tile twice as tall
+    over 16 warps (half the loop trips for small hidden sizes)."""
     block_d = triton.next_power_of_2(hidden_size)
-    return block_d, max(1, min(TOKENS_PER_PROGRAM, BACKWARD_TILE_VALUES // block_d)), BACKWARD_NUM_WARPS
+    tile = max(1, min(TOKENS_PER_PROGRAM, BACKWARD_TILE_VALUES // block_d))
+    return offer(device, [
+        config(BACKWARD_NUM_WARPS, TILE_TOKENS=tile, BLOCK_D=block_d),
+        config(4, TILE_TOKENS=tile, BLOCK_D=block_d),
+        config(16, TILE_TOKENS=min(TOKENS_PER_PROGRAM, 2 * tile), BLOCK_D=block_d),
+    ])
 
 
 def per_sample_partials(batch: int, tokens: int, hidden_size: int, count: int, device) -> list[torch.Tensor]:
@@ -179,14 +201,19 @@ def _modulate_layernorm_triton(x, shift, scale, eps):
     out = torch.empty((batch, tokens, hidden_size), dtype=shift.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    block_d, num_warps = row_launch_config(hidden_size)
-    _modulate_layernorm_kernel[(batch * tokens,)](
-        x, shift, scale, out,
-        tokens, hidden_size,
-        x.stride(0), x.stride(1), shift.stride(0), scale.stride(0),
-        eps,
-        BLOCK_D=block_d, num_warps=num_warps,
-    )
+
+    def launch(config):
+        return _modulate_layernorm_kernel[(batch * tokens,)](
+            x, shift, scale, out,
+            tokens, hidden_size,
+            x.stride(0), x.stride(1), shift.stride(0), scale.stride(0),
+            eps,
+            **config, enable_fp_fusion=ROW_FP_FUSION,
+        )
+
+    with device_guard(x):
+        tuning.choose("modulate_layernorm", row_tuning_key(x, out), row_candidates(hidden_size, x.device),
+                      launch, x.device)
     return out
 
 
@@ -195,16 +222,21 @@ def _modulate_layernorm_backward_triton(grad, x, scale, eps):
     batch, tokens, hidden_size = x.shape
     grad_x = torch.empty((batch, tokens, hidden_size), dtype=x.dtype, device=x.device)
     partial_grad_shift, partial_grad_scale = per_sample_partials(batch, tokens, hidden_size, 2, x.device)
-    if grad_x.numel() > 0:
-        block_d, tile_tokens, num_warps = backward_launch_config(hidden_size)
-        token_blocks = partial_grad_shift.shape[1]
-        _modulate_layernorm_backward_kernel[(batch * token_blocks,)](
+    token_blocks = partial_grad_shift.shape[1]
+
+    def launch(config):
+        return _modulate_layernorm_backward_kernel[(batch * token_blocks,)](
             grad, x, scale, grad_x, partial_grad_shift, partial_grad_scale,
             tokens, hidden_size, token_blocks,
             grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), scale.stride(0),
             eps,
-            TOKENS_PER_PROGRAM=TOKENS_PER_PROGRAM, TILE_TOKENS=tile_tokens, BLOCK_D=block_d, num_warps=num_warps,
+            TOKENS_PER_PROGRAM=TOKENS_PER_PROGRAM, **config, enable_fp_fusion=ROW_FP_FUSION,
         )
+
+    if grad_x.numel() > 0:
+        with device_guard(x):
+            tuning.choose("modulate_layernorm_backward", row_tuning_key(x, grad),
+                          backward_candidates(hidden_size, x.device), launch, x.device)
     return grad_x, partial_grad_shift.sum(1).to(scale.dtype), partial_grad_scale.sum(1).to(scale.dtype)
 
 
