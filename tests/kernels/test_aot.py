@@ -1,0 +1,116 @@
+"""``python -m fastdit.kernels.aot``: every launch of a DiT training step compiled for sm_90 and sm_80
+on this CPU machine, as a GPU would build it."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fastdit.kernels import aot
+
+# The 11 kernels of a training step: forward, attention's three backward launches, and the
+# backward of the norm, residual and patch-embedding ops (grad_x and grad_weight).
+KERNELS = {
+    "_patch_embed_kernel", "_patch_embed_grad_x_kernel", "_patch_embed_grad_weight_kernel",
+    "_modulate_layernorm_kernel", "_modulate_layernorm_backward_kernel",
+    "_gated_residual_kernel", "_gated_residual_backward_kernel",
+    "_attention_fwd_kernel", "_attention_bwd_delta_kernel", "_attention_bwd_key_kernel", "_attention_bwd_query_kernel",
+}
+
+
+def run_aot(tmp_path, *args):
+    """The command as a user runs it: TRITON_INTERPRET=1 stays set (as in the test run), the tool drops it."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_CACHE_DIR": str(tmp_path / "triton-cache")}
+    return subprocess.run([sys.executable, "-m", "fastdit.kernels.aot", *args], capture_output=True, text=True,
+                          env=env, cwd=tmp_path)
+
+
+def check_report(report: dict, archs: set[int]):
+    rows = report["launches"]
+    assert {row["arch"] for row in rows} == archs
+    for arch in archs:
+        assert {row["kernel"] for row in rows if row["arch"] == arch} == KERNELS
+    for row in rows:
+        assert "error" not in row, row
+        if row["default"]:
+            assert row["status"] == "ok", row
+            assert row["spill_bytes"] == 0 and row["spill_instructions"] == 0, row
+        assert row["shared_bytes"] <= {90: 227 * 1024, 80: 163 * 1024}[row["arch"]]
+        half = "float32" not in row["shape"] or row["kernel"].startswith("_patch_embed_grad")
+        if row["dots"] and half and row["status"] == "ok" and "float32" not in row["shape"]:
+            # Every half-precision dot runs on tensor cores: wgmma on sm_90, mma.sync on sm_80.
+            assert (row["wgmma"] if row["arch"] == 90 else row["mma"]) > 0, row
+
+
+def test_bf16_training_step_compiles_for_sm90_and_sm80_without_spills(tmp_path):
+    result = run_aot(tmp_path, "--arch", "90", "80", "--model", "DiT-S/2", "DiT-XL/2", "--dtype", "bf16",
+                     "--image-size", "256", "--block", "adaln-zero", "--json", "aot.json", "--markdown", "aot.md")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "aot.json").read_text())
+    check_report(report, {90, 80})
+    assert report["triton"] and report["command"].startswith("python -m fastdit.kernels.aot")
+    markdown = (tmp_path / "aot.md").read_text()
+    assert "| sm_90 | attention_fwd_kernel |" in markdown and "| sm_80 |" in markdown
+
+
+@pytest.mark.slow
+def test_full_matrix_compiles_without_spills(tmp_path):
+    """Every dtype (amp included), design and image size of DiT-S/2 and DiT-XL/2."""
+    result = run_aot(tmp_path, "--json", "aot.json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    check_report(json.loads((tmp_path / "aot.json").read_text()), {90, 80})
+
+
+def test_records_the_launches_of_a_real_training_step(tmp_path):
+    result = run_aot(tmp_path, "--arch", "90", "--model", "DiT-S/2", "--image-size", "256", "--dtype", "amp",
+                     "--block", "in-context", "--batch", "3", "--record-only", "--json", "launches.json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "launches.json").read_text())["launches"]
+    assert {row["kernel"] for row in rows} == KERNELS
+    assert all(row["status"] == "recorded" for row in rows)
+    # Under (emulated) autocast the residual stream is fp32 and the modulations bf16, as on a GPU.
+    norm = next(row for row in rows if row["kernel"] == "_modulate_layernorm_kernel")
+    assert norm["signature"]["x_ptr"] == "*fp32" and norm["signature"]["shift_ptr"] == "*bf16"
+    # The in-context design's sequence: 256 patches and the two conditioning tokens.
+    assert any("x258x" in row["shape"] for row in rows if row["kernel"] == "_attention_fwd_kernel")
+    assert {use for row in rows for use in row["uses"]} == {"DiT-S/2 256px amp in-context forward",
+                                                            "DiT-S/2 256px amp in-context backward"}
+    # Every candidate configuration is recorded, the default among them.
+    assert all(any(row["default"] for row in rows if row["kernel"] == kernel) for kernel in KERNELS)
+
+
+@pytest.mark.parametrize("args, valid", [
+    (["--arch", "70"], "80, 90"),
+    (["--model", "DiT-Q/2"], "DiT-XL/2"),
+    (["--image-size", "300"], "256, 512"),
+    (["--dtype", "int8"], "bf16"),
+    (["--block", "mamba"], "adaln-zero"),
+])
+def test_bad_arguments_exit_2_with_one_line_listing_the_valid_values(tmp_path, args, valid):
+    result = run_aot(tmp_path, *args)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if "Warning" not in line and "warn_once" not in line]
+    assert len(lines) == 1 and valid in lines[0], result.stderr
+
+
+def test_missing_private_binder_names_the_triton_version(monkeypatch):
+    import triton
+    import triton.runtime.jit
+
+    monkeypatch.delattr(triton.runtime.jit, "create_function_from_signature")
+    with pytest.raises(RuntimeError, match=f"triton {triton.__version__}.*create_function_from_signature"):
+        aot._binder(None, None)
+
+
+def test_a_spilling_default_fails_and_a_spilling_candidate_is_pruned():
+    facts = {"spill_bytes": 32, "spill_instructions": 4, "shared_bytes": 0}
+    default = aot.Launch(None, {}, {}, {}, {}, "", 0, True, [])
+    candidate = aot.Launch(None, {}, {}, {}, {}, "", 1, False, [])
+    assert aot._status(default, facts, 80) == "spills"
+    assert aot._status(candidate, facts, 80) == "pruned"
+    too_big = {"spill_bytes": 0, "spill_instructions": 0, "shared_bytes": 200 * 1024}
+    assert aot._status(default, too_big, 80) == "shared" and aot._status(default, too_big, 90) == "ok"
+    assert aot._status(default, {"error": "CompilationError: x"}, 90) == "error"
+    rows = [{"default": True, "status": "spills"}, {"default": False, "status": "pruned"}]
+    assert len(aot.summary(rows)["failing"]) == 1
