@@ -138,7 +138,7 @@ if ((!REPORT_ONLY)); then
 fastdit-compiled --workloads forward sampling-step --out $OUT_DIR/bench/256-compiled"
     plan tuning 30 20 "$PYTHON -m fastdit.kernels.tuning --json $OUT_DIR/tuning.json"
     plan aot 60 40 "$PYTHON -m fastdit.kernels.aot --arch \$ARCH --model DiT-XL/2 --image-size 256 512 \
---json $OUT_DIR/kernels.json"
+--dtype bf16 amp --block adaln-zero --json $OUT_DIR/kernels.json"
 fi
 plan report 15 15 "$PYTHON -c \"\$REPORT_PY\" $OUT_DIR docs/benchmarks"
 plan roofline 15 15 "$PYTHON -m fastdit.roofline --out docs/performance.md --bench-json docs/benchmarks/\$GPU.json"

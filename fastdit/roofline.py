@@ -11,6 +11,7 @@ far fastdit is from it.
 """
 import argparse
 import dataclasses
+import re
 import sys
 
 from fastdit.flops import TRAINING_FORWARDS, DiTShape, forward_attention_products, forward_linears, named_shape
@@ -250,6 +251,17 @@ def _read_json(path: str, argument: str):
         raise InputError(f"{argument}: cannot read {path} as JSON ({error})") from None
 
 
+_USE = re.compile(r"(\S+) (\d+)px (\S+) (\S+) (forward|backward)")
+
+
+def _uses(row: dict) -> set[tuple]:
+    """(model, image size, dtype, block, pass) of each step that makes this launch: from the row's
+    "uses" ("DiT-XL/2 256px bf16 adaln-zero forward"), or from its own keys."""
+    if "uses" in row:
+        return {(m[1], int(m[2]), m[3], m[4], m[5]) for use in row["uses"] if (m := _USE.fullmatch(str(use)))}
+    return {(row["model"], row["image_size"], row["dtype"], row.get("block", "adaln-zero"), row["pass"])}
+
+
 def load_kernel_facts(path: str) -> dict:
     """The JSON of ``python -m fastdit.kernels.aot --json``: {"triton", "command", "launches": [row, ...]}."""
     facts = _read_json(path, "--kernels-json")
@@ -257,12 +269,23 @@ def load_kernel_facts(path: str) -> dict:
     if not isinstance(launches, list):
         raise InputError(f"--kernels-json: expected an object with a list 'launches' "
                          f"(python -m fastdit.kernels.aot --json), got {type(facts).__name__} in {path}")
-    required = ("arch", "model", "image_size", "dtype", "pass", "kernel")
     for index, row in enumerate(launches):
+        required = ("arch", "kernel") + (("uses",) if isinstance(row, dict) and "uses" in row
+                                         else ("model", "image_size", "dtype", "pass"))
         missing = [key for key in required if not isinstance(row, dict) or key not in row]
         if missing:
             raise InputError(f"--kernels-json: launch {index} in {path} lacks {', '.join(missing)}")
     return facts
+
+
+def _tensor_cores(row: dict) -> str:
+    if "tensor_core" in row:
+        return f"{row['tensor_core']} TC"
+    if row.get("wgmma"):
+        return f"{row['wgmma']} wgmma"
+    if row.get("mma"):
+        return f"{row['mma']} mma"
+    return "no dot" if row.get("dots") == 0 else "no tensor cores"
 
 
 def _kernel_summary(row: dict) -> str:
@@ -272,7 +295,7 @@ def _kernel_summary(row: dict) -> str:
     config = " ".join(f"{key}={value}" for key, value in (row.get("config") or {}).items())
     shared = row.get("shared_bytes")
     return (f"{name}: {row.get('registers', '?')} reg · {row.get('spill_bytes', '?')} B spill · "
-            f"{'?' if shared is None else f'{shared / 1024:.0f} KiB'} smem · {row.get('tensor_core', '?')} TC"
+            f"{'?' if shared is None else f'{shared / 1024:.0f} KiB'} smem · {_tensor_cores(row)}"
             + (f" ({config})" if config else ""))
 
 
@@ -285,9 +308,9 @@ def kernel_cell(facts: dict, op: Op, model: str, image_size: int, dtypes: tuple[
         return "torch"
     wanted = "forward" if op.stage == "forward" else "backward"
     for dtype in dtypes:
-        rows = [row for row in facts["launches"] if row["kernel"] in op.kernels and row["pass"] == wanted
-                and row["arch"] == arch and row["model"] == model and row["image_size"] == image_size
-                and row["dtype"] == dtype]
+        use = (model, image_size, dtype, "adaln-zero", wanted)
+        rows = [row for row in facts["launches"]
+                if row["kernel"] in op.kernels and row["arch"] == arch and use in _uses(row)]
         if any(row.get("default") for row in rows):
             rows = [row for row in rows if row.get("default")]
         if rows:
@@ -394,7 +417,7 @@ def document(model: str, batch: int, image_sizes: list[int], peaks: list[Peak], 
         lines += [f"The kernel column: `{facts.get('command', 'python -m fastdit.kernels.aot')}` (Triton "
                   f"{facts.get('triton', '?')}), the launches of {model} at sm_{arch} in the default launch "
                   "config: registers per thread, spilled bytes, shared memory and tensor-core instructions "
-                  "(wgmma on sm_90, mma on sm_80). The training tables show the autocast (`amp`) compiles "
+                  "(wgmma on sm_90, mma on sm_80), or the status when it is not ok. The training tables show the autocast (`amp`) compiles "
                   "where the JSON has them, else bf16."]
     else:
         lines += ["No `--kernels-json` given, so the kernel column is left out: `python -m fastdit.kernels.aot "

@@ -134,6 +134,13 @@ def kernel_facts(tmp_path):
         row("_attention_fwd_kernel", "forward", 111, arch=80),
         row("_gated_residual_kernel", "forward", 40, image_size=512),
         row("_modulate_layernorm_backward_kernel", "backward", 64, dtype="amp", status="spills"),
+        # The form fastdit.kernels.aot writes: where the launch is used, tensor-core instructions by kind.
+        {"arch": 90, "kernel": "_attention_bwd_query_kernel", "shape": "q=(64, 256, 16, 72)",
+         "config": {"BLOCK_M": 64}, "default": True, "registers": 200, "spill_bytes": 0, "shared_bytes": 65536,
+         "dots": 3, "wgmma": 12, "mma": 0, "status": "ok",
+         "uses": ["DiT-S/2 256px amp adaln-zero backward", "DiT-XL/2 256px amp adaln-zero backward"]},
+        {"arch": 90, "kernel": "_attention_bwd_query_kernel", "default": True, "registers": 1, "status": "ok",
+         "uses": ["DiT-XL/2 256px amp cross-attn backward"]},
     ]}
     path = tmp_path / "kernels.json"
     path.write_text(json.dumps(facts))
@@ -156,6 +163,8 @@ def test_kernel_column_from_the_aot_json(tmp_path):
     training_256 = text.split("training step, per op")[1]
     assert "| modulate_layernorm | backward |" in training_256
     assert "modulate_layernorm_backward: spills |" in training_256  # the amp row, for the training step
+    assert "| attention_bwd_query: 200 reg · 0 B spill · 64 KiB smem · 12 wgmma (BLOCK_M=64) |" in training_256
+    assert "| 1 reg" not in training_256  # another block design's launch
 
 
 def bench_report(tmp_path, dtype="bf16"):
@@ -192,7 +201,7 @@ def test_measured_peaks_from_a_bench_report(tmp_path):
     (["--image-sizes", "264"], "input_size: expected a positive multiple of the patch size 2"),
     (["--kernels-json", "missing.json"], "--kernels-json: cannot read missing.json as JSON"),
     (["--kernels-json", "{list}"], "--kernels-json: expected an object with a list 'launches'"),
-    (["--kernels-json", "{row}"], "--kernels-json: launch 0 in {row} lacks pass, kernel"),
+    (["--kernels-json", "{row}"], "--kernels-json: launch 0 in {row} lacks kernel, pass"),
     (["--bench-json", "{list}"], "--bench-json: expected a fastdit bench report"),
     (["--bench-json", "{fp32}"], "--bench-json: the GEMM peak in {fp32} was measured in 'fp32', not bf16"),
 ])
