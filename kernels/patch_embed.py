@@ -11,7 +11,7 @@ output's (fp32 under bf16 autocast, where the residual stream stays fp32).
 
 The backward is two more GEMMs over the same gather: grad_x = grad_out @ W^T stored through
 the inverse of the forward's gather (patches do not overlap, so each pixel is written once),
-and grad_weight = patches^T @ grad_out reduced over all B*T rows in fixed chunks of fp32
+and grad_weight = grad_out^T @ patches reduced over all B*T rows in fixed chunks of fp32
 partial sums (the same kernel sums grad_out's rows for grad_bias), then summed in order:
 deterministic, no atomics.
 """
@@ -20,8 +20,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import tuning
 from .interpreter import dot, to_storage
-from .runtime import TRITON_INTERPRET, use_triton
+from .launch import PATCH_EMBED_FP_FUSION, Config, config, offer, size_bucket
+from .runtime import TRITON_INTERPRET, device_guard, use_triton
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -139,46 +141,77 @@ def _patch_embed_grad_weight_kernel(
     PATCH: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One chunk's fp32 partial sums: patches^T (K, rows) @ grad_out (rows, D) into
-    partial_weight[chunk] (D, K), and grad_out's column sums into partial_bias[chunk] (D,)."""
+    """One chunk's fp32 partial sums: grad_out^T (D, rows) @ patches (rows, K) into
+    partial_weight[chunk] (D, K), and grad_out's column sums into partial_bias[chunk] (D,).
+
+    The hidden size is the dot's M side: a (BLOCK_N, BLOCK_K) tile has BLOCK_N >= 64 rows,
+    which sm_90's wgmma needs (K is only 16 for DiT, too few rows the other way round)."""
     chunk = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_n = offs_n < hidden_size
     mask_k = offs_k < in_features
     k_offsets_x = _patch_column_offsets(offs_k, stride_xc, stride_xh, stride_xw, PATCH)
-    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for m_start in range(0, chunk_rows, BLOCK_M):
         offs_m = chunk * chunk_rows + m_start + tl.arange(0, BLOCK_M)
         mask_m = offs_m < rows
         row_offsets = _patch_row_offsets(offs_m, tokens, patches_per_row, stride_xb, stride_xh, stride_xw, PATCH)
-        patches_t = tl.load(x_ptr + k_offsets_x[:, None] + row_offsets[None, :],
-                            mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+        patches = tl.load(x_ptr + row_offsets[:, None] + k_offsets_x[None, :],
+                          mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         grad = tl.load(grad_out_ptr + offs_m[:, None].to(tl.int64) * hidden_size + offs_n[None, :],
                        mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        acc = dot(patches_t, _as_operand(grad, patches_t.dtype), acc, INPUT_PRECISION)
+        acc = dot(tl.trans(_as_operand(grad, patches.dtype)), patches, acc, INPUT_PRECISION)
         if tl.program_id(2) == 0:
             # grad_bias from grad_out as it came, not rounded to the dots' dtype.
             bias_acc += tl.sum(grad.to(tl.float32), 0)
     partial = partial_weight_ptr + chunk.to(tl.int64) * hidden_size * in_features
-    tl.store(partial + offs_n[None, :] * in_features + offs_k[:, None], acc, mask=mask_k[:, None] & mask_n[None, :])
+    tl.store(partial + offs_n[:, None] * in_features + offs_k[None, :], acc, mask=mask_n[:, None] & mask_k[None, :])
     if tl.program_id(2) == 0:
         tl.store(partial_bias_ptr + chunk.to(tl.int64) * hidden_size + offs_n, bias_acc, mask=mask_n)
 
 
-def _block_sizes(in_features: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K) for a launch."""
+# Candidate tiles per kernel and operand dtype: (BLOCK_M, BLOCK_N, num_warps, num_stages), the
+# default first. K is tiny (16..256: BLOCK_K covers it in one or a few steps), so each op is mostly
+# writing or reading a (B*T, D) tensor: the tiles trade programs in flight against the reuse of
+# the operand tiles. Half-precision defaults: a sweep on an H100 (DiT-XL/2 shapes) picked 64x128
+# for the forward. fp32 (ieee dots on the FMA units, whose operand layout holds every k of a
+# thread's rows and columns in registers): 64x64 over 4 warps, the largest tile that ptxas
+# compiles without spills on sm_90 and sm_80 (128x64 spilled 28 B forward on sm_90, 332 B in
+# grad_x on sm_80). BLOCK_M is the rows of the output (forward, grad_x) or the reduction step
+# over rows (grad_weight, whose own tile is BLOCK_N x BLOCK_K). Under autocast (half operands,
+# fp32 bias, pos_embed and output) the forward's epilogue holds an fp32 pos_embed tile beside the
+# accumulator: 64x128 over 4 warps spilled 8 B on sm_80, the same tile per warp over 8 warps
+# (128x128) does not.
+_HALF_TILES = {
+    "forward": [(64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
+    "forward_fp32_out": [(128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3)],
+    "grad_x": [(64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+    "grad_weight": [(64, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)],
+}
+_FP32_TILES = {
+    "forward": [(64, 64, 4, 3), (128, 64, 8, 3), (32, 128, 4, 3)],
+    "grad_x": [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)],
+    "grad_weight": [(64, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3)],
+}
+
+
+def _candidates(op: str, in_features: int, dtype: torch.dtype, device: torch.device) -> list[Config]:
+    """Launch configurations of one of the patch-embed kernels (an op of the tables above) for
+    operands of ``dtype``."""
     block_k = min(32, max(16, triton.next_power_of_2(in_features)))
-    if TRITON_INTERPRET:
-        # Few programs keep the interpreter fast (it pays per block operation, not per element);
-        # BLOCK_M=32 and BLOCK_K=32 still exercise the row and K loops and their tails.
-        return 32, 128, block_k
-    # K is tiny (16..256), so the op is mostly writing the (B*T, D) output. Picked by a sweep
-    # on an H100 (DiT-XL/2 shapes): fp16/bf16 64x128 tiles, fp32 (ieee dot on FMA units) 128x64.
-    if dtype == torch.float32:
-        return 128, 64, block_k
-    return 64, 128, block_k
+    tiles = _FP32_TILES if dtype == torch.float32 else _HALF_TILES
+    # Interpreted: few programs keep the interpreter fast (it pays per block operation, not per
+    # element); BLOCK_M=32 and BLOCK_K=32 still exercise the row and K loops and their tails.
+    interpreted = config(4, 3, BLOCK_M=32, BLOCK_N=128, BLOCK_K=block_k)
+    return offer(device, [config(warps, stages, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+                          for block_m, block_n, warps, stages in tiles[op]], interpreted)
+
+
+def _tuning_key(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> tuple:
+    rows, _, _, in_features, hidden_size = _gemm_shape(x, weight)
+    return x.dtype, out_dtype, in_features, hidden_size, size_bucket(rows)
 
 
 def _gemm_shape(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int, int, int]:
@@ -197,22 +230,26 @@ def _input_precision(dtype: torch.dtype) -> str:
 def _patch_embed_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                         pos_embed: torch.Tensor) -> torch.Tensor:
     rows, tokens, patches_per_row, in_features, hidden_size = _gemm_shape(x, weight)
-    patch = weight.shape[-1]
     out = torch.empty((x.shape[0], tokens, hidden_size), dtype=pos_embed.dtype, device=x.device)
     if rows == 0 or hidden_size == 0:
         return out
     pos = pos_embed[0] if pos_embed.dim() == 3 else pos_embed
-    block_m, block_n, block_k = _block_sizes(in_features, x.dtype)
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(hidden_size, block_n))
-    _patch_embed_kernel[grid](
-        x, weight, bias, pos, out,
-        rows, tokens, patches_per_row, in_features, hidden_size,
-        *x.stride(), *weight.stride(),
-        bias.stride(0), pos.stride(0), pos.stride(1),
-        PATCH=patch, INPUT_PRECISION=_input_precision(x.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=4, num_stages=3,
-    )
+
+    def launch(config):
+        grid = (triton.cdiv(rows, config["BLOCK_M"]), triton.cdiv(hidden_size, config["BLOCK_N"]))
+        return _patch_embed_kernel[grid](
+            x, weight, bias, pos, out,
+            rows, tokens, patches_per_row, in_features, hidden_size,
+            *x.stride(), *weight.stride(),
+            bias.stride(0), pos.stride(0), pos.stride(1),
+            PATCH=weight.shape[-1], INPUT_PRECISION=_input_precision(x.dtype),
+            **config, enable_fp_fusion=PATCH_EMBED_FP_FUSION,
+        )
+
+    op = "forward_fp32_out" if out.dtype.itemsize > x.dtype.itemsize else "forward"
+    with device_guard(x):
+        tuning.choose("patch_embed", _tuning_key(x, weight, out.dtype), _candidates(op, in_features, x.dtype, x.device),
+                      launch, x.device)
     return out
 
 
@@ -228,26 +265,42 @@ def _patch_embed_backward_triton(grad_out, x, weight, bias, pos_embed, output_ma
     """patch_embed_backward's four gradients, None where output_mask is False; grad_out contiguous."""
     rows, tokens, patches_per_row, in_features, hidden_size = _gemm_shape(x, weight)
     need_x, need_weight, need_bias, need_pos = output_mask
-    block_m, block_n, block_k = _block_sizes(in_features, x.dtype)
-    launch = dict(PATCH=weight.shape[-1], INPUT_PRECISION=_input_precision(x.dtype),
-                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=3)
+    common = dict(PATCH=weight.shape[-1], INPUT_PRECISION=_input_precision(x.dtype),
+                  enable_fp_fusion=PATCH_EMBED_FP_FUSION)
+    key = _tuning_key(x, weight, grad_out.dtype)
     grad_x = grad_weight = grad_bias = grad_pos = None
     if need_x:
         grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        _patch_embed_grad_x_kernel[(triton.cdiv(rows, block_m), triton.cdiv(in_features, block_k))](
-            grad_out, weight, grad_x, rows, tokens, patches_per_row, in_features, hidden_size,
-            *weight.stride(), *grad_x.stride(), **launch)
+
+        def launch_grad_x(config):
+            grid = (triton.cdiv(rows, config["BLOCK_M"]), triton.cdiv(in_features, config["BLOCK_K"]))
+            return _patch_embed_grad_x_kernel[grid](
+                grad_out, weight, grad_x, rows, tokens, patches_per_row, in_features, hidden_size,
+                *weight.stride(), *grad_x.stride(), **common, **config)
+
+        with device_guard(x):
+            tuning.choose("patch_embed_grad_x", key, _candidates("grad_x", in_features, x.dtype, x.device),
+                          launch_grad_x, x.device)
     if need_weight or need_bias:
-        tiles = (triton.cdiv(hidden_size, block_n), triton.cdiv(in_features, block_k))
-        chunk_rows = _weight_chunk_rows(rows, block_m, tiles[0] * tiles[1])
-        chunks = triton.cdiv(rows, chunk_rows)
-        partial_weight = torch.empty((chunks, hidden_size, in_features), dtype=torch.float32, device=x.device)
-        partial_bias = torch.empty((chunks, hidden_size), dtype=torch.float32, device=x.device)
-        _patch_embed_grad_weight_kernel[(chunks, *tiles)](
-            x, grad_out, partial_weight, partial_bias, rows, chunk_rows, tokens, patches_per_row,
-            in_features, hidden_size, *x.stride(), **launch)
-        grad_weight = partial_weight.sum(0).view(weight.shape).to(weight.dtype)
-        grad_bias = partial_bias.sum(0).to(bias.dtype)
+        # The partial sums are sized by the chunks, which depend on the tile: the launch that
+        # runs last (the chosen configuration) leaves its buffers here.
+        partials = {}
+
+        def launch_grad_weight(config):
+            tiles = (triton.cdiv(hidden_size, config["BLOCK_N"]), triton.cdiv(in_features, config["BLOCK_K"]))
+            chunk_rows = _weight_chunk_rows(rows, config["BLOCK_M"], tiles[0] * tiles[1])
+            chunks = triton.cdiv(rows, chunk_rows)
+            partials["weight"] = torch.empty((chunks, hidden_size, in_features), dtype=torch.float32, device=x.device)
+            partials["bias"] = torch.empty((chunks, hidden_size), dtype=torch.float32, device=x.device)
+            return _patch_embed_grad_weight_kernel[(chunks, *tiles)](
+                x, grad_out, partials["weight"], partials["bias"], rows, chunk_rows, tokens, patches_per_row,
+                in_features, hidden_size, *x.stride(), **common, **config)
+
+        with device_guard(x):
+            tuning.choose("patch_embed_grad_weight", key, _candidates("grad_weight", in_features, x.dtype, x.device),
+                          launch_grad_weight, x.device)
+        grad_weight = partials["weight"].sum(0).view(weight.shape).to(weight.dtype)
+        grad_bias = partials["bias"].sum(0).to(bias.dtype)
     if need_pos:
         # DiT's pos_embed is frozen; a plain batch sum serves the models that train theirs.
         grad_pos = grad_out.sum(0, dtype=torch.float32).reshape(pos_embed.shape).to(pos_embed.dtype)
