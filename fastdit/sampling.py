@@ -115,9 +115,9 @@ def capture(fn, device):
 
 class GraphedStep:
     """One denoising step captured into a CUDA graph over static buffers: x, the labels, the model's timestep,
-    the step's coefficient row and noise, and the solver's state. Capture synchronises and allocates a memory
-    pool, so a step is captured once per key (``_graph_key``) and replayed for every step of every ``sample``
-    call with that key, i.e. of every batch of a long run."""
+    the step's coefficient row and noise, and the solver's state. A capture costs a warm-up step, a recording
+    pass and a private memory pool, so a step is captured once per key (``_graph_key``) and replayed for every
+    step of every ``sample`` call with that key, i.e. of every batch of a long run."""
 
     def __init__(self, denoiser, solver, x):
         self.denoiser = copy.copy(denoiser)
