@@ -6,9 +6,20 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests import the shared tolerance table as `parity`
 
+import parity  # noqa: E402 (needs the path above)
+from fastdit.kernels import kernel_path  # noqa: E402
+
+pytest_plugins = ["pytester"]  # tests/kernels/test_launch_check.py runs this file's hook on a test file
+
 # One intra-op thread: the tests' tiny ops gain nothing from threads, and on a busy CPU (two
 # xdist workers on two cores) spinning OpenMP threads make each op many times slower.
 torch.set_num_threads(1)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "launches_kernels: where the test device has a Triton path, the test must launch a Triton kernel"
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -16,9 +27,38 @@ def _seed():
     torch.manual_seed(0)
 
 
-def pytest_report_header(config):
-    from fastdit.kernels import kernel_path
+@pytest.fixture(autouse=True)
+def _true_fp32():
+    # cuDNN convolutions default to TF32 (about 1e-3 relative): the fp32 oracle must be fp32.
+    allowed = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = allowed
 
+
+def _must_launch(item) -> bool:
+    if kernel_path(parity.DEVICE) == "torch":
+        return False
+    return any(mark == parity.requires_triton.mark or mark.name == "launches_kernels" for mark in item.iter_markers())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """A kernel test that passed without launching a Triton kernel tested nothing of fastdit's: on
+    a GPU, inputs left on the CPU make each op run its torch reference."""
+    if not _must_launch(item):
+        return (yield)
+    with parity.intercepted_launches() as launches:
+        result = yield
+    if not launches:
+        raise AssertionError(
+            f"{item.nodeid} launched no Triton kernel on the {kernel_path(parity.DEVICE)} path: "
+            f"are its tensors on parity.DEVICE ({parity.DEVICE})?"
+        )
+    return result
+
+
+def pytest_report_header(config):
     return f"fastdit kernels: {kernel_path('cpu')} on cpu" + (
         f", {kernel_path('cuda')} on cuda" if torch.cuda.is_available() else ""
     )

@@ -7,10 +7,12 @@ output is rounded once to its dtype, so its error sits near that dtype's unit ro
 order but stay well under what a wrong kernel produces (tests check a deliberately wrong
 variant fails). Whole-model bounds are the ones the project promises (issue 3).
 """
+import contextlib
 import copy
 
 import pytest
 import torch
+from triton.runtime.jit import KernelInterface
 
 import fastdit
 from fastdit import parity, reference
@@ -38,6 +40,85 @@ requires_triton = pytest.mark.skipif(
     kernel_path(DEVICE) == "torch",
     reason="no Triton path on this device (set TRITON_INTERPRET=1): the op would run its own reference",
 )
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# A test of the fused kernels that also runs on the torch path (gradients, whole models). Where
+# DEVICE has a Triton path, conftest.py fails every test marked with this or requires_triton that
+# launched no Triton kernel: one that built its inputs off DEVICE compared the reference with itself.
+launches_kernels = pytest.mark.launches_kernels
+
+
+# --- Triton launches ------------------------------------------------------------------------
+
+
+def _tensor_arguments(args, kwargs):
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(getattr(value, "base", None), torch.Tensor):  # a TMA TensorDescriptor
+            yield value.base
+
+
+def _kernel_name(kernel) -> str:
+    while not hasattr(kernel, "__name__") and hasattr(kernel, "fn"):  # autotuner, heuristics
+        kernel = kernel.fn
+    return getattr(kernel, "__name__", repr(kernel))
+
+
+@contextlib.contextmanager
+def intercepted_launches(after_launch=None):
+    """Yields the list of the names of the Triton kernels launched inside, in launch order.
+
+    Every launch (``kernel[grid](...)``, compiled or interpreted, through autotuners too) goes
+    through ``KernelInterface.__getitem__``. ``after_launch(written)``, if given, runs after each
+    launch with the tensor arguments the kernel changed: its outputs."""
+    launches = []
+    original = KernelInterface.__getitem__
+
+    def launcher(kernel, grid):
+        launch = original(kernel, grid)
+
+        def run(*args, **kwargs):
+            launches.append(_kernel_name(kernel))
+            if after_launch is None:
+                return launch(*args, **kwargs)
+            tensors = list(_tensor_arguments(args, kwargs))
+            before = [tensor.clone() for tensor in tensors]
+            result = launch(*args, **kwargs)
+            # Fresh output buffers may hold NaN, which torch.equal never calls equal: written.
+            after_launch([tensor for tensor, old in zip(tensors, before) if not torch.equal(tensor, old)])
+            return result
+
+        return run
+
+    KernelInterface.__getitem__ = launcher
+    try:
+        yield launches
+    finally:
+        KernelInterface.__getitem__ = original
+
+
+# A gain error of 10%: six times bf16's kernel bound and twice its whole-model bound.
+WRONG_KERNEL_GAIN = 1.1
+
+
+@contextlib.contextmanager
+def wrong_kernels():
+    """Every Triton kernel launched inside writes its outputs scaled by WRONG_KERNEL_GAIN: the
+    deliberately wrong kernel that each parity test must fail on. Yields the launches."""
+    def scale_outputs(written):
+        for tensor in written:
+            tensor.mul_(WRONG_KERNEL_GAIN)
+
+    with intercepted_launches(scale_outputs) as launches:
+        yield launches
+
+
+def assert_fails_with_wrong_kernels(test, *args, **kwargs):
+    """``test(*args, **kwargs)`` fails its parity check when every kernel is wrong. Pass arguments
+    of one of the test's own cases: that case shows it passes with the real kernels."""
+    with wrong_kernels() as launches, pytest.raises(AssertionError, match="relative max error"):
+        test(*args, **kwargs)
+    assert launches, f"{test.__name__} launched no Triton kernel"
 
 
 def relative_max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -75,11 +156,12 @@ def assert_compiled_matches_eager(run, fn, names):
 
 
 def build_pair(name, input_size, attn_backend="triton", **kwargs):
-    """(reference, fast) models with the same perturbed weights: a paper configuration by name,
-    or with ``name=None`` one built from ``kwargs``."""
+    """(reference, fast) models on DEVICE with the same perturbed weights: a paper configuration
+    by name, or with ``name=None`` one built from ``kwargs``."""
     ref_class, fast_class = (reference.DiT, fastdit.DiT) if name is None else (reference.DiT_models[name],
                                                                                fastdit.DiT_models[name])
-    ref = perturb_(ref_class(input_size=input_size, num_classes=10, **kwargs)).eval()
+    # Initialised and perturbed on the CPU: the same weights on every device.
+    ref = perturb_(ref_class(input_size=input_size, num_classes=10, **kwargs)).to(DEVICE).eval()
     with torch.device("meta"):  # skip a second initialisation: the weights come from the reference
         fast = fast_class(input_size=input_size, num_classes=10, attn_backend=attn_backend, **kwargs)
     fast.load_state_dict({key: value.clone() for key, value in ref.state_dict().items()}, strict=True, assign=True)
@@ -88,13 +170,15 @@ def build_pair(name, input_size, attn_backend="triton", **kwargs):
 
 
 def inputs(model, batch=2, dtype=torch.float32):
+    """(x, t, y) on the model's device, the last label the null class."""
     generator = torch.Generator().manual_seed(1)
     size = model.input_size
     x = torch.randn(batch, model.in_channels, size, size, generator=generator).to(dtype)
     t = torch.randint(0, 1000, (batch,), generator=generator)
     y = torch.randint(0, 10, (batch,), generator=generator)
     y[-1] = 10  # the null class
-    return x, t, y
+    device = next(model.parameters()).device
+    return x.to(device), t.to(device), y.to(device)
 
 
 # Gradients sum over the batch and tokens: looser than the forward's bounds.
@@ -104,10 +188,10 @@ GRAD_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2}
 def loss_and_grads(model, x, t, y, autocast):
     """({parameter name: gradient}, gradient of x) of a fixed random projection of model(x, t, y)."""
     x = x.clone().requires_grad_(True)
-    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=autocast):
         out = model(x, t, y)
     # A fixed random projection of the output: every output element gets its own gradient.
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out.device)
     (out.float() * weights).sum().backward()
     grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
     return grads, x.grad
@@ -133,7 +217,8 @@ def assert_half_precision_parity(ref, fast, dtype, what):
 
 def gradient_inputs(model):
     x = torch.randn(2, model.in_channels, model.input_size, model.input_size, generator=torch.Generator().manual_seed(2))
-    return x, torch.tensor([10, 900]), torch.tensor([3, 10])
+    device = next(model.parameters()).device
+    return x.to(device), torch.tensor([10, 900], device=device), torch.tensor([3, 10], device=device)
 
 
 def assert_gradients_match(ref, fast, autocast, what):

@@ -11,7 +11,6 @@ import torch
 from fastdit import bench, bench_workloads
 from fastdit.bench_report import datasheet_tflops
 from fastdit.demo import DTYPES
-from fastdit.parity import MODEL_TOLERANCE as PACKAGE_MODEL_TOLERANCE
 from fastdit.timing import time_median
 from parity import MODEL_TOLERANCE
 
@@ -127,10 +126,6 @@ def test_datasheet_peaks_by_device_name():
     assert datasheet_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert datasheet_tflops("NVIDIA H100 NVL") is None  # a variant the table does not state
     assert datasheet_tflops("NVIDIA GeForce RTX 4090") is None
-
-
-def test_package_tolerances_are_the_test_suites():
-    assert PACKAGE_MODEL_TOLERANCE == MODEL_TOLERANCE
 
 
 def test_importing_fastdit_does_not_import_matplotlib(tmp_path):

@@ -7,8 +7,9 @@ import torch
 import fastdit
 from fastdit import checkpoint, reference
 from fastdit.kernels import kernel_path
-from parity import (MODEL_TOLERANCE, assert_checkpointing_changes_no_gradient, assert_gradients_match,
-                    assert_half_precision_parity, assert_parity, build_pair, inputs)
+from parity import (DEVICE, MODEL_TOLERANCE, assert_checkpointing_changes_no_gradient, assert_fails_with_wrong_kernels,
+                    assert_gradients_match, assert_half_precision_parity, assert_parity, build_pair, inputs,
+                    launches_kernels, requires_triton)
 
 DESIGNS = reference.BLOCK_DESIGNS
 OTHER_DESIGNS = [design for design in DESIGNS if design != "adaln-zero"]  # adaLN-Zero: tests/test_model*.py
@@ -20,6 +21,7 @@ def small_pair(block, input_size=16):
     return build_pair(None, input_size=input_size, block=block, **SMALL)
 
 
+@launches_kernels
 @pytest.mark.parametrize("block", OTHER_DESIGNS)
 @pytest.mark.parametrize("hidden_size, num_heads", [(96, 4), (144, 2)])  # head sizes 24 and DiT-XL's 72
 def test_forward_parity_fp32(block, hidden_size, num_heads):
@@ -32,6 +34,7 @@ def test_forward_parity_fp32(block, hidden_size, num_heads):
                       MODEL_TOLERANCE[torch.float32], f"{block} forward_with_cfg")
 
 
+@launches_kernels
 @pytest.mark.parametrize("block", OTHER_DESIGNS)
 def test_odd_batch_token_count_and_non_contiguous_input(block):
     """25 image tokens (27 with in-context's two), a batch of 3, a transposed-layout input."""
@@ -42,6 +45,7 @@ def test_odd_batch_token_count_and_non_contiguous_input(block):
         assert_parity(fast(x, t, y), ref(x, t, y), MODEL_TOLERANCE[torch.float32], block)
 
 
+@launches_kernels
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("block", OTHER_DESIGNS)
 def test_forward_parity_half(block, dtype):
@@ -49,6 +53,7 @@ def test_forward_parity_half(block, dtype):
     assert_half_precision_parity(ref, fast, dtype, block)
 
 
+@launches_kernels
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("block", OTHER_DESIGNS)
 def test_gradients_match_reference(block, autocast):
@@ -56,10 +61,24 @@ def test_gradients_match_reference(block, autocast):
     assert_gradients_match(ref, fast, autocast, block)
 
 
+@launches_kernels
 def test_gradient_checkpointing_gives_the_same_gradients():
     """Cross-attention's branch closes over the conditioning tokens: recomputed in backward."""
     _, fast = small_pair("cross-attn")
     assert_checkpointing_changes_no_gradient(fast)
+
+
+@requires_triton
+@pytest.mark.parametrize("block", OTHER_DESIGNS)
+def test_a_wrong_kernel_fails_the_parity_tests(block):
+    """Kernels that write every output 10% off fail each design's forward parity test."""
+    assert_fails_with_wrong_kernels(test_forward_parity_fp32, block, 96, 4)
+
+
+@requires_triton
+def test_a_wrong_kernel_fails_the_half_precision_and_gradient_tests():
+    assert_fails_with_wrong_kernels(test_forward_parity_half, "adaln", torch.bfloat16)
+    assert_fails_with_wrong_kernels(test_gradients_match_reference, "adaln", True)
 
 
 def test_designs_differ_as_the_paper_describes():
@@ -96,11 +115,12 @@ def test_zero_initialisation():
         assert identity == (block == "adaln-zero"), block
 
 
+@launches_kernels
 @pytest.mark.parametrize("block", DESIGNS)
 def test_checkpoint_round_trip_and_inferred_design(block, tmp_path):
     ref, fast = small_pair(block)
     fast.save_pretrained(tmp_path / "model")
-    loaded = fastdit.load(tmp_path / "model", attn_backend=fast.attn_backend)
+    loaded = fastdit.load(tmp_path / "model", device=DEVICE, attn_backend=fast.attn_backend)
     assert loaded.block == block
     inferred = checkpoint.infer_config(ref.state_dict(), {"num_heads": SMALL["num_heads"]})
     assert inferred["block"] == block  # a bare state dict says its design too
@@ -114,12 +134,13 @@ def test_unknown_design_is_a_clear_error():
         fastdit.DiT(input_size=8, hidden_size=64, depth=1, num_heads=4, block="adaln-zeros")
 
 
+@launches_kernels
 @pytest.mark.parametrize("block", ["cross-attn", "in-context"])
 def test_compile_fullgraph_equals_eager(block):
     ref, fast = small_pair(block)
     x, t, y = inputs(ref)
     torch._dynamo.reset()
-    backend = "inductor" if kernel_path("cpu") != "torch" else "eager"
+    backend = "inductor" if kernel_path(DEVICE) != "torch" else "eager"
     compiled = torch.compile(fast, fullgraph=True, backend=backend)
     with torch.no_grad():
         assert_parity(compiled(x, t, y), fast(x, t, y), MODEL_TOLERANCE[torch.float32], f"{block} compiled")

@@ -71,12 +71,16 @@ def test_missing_backend_package_is_named(monkeypatch):
     attention._import_backend.cache_clear()
 
 
-def test_load_state_dict_names_missing_and_unexpected_keys(model):
+def test_load_names_missing_and_unexpected_keys_in_one_line(model, tmp_path):
+    """fastdit.load checks the keys itself (torch's load_state_dict would list them over many lines)."""
     state = model.state_dict()
     state["blocks.0.attn.extra"] = state.pop("blocks.0.attn.qkv.bias")
-    with pytest.raises(RuntimeError) as info:
-        model.load_state_dict(state, strict=True)
-    assert "blocks.0.attn.qkv.bias" in str(info.value) and "blocks.0.attn.extra" in str(info.value)
+    torch.save(state, tmp_path / "renamed.pt")
+    with pytest.raises(fastdit.CheckpointError) as info:
+        fastdit.load(tmp_path / "renamed.pt", config={"num_heads": 2})
+    message = str(info.value)
+    assert "\n" not in message and "renamed.pt does not fit DiT(" in message, message
+    assert "missing keys blocks.0.attn.qkv.bias; unexpected keys blocks.0.attn.extra" in message, message
 
 
 def test_input_size_must_fit_patch():

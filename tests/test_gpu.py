@@ -1,4 +1,5 @@
-"""Parity at the real sizes of DiT, on a CUDA GPU with the compiled kernels (skipped without one)."""
+"""Parity at the real sizes of DiT, on a CUDA GPU with the compiled kernels (skipped without one).
+The smaller tests (tests/kernels, tests/test_model*.py, tests/test_block_designs.py) run on the GPU too."""
 import pytest
 import torch
 
@@ -11,18 +12,12 @@ from fastdit.kernels.gated_residual import (
 )
 from fastdit.kernels.modulate import modulate_layernorm, modulate_layernorm_reference
 from fastdit.kernels.patch_embed import patch_embed, patch_embed_reference
-from parity import DTYPES, KERNEL_TOLERANCE, MODEL_TOLERANCE, assert_parity, perturb_
+from parity import (DTYPES, KERNEL_TOLERANCE, MODEL_TOLERANCE, assert_checkpointing_changes_no_gradient,
+                    assert_gradients_match, assert_parity, build_pair, inputs, launches_kernels, perturb_,
+                    requires_cuda)
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@pytest.fixture(autouse=True)
-def _true_fp32():
-    # cuDNN convolutions default to TF32 (about 1e-3 relative); the fp32 oracle must be fp32.
-    allowed = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = allowed
+# conftest.py turns TF32 off, so the fp32 oracles are fp32, and fails a test that launched no kernel.
+pytestmark = [requires_cuda, launches_kernels]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -78,3 +73,27 @@ def test_model_at_dit_sizes(name, latent, dtype):
         expected = ref.forward_with_cfg(x, t, y, 4.0)
         actual = fast.forward_with_cfg(x.to(dtype), t, y, 4.0)
     assert_parity(actual, expected, MODEL_TOLERANCE[dtype], f"{name} {dtype} ({fast.attn_backend})")
+
+
+@pytest.mark.parametrize("name", ["DiT-S/2", "DiT-XL/2"])
+def test_autocast_gradients_at_dit_sizes(name):
+    """A bf16-autocast training step at 256 tokens: every parameter's gradient and the input's."""
+    ref, fast = build_pair(name, input_size=32)
+    assert_gradients_match(ref, fast, True, name)
+
+
+def test_gradient_checkpointing_at_dit_sizes():
+    _, fast = build_pair("DiT-XL/2", input_size=32)
+    assert_checkpointing_changes_no_gradient(fast)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_model_at_dit_sizes(dtype):
+    _, fast = build_pair("DiT-XL/2", input_size=32)
+    fast.to(dtype)
+    x, t, y = inputs(fast, batch=4, dtype=dtype)
+    torch._dynamo.reset()
+    compiled = torch.compile(fast, fullgraph=True)
+    with torch.no_grad():
+        eager, traced = fast(x, t, y), compiled(x, t, y)
+    assert_parity(traced, eager, MODEL_TOLERANCE[dtype], f"compiled DiT-XL/2 {dtype}")

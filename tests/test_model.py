@@ -1,4 +1,5 @@
-"""The fast model against the reference: parity, state-dict compatibility, torch.compile."""
+"""The fast model against the reference: parity, state-dict compatibility, torch.compile. Both
+models run on parity.DEVICE: the compiled kernels on a GPU, interpreted ones on the CPU."""
 
 import pytest
 import torch
@@ -6,12 +7,14 @@ import torch
 import fastdit
 from fastdit import reference
 from fastdit.kernels import kernel_path
-from parity import MODEL_TOLERANCE, assert_half_precision_parity, assert_parity, build_pair, inputs
+from parity import (DEVICE, MODEL_TOLERANCE, assert_fails_with_wrong_kernels, assert_half_precision_parity, assert_parity,
+                    build_pair, inputs, launches_kernels, requires_triton)
 
-PATH = kernel_path("cpu")
+PATH = kernel_path(DEVICE)
 
 
 # Every family and patch size at 16 tokens (the fast path's kernels, interpreted on CPU).
+@launches_kernels
 @pytest.mark.parametrize("name", list(fastdit.DiT_models))
 def test_forward_parity_fp32(name):
     patch = int(name[-1])
@@ -24,11 +27,20 @@ def test_forward_parity_fp32(name):
     assert_parity(actual_cfg, expected_cfg, MODEL_TOLERANCE[torch.float32], f"{name} forward_with_cfg")
 
 
+@launches_kernels
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", ["DiT-S/2", "DiT-B/4", "DiT-XL/8"])
 def test_forward_parity_half(name, dtype):
     ref, fast = build_pair(name, input_size=4 * int(name[-1]))
     assert_half_precision_parity(ref, fast, dtype, name)
+
+
+@launches_kernels  # the fused norms and residuals
+@requires_triton
+def test_a_wrong_kernel_fails_the_parity_test():
+    """Kernels that write every output 10% off fail the whole-model parity test (the half-precision
+    and gradient checks, in tests/test_block_designs.py at smaller sizes)."""
+    assert_fails_with_wrong_kernels(test_forward_parity_fp32, "DiT-S/8")
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "math"])
@@ -39,6 +51,7 @@ def test_torch_attention_backends(backend):
         assert_parity(fast(x, t, y), ref(x, t, y), MODEL_TOLERANCE[torch.float32], backend)
 
 
+@launches_kernels
 def test_non_square_token_count_and_odd_batch():
     """A latent grid whose token count is no multiple of any block size (5x5 = 25 tokens)."""
     ref, fast = build_pair("DiT-S/2", input_size=10)
@@ -47,6 +60,7 @@ def test_non_square_token_count_and_odd_batch():
         assert_parity(fast(x, t, y), ref(x, t, y), MODEL_TOLERANCE[torch.float32])
 
 
+@launches_kernels
 def test_non_contiguous_input():
     ref, fast = build_pair("DiT-S/4", input_size=16)
     x, t, y = inputs(ref)
@@ -62,7 +76,7 @@ def test_state_dict_round_trip_both_ways():
     back = reference.DiT_models["DiT-S/8"](input_size=16, num_classes=10)
     back.load_state_dict(fast.state_dict(), strict=True)
     for key, value in ref.state_dict().items():
-        assert torch.equal(back.state_dict()[key], value), key
+        assert torch.equal(back.state_dict()[key], value.cpu()), key
 
 
 def test_parameter_counts_equal_reference():
@@ -83,6 +97,7 @@ def test_same_init_as_reference():
         assert torch.equal(fast.state_dict()[key], value), key
 
 
+@launches_kernels
 def test_compile_fullgraph_equals_eager():
     ref, fast = build_pair("DiT-S/8", input_size=16)
     x, t, y = inputs(ref)
@@ -95,6 +110,7 @@ def test_compile_fullgraph_equals_eager():
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
+@launches_kernels
 def test_class_dropout_in_training_mode_uses_null_class():
     ref, fast = build_pair("DiT-S/8", input_size=16, class_dropout_prob=1.0)
     x, t, y = inputs(ref)

@@ -2,13 +2,12 @@ import math
 
 import pytest
 import torch
-from parity import (DEVICE, DTYPES, KERNEL_TOLERANCE, assert_compiled_matches_eager, assert_parity, relative_max_error,
-                    requires_triton)
+from parity import (DEVICE, DTYPES, KERNEL_TOLERANCE, assert_compiled_matches_eager, assert_fails_with_wrong_kernels,
+                    assert_parity, launches_kernels, relative_max_error, requires_cuda, requires_triton)
 
 from fastdit.kernels.attention import attention, attention_forward, attention_reference, attention_reference_with_lse
 from fastdit.kernels.attention_backward import attention_backward, attention_backward_reference
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (long sequences, the CUDA caching allocator)")
 
 # (batch, tokens, heads, head_dim): one token, token counts off any block size, DiT-XL's
 # head dim 72 (not a power of two), 96 (64 + 32), and one multi-block sequence (T=256).
@@ -92,8 +91,8 @@ def blockwise_attention(q, k, v, block, rescale):
     """The kernel's online softmax in torch, optionally with the rescale forgotten."""
     q, k, v = (t.float().transpose(1, 2) for t in (q, k, v))  # (B, H, T, Dh)
     scale = q.shape[-1] ** -0.5
-    row_max = torch.full(q.shape[:-1], float("-inf"))
-    row_sum, out = torch.zeros(q.shape[:-1]), torch.zeros_like(q)
+    row_max = torch.full(q.shape[:-1], float("-inf"), device=q.device)
+    row_sum, out = torch.zeros(q.shape[:-1], device=q.device), torch.zeros_like(q)
     for start in range(0, k.shape[2], block):
         scores = q @ k[:, :, start:start + block].transpose(-1, -2) * scale
         new_max = torch.maximum(row_max, scores.amax(-1))
@@ -105,13 +104,18 @@ def blockwise_attention(q, k, v, block, rescale):
     return (out / row_sum[..., None]).transpose(1, 2)
 
 
-def test_forgotten_rescale_fails_tolerance():
-    q, k, v = (t.cpu().float() for t in make_qkv(2, 100, 2, 64, torch.float32))
+@requires_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forgotten_rescale_fails_tolerance(dtype):
+    # 100 keys span several key blocks of the kernel (and of the torch version, at 32).
+    q, k, v = make_qkv(2, 100, 2, 64, dtype)
     q = 3 * q  # peaked rows: the running max moves between key blocks
-    exact = attention_reference(q, k, v)
-    assert_parity(blockwise_attention(q, k, v, 32, rescale=True), exact, KERNEL_TOLERANCE[torch.float32])
+    out = attention(q, k, v)
+    exact = expected(q, k, v)
+    assert_parity(out, exact, KERNEL_TOLERANCE[dtype])
+    assert_parity(blockwise_attention(q, k, v, 32, rescale=True), exact, KERNEL_TOLERANCE[torch.float32], "torch")
     wrong = blockwise_attention(q, k, v, 32, rescale=False)
-    assert relative_max_error(wrong, exact) > max(KERNEL_TOLERANCE.values())
+    assert relative_max_error(out, wrong) > KERNEL_TOLERANCE[dtype]
 
 
 # Backward: T off the block sizes (7, 33, 100 > two key blocks), head dims 72 (64 + 16 tail),
@@ -199,6 +203,7 @@ def test_wrong_backward_fails_tolerance(dtype):
 
 
 @requires_cuda
+@launches_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", [64, 72])
 @pytest.mark.parametrize("tokens", [16, 64, 256, 1000, 1024, 4096])
@@ -208,7 +213,7 @@ def test_long_sequences_on_gpu(tokens, head_dim, dtype):
 
 
 @requires_cuda
-@requires_cuda
+@launches_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", [64, 72, 256])
 @pytest.mark.parametrize("tokens", [256, 1000, 4096])
@@ -218,6 +223,7 @@ def test_long_sequence_gradients_on_gpu(tokens, head_dim, dtype):
 
 
 @requires_cuda
+@launches_kernels
 def test_backward_is_deterministic_on_gpu():
     q, k, v = make_qkv(2, 1000, 4, 72, torch.bfloat16)
     grad_out = torch.randn(q.shape, device=DEVICE).to(torch.bfloat16)
@@ -226,6 +232,7 @@ def test_backward_is_deterministic_on_gpu():
 
 
 @requires_cuda
+@launches_kernels
 def test_every_output_element_is_written_on_gpu():
     # The caching allocator hands the freed NaN block back as the op's output.
     q, k, v = make_qkv(1, 1000, 3, 72, torch.float16)
@@ -235,6 +242,14 @@ def test_every_output_element_is_written_on_gpu():
     out = attention(q, k, v)
     assert out.data_ptr() == poison_ptr, "the allocator did not reuse the poisoned block"
     assert_parity(out, expected(q, k, v), KERNEL_TOLERANCE[torch.float16])
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_wrong_kernel_fails_the_parity_tests(dtype):
+    """Kernels that write every output 10% off fail the forward's and the gradients' parity tests."""
+    assert_fails_with_wrong_kernels(test_matches_reference, (2, 7, 3, 72), dtype)
+    assert_fails_with_wrong_kernels(test_gradients_match_reference, (2, 7, 3, 72), dtype)
 
 
 def _bad_inputs(case):
@@ -287,6 +302,7 @@ def test_backward_bad_inputs_name_the_argument(case, name):
         attention_backward(grad_out, q, k, v, out, lse, 0.125)
 
 
+@launches_kernels
 def test_torch_compile_fullgraph_forward_and_backward_match_eager():
     def self_attention(qkv, heads):
         batch, tokens, width = qkv.shape
@@ -303,6 +319,7 @@ def test_torch_compile_fullgraph_forward_and_backward_match_eager():
     assert_compiled_matches_eager(forward_and_backward, self_attention, ("output", "grad of qkv"))
 
 
+@launches_kernels
 def test_opcheck():
     q, k, v = (t.detach().requires_grad_() for t in make_qkv(2, 9, 1, 72, torch.float16))
     torch.library.opcheck(attention_forward, (q, k, v), {"softmax_scale": 0.2})

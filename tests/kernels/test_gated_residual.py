@@ -1,7 +1,8 @@
 import pytest
 import torch
 from parity import (DEVICE, DTYPE_PAIRS, DTYPES, HIDDEN_STATE_SHAPES, KERNEL_TOLERANCE, assert_compiled_matches_eager,
-                    assert_grads_match, assert_parity, relative_max_error, requires_triton)
+                    assert_fails_with_wrong_kernels, assert_grads_match, assert_parity, launches_kernels,
+                    relative_max_error, requires_triton)
 
 from fastdit.kernels.gated_residual import (
     gated_residual,
@@ -163,6 +164,7 @@ def test_mixed_dtypes(dtype):
 
 # Gradient tests run on every kernel path: off Triton the backward ops compute the same formulas in
 # torch, not autograd through the reference, so the comparison is never the reference with itself.
+@launches_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", HIDDEN_STATE_SHAPES, ids=str)
 def test_backward_matches_reference(shape, dtype):
@@ -179,6 +181,7 @@ def test_backward_matches_reference(shape, dtype):
     assert_grads_match(actual, expected_fused_grads(*inputs, grad_residual, grad_normed), inputs, GRAD_NAMES)
 
 
+@launches_kernels
 @pytest.mark.parametrize("x_dtype, dtype", DTYPE_PAIRS, ids=str)
 def test_autograd_grads_match_reference(x_dtype, dtype):
     inputs = make_inputs(2, 33, 384, dtype, strided=True, x_dtype=x_dtype)
@@ -189,6 +192,7 @@ def test_autograd_grads_match_reference(x_dtype, dtype):
     assert_grads_match(actual, expected_gated_residual_grads(x, gate, y, grads[0]), (x, gate, y), GRAD_NAMES)
 
 
+@launches_kernels
 def test_fused_grads_contiguous_inputs_and_normed_unused():
     # Only the residual feeds the loss: autograd hands the backward zeros for the normed output's grad.
     x, gate, y, shift, scale = inputs = leaves(*make_inputs(2, 9, 200, torch.float32, strided=False))
@@ -210,6 +214,7 @@ def test_torch_backward_formulas_match_autograd():
     assert_grads_match(actual, expected_gated_residual_grads(x, gate, y, grad_residual), (x, gate, y), GRAD_NAMES)
 
 
+@launches_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_backward_ignoring_the_normed_path_fails_tolerance(dtype):
     inputs = make_inputs(2, 7, 384, dtype, strided=True)
@@ -220,6 +225,16 @@ def test_backward_ignoring_the_normed_path_fails_tolerance(dtype):
     wrong_grad_gate = expected_gated_residual_grads(*inputs[:3], grads[0])[1]
     assert relative_max_error(grad_x, wrong_grad_x) > KERNEL_TOLERANCE[dtype]
     assert relative_max_error(grad_gate, wrong_grad_gate) > KERNEL_TOLERANCE[dtype]
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_wrong_kernel_fails_the_parity_tests(dtype):
+    """Kernels that write every output 10% off fail the forward's and the backward's parity tests, for
+    the gated residual and the fused op."""
+    assert_fails_with_wrong_kernels(test_gated_residual_matches_reference, (2, 7, 72), dtype, strided=True)
+    assert_fails_with_wrong_kernels(test_fused_matches_reference, (2, 7, 72), dtype, strided=True)
+    assert_fails_with_wrong_kernels(test_backward_matches_reference, (2, 7, 72), dtype)
 
 
 def _bad_inputs(case):
@@ -275,6 +290,7 @@ def test_fused_bad_inputs_name_the_argument(case, error, name):
         gated_residual_modulate_layernorm(*_bad_inputs(case))
 
 
+@launches_kernels
 def test_torch_compile_fullgraph_matches_eager():
     def block_tail(x, attention_out, mlp_out, modulation):
         shift_mlp, scale_mlp, gate_mlp, _, _, gate_msa = modulation.chunk(6, dim=1)
@@ -291,6 +307,7 @@ def test_torch_compile_fullgraph_matches_eager():
     assert_compiled_matches_eager(training_step, block_tail, names)
 
 
+@launches_kernels
 def test_opcheck():
     # requires_grad inputs: opcheck then also checks the autograd registration and the backward ops' fakes
     x, gate, y, shift, scale = leaves(*make_inputs(2, 3, 72, torch.bfloat16, strided=True))

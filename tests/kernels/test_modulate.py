@@ -1,7 +1,8 @@
 import pytest
 import torch
 from parity import (DEVICE, DTYPE_PAIRS, DTYPES, HIDDEN_STATE_SHAPES, KERNEL_TOLERANCE, assert_compiled_matches_eager,
-                    assert_grads_match, assert_parity, relative_max_error, requires_triton)
+                    assert_fails_with_wrong_kernels, assert_grads_match, assert_parity, launches_kernels,
+                    relative_max_error, requires_triton)
 
 from fastdit.kernels.modulate import (
     modulate_layernorm,
@@ -107,6 +108,7 @@ def test_wrong_eps_fails_tolerance(dtype):
     assert relative_max_error(out, expected(x, shift, scale, eps=1e-3)) > KERNEL_TOLERANCE[dtype]
 
 
+@launches_kernels
 def test_eps_is_used():
     x = 1e-2 * make_x(1, 3, 72, torch.float32)
     shift, scale = make_shift_scale(1, 72, torch.float32, strided=False)
@@ -125,6 +127,7 @@ def test_mixed_dtypes_output_in_shift_dtype():
 
 # Gradient tests run on every kernel path: off Triton the backward op computes the same formulas in
 # torch, not autograd through the reference, so the comparison is never the reference with itself.
+@launches_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", HIDDEN_STATE_SHAPES, ids=str)
 def test_backward_matches_reference(shape, dtype):
@@ -138,6 +141,7 @@ def test_backward_matches_reference(shape, dtype):
     assert_grads_match(actual, expected_grads(x, shift, scale, grad), (x, shift, scale), GRAD_NAMES)
 
 
+@launches_kernels
 @pytest.mark.parametrize("x_dtype, dtype", DTYPE_PAIRS, ids=str)
 def test_autograd_grads_match_reference(x_dtype, dtype):
     x = make_x(2, 33, 384, x_dtype, "token-slice")
@@ -147,6 +151,7 @@ def test_autograd_grads_match_reference(x_dtype, dtype):
     assert_grads_match(op_grads(*inputs, grad), expected_grads(*inputs, grad), inputs, GRAD_NAMES)
 
 
+@launches_kernels
 @pytest.mark.parametrize("layout", ["contiguous", "batch-slice", "transposed"])
 def test_grads_other_layouts(layout):
     x = make_x(2, 9, 200, torch.float32, layout)
@@ -156,6 +161,7 @@ def test_grads_other_layouts(layout):
     assert_grads_match(op_grads(*inputs, grad), expected_grads(*inputs, grad), inputs, GRAD_NAMES)
 
 
+@launches_kernels
 def test_grads_of_broadcast_output_grad():
     # out.sum(1) hands the op a grad expanded over tokens (token stride 0)
     x = make_x(2, 7, 72, torch.float32)
@@ -175,6 +181,7 @@ def test_torch_backward_formulas_match_autograd():
     assert_grads_match(actual, expected_grads(x, shift, scale, grad), (x, shift, scale), GRAD_NAMES)
 
 
+@launches_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_backward_without_xhat_projection_fails_tolerance(dtype):
     x = make_x(2, 7, 384, dtype)
@@ -187,6 +194,14 @@ def test_backward_without_xhat_projection_fails_tolerance(dtype):
     wrong = rstd * (grad_xhat - grad_xhat.mean(-1, keepdim=True))
     assert_parity(grad_x, expected_grads(x, shift, scale, grad)[0], KERNEL_TOLERANCE[dtype])
     assert relative_max_error(grad_x, wrong) > KERNEL_TOLERANCE[dtype]
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_wrong_kernel_fails_the_parity_tests(dtype):
+    """Kernels that write every output 10% off fail the forward's and the backward's parity tests."""
+    assert_fails_with_wrong_kernels(test_matches_reference, (2, 7, 72), dtype, strided=True)
+    assert_fails_with_wrong_kernels(test_backward_matches_reference, (2, 7, 72), dtype)
 
 
 def _bad_inputs(case):
@@ -230,6 +245,7 @@ def test_bad_inputs_name_the_argument(case, error, name):
         modulate_layernorm(*_bad_inputs(case))
 
 
+@launches_kernels
 def test_torch_compile_fullgraph_matches_eager():
     def adaln_norm(x, modulation):
         shift, scale, *_ = modulation.chunk(6, dim=1)
@@ -244,6 +260,7 @@ def test_torch_compile_fullgraph_matches_eager():
     assert_compiled_matches_eager(forward_and_backward, adaln_norm, ("output", "grad of x", "grad of modulation"))
 
 
+@launches_kernels
 def test_opcheck():
     # requires_grad inputs: opcheck then also checks the autograd registration and the backward's fake
     x = make_x(2, 3, 72, torch.float16, "token-slice").requires_grad_()

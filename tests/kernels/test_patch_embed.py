@@ -1,7 +1,7 @@
 import pytest
 import torch
-from parity import (DTYPES, KERNEL_TOLERANCE, assert_compiled_matches_eager, assert_parity, relative_max_error,
-                    requires_triton)
+from parity import (DEVICE, DTYPES, KERNEL_TOLERANCE, assert_compiled_matches_eager, assert_fails_with_wrong_kernels,
+                    assert_parity, launches_kernels, relative_max_error, requires_cuda, requires_triton)
 
 from fastdit.kernels.patch_embed import (patch_embed, patch_embed_backward, patch_embed_backward_reference,
                                          patch_embed_reference)
@@ -25,10 +25,10 @@ def _inputs(batch, channels, height, width, patch, hidden_size, dtype, output_dt
     """x and weight in dtype; bias and pos_embed in output_dtype (dtype unless given), as
     under autocast, where the parameters stay fp32."""
     tokens = (height // patch) * (width // patch)
-    x = torch.randn(batch, channels, height, width)
-    weight = torch.randn(hidden_size, channels, patch, patch) / (channels * patch * patch) ** 0.5
-    bias = torch.randn(hidden_size)
-    pos_embed = torch.randn(1, tokens, hidden_size)
+    x = torch.randn(batch, channels, height, width, device=DEVICE)
+    weight = torch.randn(hidden_size, channels, patch, patch, device=DEVICE) / (channels * patch * patch) ** 0.5
+    bias = torch.randn(hidden_size, device=DEVICE)
+    pos_embed = torch.randn(1, tokens, hidden_size, device=DEVICE)
     output_dtype = output_dtype or dtype
     return [x.to(dtype), weight.to(dtype), bias.to(output_dtype), pos_embed.to(output_dtype)]
 
@@ -83,7 +83,6 @@ def test_pos_embed_2d_equals_3d():
                                patch_embed(x, weight, bias, pos_embed), rtol=0, atol=0)
 
 
-@requires_triton
 def test_empty_batch():
     x, weight, bias, pos_embed = _inputs(0, 4, 8, 8, 2, 64, torch.float32)
     assert patch_embed(x, weight, bias, pos_embed).shape == (0, 16, 64)
@@ -105,6 +104,14 @@ def test_wrong_variant_fails(wrong, dtype):
         wrong_out = convolved.transpose(1, 2).reshape(out.shape) + pos_embed.float()
     assert relative_max_error(out, wrong_out) > KERNEL_TOLERANCE[dtype]
     assert_parity(out, _expected(x, weight, bias, pos_embed), KERNEL_TOLERANCE[dtype])
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_wrong_kernel_fails_the_parity_tests(dtype):
+    """Kernels that write every output 10% off fail the forward's and the gradients' parity tests."""
+    assert_fails_with_wrong_kernels(test_matches_reference, CONFIGS[2], dtype)
+    assert_fails_with_wrong_kernels(_assert_gradients_match, _inputs(*CONFIGS[2], dtype))
 
 
 def _gradients(fn, inputs, grad_out, requires_grad=(True, True, True, True)):
@@ -159,7 +166,7 @@ def test_gradients_of_non_contiguous_inputs(layout):
     else:
         weight = weight.transpose(0, 3).contiguous().transpose(0, 3)
         pos_embed = pos_embed[0].t().contiguous().t()
-    grad_out = torch.randn(2, 24, 72).transpose(0, 1).contiguous().transpose(0, 1)  # read through .contiguous()
+    grad_out = torch.randn(2, 24, 72, device=DEVICE).transpose(0, 1).contiguous().transpose(0, 1)  # read through .contiguous()
     _assert_gradients_match([x, weight, bias, pos_embed], grad_out)
 
 
@@ -187,10 +194,11 @@ def test_frozen_input_and_pos_embed():
         assert_parity(grad, expected_grad, KERNEL_TOLERANCE[torch.float32])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (DiT-XL/2 sizes)")
+@requires_cuda
+@launches_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dit_xl_gradients_on_gpu(dtype):
-    inputs = [t.cuda() for t in _inputs(16, 4, 32, 32, 2, 1152, dtype, output_dtype=torch.float32)]
+    inputs = _inputs(16, 4, 32, 32, 2, 1152, dtype, output_dtype=torch.float32)
     grad_out = _grad_out(inputs)
     _assert_gradients_match(inputs, grad_out)
     first, second = (_gradients(patch_embed, inputs, grad_out) for _ in range(2))
@@ -276,7 +284,7 @@ def test_backward_bad_grad_out_names_it():
 def test_torch_compile_fullgraph_forward_and_backward_match_eager():
     x, weight, bias, pos_embed = _inputs(2, 4, 8, 12, 2, 72, torch.float32)
     leaves = [t.requires_grad_() for t in (x, weight, bias)]
-    grad_out = torch.randn(2, 24, 72)
+    grad_out = torch.randn(2, 24, 72, device=DEVICE)
 
     def embed(x, weight, bias, pos_embed):
         return patch_embed(x, weight, bias, pos_embed)
