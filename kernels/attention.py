@@ -22,10 +22,12 @@ import triton
 import triton.language as tl
 
 from .attention_backward import attention_backward
+from . import tuning
 from .attention_tiles import (_LOG2E, _as_vector_aligned, _check_inputs, _load_tile, _program_qkv, _split_head_dim,
-                              _store_tile, _vector_strides)
+                              _store_tile, _vector_strides, check_grid, dot_precision, tile_shared_bytes, tuning_key)
 from .interpreter import dot, to_storage
-from .runtime import TRITON_INTERPRET, use_triton
+from .launch import ATTENTION_FP_FUSION, Config, config, offer, warpgroup_mma
+from .runtime import device_guard, use_triton
 
 
 @triton.jit
@@ -92,24 +94,40 @@ def _attention_fwd_kernel(
     tl.store(lse_ptr + row_base + queries, lse, mask=queries < tokens)
 
 
-def _launch_config(tokens: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one launch."""
-    if TRITON_INTERPRET:
-        # The interpreter runs programs one after another in numpy: small blocks keep
-        # the padding cheap at the tiny token counts the tests use.
-        block_m, block_n, num_warps, num_stages = 32, 32, 4, 1
-    elif dtype == torch.float32:
-        # ieee fp32 dots run on CUDA cores: small tiles keep the registers in bounds.
-        block_m, block_n, num_warps, num_stages = 64, 32, 4, 2
+def _forward_candidates(tokens: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> list[Config]:
+    """Launch configurations of the forward: (BLOCK_M queries, BLOCK_N keys, warps, stages), the
+    default first, each fitting the GPU's shared memory (``tile_shared_bytes``)."""
+    if dtype == torch.float32:
+        # ieee fp32 dots run on the FMA units, whose operand layout holds every k of a thread's
+        # rows and columns in registers: small tiles keep them in bounds. 64x32 over 4 warps
+        # spilled 140-772 B on sm_90 and sm_80, 32x64 up to 784 B on sm_90; 32x32 over 4 warps
+        # and 64x32 over 8 do not. 16x32 with one stage is for head dims above 128 on GPUs with
+        # 99 KiB of shared memory, where nothing larger fits.
+        tiles = [(32, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 3), (16, 32, 4, 1)]
+    elif head_dim <= 96 and not warpgroup_mma(device):
+        # Ampere's mma.sync gives each warp 16 rows: 128x64 over 4 warps reached 255 registers
+        # and spilled 4-40 B on sm_80 at head dims 64 and 72 (in a 258-token sequence as well
+        # as at 256), over 8 warps with 3 stages still 20 B at head dim 64 and 258 tokens;
+        # 8 warps with 2 stages do not spill.
+        tiles = [(128, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 32, 4, 3)]
     elif head_dim <= 128:
-        # H100, bf16: 4 warps beat 8 by 1.3x at head dim 72 (T 256 and 4096) and tie at
-        # 64; 8 warps keep the 128-wide accumulators of head dims above 96 in registers.
-        block_m, block_n, num_warps, num_stages = 128, 64, 8 if head_dim > 96 else 4, 3
+        # H100, bf16: 4 warps beat 8 by 1.3x at head dim 72 (T 256 and 4096) and tie at 64;
+        # 8 warps keep the 128-wide accumulators of head dims above 96 in registers. Three
+        # stages need ~128 KB of shared memory above head dim 96, more than sm_86/89's 99 KB:
+        # the two-stage variant then is the default.
+        warps = 8 if head_dim > 96 else 4
+        tiles = [(128, 64, warps, 3), (128, 64, warps, 2), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 3)]
     else:
-        block_m, block_n, num_warps, num_stages = 64, 64, 4, 2
+        tiles = [(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)]
     # Short sequences (DiT at low resolution): no block larger than the token count needs.
     fit = max(16, triton.next_power_of_2(tokens))
-    return min(block_m, fit), min(block_n, fit), num_warps, num_stages
+    candidates = [config(warps, stages, BLOCK_M=min(block_m, fit), BLOCK_N=min(block_n, fit))
+                  for block_m, block_n, warps, stages in tiles]
+    # The interpreter runs programs one after another in numpy: small blocks keep the padding
+    # cheap at the tiny token counts the tests use.
+    interpreted = config(4, 1, BLOCK_M=min(32, fit), BLOCK_N=min(32, fit))
+    return offer(device, candidates, interpreted,
+                 lambda c: tile_shared_bytes(c["BLOCK_M"], c["BLOCK_N"], c["num_stages"], head_dim, dtype))
 
 
 def _attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -118,22 +136,23 @@ def _attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.empty((batch, tokens, heads, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, tokens), dtype=torch.float32, device=q.device)
     head_main, head_tail = _split_head_dim(head_dim)
-    if batch * heads > 65535:
-        raise ValueError(f"attention: q's batch * heads must be at most 65535 (the CUDA grid's y limit), "
-                         f"got {batch} * {heads}")
-    block_m, block_n, num_warps, num_stages = _launch_config(tokens, head_dim, q.dtype)
-    grid = (triton.cdiv(tokens, block_m), batch * heads)
+    check_grid("attention", batch, heads)
     vector = 16 // q.element_size()  # elements per 16-byte load; the op made every stride a multiple
-    _attention_fwd_kernel[grid](
-        q, k, v, out, lse,
-        tokens, heads, softmax_scale * math.log2(math.e),
-        *_vector_strides(q, k, v, out),
-        HEAD_DIM=head_dim, HEAD_MAIN=head_main, HEAD_TAIL=head_tail,
-        BLOCK_M=block_m, BLOCK_N=block_n,
-        EVEN_KEYS=tokens % block_n == 0, VECTOR=vector,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages,
-    )
+
+    def launch(config):
+        return _attention_fwd_kernel[(triton.cdiv(tokens, config["BLOCK_M"]), batch * heads)](
+            q, k, v, out, lse,
+            tokens, heads, softmax_scale * math.log2(math.e),
+            *_vector_strides(q, k, v, out),
+            HEAD_DIM=head_dim, HEAD_MAIN=head_main, HEAD_TAIL=head_tail,
+            EVEN_KEYS=tokens % config["BLOCK_N"] == 0, VECTOR=vector,
+            DOT_PRECISION=dot_precision(q.dtype),
+            **config, enable_fp_fusion=ATTENTION_FP_FUSION,
+        )
+
+    with device_guard(q):
+        tuning.choose("attention_forward", tuning_key(q), _forward_candidates(tokens, head_dim, q.dtype, q.device),
+                      launch, q.device)
     return out, lse
 
 

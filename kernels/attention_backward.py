@@ -18,10 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tuning
 from .attention_tiles import (_LOG2E, _as_vector_aligned, _check_inputs, _head_base, _load_tile, _program_head,
-                              _program_qkv, _split_head_dim, _store_tile, _vector_strides)
+                              _program_qkv, _split_head_dim, _store_tile, _vector_strides, check_grid, dot_precision,
+                              tile_shared_bytes, tuning_key)
 from .interpreter import dot, to_storage
-from .runtime import TRITON_INTERPRET, use_triton
+from .launch import ATTENTION_FP_FUSION, Config, config, offer
+from .runtime import device_guard, use_triton
 
 
 @triton.jit
@@ -168,46 +171,76 @@ def _attention_bwd_query_kernel(
         _store_tile(grad_q_base, queries, stride_dqt, tokens, cols_tail, HEAD_DIM, VECTOR, grad_q_tail * softmax_scale)
 
 
-def _backward_launch_config(tokens: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(outer, inner, num_warps, num_stages): outer is the block a program owns (keys for
-    dK/dV, queries for dQ), inner the block it loops over. Chosen so that ptxas (sm_90)
-    reports no register spills at head dims 64, 72 and 128 in every dtype, and 256 in
-    fp16/bf16; not yet timed on a GPU."""
-    if TRITON_INTERPRET:
-        # Unequal blocks, so that the tests would catch a kernel mixing them up.
-        outer, inner, num_warps, num_stages = 64, 32, 4, 1
-    elif dtype != torch.float32 and head_dim <= 80:  # a 64 + 16 split at most (DiT's 64 and 72)
-        outer, inner, num_warps, num_stages = 64, 32, 4, 2
+def _backward_candidates(tokens: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> list[Config]:
+    """Launch configurations of the dK/dV and dQ kernels: OUTER is the block a program owns
+    (keys for dK/dV, queries for dQ), INNER the block it loops over. The defaults are those with
+    which ptxas reports no register spills on sm_90 and sm_80 at head dims 64, 72 and 128 in
+    every dtype, and 256 in fp16/bf16; the alternatives are larger tiles that pay off where
+    they fit in registers (tuning prunes those that spill)."""
+    if dtype != torch.float32 and head_dim <= 80:  # a 64 + 16 split at most (DiT's 64 and 72)
+        tiles = [(64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 4, 2), (32, 32, 4, 2)]
     else:
         # The dK/dV program holds two fp32 (outer, head_dim) accumulators plus its K and V
-        # tiles: smaller blocks over 8 warps keep them in registers.
-        outer, inner, num_warps, num_stages = 32, 32, 8, 1
+        # tiles: smaller blocks over 8 warps keep them in registers. 16x16 is for fp32 at head
+        # dims above 128 on GPUs with 99 KiB of shared memory, where nothing larger fits.
+        tiles = [(32, 32, 8, 1), (64, 32, 8, 1), (32, 32, 4, 2), (16, 16, 4, 1)]
     fit = max(16, triton.next_power_of_2(tokens))
-    return min(outer, fit), min(inner, fit), num_warps, num_stages
+    candidates = [config(warps, stages, OUTER=min(outer, fit), INNER=min(inner, fit))
+                  for outer, inner, warps, stages in tiles]
+    # Unequal blocks, so that the tests would catch a kernel mixing them up.
+    interpreted = config(4, 1, OUTER=min(64, fit), INNER=min(32, fit))
+    # A program keeps two (OUTER, head_dim) tiles and streams two (INNER, head_dim) ones.
+    return offer(device, candidates, interpreted,
+                 lambda c: tile_shared_bytes(2 * c["OUTER"], c["INNER"], c["num_stages"], head_dim, dtype))
+
+
+def _blocks(config: Config, owned: str, looped: str) -> Config:
+    """The kernel's keyword arguments for a backward candidate: OUTER and INNER named as the kernel names them."""
+    return {owned: config["OUTER"], looped: config["INNER"],
+            "num_warps": config["num_warps"], "num_stages": config["num_stages"]}
 
 
 def _attention_backward_triton(grad_out, q, k, v, out, lse, softmax_scale):
     batch, tokens, heads, head_dim = q.shape
+    check_grid("attention_backward", batch, heads)
     head_main, head_tail = _split_head_dim(head_dim)
-    outer, inner, num_warps, num_stages = _backward_launch_config(tokens, head_dim, q.dtype)
     grad_q, grad_k, grad_v = (torch.empty((batch, tokens, heads, head_dim), dtype=q.dtype, device=q.device)
                               for _ in range(3))
     delta = torch.empty((batch, heads, tokens), dtype=torch.float32, device=q.device)
     vector = 16 // q.element_size()
-    head_args = dict(HEAD_DIM=head_dim, HEAD_MAIN=head_main, HEAD_TAIL=head_tail, VECTOR=vector)
-    dot_args = dict(DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                    num_warps=num_warps, num_stages=num_stages)
+    head_args = dict(HEAD_DIM=head_dim, HEAD_MAIN=head_main, HEAD_TAIL=head_tail, VECTOR=vector,
+                     enable_fp_fusion=ATTENTION_FP_FUSION)
+    dot_args = dict(DOT_PRECISION=dot_precision(q.dtype))
     scales = (softmax_scale, softmax_scale * math.log2(math.e))
-    grid = (triton.cdiv(tokens, outer), batch * heads)  # one program per outer block of every (batch, head)
-    _attention_bwd_delta_kernel[grid](
-        out, grad_out, delta, tokens, heads, *_vector_strides(out, grad_out), BLOCK_M=outer, **head_args)
-    _attention_bwd_key_kernel[grid](
-        q, k, v, grad_out, lse, delta, grad_k, grad_v, tokens, heads, *scales,
-        *_vector_strides(q, k, v, grad_out, grad_k, grad_v), BLOCK_M=inner, BLOCK_N=outer, **head_args, **dot_args)
-    _attention_bwd_query_kernel[grid](
-        q, k, v, grad_out, lse, delta, grad_q, tokens, heads, *scales,
-        *_vector_strides(q, k, v, grad_out, grad_q), BLOCK_M=outer, BLOCK_N=inner,
-        EVEN_KEYS=tokens % inner == 0, **head_args, **dot_args)
+    key = tuning_key(q)
+    candidates = _backward_candidates(tokens, head_dim, q.dtype, q.device)
+
+    # One program per block of every (batch, head) in each kernel.
+    def grid(block: int) -> tuple[int, int]:
+        return triton.cdiv(tokens, block), batch * heads
+
+    def launch_delta(config):
+        return _attention_bwd_delta_kernel[grid(config["BLOCK_M"])](
+            out, grad_out, delta, tokens, heads, *_vector_strides(out, grad_out), **head_args, **config)
+
+    def launch_key(config):
+        return _attention_bwd_key_kernel[grid(config["OUTER"])](
+            q, k, v, grad_out, lse, delta, grad_k, grad_v, tokens, heads, *scales,
+            *_vector_strides(q, k, v, grad_out, grad_k, grad_v),
+            **_blocks(config, "BLOCK_N", "BLOCK_M"), **head_args, **dot_args)
+
+    def launch_query(config):
+        return _attention_bwd_query_kernel[grid(config["OUTER"])](
+            q, k, v, grad_out, lse, delta, grad_q, tokens, heads, *scales,
+            *_vector_strides(q, k, v, grad_out, grad_q), **_blocks(config, "BLOCK_M", "BLOCK_N"),
+            EVEN_KEYS=tokens % config["INNER"] == 0, **head_args, **dot_args)
+
+    with device_guard(q):
+        # The delta kernel only reads two tiles per program and sums them: one configuration.
+        tuning.choose("attention_backward_delta", key, [config(4, 1, BLOCK_M=candidates[0]["OUTER"])],
+                      launch_delta, q.device)
+        tuning.choose("attention_backward_key", key, candidates, launch_key, q.device)
+        tuning.choose("attention_backward_query", key, candidates, launch_query, q.device)
     return grad_q, grad_k, grad_v
 
 

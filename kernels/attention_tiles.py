@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .interpreter import to_storage
+from .launch import size_bucket
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256
@@ -75,6 +76,32 @@ def _split_head_dim(head_dim: int) -> tuple[int, int]:
     main = max(16, 1 << (head_dim.bit_length() - 1))
     rest = head_dim - main
     return main, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
+
+
+def tile_shared_bytes(block_m: int, block_n: int, stages: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Shared memory that a program streaming (block_n, head_dim) tiles of two tensors over
+    ``stages`` pipeline stages, against a resident (block_m, head_dim) tile, needs (the
+    head dim as padded for the dots): the estimate that sizes tiles and stages to a GPU."""
+    main, tail = _split_head_dim(head_dim)
+    return (block_m + 2 * stages * block_n) * (main + tail) * dtype.itemsize
+
+
+def check_grid(op: str, batch: int, heads: int) -> None:
+    """One program column per (batch, head): the CUDA grid's y dimension allows 65535."""
+    if batch * heads > 65535:
+        raise ValueError(f"{op}: q's batch * heads must be at most 65535 (the CUDA grid's y limit), "
+                         f"got {batch} * {heads}")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # "ieee" keeps fp32 attention true fp32 (tf32 would cost ~1e-3 relative error).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def tuning_key(q: torch.Tensor) -> tuple:
+    """The shape class of an attention launch: dtype, head dim and the bucket of the token count."""
+    batch, tokens, heads, head_dim = q.shape
+    return q.dtype, head_dim, size_bucket(tokens)
 
 
 def _vector_strides(*tensors: torch.Tensor) -> list[int]:

@@ -61,6 +61,12 @@ def offer(device: torch.device, candidates: list[Config], interpreted: Config | 
     return unique
 
 
+def warpgroup_mma(device: torch.device) -> bool:
+    """Whether dots compile to warpgroup-wide MMA (sm_90 and newer), whose accumulators one
+    warpgroup of 4 warps shares; False interpreted."""
+    return not TRITON_INTERPRET and gpu_spec(device).capability >= (9, 0)
+
+
 def size_bucket(count: int) -> int:
     """The power of two at or above ``count``: launches whose sizes share a bucket share a tuning."""
     return 1 << max(0, count - 1).bit_length()
