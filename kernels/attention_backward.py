@@ -173,17 +173,22 @@ def _attention_bwd_query_kernel(
 
 def _backward_candidates(tokens: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> list[Config]:
     """Launch configurations of the dK/dV and dQ kernels: OUTER is the block a program owns
-    (keys for dK/dV, queries for dQ), INNER the block it loops over. The defaults are those with
-    which ptxas reports no register spills on sm_90 and sm_80 at head dims 64, 72 and 128 in
-    every dtype, and 256 in fp16/bf16; the alternatives are larger tiles that pay off where
-    they fit in registers (tuning prunes those that spill)."""
-    if dtype != torch.float32 and head_dim <= 80:  # a 64 + 16 split at most (DiT's 64 and 72)
+    (keys for dK/dV, queries for dQ), INNER the block it loops over. The defaults compile
+    without register spills for sm_90 and sm_80 at DiT's head dims (64, 72) in every dtype; the
+    alternatives are larger tiles that pay off where they fit in registers (tuning prunes those
+    that spill)."""
+    if dtype == torch.float32:
+        # ieee dots on the FMA units. 32/32 over 8 warps with 1 stage spilled 4-8 B in the dK/dV
+        # kernel on sm_80 at head dim 64 (ptxas kept it at 80 registers); over 4 warps with 2
+        # stages neither kernel spills on sm_90 or sm_80 at head dims 64 and 72. 16x16 is for
+        # head dims above 128 on GPUs with 99 KiB of shared memory, where nothing larger fits.
+        tiles = [(32, 32, 4, 2), (32, 32, 8, 1), (64, 32, 8, 1), (16, 16, 4, 1)]
+    elif head_dim <= 80:  # a 64 + 16 split at most (DiT's 64 and 72)
         tiles = [(64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 4, 2), (32, 32, 4, 2)]
     else:
         # The dK/dV program holds two fp32 (outer, head_dim) accumulators plus its K and V
-        # tiles: smaller blocks over 8 warps keep them in registers. 16x16 is for fp32 at head
-        # dims above 128 on GPUs with 99 KiB of shared memory, where nothing larger fits.
-        tiles = [(32, 32, 8, 1), (64, 32, 8, 1), (32, 32, 4, 2), (16, 16, 4, 1)]
+        # tiles: smaller blocks over 8 warps keep them in registers.
+        tiles = [(32, 32, 8, 1), (64, 32, 8, 1), (32, 32, 4, 2)]
     fit = max(16, triton.next_power_of_2(tokens))
     candidates = [config(warps, stages, OUTER=min(outer, fit), INNER=min(inner, fit))
                   for outer, inner, warps, stages in tiles]
