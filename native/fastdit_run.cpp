@@ -1,8 +1,9 @@
 // fastdit-run: DDIM sampling in C++ from a `fastdit export` package, with no Python.
 //
-// MODEL.pt2 (AOTInductor) is one guided denoiser call (x, t, y) -> eps; MODEL.json beside it holds the DDIM
-// schedule and the shapes. The loop below is fastdit.samplers.DDIM with eta 0, in the same fp32 arithmetic, so
-// for the same noise and labels the result is fastdit.sample(..., sampler="ddim")'s.
+// MODEL.pt2 (AOTInductor) is one guided denoiser call (x, t, y) -> eps; its metadata holds the shapes, and
+// MODEL.timesteps.npy and MODEL.ddim.npy beside it hold the schedule and the per-step coefficients that
+// fastdit.samplers.DDIM (eta 0) computed. The loop below applies them in the same fp32 arithmetic as
+// fastdit.sample, so for the same noise and labels the result is fastdit.sample(..., sampler="ddim")'s.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
@@ -17,10 +18,10 @@
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
-#include <map>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace {
@@ -29,7 +30,8 @@ const char* USAGE = R"(usage: fastdit-run MODEL.pt2 --out OUT.npy [--labels ID .
                    [--image GRID.pgm]
 
 Sample class-conditional images with DDIM from a package written by `fastdit export --out MODEL.pt2`
-(the schedule, shapes and guidance scale are read from MODEL.json beside it).
+(the shapes and guidance are in the package's metadata; the DDIM schedule is read from MODEL.timesteps.npy
+and MODEL.ddim.npy beside it).
 
   MODEL.pt2           the AOTInductor package
   --out OUT.npy       the samples, float32 (N, C, H, W) (pixels in [-1, 1], or latents)
@@ -49,164 +51,114 @@ struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// --- the constants file: a small JSON reader for what `fastdit export` writes -------------------------------
+// --- what `fastdit export` wrote: scalars in the package's metadata, the schedule as .npy files beside it ---
 
-struct Json {
-  enum Kind { Null, Bool, Number, String, Array, Object } kind = Null;
-  double number = 0;
-  std::string text;
-  std::vector<Json> items;
-  std::map<std::string, Json> members;
-};
+const int FORMAT_VERSION = 2;  // fastdit.export.FORMAT_VERSION; 1 wrote a JSON file instead
 
-class JsonReader {
- public:
-  explicit JsonReader(std::string text) : text_(std::move(text)) {}
-
-  Json document() {
-    Json value = parse();
-    skip_space();
-    if (at_ < text_.size()) fail("text after the document");
-    return value;
-  }
-
- private:
-  std::string text_;
-  size_t at_ = 0;
-
-  [[noreturn]] void fail(const std::string& what) {
-    throw UsageError("invalid JSON at byte " + std::to_string(at_) + ": " + what);
-  }
-  void skip_space() {
-    while (at_ < text_.size() && std::isspace(static_cast<unsigned char>(text_[at_]))) ++at_;
-  }
-  bool take(char c) {
-    skip_space();
-    if (at_ < text_.size() && text_[at_] == c) return ++at_, true;
-    return false;
-  }
-  void expect(char c) {
-    if (!take(c)) fail(std::string("expected '") + c + "'");
-  }
-  bool take_word(const char* word) {
-    size_t length = std::char_traits<char>::length(word);
-    if (text_.compare(at_, length, word) != 0) return false;
-    at_ += length;
-    return true;
-  }
-  std::string string() {
-    expect('"');
-    std::string out;
-    while (at_ < text_.size() && text_[at_] != '"') {
-      char c = text_[at_++];
-      if (c == '\\' && at_ < text_.size()) {
-        char escaped = text_[at_++];
-        if (escaped == 'u') {  // only key names and messages are strings: no need to decode code points
-          at_ += 4;
-          c = '?';
-        } else {
-          c = escaped == 'n' ? '\n' : escaped == 't' ? '\t' : escaped;
-        }
-      }
-      out += c;
-    }
-    expect('"');
-    return out;
-  }
-  Json parse() {
-    Json value;
-    skip_space();
-    if (at_ >= text_.size()) fail("unexpected end");
-    char c = text_[at_];
-    if (c == '{') {
-      value.kind = Json::Object;
-      ++at_;
-      if (take('}')) return value;
-      do {
-        skip_space();
-        std::string key = string();
-        expect(':');
-        value.members[key] = parse();
-      } while (take(','));
-      expect('}');
-    } else if (c == '[') {
-      value.kind = Json::Array;
-      ++at_;
-      if (take(']')) return value;
-      do value.items.push_back(parse());
-      while (take(','));
-      expect(']');
-    } else if (c == '"') {
-      value.kind = Json::String;
-      value.text = string();
-    } else if (take_word("true") || take_word("false")) {
-      value.kind = Json::Bool;
-      value.number = text_[at_ - 4] == 't';
-    } else if (take_word("null")) {
-      value.kind = Json::Null;
-    } else {
-      // strtod is correctly rounded: a float written by Python's repr comes back bit for bit.
-      const char* start = text_.c_str() + at_;
-      char* end = nullptr;
-      value.number = std::strtod(start, &end);
-      if (end == start) fail("expected a value");
-      value.kind = Json::Number;
-      at_ += end - start;
-    }
-    return value;
-  }
-};
-
-const Json& member(const Json& object, const std::string& key, Json::Kind kind, const std::string& file) {
-  auto found = object.members.find(key);
-  if (found == object.members.end() || found->second.kind != kind)
-    throw UsageError(file + ": missing or malformed \"" + key + "\" (re-export the model with fastdit export)");
-  return found->second;
-}
-
-struct Constants {
+struct Export {
   int64_t batch_size, channels, size, num_classes;
   bool pixels;
   std::string device;
-  std::vector<int64_t> timesteps;  // the model's timestep at each step, in sampling order
-  std::vector<float> a, b;         // x_prev = a x + b eps (fastdit.samplers.DDIM's row, eta 0)
+  at::Tensor timesteps;     // int64 (S,): the model's timestep at each step, in sampling order
+  at::Tensor coefficients;  // float64 (S, 2): x_prev = a x + b eps, fastdit.samplers.DDIM's rows (eta 0)
 };
 
-std::string read_file(const std::string& path, const char* what) {
+std::string read_file(const std::string& path, const std::string& what) {
   std::ifstream file(path, std::ios::binary);
-  if (!file) throw UsageError(std::string(what) + " not found or unreadable: " + path);
+  if (!file) throw UsageError(what + " not found or unreadable: " + path);
   std::ostringstream contents;
   contents << file.rdbuf();
   return contents.str();
 }
 
-Constants read_constants(const std::string& path) {
-  Json root = JsonReader(read_file(path, "constants file (fastdit export writes it beside the .pt2)")).document();
-  if (root.kind != Json::Object || member(root, "format", Json::String, path).text != "fastdit-export")
-    throw UsageError(path + ": not a fastdit export constants file");
-  if (member(root, "format_version", Json::Number, path).number > 1)
-    throw UsageError(path + ": written by a newer fastdit export; this runner reads format_version 1");
-  if (member(root, "eta", Json::Number, path).number != 0)
-    throw UsageError(path + ": eta > 0 (DDIM with noise) is not supported by this runner");
-  auto integer = [&](const char* key) { return static_cast<int64_t>(member(root, key, Json::Number, path).number); };
-  Constants constants{integer("batch_size"), integer("in_channels"), integer("input_size"), integer("num_classes"),
-                      member(root, "pixels", Json::Bool, path).number != 0,
-                      member(root, "device", Json::String, path).text};
-  const auto& timesteps = member(root, "timesteps", Json::Array, path).items;
-  const auto& abar = member(root, "alphas_cumprod", Json::Array, path).items;
-  const auto& abar_prev = member(root, "alphas_cumprod_prev", Json::Array, path).items;
-  if (timesteps.empty() || abar.size() != timesteps.size() || abar_prev.size() != timesteps.size())
-    throw UsageError(path + ": timesteps, alphas_cumprod and alphas_cumprod_prev must be as long as each other");
-  for (size_t i = 0; i < timesteps.size(); ++i) {
-    // The same float64 operations as fastdit.samplers.DDIM (sigma = 0), then rounded to fp32 as it does.
-    double sqrt_recip = std::sqrt(1.0 / abar[i].number), sqrt_recipm1 = std::sqrt(1.0 / abar[i].number - 1.0);
-    double a = std::sqrt(abar_prev[i].number) * sqrt_recip;
-    double b = std::sqrt(1.0 - abar_prev[i].number - 0.0) - std::sqrt(abar_prev[i].number) * sqrt_recipm1;
-    constants.timesteps.push_back(static_cast<int64_t>(timesteps[i].number));
-    constants.a.push_back(static_cast<float>(a));
-    constants.b.push_back(static_cast<float>(b));
+struct NpyType {
+  const char* descr;  // numpy's dtype string, little-endian
+  at::ScalarType type;
+  const char* name;
+};
+const NpyType FLOAT32{"<f4", at::kFloat, "float32"}, FLOAT64{"<f8", at::kDouble, "float64"},
+    INT64{"<i8", at::kLong, "int64"};
+
+// A .npy file (format version 1.0) of `expected` in C order, as np.save writes it; `what` names it in errors.
+at::Tensor read_npy(const std::string& path, const std::string& what, const NpyType& expected) {
+  std::string bytes = read_file(path, what + " file");
+  if (bytes.size() < 10 || bytes.compare(0, 6, "\x93NUMPY") != 0) throw UsageError(what + " " + path + ": not a .npy file");
+  size_t header_size = bytes[6] == 1 ? static_cast<uint8_t>(bytes[8]) | static_cast<uint8_t>(bytes[9]) << 8 : 0;
+  size_t start = 10 + header_size;
+  std::string header = bytes.substr(10, header_size);
+  if (bytes[6] != 1 || header.find(std::string("'descr': '") + expected.descr + "'") == std::string::npos ||
+      header.find("'fortran_order': False") == std::string::npos)
+    throw UsageError(what + " " + path + ": expected " + expected.name + " in C order (np.save(path, x.astype(np." +
+                     expected.name + ")))");
+  std::vector<int64_t> shape;
+  std::istringstream dims(header.substr(header.find('(') + 1, header.find(')') - header.find('(') - 1));
+  for (std::string dim; std::getline(dims, dim, ',');)
+    if (dim.find_first_not_of(' ') != std::string::npos) shape.push_back(std::stoll(dim));
+  int64_t count = 1;
+  for (int64_t dim : shape) count *= dim;
+  if (bytes.size() != start + count * at::elementSize(expected.type)) throw UsageError(what + " " + path + ": truncated");
+  return at::from_blob(bytes.data() + start, shape, expected.type).clone();
+}
+
+using Metadata = std::unordered_map<std::string, std::string>;
+
+std::string entry(const Metadata& metadata, const std::string& key, const std::string& package) {
+  auto found = metadata.find(key);
+  if (found == metadata.end())
+    throw UsageError(package + ": no \"" + key + "\" in the package's metadata (re-export it with fastdit export)");
+  return found->second;
+}
+
+int64_t positive_entry(const Metadata& metadata, const std::string& key, const std::string& package) {
+  std::string text = entry(metadata, key, package);
+  size_t used = 0;
+  int64_t value = 0;
+  try {
+    value = std::stoll(text, &used);
+  } catch (const std::exception&) {
   }
-  return constants;
+  if (text.empty() || used != text.size() || value < 1)
+    throw UsageError(package + ": metadata \"" + key + "\": expected an integer >= 1, got '" + text + "'");
+  return value;
+}
+
+// The package's metadata is read without loading its compiled model, so that bad arguments fail fast.
+Export read_export(const std::string& package) {
+  Metadata metadata;
+  try {
+    metadata = torch::inductor::AOTIModelPackageLoader::load_metadata_from_package(package, "model");
+  } catch (const std::exception& error) {
+    std::string message = error.what();
+    throw UsageError("cannot read package " + package + ": " + message.substr(0, message.find('\n')));
+  }
+  auto found = metadata.find("format");
+  if (found == metadata.end() || found->second != "fastdit-export")
+    throw UsageError(package + ": not written by fastdit export (its metadata has no \"format\": \"fastdit-export\")");
+  if (entry(metadata, "format_version", package) != std::to_string(FORMAT_VERSION))
+    throw UsageError(package + ": format_version " + entry(metadata, "format_version", package) +
+                     "; this runner reads format_version " + std::to_string(FORMAT_VERSION) +
+                     " (export and build the runner from the same fastdit)");
+  std::string pixels = entry(metadata, "pixels", package);
+  if (pixels != "true" && pixels != "false")
+    throw UsageError(package + ": metadata \"pixels\": expected true or false, got '" + pixels + "'");
+  Export e{positive_entry(metadata, "batch_size", package), positive_entry(metadata, "in_channels", package),
+           positive_entry(metadata, "input_size", package), positive_entry(metadata, "num_classes", package),
+           pixels == "true", entry(metadata, "device", package)};
+  int64_t steps = positive_entry(metadata, "steps", package);
+  std::string stem = package.substr(0, package.size() - 4);  // fastdit.export.schedule_paths
+  std::string timesteps_path = stem + ".timesteps.npy", coefficients_path = stem + ".ddim.npy";
+  for (const std::string& path : {timesteps_path, coefficients_path})
+    if (access(path.c_str(), R_OK) != 0)
+      throw UsageError(path + " not found or unreadable (fastdit export writes it beside " + package + ")");
+  e.timesteps = read_npy(timesteps_path, "DDIM timesteps", INT64);
+  e.coefficients = read_npy(coefficients_path, "DDIM coefficients", FLOAT64);
+  if (e.timesteps.sizes().vec() != std::vector<int64_t>{steps})
+    throw UsageError(timesteps_path + ": expected shape (" + std::to_string(steps) + ",) for the package's " +
+                     std::to_string(steps) + " steps, got " + c10::str(e.timesteps.sizes()));
+  if (e.coefficients.sizes().vec() != std::vector<int64_t>{steps, 2})
+    throw UsageError(coefficients_path + ": expected shape (" + std::to_string(steps) + ", 2) for the package's " +
+                     std::to_string(steps) + " steps, got " + c10::str(e.coefficients.sizes()));
+  return e;
 }
 
 // --- noise: fastdit.sampling.ImageNoise ----------------------------------------------------------------------
@@ -247,36 +199,16 @@ uint64_t image_seed(uint64_t seed, uint64_t index) {
 }
 
 // x_T of images 0..count-1: each from its own CPU generator, as torch.Generator().manual_seed(image_seed(seed, k)).
-at::Tensor seeded_noise(uint64_t seed, int64_t count, const Constants& c) {
+at::Tensor seeded_noise(uint64_t seed, int64_t count, const Export& e) {
   std::vector<at::Tensor> images;
   for (int64_t k = 0; k < count; ++k) {
     auto generator = at::make_generator<at::CPUGeneratorImpl>(image_seed(seed, k));
-    images.push_back(at::randn({c.channels, c.size, c.size}, generator, at::kFloat));
+    images.push_back(at::randn({e.channels, e.size, e.size}, generator, at::kFloat));
   }
   return at::stack(images);
 }
 
-// --- .npy files (format version 1.0), float32 little-endian, C order ------------------------------------------
-
-at::Tensor read_npy(const std::string& path) {
-  std::string bytes = read_file(path, "--noise file");
-  if (bytes.size() < 10 || bytes.compare(0, 6, "\x93NUMPY") != 0)
-    throw UsageError("--noise " + path + ": not a .npy file");
-  size_t header_size = bytes[6] == 1 ? static_cast<uint8_t>(bytes[8]) | static_cast<uint8_t>(bytes[9]) << 8 : 0;
-  size_t start = 10 + header_size;
-  std::string header = bytes.substr(10, header_size);
-  if (bytes[6] != 1 || header.find("'descr': '<f4'") == std::string::npos ||
-      header.find("'fortran_order': False") == std::string::npos)
-    throw UsageError("--noise " + path + ": expected float32 in C order (np.save(path, x.astype(np.float32)))");
-  std::vector<int64_t> shape;
-  std::istringstream dims(header.substr(header.find('(') + 1, header.find(')') - header.find('(') - 1));
-  for (std::string dim; std::getline(dims, dim, ',');)
-    if (dim.find_first_not_of(' ') != std::string::npos) shape.push_back(std::stoll(dim));
-  int64_t count = 1;
-  for (int64_t dim : shape) count *= dim;
-  if (bytes.size() != start + count * sizeof(float)) throw UsageError("--noise " + path + ": truncated");
-  return at::from_blob(bytes.data() + start, shape, at::kFloat).clone();
-}
+// --- output files -------------------------------------------------------------------------------------------------
 
 // Written beside the target and renamed over it: a reader never sees a half-written file.
 void write_atomic(const std::string& path, const std::string& bytes) {
@@ -327,29 +259,25 @@ std::string grid_bytes(const at::Tensor& samples) {
 
 // Labels and noise are run in batches of the package's static batch size; the last batch is padded (each image is
 // computed independently of the others in its batch, so padding changes nothing).
-at::Tensor sample(torch::inductor::AOTIModelPackageLoader& loader, const Constants& c,
-                  const std::vector<int64_t>& labels, const at::Tensor& noise) {
-  at::Device device(c.device);
-  auto on_device = at::TensorOptions().device(device);
-  std::vector<at::Tensor> a, b;
-  for (size_t i = 0; i < c.timesteps.size(); ++i) {
-    a.push_back(at::scalar_tensor(c.a[i], on_device.dtype(at::kFloat)));
-    b.push_back(at::scalar_tensor(c.b[i], on_device.dtype(at::kFloat)));
-  }
-  int64_t total = static_cast<int64_t>(labels.size());
+at::Tensor sample(torch::inductor::AOTIModelPackageLoader& loader, const Export& e, const std::vector<int64_t>& labels,
+                  const at::Tensor& noise) {
+  at::Device device(e.device);
+  // Rounded to fp32 as fastdit.sampling rounds the solver's float64 table before its steps.
+  at::Tensor coefficients = e.coefficients.to(device, at::kFloat);
+  int64_t total = static_cast<int64_t>(labels.size()), steps = e.timesteps.size(0);
   std::vector<at::Tensor> batches;
-  for (int64_t start = 0; start < total; start += c.batch_size) {
-    int64_t count = std::min(c.batch_size, total - start);
-    at::Tensor x = at::zeros({c.batch_size, c.channels, c.size, c.size}, at::kFloat);
+  for (int64_t start = 0; start < total; start += e.batch_size) {
+    int64_t count = std::min(e.batch_size, total - start);
+    at::Tensor x = at::zeros({e.batch_size, e.channels, e.size, e.size}, at::kFloat);
     x.slice(0, 0, count).copy_(noise.slice(0, start, start + count));
-    at::Tensor y = at::zeros({c.batch_size}, at::kLong);
+    at::Tensor y = at::zeros({e.batch_size}, at::kLong);
     for (int64_t k = 0; k < count; ++k) y[k] = labels[start + k];
     x = x.to(device), y = y.to(device);
-    at::Tensor t = at::empty({c.batch_size}, on_device.dtype(at::kLong));
-    for (size_t i = 0; i < c.timesteps.size(); ++i) {
-      t.fill_(c.timesteps[i]);
+    at::Tensor t = at::empty({e.batch_size}, at::TensorOptions().device(device).dtype(at::kLong));
+    for (int64_t i = 0; i < steps; ++i) {
+      t.fill_(e.timesteps[i].item<int64_t>());
       at::Tensor eps = loader.run({x, t, y})[0];
-      x = a[i] * x + b[i] * eps;
+      x = coefficients[i][0] * x + coefficients[i][1] * eps;
     }
     batches.push_back(x.slice(0, 0, count).cpu());
   }
@@ -418,32 +346,32 @@ int run(int argc, char** argv) {
   if (args.package.size() < 4 || args.package.compare(args.package.size() - 4, 4, ".pt2") != 0)
     throw UsageError("expected a package ending in .pt2 (fastdit export --out MODEL.pt2), got " + args.package);
   if (access(args.package.c_str(), R_OK) != 0) throw UsageError("package not found or unreadable: " + args.package);
-  Constants c = read_constants(args.package.substr(0, args.package.size() - 4) + ".json");  // fastdit.export's name
-  if (!args.image.empty() && !c.pixels)
-    throw UsageError("--image: this model samples latents (" + std::to_string(c.channels) +
+  Export e = read_export(args.package);
+  if (!args.image.empty() && !e.pixels)
+    throw UsageError("--image: this model samples latents (" + std::to_string(e.channels) +
                      " channels), not pixels; decode OUT.npy with the VAE instead");
 
   at::Tensor noise;
   if (!args.noise.empty()) {
-    noise = read_npy(args.noise);
-    bool fits = noise.dim() == 4 && noise.size(0) > 0 && noise.size(1) == c.channels && noise.size(2) == c.size &&
-                noise.size(3) == c.size;
+    noise = read_npy(args.noise, "--noise", FLOAT32);
+    bool fits = noise.dim() == 4 && noise.size(0) > 0 && noise.size(1) == e.channels && noise.size(2) == e.size &&
+                noise.size(3) == e.size;
     if (!fits)
-      throw UsageError("--noise: expected shape (N, " + std::to_string(c.channels) + ", " + std::to_string(c.size) +
-                       ", " + std::to_string(c.size) + "), got " + c10::str(noise.sizes()));
+      throw UsageError("--noise: expected shape (N, " + std::to_string(e.channels) + ", " + std::to_string(e.size) +
+                       ", " + std::to_string(e.size) + "), got " + c10::str(noise.sizes()));
     if (!args.labels.empty() && static_cast<int64_t>(args.labels.size()) != noise.size(0))
       throw UsageError("--labels: " + std::to_string(args.labels.size()) + " labels for " +
                        std::to_string(noise.size(0)) + " noise images; pass one label per image");
   }
   if (args.labels.empty()) {
-    int64_t count = noise.defined() ? noise.size(0) : c.batch_size;
-    for (int64_t k = 0; k < count; ++k) args.labels.push_back(k % c.num_classes);
+    int64_t count = noise.defined() ? noise.size(0) : e.batch_size;
+    for (int64_t k = 0; k < count; ++k) args.labels.push_back(k % e.num_classes);
   }
   for (int64_t label : args.labels)
-    if (label < 0 || label >= c.num_classes)
-      throw UsageError("--labels: class ids must be in [0, " + std::to_string(c.num_classes - 1) + "] (the model has " +
-                       std::to_string(c.num_classes) + " classes), got " + std::to_string(label));
-  if (!noise.defined()) noise = seeded_noise(args.seed, static_cast<int64_t>(args.labels.size()), c);
+    if (label < 0 || label >= e.num_classes)
+      throw UsageError("--labels: class ids must be in [0, " + std::to_string(e.num_classes - 1) + "] (the model has " +
+                       std::to_string(e.num_classes) + " classes), got " + std::to_string(label));
+  if (!noise.defined()) noise = seeded_noise(args.seed, static_cast<int64_t>(args.labels.size()), e);
 
   auto started = std::chrono::steady_clock::now();
   std::unique_ptr<torch::inductor::AOTIModelPackageLoader> loader;
@@ -453,12 +381,12 @@ int run(int argc, char** argv) {
     std::string message = error.what();
     throw UsageError("cannot load package " + args.package + ": " + message.substr(0, message.find('\n')));
   }
-  at::Tensor samples = sample(*loader, c, args.labels, noise);
+  at::Tensor samples = sample(*loader, e, args.labels, noise);
   double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
   write_atomic(args.out, npy_bytes(samples));
   if (!args.image.empty()) write_atomic(args.image, grid_bytes(samples));
-  std::printf("fastdit-run: wrote %s (%lld images, ddim %zu steps, %.2f s)\n", args.out.c_str(),
-              static_cast<long long>(samples.size(0)), c.timesteps.size(), seconds);
+  std::printf("fastdit-run: wrote %s (%lld images, ddim %lld steps, %.2f s)\n", args.out.c_str(),
+              static_cast<long long>(samples.size(0)), static_cast<long long>(e.timesteps.size(0)), seconds);
   return 0;
 }
 
