@@ -8,23 +8,22 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
+#include "files.h"
+
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
-#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <fstream>
 #include <iostream>
-#include <sstream>
-#include <stdexcept>
+#include <memory>
 #include <string>
 #include <unordered_map>
 #include <vector>
 
-namespace {
+namespace fastdit_run {
 
 const char* USAGE = R"(usage: fastdit-run MODEL.pt2 --out OUT.npy [--labels ID ...] [--seed S | --noise NOISE.npy]
                    [--image GRID.pgm]
@@ -46,11 +45,6 @@ and MODEL.ddim.npy beside it).
 Errors are one line on stderr: exit status 2 for bad arguments or files, 1 when the model fails to run.
 )";
 
-// A mistake in the arguments or the input files: one line on stderr, exit status 2.
-struct UsageError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
 // --- what `fastdit export` wrote: scalars in the package's metadata, the schedule as .npy files beside it ---
 
 const int FORMAT_VERSION = 2;  // fastdit.export.FORMAT_VERSION; 1 wrote a JSON file instead
@@ -62,43 +56,6 @@ struct Export {
   at::Tensor timesteps;     // int64 (S,): the model's timestep at each step, in sampling order
   at::Tensor coefficients;  // float64 (S, 2): x_prev = a x + b eps, fastdit.samplers.DDIM's rows (eta 0)
 };
-
-std::string read_file(const std::string& path, const std::string& what) {
-  std::ifstream file(path, std::ios::binary);
-  if (!file) throw UsageError(what + " not found or unreadable: " + path);
-  std::ostringstream contents;
-  contents << file.rdbuf();
-  return contents.str();
-}
-
-struct NpyType {
-  const char* descr;  // numpy's dtype string, little-endian
-  at::ScalarType type;
-  const char* name;
-};
-const NpyType FLOAT32{"<f4", at::kFloat, "float32"}, FLOAT64{"<f8", at::kDouble, "float64"},
-    INT64{"<i8", at::kLong, "int64"};
-
-// A .npy file (format version 1.0) of `expected` in C order, as np.save writes it; `what` names it in errors.
-at::Tensor read_npy(const std::string& path, const std::string& what, const NpyType& expected) {
-  std::string bytes = read_file(path, what + " file");
-  if (bytes.size() < 10 || bytes.compare(0, 6, "\x93NUMPY") != 0) throw UsageError(what + " " + path + ": not a .npy file");
-  size_t header_size = bytes[6] == 1 ? static_cast<uint8_t>(bytes[8]) | static_cast<uint8_t>(bytes[9]) << 8 : 0;
-  size_t start = 10 + header_size;
-  std::string header = bytes.substr(10, header_size);
-  if (bytes[6] != 1 || header.find(std::string("'descr': '") + expected.descr + "'") == std::string::npos ||
-      header.find("'fortran_order': False") == std::string::npos)
-    throw UsageError(what + " " + path + ": expected " + expected.name + " in C order (np.save(path, x.astype(np." +
-                     expected.name + ")))");
-  std::vector<int64_t> shape;
-  std::istringstream dims(header.substr(header.find('(') + 1, header.find(')') - header.find('(') - 1));
-  for (std::string dim; std::getline(dims, dim, ',');)
-    if (dim.find_first_not_of(' ') != std::string::npos) shape.push_back(std::stoll(dim));
-  int64_t count = 1;
-  for (int64_t dim : shape) count *= dim;
-  if (bytes.size() != start + count * at::elementSize(expected.type)) throw UsageError(what + " " + path + ": truncated");
-  return at::from_blob(bytes.data() + start, shape, expected.type).clone();
-}
 
 using Metadata = std::unordered_map<std::string, std::string>;
 
@@ -206,53 +163,6 @@ at::Tensor seeded_noise(uint64_t seed, int64_t count, const Export& e) {
     images.push_back(at::randn({e.channels, e.size, e.size}, generator, at::kFloat));
   }
   return at::stack(images);
-}
-
-// --- output files -------------------------------------------------------------------------------------------------
-
-// Written beside the target and renamed over it: a reader never sees a half-written file.
-void write_atomic(const std::string& path, const std::string& bytes) {
-  std::string temporary = path + ".tmp." + std::to_string(getpid());
-  std::ofstream file(temporary, std::ios::binary);
-  file.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-  file.close();
-  if (!file || std::rename(temporary.c_str(), path.c_str()) != 0) {
-    std::remove(temporary.c_str());
-    throw UsageError("cannot write " + path);
-  }
-}
-
-std::string npy_bytes(const at::Tensor& samples) {
-  std::string shape;
-  for (int64_t dim : samples.sizes()) shape += std::to_string(dim) + ", ";
-  shape = shape.substr(0, shape.size() - 2);
-  std::string header = "{'descr': '<f4', 'fortran_order': False, 'shape': (" + shape + "), }";
-  header.append(63 - (10 + header.size()) % 64, ' ') += '\n';  // the data starts 64-byte aligned
-  std::string bytes = std::string("\x93NUMPY\x01\x00", 8);
-  bytes += static_cast<char>(header.size() & 0xff);
-  bytes += static_cast<char>(header.size() >> 8);
-  at::Tensor data = samples.contiguous();
-  return bytes + header + std::string(static_cast<const char*>(data.data_ptr()), data.nbytes());
-}
-
-// fastdit.images.grid(fastdit.images.to_uint8(samples)) without the class ids: 2 px of black between tiles,
-// small images enlarged to 64 px, as a binary PGM (grey) or PPM (RGB).
-std::string grid_bytes(const at::Tensor& samples) {
-  int64_t count = samples.size(0), channels = samples.size(1), height = samples.size(2), width = samples.size(3);
-  int64_t scale = std::max<int64_t>(1, 64 / std::min(height, width));
-  at::Tensor pixels = (127.5 * samples + 128.0).clamp(0, 255).to(at::kByte).permute({0, 2, 3, 1});
-  pixels = pixels.repeat_interleave(scale, 1).repeat_interleave(scale, 2);
-  height *= scale, width *= scale;
-  int64_t columns = std::min<int64_t>(static_cast<int64_t>(std::ceil(std::sqrt(count))), count);
-  int64_t rows = (count + columns - 1) / columns;
-  at::Tensor canvas = at::zeros({rows * (height + 2) + 2, columns * (width + 2) + 2, channels}, at::kByte);
-  for (int64_t k = 0; k < count; ++k) {
-    int64_t y = 2 + (k / columns) * (height + 2), x = 2 + (k % columns) * (width + 2);
-    canvas.slice(0, y, y + height).slice(1, x, x + width).copy_(pixels[k]);
-  }
-  std::string header = std::string(channels == 1 ? "P5" : "P6") + "\n" + std::to_string(canvas.size(1)) + " " +
-                       std::to_string(canvas.size(0)) + "\n255\n";
-  return header + std::string(static_cast<const char*>(canvas.data_ptr()), canvas.nbytes());
 }
 
 // --- sampling --------------------------------------------------------------------------------------------------
@@ -390,12 +300,12 @@ int run(int argc, char** argv) {
   return 0;
 }
 
-}  // namespace
+}  // namespace fastdit_run
 
 int main(int argc, char** argv) {
   try {
-    return run(argc, argv);
-  } catch (const UsageError& error) {
+    return fastdit_run::run(argc, argv);
+  } catch (const fastdit_run::UsageError& error) {
     std::cerr << "fastdit-run: error: " << error.what() << "\n";
     return 2;
   } catch (const std::exception& error) {
