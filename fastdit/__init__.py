@@ -4,10 +4,10 @@
 arguments, same state-dict keys); ``fastdit.reference`` is the plain PyTorch oracle.
 """
 from fastdit import reference
-from fastdit.attention import ATTENTION_BACKENDS
-from fastdit.checkpoint import CheckpointError, load, save_pretrained
 from fastdit.kernels import kernel_path
-from fastdit.model import DiT, DiT_models
+from fastdit.models.attention import ATTENTION_BACKENDS
+from fastdit.models.checkpoint import CheckpointError, save_pretrained
+from fastdit.models.dit import DiT, DiT_models, load
 from fastdit.sampling import sample
 
 __version__ = "0.1.0"

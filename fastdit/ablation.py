@@ -20,10 +20,11 @@ import sys
 import numpy as np
 import torch
 
-from fastdit import checkpoint, images
+from fastdit import images
 from fastdit.bench_report import check_plotting, markdown_table
 from fastdit.digits import conditioned_class_accuracy
 from fastdit.flops import forward_macs, shape_of
+from fastdit.models.dit import load
 from fastdit.io import atomic_path, write_bytes_atomic, write_text_atomic
 from fastdit.reference import BLOCK_DESIGNS
 from fastdit.sample_cli import guidance_channels
@@ -62,7 +63,7 @@ def read_log(run: str) -> list[dict]:
 def evaluate(design: str, runs: str, out: str) -> dict:
     """Size, final loss and sample quality of one trained design."""
     run = os.path.join(runs, design)
-    model = checkpoint.load(os.path.join(run, "model"))
+    model = load(os.path.join(run, "model"))
     log = read_log(run)
     tail = log[-max(1, round(FINAL_FRACTION * len(log))):]
     labels = torch.arange(model.num_classes).repeat_interleave(SAMPLES_PER_CLASS)

@@ -261,7 +261,7 @@ def check_block_design(block):
 class DiT(nn.Module):
     """Diffusion model with a Transformer backbone."""
 
-    # Block and final layer of each design; the fast model (fastdit.model) builds the same
+    # Block and final layer of each design; the fast model (fastdit.models.dit) builds the same
     # modules from its fused ones.
     block_classes = {
         "adaln-zero": DiTBlock, "adaln": AdaLNBlock, "cross-attn": CrossAttentionBlock, "in-context": InContextBlock,

@@ -98,7 +98,7 @@ def _sizes(shape: DiTShape, batch: int):
 
 
 def forward_ops(shape: DiTShape, batch: int, precision: Precision = INFERENCE) -> list[Op]:
-    """The ops of a forward of the adaLN-Zero DiT (fastdit.model), in the order it runs them."""
+    """The ops of a forward of the adaLN-Zero DiT (fastdit.models.dit), in the order it runs them."""
     if shape.block != "adaln-zero":
         raise ValueError(f"block: the roofline covers the adaLN-Zero model, got {shape.block!r}")
     rows, d, mlp = _sizes(shape, batch)

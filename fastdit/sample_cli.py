@@ -176,9 +176,7 @@ def check_writable(out):
 
 def load_model(args, device, dtype):
     if args.ckpt is not None:
-        from fastdit import checkpoint
-
-        return checkpoint.load(args.ckpt, device=device, dtype=dtype)
+        return fastdit.load(args.ckpt, device=device, dtype=dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)  # every rank builds the same random weights
         model = fastdit.DiT_models[args.model](input_size=(args.image_size or DEFAULT_IMAGE_SIZE) // VAE_DOWNSAMPLING)
@@ -297,7 +295,7 @@ def write_outputs(args, plan, process, samples, started, sampling_seconds):
 
 def run_record(args, plan, process, arrays, started, sampling_seconds):
     """run.json: the flags, what they resolved to, the model, the outputs, versions and timings."""
-    from fastdit.checkpoint import model_config
+    from fastdit.models.checkpoint import model_config
 
     model, device, count = plan.model, process.device, len(plan.labels)
     return {

@@ -23,12 +23,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from fastdit import checkpoint as checkpoints
+from fastdit.models import checkpoint as checkpoints
 from fastdit import data as datasets
 from fastdit import distributed
 from fastdit.diffusion import create_diffusion
 from fastdit.io import atomic_path, write_text_atomic
-from fastdit.model import DiT, DiT_models
+from fastdit.models.dit import DiT, DiT_models
 
 
 @dataclasses.dataclass

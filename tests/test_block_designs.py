@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import fastdit
-from fastdit import checkpoint, reference
+from fastdit import reference
+from fastdit.models import checkpoint
 from fastdit.kernels import kernel_path
 from parity import (DEVICE, MODEL_TOLERANCE, assert_checkpointing_changes_no_gradient, assert_fails_with_wrong_kernels,
                     assert_gradients_match, assert_half_precision_parity, assert_parity, build_pair, inputs,

@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import save_file
 
 import fastdit
-from fastdit import checkpoint, reference
-from fastdit.checkpoint import CheckpointError
+from fastdit import reference
+from fastdit.models import checkpoint
+from fastdit.models.checkpoint import CheckpointError
 from parity import MODEL_TOLERANCE, assert_parity, perturb_
 
 # A paper width (384 -> 6 heads) so that every field, num_heads included, is inferred.
@@ -60,7 +61,7 @@ def inputs(batch=3):
 
 @pytest.mark.parametrize("name", FORMATS)
 def test_every_format_loads_exactly(name, checkpoints, ema):
-    model = checkpoint.load(checkpoints[name])
+    model = fastdit.load(checkpoints[name])
     assert type(model) is fastdit.DiT and not model.training
     assert checkpoint.model_config(model) == TINY
     loaded, expected = model.state_dict(), ema.state_dict()
@@ -73,7 +74,7 @@ def test_loaded_model_gives_identical_outputs(checkpoints, ema):
     direct = fastdit.DiT(**TINY).eval()
     direct.load_state_dict(ema.state_dict(), strict=True)
     with torch.no_grad():
-        output = checkpoint.load(checkpoints["plain.pt"])(*inputs())
+        output = fastdit.load(checkpoints["plain.pt"])(*inputs())
         assert torch.equal(output, direct(*inputs()))
         assert_parity(output, ema(*inputs()), MODEL_TOLERANCE[torch.float32], "loaded model")
 
@@ -99,17 +100,17 @@ def test_stored_config_carries_num_heads(tmp_path):
     checkpoint.save_pretrained(model, tmp_path)
     os.rename(tmp_path / "model.safetensors", tmp_path / "moved.safetensors")
     expected = checkpoint.model_config(model)
-    assert checkpoint.model_config(checkpoint.load(tmp_path / "moved.safetensors")) == expected
+    assert checkpoint.model_config(fastdit.load(tmp_path / "moved.safetensors")) == expected
 
 
 def test_dtype_device_and_compiled_models(tmp_path, ema):
-    model = checkpoint.load(saved_pt(ema, tmp_path), dtype=torch.bfloat16, device=torch.device("cpu"))
+    model = fastdit.load(saved_pt(ema, tmp_path), dtype=torch.bfloat16, device=torch.device("cpu"))
     assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}
     # torch.compile wraps lazily: saving the wrapper saves the model, without "_orig_mod." keys.
     checkpoint.save_pretrained(torch.compile(model), tmp_path / "compiled")
-    assert checkpoint.model_config(checkpoint.load(tmp_path / "compiled")) == TINY
+    assert checkpoint.model_config(fastdit.load(tmp_path / "compiled")) == TINY
     torch.save({f"_orig_mod.{key}": value for key, value in ema.state_dict().items()}, tmp_path / "prefixed.pt")
-    assert checkpoint.model_config(checkpoint.load(tmp_path / "prefixed.pt")) == TINY
+    assert checkpoint.model_config(fastdit.load(tmp_path / "prefixed.pt")) == TINY
 
 
 # --- config inference --------------------------------------------------------------------------
@@ -166,7 +167,7 @@ def test_missing_file_says_where_checkpoints_come_from(tmp_path):
     words = ["DiT-XL-2-256x256.pt", "facebookresearch/DiT", "https://dl.fbaipublicfiles.com/DiT/models/",
              "never downloads"]
     check_error(CheckpointError, [str(tmp_path / "DiT-XL-2-256x256.pt"), *words],
-                checkpoint.load, tmp_path / "DiT-XL-2-256x256.pt")
+                fastdit.load, tmp_path / "DiT-XL-2-256x256.pt")
 
 
 class NotATensor:
@@ -197,7 +198,7 @@ class NotATensor:
 )
 def test_bad_files(tmp_path, ema, name, write, words):
     write(tmp_path / name, ema.state_dict())
-    check_error(CheckpointError, words, checkpoint.load, tmp_path / name)
+    check_error(CheckpointError, words, fastdit.load, tmp_path / name)
 
 
 def truncated_copy(path, state_dict):
@@ -206,23 +207,23 @@ def truncated_copy(path, state_dict):
 
 
 def test_bad_directories(tmp_path, ema):
-    check_error(CheckpointError, ["not a fastdit checkpoint directory", "config.json"], checkpoint.load, tmp_path)
+    check_error(CheckpointError, ["not a fastdit checkpoint directory", "config.json"], fastdit.load, tmp_path)
     checkpoint.save_pretrained(ema, tmp_path)
     (tmp_path / "config.json").write_text("{ not json")
-    check_error(CheckpointError, ["cannot read", "config.json"], checkpoint.load, tmp_path)
+    check_error(CheckpointError, ["cannot read", "config.json"], fastdit.load, tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"format": "fastdit", "format_version": 99}))
-    check_error(CheckpointError, ["format_version 99"], checkpoint.load, tmp_path)
+    check_error(CheckpointError, ["format_version 99"], fastdit.load, tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"format": "fastdit", "format_version": 1, "width": 3}))
-    check_error(ValueError, ["unknown keys width"], checkpoint.load, tmp_path)
+    check_error(ValueError, ["unknown keys width"], fastdit.load, tmp_path)
 
 
 def test_config_that_contradicts_the_tensors(tmp_path, ema):
     path = saved_pt(ema, tmp_path)
     check_error(CheckpointError, ["pos_embed is (1, 16, 384), the model's is (1, 64, 384)", "input_size=16"],
-                checkpoint.load, path, config={"input_size": 16})
+                fastdit.load, path, config={"input_size": 16})
     wide = tiny_reference(hidden_size=64, num_heads=2)
-    check_error(CheckpointError, ["num_heads", "hidden_size 64"], checkpoint.load, saved_pt(wide, tmp_path))
-    assert checkpoint.model_config(checkpoint.load(tmp_path / "model.pt", config={"num_heads": 2}))["num_heads"] == 2
+    check_error(CheckpointError, ["num_heads", "hidden_size 64"], fastdit.load, saved_pt(wide, tmp_path))
+    assert checkpoint.model_config(fastdit.load(tmp_path / "model.pt", config={"num_heads": 2}))["num_heads"] == 2
 
 
 @pytest.mark.parametrize(
@@ -236,9 +237,9 @@ def test_config_that_contradicts_the_tensors(tmp_path, ema):
     ],
 )
 def test_bad_arguments(tmp_path, ema, kwargs, error, words):
-    check_error(error, words, checkpoint.load, saved_pt(ema, tmp_path), **kwargs)
+    check_error(error, words, fastdit.load, saved_pt(ema, tmp_path), **kwargs)
 
 
 def test_bad_paths_and_models():
-    check_error(TypeError, ["path:", "int"], checkpoint.load, 3)
+    check_error(TypeError, ["path:", "int"], fastdit.load, 3)
     check_error(TypeError, ["model:", "Linear"], checkpoint.model_config, torch.nn.Linear(2, 2))

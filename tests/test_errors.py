@@ -62,7 +62,7 @@ def test_missing_backend_package_is_named(monkeypatch):
             raise ImportError("No module named 'flash_attn'")
         return real_import(name, *args, **kwargs)
 
-    from fastdit import attention
+    from fastdit.models import attention
 
     attention._import_backend.cache_clear()
     monkeypatch.setattr(builtins, "__import__", no_flash_attn)

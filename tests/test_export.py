@@ -19,7 +19,7 @@ from filelock import FileLock
 
 import fastdit
 from fastdit import images, reference
-from fastdit.checkpoint import model_config
+from fastdit.models.checkpoint import model_config
 from fastdit.cli import main
 from fastdit.parity import relative_max_error
 from fastdit.sample_cli import BUNDLED_MODEL

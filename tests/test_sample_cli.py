@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fastdit import checkpoint, images, reference, sample_cli
+import fastdit
+from fastdit import images, reference, sample_cli
 from fastdit.cli import main
 from fastdit.digits import conditioned_class_accuracy
 from fastdit.sampling import sample
@@ -99,7 +100,7 @@ def test_pixel_model_end_to_end(pixel_ckpt, tmp_path, capsys):
     assert data["images"].std() > 10  # perturbed weights: real samples, not a constant
 
     # The images are the library's samples, mapped to uint8.
-    model = checkpoint.load(pixel_ckpt)
+    model = fastdit.load(pixel_ckpt)
     latents = sample(model, torch.tensor(data["labels"]), sampler="ddim", steps=2, cfg_scale=4.0,
                      guidance_channels=None, seed=0)
     np.testing.assert_array_equal(data["images"], images.to_uint8(latents))

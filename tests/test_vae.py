@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from fastdit.checkpoint import CheckpointError
+from fastdit.models.checkpoint import CheckpointError
 from fastdit.vae import VAE
 
 # Two encoder blocks: one halving of the resolution, so images are 2x the latents' size.
@@ -122,6 +122,6 @@ def test_without_diffusers(monkeypatch, tmp_path):
 
 
 def test_importing_fastdit_does_not_import_diffusers(tmp_path):
-    code = "import sys, fastdit, fastdit.vae, fastdit.checkpoint; assert 'diffusers' not in sys.modules"
+    code = "import sys, fastdit, fastdit.vae, fastdit.models.checkpoint; assert 'diffusers' not in sys.modules"
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fastdit
-from fastdit.validation import check_label_range_async, check_labels, check_model_inputs
+from fastdit.models.validation import check_label_range_async, check_labels, check_model_inputs
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pytest
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fastdit.attention import attention as attention_by_backend
+from fastdit.models.attention import attention as attention_by_backend
 from fastdit.bench_workloads import IMPLEMENTATIONS, dtype_name
 from fastdit.flops import attention_macs
 from fastdit.kernels.attention import attention, attention_reference

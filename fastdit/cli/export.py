@@ -22,7 +22,7 @@ import torch
 
 import fastdit
 from fastdit import reference
-from fastdit.checkpoint import model_config
+from fastdit.models.checkpoint import model_config
 from fastdit.demo import DTYPES
 from fastdit.diffusion import create_diffusion
 from fastdit.io import atomic_path, write_text_atomic

@@ -19,7 +19,6 @@ from safetensors.torch import save_file
 import fastdit
 from fastdit import reference
 from fastdit.io import atomic_path, write_text_atomic
-from fastdit.model import DiT
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -48,11 +47,13 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or not the weights of a DiT."""
 
 
-def load(path, *, config: dict | None = None, device="cpu", dtype=None, attn_backend="auto") -> DiT:
-    """A fast ``DiT`` in eval mode with the weights at ``path``: a release ``.pt`` file (a state dict,
-    or a dict with ``model`` and/or ``ema``, ``ema`` preferred), a ``.safetensors`` file, or a
-    ``save_pretrained`` directory. ``config`` (constructor arguments) overrides the stored or
-    inferred config; ``dtype=None`` keeps the stored dtype. Loading is strict."""
+def build(model_class, path, *, config: dict | None = None, device="cpu", dtype=None, **options):
+    """A ``model_class`` (``fastdit.DiT`` or ``fastdit.reference.DiT``) in eval mode with the weights at
+    ``path``: a release ``.pt`` file (a state dict, or a dict with ``model`` and/or ``ema``, ``ema``
+    preferred), a ``.safetensors`` file, or a ``save_pretrained`` directory. ``config`` (constructor
+    arguments) overrides the stored or inferred config; ``options`` are constructor arguments that are
+    not the weights' (``attn_backend``); ``dtype=None`` keeps the stored dtype. Loading is strict.
+    The class is an argument so that this module does not import the fast model, which loads through it."""
     given = _checked_config(config)
     device = _checked_device(device)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -61,7 +62,7 @@ def load(path, *, config: dict | None = None, device="cpu", dtype=None, attn_bac
     model_arguments = {**stored, **given} if stored is not None else infer_config(state_dict, given)
     # Built on the meta device: no time spent initialising weights that are replaced at once.
     with torch.device("meta"):
-        model = DiT(**model_arguments, attn_backend=attn_backend)
+        model = model_class(**model_arguments, **options)
     _check_matches(model, state_dict, path, model_arguments)
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.to(device=device, dtype=dtype).eval()

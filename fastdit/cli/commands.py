@@ -2,7 +2,8 @@
 import argparse
 import sys
 
-from fastdit import bench, demo, digits, distributed, encode, export, sample_cli, train_cli
+from fastdit import bench, demo, digits, distributed, encode, sample_cli, train_cli
+from fastdit.cli import export
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -20,13 +20,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from fastdit.attention import attention, check_backend
+from fastdit.models import checkpoint as checkpoints  # `checkpoint` is torch's activation checkpointing
+from fastdit.models.attention import attention, check_backend
 from fastdit.kernels.gated_residual import gated_residual_modulate_layernorm
 from fastdit.kernels.modulate import modulate_layernorm
 from fastdit.kernels.patch_embed import patch_embed
 from fastdit import reference
 from fastdit.reference import ADAPTIVE_DESIGNS, CONDITION_TOKENS, Mlp, model_constructors
-from fastdit.validation import check_model_inputs
+from fastdit.models.validation import check_model_inputs
 
 
 class Attention(nn.Module):
@@ -201,17 +202,13 @@ class DiT(reference.DiT):
         self.gradient_checkpointing = False  # recompute each block's activations in backward
 
     @classmethod
-    def from_pretrained(cls, path, **kwargs):
-        """A model in eval mode from a checkpoint file or directory: see ``fastdit.checkpoint.load``."""
-        from fastdit import checkpoint  # checkpoint builds this class: imported at call time
-
-        return checkpoint.load(path, **kwargs)
+    def from_pretrained(cls, path, *, config=None, device="cpu", dtype=None, attn_backend="auto"):
+        """A model in eval mode from a checkpoint file or directory: see ``fastdit.models.checkpoint.build``."""
+        return checkpoints.build(cls, path, config=config, device=device, dtype=dtype, attn_backend=attn_backend)
 
     def save_pretrained(self, directory):
-        """Write ``config.json`` and ``model.safetensors`` to ``directory``: see ``fastdit.checkpoint``."""
-        from fastdit import checkpoint
-
-        checkpoint.save_pretrained(self, directory)
+        """Write ``config.json`` and ``model.safetensors`` to ``directory``: see ``fastdit.models.checkpoint``."""
+        checkpoints.save_pretrained(self, directory)
 
     @property
     def attn_backend(self):
@@ -254,3 +251,4 @@ class DiT(reference.DiT):
 
 
 DiT_models = model_constructors(DiT)
+load = DiT.from_pretrained  # fastdit.load
