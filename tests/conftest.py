@@ -9,8 +9,6 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests import the shared toleran
 import parity  # noqa: E402 (needs the path above)
 from fastdit.kernels import kernel_path  # noqa: E402
 
-pytest_plugins = ["pytester"]  # tests/kernels/test_launch_check.py runs this file's hook on a test file
-
 # One intra-op thread: the tests' tiny ops gain nothing from threads, and on a busy CPU (two
 # xdist workers on two cores) spinning OpenMP threads make each op many times slower.
 torch.set_num_threads(1)

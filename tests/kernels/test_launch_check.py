@@ -3,19 +3,34 @@ Triton kernel, and parity.wrong_kernels makes every kernel wrong so that the par
 shown to fail (each kernel's test file does so for its op)."""
 import pathlib
 
+import pytest
 import torch
-from parity import DEVICE, WRONG_KERNEL_GAIN, intercepted_launches, requires_triton, wrong_kernels
-
-from fastdit.kernels.modulate import modulate_layernorm
-
-# Three tests of one op on DEVICE: on the kernel, and twice off it (as inputs left on the CPU are
-# on a GPU machine), once marked as a kernel test and once not.
-KERNEL_TESTS = """
-import torch
-from parity import DEVICE, launches_kernels, requires_triton
+from parity import DEVICE, WRONG_KERNEL_GAIN, intercepted_launches, launches_kernels, requires_triton, wrong_kernels
 
 from fastdit.kernels import runtime
 from fastdit.kernels.modulate import modulate_layernorm
+
+
+class KernelTest:
+    """What conftest.py's hook reads of a collected test: its id and marks."""
+
+    def __init__(self, *marks):
+        self.nodeid = "tests/kernels/test_x.py::test_x"
+        self.marks = [decorator.mark for decorator in marks]
+
+    def iter_markers(self):
+        return iter(self.marks)
+
+
+def run_under_hook(config, test, body):
+    """``body()`` run as pytest runs the test ``test``: through tests/conftest.py's pytest_runtest_call."""
+    conftest, = (plugin for plugin in config.pluginmanager.get_plugins()
+                 if getattr(plugin, "__file__", "") == str(pathlib.Path(__file__).parents[1] / "conftest.py"))
+    call = conftest.pytest_runtest_call(test)
+    next(call)
+    body()
+    with pytest.raises(StopIteration):
+        call.send(None)
 
 
 def normalise():
@@ -23,31 +38,20 @@ def normalise():
     return modulate_layernorm(x, shift, shift)
 
 
-@requires_triton
-def test_on_the_kernel():
-    normalise()
-
-
-@launches_kernels
-def test_off_the_kernel(monkeypatch):
+def normalise_off_the_kernel(monkeypatch):
+    """The op on DEVICE taking its torch path, as it does on a GPU machine for inputs left on the CPU."""
     monkeypatch.setattr(runtime, "kernel_path", lambda device=None: "torch")
     normalise()
-
-
-def test_off_the_kernel_unmarked(monkeypatch):
-    monkeypatch.setattr(runtime, "kernel_path", lambda device=None: "torch")
-    normalise()
-"""
+    monkeypatch.undo()
 
 
 @requires_triton
-def test_a_kernel_test_that_launches_no_kernel_fails(pytester):
-    pytester.makeconftest((pathlib.Path(__file__).parents[1] / "conftest.py").read_text())
-    pytester.makepyfile(test_kernel_tests=KERNEL_TESTS)
-    result = pytester.runpytest_inprocess("-p", "no:xdist", "-p", "no:cacheprovider", "-o", "addopts=")
-    result.assert_outcomes(passed=2, failed=1)
-    result.stdout.fnmatch_lines(["*test_off_the_kernel launched no Triton kernel on the triton* path*"])
-    assert "test_off_the_kernel_unmarked launched" not in result.stdout.str()
+@pytest.mark.parametrize("mark", [requires_triton, launches_kernels], ids=["requires_triton", "launches_kernels"])
+def test_a_kernel_test_that_launches_no_kernel_fails(mark, monkeypatch, pytestconfig):
+    run_under_hook(pytestconfig, KernelTest(mark), normalise)
+    with pytest.raises(AssertionError, match=r"test_x launched no Triton kernel on the triton\S* path: .*parity.DEVICE"):
+        run_under_hook(pytestconfig, KernelTest(mark), lambda: normalise_off_the_kernel(monkeypatch))
+    run_under_hook(pytestconfig, KernelTest(), lambda: normalise_off_the_kernel(monkeypatch))  # not a kernel test
 
 
 @requires_triton
