@@ -56,8 +56,10 @@ def test_bf16_training_step_compiles_for_sm90_and_sm80_without_spills(tmp_path):
 
 @pytest.mark.slow
 def test_full_matrix_compiles_without_spills(tmp_path):
-    """Every dtype (amp included), design and image size of DiT-S/2 and DiT-XL/2."""
-    result = run_aot(tmp_path, "--json", "aot.json")
+    """The configuration each launch runs when tuning is off, for every dtype (amp included), design
+    and image size of DiT-S/2 and DiT-XL/2 (the other candidates are compiled for bf16 above, and
+    for everything in docs/kernels.md: about 800 compiles, too many for CI's two cores)."""
+    result = run_aot(tmp_path, "--defaults-only", "--json", "aot.json")
     assert result.returncode == 0, result.stderr[-3000:]
     check_report(json.loads((tmp_path / "aot.json").read_text()), {90, 80})
 
