@@ -1,16 +1,20 @@
-"""`fastdit export` and the C++ runner `fastdit-run` (native/fastdit_run.cpp, CMakeLists.txt).
+"""`fastdit export` and the C++ runner `fastdit-run` (native/, CMakeLists.txt).
 
 The bundled digits model is exported once (10 DDIM steps, batch 4) and the runner built once per test session,
 into temporary directories that the pytest-xdist workers share (under a file lock: whichever worker comes first
-does the work). The runner's samples are checked against ``fastdit.sample(..., sampler="ddim")`` for the same
-weights, noise and labels; bad arguments of both commands must fail with one line on stderr, exit status 2 and
-nothing written. Only a machine without a C++ compiler skips the runner.
+does the work); both take about a minute, so those tests are marked slow. The runner's samples are checked
+against ``fastdit.sample(..., sampler="ddim")`` for the same weights, noise and labels, with the schedule it
+reads from the export; bad arguments of both commands must fail with one line on stderr, exit status 2 and
+nothing written, and export's before anything is compiled. Only a machine without a C++ compiler skips the
+runner.
 """
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -18,15 +22,17 @@ import torch
 from filelock import FileLock
 
 import fastdit
-from fastdit import images, reference
-from fastdit.models.checkpoint import model_config
+from fastdit import reference
 from fastdit.cli import main
-from fastdit.parity import relative_max_error
-from fastdit.sample_cli import BUNDLED_MODEL
-from fastdit.samplers import make_solver
-from fastdit.sampling import ImageNoise
+from fastdit.cli.export import FORMAT_VERSION, schedule_paths
+from fastdit.cli.sample import BUNDLED_MODEL
+from fastdit.diffusion.samplers import make_solver
+from fastdit.diffusion.sampling import ImageNoise
+from fastdit.models.checkpoint import model_config
+from fastdit.models.parity import relative_max_error
+from fastdit.train import images
 
-REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPOSITORY = next(path for path in pathlib.Path(__file__).resolve().parents if (path / "CMakeLists.txt").exists())
 STEPS, BATCH, CFG_SCALE = 10, 4, 4.0
 SHAPE = (1, 16, 16)  # the digits model: 16x16 grey pixels
 LABELS = [3, 1, 4, 1, 5, 9]  # more than one batch: the runner pads the last one
@@ -72,7 +78,7 @@ def runner(tmp_path_factory):
     env = {**os.environ, "PATH": path}
 
     def build(directory):
-        run_checked([cmake, "-S", REPOSITORY, "-B", str(directory), *generator,
+        run_checked([cmake, "-S", str(REPOSITORY), "-B", str(directory), *generator,
                      f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"], cwd=directory, env=env)
         run_checked([cmake, "--build", str(directory)], cwd=directory, env=env)
 
@@ -86,21 +92,24 @@ def run_native(runner, *arguments, cwd):
                           text=True)
 
 
-def test_constants_are_the_ddim_solvers(package):
-    constants = json.loads(package.with_suffix(".json").read_text())
+@pytest.mark.slow
+def test_export_holds_the_ddim_solvers_schedule(package):
+    timesteps_path, coefficients_path = schedule_paths(package)
     solver = make_solver("ddim", STEPS)
-    assert constants["timesteps"] == solver.timesteps.tolist()
-    # The runner's coefficients, from the exported alphas as native/fastdit_run.cpp computes them.
-    abar = torch.tensor(constants["alphas_cumprod"], dtype=torch.float64)
-    abar_prev = torch.tensor(constants["alphas_cumprod_prev"], dtype=torch.float64)
-    a = torch.sqrt(abar_prev) * torch.sqrt(1.0 / abar)
-    b = torch.sqrt(1.0 - abar_prev) - torch.sqrt(abar_prev) * torch.sqrt(1.0 / abar - 1.0)
-    assert torch.equal(torch.stack([a, b], dim=1), solver.coefficients[:, :2])
-    assert (constants["eta"], constants["clip_denoised"], constants["cfg_scale"]) == (0.0, False, CFG_SCALE)
-    assert (constants["batch_size"], constants["in_channels"], constants["input_size"]) == (BATCH, *SHAPE[:2])
-    assert (constants["num_classes"], constants["null_class"], constants["guidance_channels"]) == (10, 10, 1)
+    assert np.array_equal(np.load(timesteps_path), solver.timesteps.numpy())
+    assert np.load(timesteps_path).dtype == np.int64
+    # The runner's step is x_prev = A x + B eps: the solver's sigma column must be 0 for that to be DDIM's step.
+    assert np.array_equal(np.load(coefficients_path), solver.coefficients[:, :2].numpy())
+    assert not solver.coefficients[:, 2].any()
+    metadata = torch._inductor.aoti_load_package(str(package)).get_metadata()
+    assert (metadata["format"], metadata["format_version"]) == ("fastdit-export", str(FORMAT_VERSION))
+    assert (metadata["steps"], metadata["cfg_scale"], metadata["pixels"]) == (str(STEPS), str(CFG_SCALE), "true")
+    assert (metadata["batch_size"], metadata["in_channels"], metadata["input_size"]) == tuple(
+        map(str, (BATCH, *SHAPE[:2])))
+    assert (metadata["num_classes"], metadata["null_class"], metadata["device"]) == ("10", "10", "cpu")
 
 
+@pytest.mark.slow
 def test_runner_matches_fastdit_sample(package, runner, tmp_path):
     noise = torch.randn(len(LABELS), *SHAPE, generator=torch.Generator().manual_seed(1))
     np.save(tmp_path / "noise.npy", noise.numpy())
@@ -122,6 +131,7 @@ def test_runner_matches_fastdit_sample(package, runner, tmp_path):
     assert (tmp_path / "grid.pgm").read_bytes() == header + grid.tobytes()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 2**33 + 7])  # 2**33 + 7: a seed of two 32-bit words for SeedSequence
 def test_runner_seed_draws_fastdit_sample_noise(package, runner, tmp_path, seed):
     np.save(tmp_path / "noise.npy", ImageNoise(seed, 0, len(LABELS), SHAPE).next().numpy())
@@ -131,26 +141,53 @@ def test_runner_seed_draws_fastdit_sample_noise(package, runner, tmp_path, seed)
     assert np.array_equal(np.load(tmp_path / "seeded.npy"), np.load(tmp_path / "given.npy"))
 
 
+@pytest.mark.slow
 def test_runner_help(runner, tmp_path):
     result = run_native(runner, "--help", cwd=tmp_path)
     assert result.returncode == 0 and "--noise NOISE.npy" in result.stdout and "--seed S" in result.stdout
 
 
+def copy_package(package, name, directory, metadata=None, replace=None, schedule=True):
+    """A copy of the exported package as ``directory/name``: its metadata updated with ``metadata``, the zip
+    entries ending in a key of ``replace`` replaced by its bytes, and its schedule files beside it."""
+    target = directory / name
+    with zipfile.ZipFile(package) as source, zipfile.ZipFile(target, "w") as copy:
+        for info in source.infolist():
+            data = source.read(info)
+            if metadata and info.filename.endswith("_metadata.json"):
+                data = json.dumps({**json.loads(data), **metadata}).encode()
+            for suffix, replacement in (replace or {}).items():
+                if info.filename.endswith(suffix):
+                    data = replacement
+            copy.writestr(info, data)
+    if schedule:
+        for source, copied in zip(schedule_paths(package), schedule_paths(target)):
+            shutil.copyfile(source, copied)
+    return target
+
+
 @pytest.fixture
 def bad_inputs(package, tmp_path):
-    """Files for the error cases, in tmp_path: noise of the wrong shape, dtype and count, and packages whose
-    constants say what the runner cannot do or whose .pt2 is not a package."""
+    """Files for the error cases, in tmp_path: noise of the wrong shape, dtype and count, and copies of the
+    package that the runner cannot use."""
     np.save(tmp_path / "noise3.npy", np.zeros((3, *SHAPE), np.float32))
     np.save(tmp_path / "wrong_shape.npy", np.zeros((2, 3, 16, 16), np.float32))
     np.save(tmp_path / "float64.npy", np.zeros((2, *SHAPE)))
-    constants = json.loads(package.with_suffix(".json").read_text())
-    for name, change in {"latent": {"pixels": False, "in_channels": 4}, "eta": {"eta": 0.5}, "garbage": {}}.items():
-        (tmp_path / f"{name}.pt2").write_bytes(b"not a package")
-        (tmp_path / f"{name}.json").write_text(json.dumps({**constants, **change}))
-    (tmp_path / "alone.pt2").write_bytes(b"no constants beside it")
+    copy_package(package, "latent.pt2", tmp_path, {"pixels": "false", "in_channels": "4"})
+    copy_package(package, "old.pt2", tmp_path, {"format_version": "1"})
+    copy_package(package, "foreign.pt2", tmp_path, {"format": "something else"})
+    copy_package(package, "broken.pt2", tmp_path, replace={".so": b"not a shared library"})
+    copy_package(package, "alone.pt2", tmp_path, schedule=False)
+    copy_package(package, "short.pt2", tmp_path)
+    np.save(schedule_paths(tmp_path / "short.pt2")[0], np.arange(STEPS - 1))
+    copy_package(package, "float32.pt2", tmp_path)
+    coefficients_path = schedule_paths(tmp_path / "float32.pt2")[1]
+    np.save(coefficients_path, np.load(coefficients_path).astype(np.float32))
+    (tmp_path / "garbage.pt2").write_bytes(b"not a package")
     return tmp_path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arguments, message", [
     ([], "no package given"),
     (["missing.pt2", "--out", "o.npy"], "package not found"),
@@ -168,10 +205,14 @@ def bad_inputs(package, tmp_path):
     (["PACKAGE", "--out", "o.npy", "--noise", "noise3.npy", "--labels", "1", "2"], "2 labels for 3 noise images"),
     (["PACKAGE", "--out", "o.npy", "--steps", "5"], "unknown option --steps"),
     (["PACKAGE", "PACKAGE", "--out", "o.npy"], "one MODEL.pt2 only"),
-    (["alone.pt2", "--out", "o.npy"], "constants file (fastdit export writes it beside the .pt2) not found"),
+    (["alone.pt2", "--out", "o.npy"], "alone.timesteps.npy not found or unreadable (fastdit export writes it"),
+    (["short.pt2", "--out", "o.npy"], "short.timesteps.npy: expected shape (10,) for the package's 10 steps"),
+    (["float32.pt2", "--out", "o.npy"], "float32.ddim.npy: expected float64"),
     (["latent.pt2", "--out", "o.npy", "--image", "grid.pgm"], "--image: this model samples latents"),
-    (["eta.pt2", "--out", "o.npy"], "eta > 0"),
-    (["garbage.pt2", "--out", "o.npy"], "cannot load package garbage.pt2"),
+    (["old.pt2", "--out", "o.npy"], f"format_version 1; this runner reads format_version {FORMAT_VERSION}"),
+    (["foreign.pt2", "--out", "o.npy"], "not written by fastdit export"),
+    (["garbage.pt2", "--out", "o.npy"], "cannot read package garbage.pt2"),
+    (["broken.pt2", "--out", "o.npy"], "cannot load package broken.pt2"),
 ])
 def test_runner_errors(runner, package, bad_inputs, arguments, message):
     arguments = [str(package) if argument == "PACKAGE" else argument for argument in arguments]
@@ -182,24 +223,55 @@ def test_runner_errors(runner, package, bad_inputs, arguments, message):
     assert not (bad_inputs / "o.npy").exists()
 
 
+@pytest.fixture
+def no_compiling(monkeypatch):
+    """Export's argument errors must come before the model is traced or compiled (about a minute)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("fastdit export traced or compiled the model before rejecting its arguments")
+
+    monkeypatch.setattr(torch.export, "export", refuse)
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", refuse)
+
+
 @pytest.mark.parametrize("arguments, message", [
     (["--out", "model.onnx"], "--out: expected a package path ending in .pt2"),
     (["--model", "DiT-Q/2", "--out", "m.pt2"], "--model: unknown model 'DiT-Q/2'"),
     (["--ckpt", "missing.pt", "--out", "m.pt2"], "checkpoint not found: missing.pt"),
     (["--steps", "0", "--out", "m.pt2"], "--steps: expected an integer in [1, 1000]"),
     (["--cfg-scale", "-1", "--out", "m.pt2"], "--cfg-scale: expected a finite number >= 0"),
+    (["--cfg-scale", "nan", "--out", "m.pt2"], "--cfg-scale: expected a finite number >= 0"),
     (["--batch-size", "0", "--out", "m.pt2"], "--batch-size: expected an integer >= 1"),
+    (["--seed", "-1", "--model", "DiT-S/8", "--out", "m.pt2"], "--seed: expected an integer >= 0"),
     (["--image-size", "32", "--out", "m.pt2"], "--image-size: this model makes 16 px images, got 32"),
+    (["--model", "DiT-S/8", "--image-size", "100", "--out", "m.pt2"], "--image-size: DiT-S/8 makes images of a "
+                                                                       "multiple of 64 px"),
     (["--device", "nonsense", "--out", "m.pt2"], "--device: expected a torch device"),
     pytest.param(["--device", "cuda", "--out", "m.pt2"], "--device cuda: this machine has no CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")),
 ])
-def test_export_errors(tmp_path, monkeypatch, capsys, arguments, message):
+def test_export_errors(tmp_path, monkeypatch, capsys, no_compiling, arguments, message):
     monkeypatch.chdir(tmp_path)
     assert main(["export", *arguments]) == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("fastdit export: error: ") and message in lines[0], lines
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("existing", ["m.pt2", "m.timesteps.npy", "m.ddim.npy"])
+def test_export_keeps_existing_outputs(tmp_path, monkeypatch, capsys, no_compiling, existing):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / existing).write_bytes(b"an earlier export")
+    assert main(["export", "--out", "m.pt2"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"fastdit export: error: --out m.pt2: {existing} exists (pass --overwrite to replace it)"]
+    assert os.listdir(tmp_path) == [existing] and (tmp_path / existing).read_bytes() == b"an earlier export"
+
+
+def test_export_refuses_a_directory_as_out(tmp_path, monkeypatch, capsys, no_compiling):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.pt2").mkdir()
+    assert main(["export", "--out", "m.pt2", "--overwrite"]) == 2
+    assert capsys.readouterr().err.splitlines() == ["fastdit export: error: --out m.pt2: m.pt2 is a directory"]
 
 
 def test_export_needs_out(capsys):
