@@ -2,7 +2,7 @@
 //
 // MODEL.pt2 (AOTInductor) is one guided denoiser call (x, t, y) -> eps; its metadata holds the shapes, and
 // MODEL.timesteps.npy and MODEL.ddim.npy beside it hold the schedule and the per-step coefficients that
-// fastdit.samplers.DDIM (eta 0) computed. The loop below applies them in the same fp32 arithmetic as
+// fastdit.diffusion.samplers.DDIM (eta 0) computed. The loop below applies them in the same fp32 arithmetic as
 // fastdit.sample, so for the same noise and labels the result is fastdit.sample(..., sampler="ddim")'s.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
@@ -47,14 +47,14 @@ Errors are one line on stderr: exit status 2 for bad arguments or files, 1 when 
 
 // --- what `fastdit export` wrote: scalars in the package's metadata, the schedule as .npy files beside it ---
 
-const int FORMAT_VERSION = 2;  // fastdit.export.FORMAT_VERSION; 1 wrote a JSON file instead
+const int FORMAT_VERSION = 2;  // fastdit.cli.export.FORMAT_VERSION; 1 wrote a JSON file instead
 
 struct Export {
   int64_t batch_size, channels, size, num_classes;
   bool pixels;
   std::string device;
   at::Tensor timesteps;     // int64 (S,): the model's timestep at each step, in sampling order
-  at::Tensor coefficients;  // float64 (S, 2): x_prev = a x + b eps, fastdit.samplers.DDIM's rows (eta 0)
+  at::Tensor coefficients;  // float64 (S, 2): x_prev = a x + b eps, fastdit.diffusion.samplers.DDIM's rows (eta 0)
 };
 
 using Metadata = std::unordered_map<std::string, std::string>;
@@ -102,7 +102,7 @@ Export read_export(const std::string& package) {
            positive_entry(metadata, "input_size", package), positive_entry(metadata, "num_classes", package),
            pixels == "true", entry(metadata, "device", package)};
   int64_t steps = positive_entry(metadata, "steps", package);
-  std::string stem = package.substr(0, package.size() - 4);  // fastdit.export.schedule_paths
+  std::string stem = package.substr(0, package.size() - 4);  // fastdit.cli.export.schedule_paths
   std::string timesteps_path = stem + ".timesteps.npy", coefficients_path = stem + ".ddim.npy";
   for (const std::string& path : {timesteps_path, coefficients_path})
     if (access(path.c_str(), R_OK) != 0)
@@ -118,9 +118,9 @@ Export read_export(const std::string& package) {
   return e;
 }
 
-// --- noise: fastdit.sampling.ImageNoise ----------------------------------------------------------------------
+// --- noise: fastdit.diffusion.sampling.ImageNoise -----------------------------------------------------------------
 
-// numpy's SeedSequence([seed, index]).generate_state(2) as one 64-bit seed: fastdit.sampling.image_seed.
+// numpy's SeedSequence([seed, index]).generate_state(2) as one 64-bit seed: fastdit.diffusion.sampling.image_seed.
 uint64_t image_seed(uint64_t seed, uint64_t index) {
   std::vector<uint32_t> entropy;
   for (uint64_t value : {seed, index}) {  // each integer as its 32-bit words, least significant first
@@ -172,7 +172,7 @@ at::Tensor seeded_noise(uint64_t seed, int64_t count, const Export& e) {
 at::Tensor sample(torch::inductor::AOTIModelPackageLoader& loader, const Export& e, const std::vector<int64_t>& labels,
                   const at::Tensor& noise) {
   at::Device device(e.device);
-  // Rounded to fp32 as fastdit.sampling rounds the solver's float64 table before its steps.
+  // Rounded to fp32 as fastdit.diffusion.sampling rounds the solver's float64 table before its steps.
   at::Tensor coefficients = e.coefficients.to(device, at::kFloat);
   int64_t total = static_cast<int64_t>(labels.size()), steps = e.timesteps.size(0);
   std::vector<at::Tensor> batches;

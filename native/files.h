@@ -87,7 +87,7 @@ inline std::string npy_bytes(const at::Tensor& samples) {
   return bytes + header + std::string(static_cast<const char*>(data.data_ptr()), data.nbytes());
 }
 
-// fastdit.images.grid(fastdit.images.to_uint8(samples)) without the class ids: 2 px of black between tiles,
+// fastdit.train.images.grid(fastdit.train.images.to_uint8(samples)) without the class ids: 2 px of black between tiles,
 // small images enlarged to 64 px, as a binary PGM (grey) or PPM (RGB).
 inline std::string grid_bytes(const at::Tensor& samples) {
   int64_t count = samples.size(0), channels = samples.size(1), height = samples.size(2), width = samples.size(3);
