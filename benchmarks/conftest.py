@@ -17,15 +17,6 @@ import torch
 # Appended, not prepended: tests/ holds files named like the benchmarks (test_model.py).
 sys.path.append(os.path.join(os.path.dirname(__file__), os.pardir, "tests"))  # tests/parity.py, the tolerances
 
-from fastdit.bench_workloads import (  # noqa: E402
-    WORKLOAD_BUILDERS,
-    check_parity,
-    dtype_name,
-    implementation_dtype,
-    true_fp32,
-    unavailable_reason,
-)
-from fastdit.flops import named_shape, workload_flops  # noqa: E402
 from harness import (  # noqa: E402
     DEVICE,
     DTYPE,
@@ -37,6 +28,16 @@ from harness import (  # noqa: E402
     op_tolerance,
     synchronize,
 )
+
+from fastdit.bench.workloads import (  # noqa: E402
+    WORKLOAD_BUILDERS,
+    check_parity,
+    dtype_name,
+    implementation_dtype,
+    true_fp32,
+    unavailable_reason,
+)
+from fastdit.models.flops import named_shape, workload_flops  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -138,7 +139,7 @@ def model_case(request):
 @pytest.fixture
 def benchmark_workload(measure, skip_unless_available):
     """``benchmark_workload(case, workload, implementation, rounds)``: check one workload of
-    ``fastdit.bench_workloads`` against the reference, then time its step."""
+    ``fastdit.bench.workloads`` against the reference, then time its step."""
 
     def run(case, workload, implementation, rounds):
         skip_unless_available(implementation, workload)

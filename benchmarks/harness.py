@@ -1,10 +1,12 @@
 """What the benchmark files share: the device and its precision, group names, the implementations
-of a single op (those of fastdit.bench_workloads, on an op instead of a model), and one model
+of a single op (those of fastdit.bench.workloads, on an op instead of a model), and one model
 configuration with its reference outputs."""
 import torch
 import torch.nn.functional as F
+from fastdit.kernels import kernel_path
+from parity import KERNEL_TOLERANCE, MODEL_TOLERANCE, assert_parity, relative_max_error
 
-from fastdit.bench_workloads import (
+from fastdit.bench.workloads import (
     BASELINE,
     WORKLOAD_BUILDERS,
     Inputs,
@@ -14,9 +16,7 @@ from fastdit.bench_workloads import (
     dtype_name,
     implementation_dtype,
 )
-from fastdit.kernels import kernel_path
 from fastdit.reference import modulate
-from parity import KERNEL_TOLERANCE, MODEL_TOLERANCE, assert_parity, relative_max_error
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -88,7 +88,7 @@ class ModelCase:
         self._expected = {}
 
     def expected(self, workload, compute=None):
-        """The baseline's output of ``workload`` (of fastdit.bench_workloads, or any name with its
+        """The baseline's output of ``workload`` (of fastdit.bench.workloads, or any name with its
         ``compute()``), computed once."""
         if workload not in self._expected:
             compute = compute or WORKLOAD_BUILDERS[workload](self.models, BASELINE, self.inputs).output

@@ -4,13 +4,12 @@
 arguments, same state-dict keys); ``fastdit.reference`` is the plain PyTorch oracle.
 """
 from fastdit import reference
+from fastdit._version import __version__
+from fastdit.diffusion.sampling import sample
 from fastdit.kernels import kernel_path
 from fastdit.models.attention import ATTENTION_BACKENDS
 from fastdit.models.checkpoint import CheckpointError, save_pretrained
 from fastdit.models.dit import DiT, DiT_models, load
-from fastdit.sampling import sample
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ATTENTION_BACKENDS",

@@ -12,12 +12,13 @@ import copy
 
 import pytest
 import torch
+from fastdit.kernels import kernel_path
 from triton.runtime.jit import KernelInterface
 
 import fastdit
-from fastdit import parity, reference
-from fastdit.kernels import kernel_path
-from fastdit.parity import MODEL_TOLERANCE, PERTURBATION, perturb_  # noqa: F401 (the tests import them from here)
+from fastdit import reference
+from fastdit.models import parity
+from fastdit.models.parity import MODEL_TOLERANCE, PERTURBATION, perturb_  # noqa: F401 (the tests import them from here)
 
 KERNEL_TOLERANCE = {
     torch.float32: 1e-5,
@@ -243,3 +244,17 @@ def assert_checkpointing_changes_no_gradient(fast):
     for key in plain:
         assert torch.equal(plain[key], checkpointed[key]), key
     assert torch.equal(plain_x, checkpointed_x)
+
+
+def save_tiny_checkpoint(path, in_channels, input_size, patch_size, num_classes=10):
+    """A one-block DiT with perturbed weights (adaLN-Zero makes a fresh one output zeros), saved as the
+    release saves: a plain state dict. Width 384 is DiT-S's, from which the loader reads num_heads; 4 tokens
+    keep the Triton interpreter (TRITON_INTERPRET=1) quick."""
+    torch.manual_seed(0)
+    model = reference.DiT(input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=384,
+                          depth=1, num_heads=6, num_classes=num_classes)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.02 * torch.randn_like(parameter))
+    torch.save(model.state_dict(), path)
+    return str(path)

@@ -5,14 +5,14 @@ import importlib.util
 
 import pytest
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
-from fastdit.models.attention import attention as attention_by_backend
-from fastdit.bench_workloads import IMPLEMENTATIONS, dtype_name
-from fastdit.flops import attention_macs
 from fastdit.kernels.attention import attention, attention_reference
 from harness import DTYPE, ON_GPU, check_outputs, group_name, random_inputs
 from parity import KERNEL_TOLERANCE
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from fastdit.bench.workloads import IMPLEMENTATIONS, dtype_name
+from fastdit.models.attention import attention as attention_by_backend
+from fastdit.models.flops import attention_macs
 
 HEADS = [(16, 72), (12, 64)]  # (heads, head dim): DiT-XL, DiT-B
 # (batch, tokens): 256, 1024 and 4096 tokens (DiT-*/2 at 256, 512 and 1024 px), as many tokens per

@@ -1,8 +1,6 @@
 """The gated residual x + gate * y, alone and fused with the next LayerNorm + modulation: the
 reference model's ops against fastdit's fused ops."""
 import pytest
-
-from fastdit.bench_workloads import IMPLEMENTATIONS
 from fastdit.kernels.gated_residual import (
     gated_residual,
     gated_residual_modulate_layernorm,
@@ -10,6 +8,8 @@ from fastdit.kernels.gated_residual import (
     gated_residual_reference,
 )
 from harness import ON_GPU, group_name, random_inputs, reference_modulate_layernorm
+
+from fastdit.bench.workloads import IMPLEMENTATIONS
 
 # (batch, tokens, hidden size): DiT-XL/2 at 256 and 512 px and DiT-S/2 at 256 px; a small one on the CPU.
 SHAPES = [(32, 256, 1152), (8, 1024, 1152), (32, 256, 384)] if ON_GPU else [(2, 64, 384)]

@@ -1,9 +1,9 @@
 """LayerNorm + adaLN modulation: the reference model's norm + modulate against fastdit's fused op."""
 import pytest
-
-from fastdit.bench_workloads import IMPLEMENTATIONS
 from fastdit.kernels.modulate import modulate_layernorm, modulate_layernorm_reference
 from harness import ON_GPU, group_name, random_inputs, reference_modulate_layernorm
+
+from fastdit.bench.workloads import IMPLEMENTATIONS
 
 # (batch, tokens, hidden size): DiT-XL/2 at 256 and 512 px and DiT-S/2 at 256 px; a small one on the CPU.
 SHAPES = [(32, 256, 1152), (8, 1024, 1152), (32, 256, 384)] if ON_GPU else [(2, 64, 384)]

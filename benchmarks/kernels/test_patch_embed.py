@@ -2,10 +2,10 @@
 one GEMM with a fused epilogue."""
 import pytest
 import torch.nn.functional as F
-
-from fastdit.bench_workloads import IMPLEMENTATIONS
 from fastdit.kernels.patch_embed import patch_embed, patch_embed_reference
 from harness import ON_GPU, group_name, random_inputs
+
+from fastdit.bench.workloads import IMPLEMENTATIONS
 
 # (batch, latent side, patch, hidden size): DiT-XL/2 at 256 and 512 px; a small one on the CPU.
 SHAPES = [(32, 32, 2, 1152), (8, 64, 2, 1152)] if ON_GPU else [(2, 16, 2, 384)]

@@ -2,8 +2,10 @@
 import argparse
 import sys
 
-from fastdit import bench, demo, digits, distributed, encode, sample_cli, train_cli
-from fastdit.cli import export
+from fastdit.cli import bench, demo, export
+from fastdit.cli import sample as sample_cli
+from fastdit.cli import train as train_cli
+from fastdit.train import digits, distributed, encode
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -16,8 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import fastdit
 from fastdit import reference
+from fastdit._version import __version__
 from fastdit.io import atomic_path, write_text_atomic
 
 CONFIG_FILE = "config.json"
@@ -156,7 +156,7 @@ def save_pretrained(model, directory) -> None:
     tensors = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
     with atomic_path(os.path.join(directory, WEIGHTS_FILE)) as temporary:
         save_file(tensors, temporary, metadata={"format": "pt", CONFIG_METADATA_KEY: json.dumps(config)})
-    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "fastdit_version": fastdit.__version__}
+    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "fastdit_version": __version__}
     write_text_atomic(os.path.join(directory, CONFIG_FILE), json.dumps({**header, **config}, indent=2) + "\n")
 
 

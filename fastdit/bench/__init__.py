@@ -1,0 +1,2 @@
+"""Benchmarks as a library: the checked workloads (``workloads``), timing (``timing``), the report
+(``report``) and the analytic roofline (``roofline``). ``fastdit bench`` (``fastdit.cli.bench``) runs them."""

@@ -1,0 +1,190 @@
+"""`fastdit bench`: images/s of DiT against its baselines on this device, with MFU, as a report.
+
+For each model and batch size it checks every implementation (``fastdit.bench.workloads``)
+against the fp32 reference, then times a forward, one guided sampling step and one training
+step: warm-up first, then the median of repeated runs (CUDA events on the GPU). The same run
+measures the device's dense GEMM throughput and memory bandwidth, so that each configuration's
+TFLOP/s (analytic, ``fastdit.models.flops``) reads as a fraction of what this device does (MFU) and of
+its datasheet peak. Writes report.json, report.md and throughput.png to ``--out``.
+"""
+import os
+import sys
+
+import torch
+from tqdm.auto import tqdm
+
+import fastdit
+from fastdit.bench import report as bench_report
+from fastdit.bench.timing import time_median
+from fastdit.bench.workloads import (
+    BASELINE,
+    IMPLEMENTATIONS,
+    WORKLOAD_BUILDERS,
+    WORKLOADS,
+    Inputs,
+    ModelSet,
+    ParityError,
+    check_parity,
+    dtype_name,
+    implementation_dtype,
+    true_fp32,
+    unavailable_reason,
+)
+from fastdit.kernels import kernel_path
+from fastdit.models import DTYPES
+from fastdit.models.flops import named_shape, workload_flops
+
+GPU_DEFAULTS = dict(models=["DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2"], image_size=256, batch_sizes=[32])
+CPU_DEFAULTS = dict(models=["DiT-S/2"], image_size=64, batch_sizes=[2])
+
+
+def measure_gemm_tflops(device, dtype: torch.dtype, size: int | None = None, repeats: int = 5) -> dict:
+    """Dense matmul throughput: a square ``size`` GEMM (8192 on the GPU, 1024 on the CPU)."""
+    device = torch.device(device)
+    size = size or (8192 if device.type == "cuda" else 1024)
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    out = torch.empty_like(a)
+    seconds = time_median(lambda: torch.mm(a, b, out=out), device, repeats, warmup=2)
+    return {"value": 2 * size**3 / seconds / 1e12, "unit": "TFLOP/s", "dtype": dtype_name(dtype),
+            "shape": [size, size, size]}
+
+
+def measure_copy_bandwidth(device, megabytes: int | None = None, repeats: int = 5) -> dict:
+    """Memory bandwidth of a large device-to-device copy, counting bytes read plus bytes written."""
+    device = torch.device(device)
+    size = (megabytes or (2048 if device.type == "cuda" else 64)) * 2**20
+    source = torch.empty(size, dtype=torch.uint8, device=device).fill_(1)
+    target = torch.empty_like(source)
+    seconds = time_median(lambda: target.copy_(source), device, repeats, warmup=2)
+    return {"value": 2 * size / seconds / 1e9, "unit": "GB/s", "bytes_copied": size}
+
+
+def add_arguments(parser):
+    parser.add_argument("--out", required=True, help="directory for report.json, report.md and throughput.png")
+    parser.add_argument("--models", nargs="+", default=None, choices=list(fastdit.DiT_models), metavar="MODEL",
+                        help="DiT configurations (default: DiT-S/2 B/2 L/2 XL/2 on a GPU, DiT-S/2 on the CPU)")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=None, metavar="N",
+                        help="images per step (default: 32 on a GPU, 2 on the CPU)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="image size in pixels, latent = size / 8 (default: 256 on a GPU, 64 on the CPU)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--implementations", nargs="+", default=None, choices=IMPLEMENTATIONS, metavar="NAME",
+                        help=f"of {', '.join(IMPLEMENTATIONS)} (default: all the device runs; compiled ones "
+                             f"only on a GPU). {BASELINE} always runs: it is the oracle and the baseline")
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS, metavar="NAME",
+                        help=f"of {', '.join(WORKLOADS)} (default: all)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (the median is kept)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _settings(args) -> dict:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device: {device} asked for, but torch sees no CUDA GPU")
+    defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
+    image_size = args.image_size or defaults["image_size"]
+    if image_size <= 0 or image_size % 8:
+        raise ValueError(f"--image-size: expected a positive multiple of 8 (the VAE's downsampling), got {image_size}")
+    batch_sizes = args.batch_sizes or defaults["batch_sizes"]
+    if min(batch_sizes) < 1:
+        raise ValueError(f"--batch-sizes: expected positive integers, got {batch_sizes}")
+    models = args.models or defaults["models"]
+    for name in models:
+        try:
+            named_shape(name, image_size // 8)
+        except ValueError as error:  # a latent side that the model's patch size does not divide
+            raise ValueError(f"--image-size {image_size} does not fit {name}: {error}") from None
+    implementations = args.implementations or [
+        name for name in IMPLEMENTATIONS if unavailable_reason(name, device) is None]
+    if args.repeats < 1 or args.warmup < 0:
+        raise ValueError(f"--repeats: expected >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+    return dict(device=device, dtype=DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")],
+                models=models, image_size=image_size, batch_sizes=batch_sizes, workloads=args.workloads,
+                implementations=[BASELINE] + [name for name in implementations if name != BASELINE],
+                repeats=args.repeats, warmup=args.warmup)
+
+
+def _measure(models, inputs, workload, implementation, expected, settings, peak) -> dict:
+    device, dtype = settings["device"], implementation_dtype(implementation, settings["dtype"])
+    result = {"workload": workload, "implementation": implementation, "dtype": dtype_name(dtype),
+              "kernel_path": kernel_path(device) if implementation.startswith("fastdit") else None}
+    reason = unavailable_reason(implementation, device, workload, compile_on_cpu=True)
+    if reason is not None:
+        return {**result, "status": "skipped", "reason": reason}
+    try:
+        if isinstance(expected, Exception):
+            raise expected
+        run = WORKLOAD_BUILDERS[workload](models, implementation, inputs)
+        error = check_parity(run.output(), expected, dtype, f"{implementation} {workload}")
+        seconds = time_median(run.step, device, settings["repeats"], settings["warmup"])
+    except ParityError as failure:
+        return {**result, "status": "parity-failed", "reason": str(failure)}
+    except Exception as failure:  # out of memory, a compiler error, a capture error: noted, and the sweep goes on
+        return {**result, "status": "error", "reason": _one_line(failure)}
+    images_per_s = run.images / seconds
+    tflops = images_per_s * workload_flops(named_shape(models.name, models.input_size), workload) / 1e12
+    result.update(status="ok", max_error={"value": error, "unit": f"relative max error vs {BASELINE}"},
+                  time={"value": seconds, "unit": "s per step (median)"},
+                  throughput={"value": images_per_s, "unit": "images/s"},
+                  achieved={"value": tflops, "unit": "TFLOP/s"},
+                  mfu={"value": tflops / peak["gemm"]["value"], "unit": "fraction of the measured GEMM peak"})
+    if peak.get("datasheet") is not None:
+        result["datasheet_fraction"] = {"value": tflops / peak["datasheet"]["value"],
+                                        "unit": "fraction of the datasheet peak"}
+    return result
+
+
+def _one_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def _with_speedups(results: list[dict]) -> list[dict]:
+    baseline = {(r["model"], r["batch_size"], r["workload"]): r["throughput"]["value"]
+                for r in results if r["implementation"] == BASELINE and r["status"] == "ok"}
+    for result in results:
+        reference = baseline.get((result["model"], result["batch_size"], result["workload"]))
+        if result["status"] == "ok" and reference:
+            result["speedup"] = {"value": result["throughput"]["value"] / reference, "unit": f"x {BASELINE}"}
+    return results
+
+
+def run(args):
+    settings = _settings(args)
+    bench_report.check_plotting()
+    device, dtype = settings["device"], settings["dtype"]
+    os.makedirs(args.out, exist_ok=True)
+    peak = {"gemm": measure_gemm_tflops(device, dtype), "copy_bandwidth": measure_copy_bandwidth(device)}
+    peak["datasheet"] = bench_report.datasheet_peak(device, dtype)
+    configurations = [(name, batch) for name in settings["models"] for batch in settings["batch_sizes"]]
+    total = len(configurations) * len(settings["workloads"]) * len(settings["implementations"])
+    results = []
+    with true_fp32(), tqdm(total=total, desc="fastdit bench", disable=args.no_progress, dynamic_ncols=True) as bar:
+        for name, batch in configurations:
+            torch._dynamo.reset()  # a fresh compile cache: no recompile limit hit across configurations
+            models = ModelSet(name, settings["image_size"] // 8, dtype, device)
+            inputs = Inputs.draw(batch, models.reference, device)
+            for workload in settings["workloads"]:
+                try:
+                    expected = WORKLOAD_BUILDERS[workload](models, BASELINE, inputs).output()
+                except Exception as failure:  # e.g. out of memory: every implementation's error
+                    expected = RuntimeError(f"the reference could not run ({_one_line(failure)})")
+                for implementation in settings["implementations"]:
+                    bar.set_postfix_str(f"{name} x{batch} {workload} {implementation}")
+                    result = _measure(models, inputs, workload, implementation, expected, settings, peak)
+                    results.append({"model": name, "image_size": settings["image_size"], "batch_size": batch,
+                                    **result})
+                    bar.update()
+            del models, inputs, expected
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    report = bench_report.build(settings, peak, _with_speedups(results), argv=sys.argv)
+    bench_report.write(args.out, report)
+    failed = [r for r in results if r["status"] in ("parity-failed", "error")]
+    print(f"fastdit bench: wrote report.json, report.md and throughput.png to {args.out}")
+    for result in failed:
+        print(f"fastdit bench: {result['model']} x{result['batch_size']} {result['workload']} "
+              f"{result['implementation']}: {result['reason']}", file=sys.stderr)
+    return 1 if failed else 0

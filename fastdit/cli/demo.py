@@ -1,0 +1,49 @@
+"""`fastdit demo`: build a model, check it against the reference, time both."""
+import torch
+
+import fastdit
+from fastdit import reference
+from fastdit.bench.timing import time_median
+from fastdit.kernels import kernel_path
+from fastdit.models import DTYPES
+from fastdit.models.parity import perturb_, relative_max_error
+
+
+def add_arguments(parser):
+    parser.add_argument("--model", default="DiT-S/2", help="one of " + ", ".join(fastdit.DiT_models))
+    parser.add_argument("--image-size", type=int, default=256, help="image size in pixels (latent = size / 8)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--attn-backend", default="auto", choices=fastdit.ATTENTION_BACKENDS)
+    parser.add_argument("--repeats", type=int, default=3)
+
+
+def run(args):
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    if args.image_size % 8:
+        raise ValueError(f"--image-size: expected a multiple of 8 (the VAE's downsampling), got {args.image_size}")
+    latent = args.image_size // 8
+    ref = reference.DiT_models[args.model](input_size=latent).to(device).eval()
+    perturb_(ref)  # a fresh adaLN-Zero model outputs zeros: perturb it so the check means something
+    fast = fastdit.DiT_models[args.model](input_size=latent, attn_backend=args.attn_backend)
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    fast = fast.to(device=device, dtype=dtype).eval()
+
+    x = torch.randn(args.batch_size, 4, latent, latent, device=device)
+    t = torch.randint(0, 1000, (args.batch_size,), device=device)
+    y = torch.randint(0, 1000, (args.batch_size,), device=device)
+    with torch.no_grad():
+        expected = ref(x, t, y)
+        actual = fast(x.to(dtype), t, y)
+        error = relative_max_error(actual, expected)
+        ref_time = time_median(lambda: ref(x, t, y), device, args.repeats)
+        fast_time = time_median(lambda: fast(x.to(dtype), t, y), device, args.repeats)
+    params = sum(p.numel() for p in ref.parameters())
+    print(f"{args.model} ({params / 1e6:.1f}M parameters), {args.batch_size} x {latent}x{latent} latents, {device}")
+    print(f"kernels: {kernel_path(device)}, attention: {fast.attn_backend}, dtype: {str(dtype).removeprefix('torch.')}")
+    print(f"relative max error vs reference (fp32): {error:.2e}")
+    print(f"forward: reference fp32 {ref_time * 1e3:.1f} ms, fastdit {fast_time * 1e3:.1f} ms "
+          f"({ref_time / fast_time:.2f}x)")
+    return 0

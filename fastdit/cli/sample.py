@@ -1,0 +1,350 @@
+"""`fastdit sample`: class-conditional images from a DiT, in one process or many (torchrun).
+
+Every input is checked before the first step (flags, checkpoint, VAE, class ids, that --out can be
+written), and files are written only at the end, each atomically, run.json last: a failed or interrupted
+run leaves no partial file. Under torchrun the run's batches are split over the ranks, whole: a batch's
+images, labels and noise are those of the same batch in a single-process run with the same --batch-size,
+so the result is the same; rank 0 gathers the images and writes them.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+import PIL
+import torch
+from tqdm.auto import tqdm
+
+import fastdit
+from fastdit.diffusion.samplers import SAMPLERS
+from fastdit.diffusion.sampling import sample
+from fastdit.io import atomic_path, write_bytes_atomic, write_text_atomic
+from fastdit.kernels import kernel_path
+from fastdit.models import DTYPES
+from fastdit.train import distributed, images
+
+DEFAULT_STEPS = {"ddpm": 250, "ddim": 25, "dpm++": 20}
+DEFAULT_IMAGE_SIZE = 256
+DEFAULT_NUM_SAMPLES = 8
+VAE_DOWNSAMPLING = 8  # the Stable Diffusion VAE's latents are 1/8 of the image's size
+PIXEL_CHANNELS = (1, 3)  # models with these in_channels sample grey / RGB pixels in [-1, 1], others VAE latents
+GRID_MAX_IMAGES = 100  # grid.png is a preview: a 50k-image FID run keeps the first 100
+# The model `fastdit sample` uses when given none: a small DiT trained on scikit-learn's digits
+# (`fastdit train --preset digits`), with the sampling settings it was measured with.
+BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "digits")
+GRID_MAX_COLUMNS = 16
+
+
+def add_arguments(parser):
+    parser.description = ("Sample class-conditional images from a DiT. On many GPUs: torchrun --nproc_per_node K -m "
+                          "fastdit sample ..., which gives the same images as one process for the same --seed and "
+                          "--batch-size.")
+    add_model_arguments(parser)
+    parser.add_argument("--vae", help="a local diffusers AutoencoderKL directory, to decode a latent model's samples "
+                        "to images (needs diffusers: pip install 'fastdit[vae]'); without it a latent model's samples.npz holds "
+                        "the latents")
+    parser.add_argument("--image-size", type=int, help="in pixels; must fit the model (a latent model makes 8x its "
+                        f"input size); default: the checkpoint's size, {DEFAULT_IMAGE_SIZE} with --model")
+    parser.add_argument("--classes", type=int, nargs="+", metavar="ID", help="class ids to sample "
+                        "(default: random classes drawn from --seed)")
+    count = parser.add_mutually_exclusive_group()
+    count.add_argument("--num-per-class", type=int, help="images per class of --classes (default 1)")
+    count.add_argument("--num-samples", type=int, help=f"images of random classes (default {DEFAULT_NUM_SAMPLES})")
+    parser.add_argument("--sampler", choices=SAMPLERS, help="default: ddpm (the bundled model: its recommended one)")
+    parser.add_argument("--steps", type=int, help="denoising steps; default: "
+                        + ", ".join(f"{steps} for {name}" for name, steps in DEFAULT_STEPS.items()))
+    parser.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1: none; default 4, as the "
+                        "release's sample.py; the bundled model: its recommended one)")
+    parser.add_argument("--seed", type=int, default=0, help="image k's noise depends only on (seed, k)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per model call, per process (default 32)")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--device", help="default: cuda if there is one, else cpu (under torchrun: cuda:LOCAL_RANK)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                        help="run the model through torch.compile")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="replay each denoising step as a CUDA graph (default: on CUDA)")
+    parser.add_argument("--out", default="samples", help="output directory (default: ./samples)")
+    parser.add_argument("--save-images", action="store_true", help="also write one PNG per image to OUT/images/")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_model_arguments(parser):
+    """--model or --ckpt (neither: the bundled model, ``use_bundled_model``), read by ``load_model``."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help="an architecture with RANDOM weights (noise-like images), one of "
+                        + ", ".join(fastdit.DiT_models))
+    source.add_argument("--ckpt", help="a trained checkpoint: the release's .pt, a .safetensors file or a "
+                        "save_pretrained directory")
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a checked run samples: the model, the VAE (or None), one label per image, and what comes out."""
+
+    model: torch.nn.Module
+    vae: object
+    labels: np.ndarray
+    image_size: int
+    pixels: bool  # the model samples pixels; else latents, decoded when there is a VAE
+    load_seconds: float
+
+    @property
+    def writes_images(self):
+        return self.pixels or self.vae is not None
+
+
+def run(args):
+    started = time.perf_counter()
+    use_bundled_model(args)
+    args.sampler = args.sampler or "ddpm"
+    args.cfg_scale = 4.0 if args.cfg_scale is None else args.cfg_scale
+    check_flags(args)
+    with distributed.launch(args.device) as process:
+        plan = distributed.fail_together(lambda: prepare(args, process), process)
+        sampling_started = time.perf_counter()
+        samples = distributed.gather_to_main(sample_share(plan, args, process), process)
+        sampling_seconds = time.perf_counter() - sampling_started
+        if process.is_main:
+            write_outputs(args, plan, process, samples, started, sampling_seconds)
+    return 0
+
+
+def use_bundled_model(args):
+    """With neither --model nor --ckpt: the bundled digits model, ten images of each class, and the
+    sampler, steps and guidance it was measured with (flags given explicitly win)."""
+    settings = os.path.join(BUNDLED_MODEL, "sampling.json")
+    if args.model is not None or args.ckpt is not None or not os.path.exists(settings):
+        return
+    with open(settings) as file:
+        recommended = json.load(file)
+    args.ckpt = BUNDLED_MODEL
+    if args.classes is None and args.num_samples is None:
+        args.classes = list(range(recommended["num_classes"]))
+        args.num_per_class = args.num_per_class or recommended["num_per_class"]
+    for name in ("sampler", "steps", "cfg_scale"):
+        if getattr(args, name) is None:
+            setattr(args, name, recommended[name])
+
+
+def check_flags(args):
+    """The checks that need no model: everything here fails the same way on every rank."""
+    if args.model is None and args.ckpt is None:
+        raise ValueError("no model given: pass --ckpt PATH (a trained checkpoint, e.g. the release's "
+                         "DiT-XL-2-256x256.pt) or --model NAME (random weights, e.g. DiT-XL/2)")
+    if args.model is not None and args.model not in fastdit.DiT_models:
+        raise ValueError(f"--model: unknown model {args.model!r}; expected one of {', '.join(fastdit.DiT_models)}")
+    if args.steps is not None and not 1 <= args.steps <= 1000:
+        raise ValueError(f"--steps: expected an integer in [1, 1000], got {args.steps}")
+    if not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
+        raise ValueError(f"--cfg-scale: expected a finite number >= 0 (1: no guidance), got {args.cfg_scale}")
+    for flag, value, low in (("--seed", args.seed, 0), ("--batch-size", args.batch_size, 1),
+                             ("--num-samples", args.num_samples, 1), ("--num-per-class", args.num_per_class, 1),
+                             ("--image-size", args.image_size, 1)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag}: expected an integer >= {low}, got {value}")
+    if args.num_per_class is not None and args.classes is None:
+        raise ValueError("--num-per-class: needs --classes (without --classes use --num-samples)")
+    if args.num_samples is not None and args.classes is not None:
+        raise ValueError("--num-samples: draws random classes; with --classes use --num-per-class")
+    if args.model is not None and args.image_size is not None:
+        multiple = VAE_DOWNSAMPLING * int(args.model.rsplit("/", 1)[1])
+        if args.image_size % multiple:
+            raise ValueError(f"--image-size: {args.model} makes images of a multiple of {multiple} px (latents a "
+                             f"multiple of its patch size, 1/{VAE_DOWNSAMPLING} of the image), got {args.image_size}")
+
+
+def check_writable(out):
+    """Raise OSError unless ``out`` is, or can be made, a directory this process can write in; leaves
+    nothing behind (the directory itself is made at the end)."""
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise OSError(f"--out {out}: {existing} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise OSError(f"--out {out}: cannot write in {existing} ({error.strerror or error})") from None
+
+
+def load_model(args, device, dtype):
+    if args.ckpt is not None:
+        return fastdit.load(args.ckpt, device=device, dtype=dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)  # every rank builds the same random weights
+        model = fastdit.DiT_models[args.model](input_size=(args.image_size or DEFAULT_IMAGE_SIZE) // VAE_DOWNSAMPLING)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def class_labels(args, num_classes):
+    """One class id per image, int64: each of --classes --num-per-class times, or random ones from --seed."""
+    if args.classes is None:
+        return np.random.default_rng(args.seed).integers(0, num_classes, args.num_samples or DEFAULT_NUM_SAMPLES)
+    bad = sorted({label for label in args.classes if not 0 <= label < num_classes})
+    if bad:
+        raise ValueError(f"--classes: class ids must be in [0, {num_classes - 1}] (the model has {num_classes} "
+                         f"classes), got {', '.join(map(str, bad))}")
+    return np.repeat(np.array(args.classes, np.int64), args.num_per_class or 1)
+
+
+def warn(process, message):
+    if process.is_main:
+        print(f"fastdit sample: warning: {message}", file=sys.stderr)
+
+
+def prepare(args, process):
+    """Check the run against the model and the machine, and load what it samples with."""
+    started = time.perf_counter()
+    if process.is_main:
+        check_writable(args.out)
+    dtype = DTYPES[args.dtype or ("bf16" if process.device.type == "cuda" else "fp32")]
+    model = load_model(args, process.device, dtype)
+    pixels = model.in_channels in PIXEL_CHANNELS
+    image_size = model.input_size * (1 if pixels else VAE_DOWNSAMPLING)
+    if args.image_size is not None and args.image_size != image_size:
+        raise ValueError(f"--image-size: this model makes {image_size} px images ({model.input_size}x"
+                         f"{model.input_size} {'pixels' if pixels else 'latents'}), got {args.image_size}")
+    if args.vae is not None and pixels:
+        raise ValueError(f"--vae: this model samples pixels (in_channels={model.in_channels}), it needs no VAE")
+    labels = class_labels(args, model.num_classes)
+    vae = None
+    if args.vae is not None:
+        from fastdit.train.vae import VAE
+
+        vae = VAE.load(args.vae, process.device, dtype)
+        if (vae.latent_channels, vae.downsampling) != (model.in_channels, VAE_DOWNSAMPLING):
+            raise ValueError(f"--vae: its latents have {vae.latent_channels} channels at 1/{vae.downsampling} of the "
+                             f"image size; the model's have {model.in_channels} at 1/{VAE_DOWNSAMPLING}")
+    if args.model is not None:
+        warn(process, f"--model {args.model} has random weights: the images will look like noise "
+                      "(pass --ckpt PATH for a trained model)")
+    if not pixels and vae is None:
+        warn(process, f"no --vae for this latent model (in_channels={model.in_channels}): samples.npz will hold the "
+                      "latents ('latents', N x C x H x W float32) and no images are written")
+    return Plan(model, vae, labels, image_size, pixels, time.perf_counter() - started)
+
+
+def decoded(plan, latents):
+    """A batch's samples as they are saved: uint8 NHWC images, or the latents when there is no VAE."""
+    if plan.vae is not None:
+        return plan.vae.decode(latents).cpu().numpy()
+    if plan.pixels:
+        return images.to_uint8(latents)
+    return latents.cpu().numpy()
+
+
+def sample_share(plan, args, process):
+    """This rank's share of the run's batches, sampled and decoded, concatenated in order."""
+    total = len(plan.labels)
+    batches = [range(start, min(start + args.batch_size, total)) for start in range(0, total, args.batch_size)]
+    share = distributed.shard(len(batches), process.rank, process.world_size)
+    mine = batches[share.start:share.stop]
+    show = process.is_main and not args.no_progress
+    in_channels = plan.model.in_channels
+    pieces = []
+    with tqdm(total=sum(map(len, mine)), unit="img", desc="fastdit sample", disable=not show) as bar:
+        for batch in mine:
+            latents = sample(plan.model, torch.from_numpy(plan.labels[batch.start:batch.stop]),
+                             sampler=args.sampler, steps=args.steps or DEFAULT_STEPS[args.sampler],
+                             cfg_scale=args.cfg_scale, guidance_channels=guidance_channels(in_channels),
+                             seed=args.seed, first_index=batch.start, progress=show, compile=args.compile,
+                             cuda_graphs="auto" if args.cuda_graphs is None else args.cuda_graphs)
+            pieces.append(decoded(plan, latents))
+            bar.update(len(batch))
+    return np.concatenate(pieces) if pieces else np.empty(0)
+
+
+def guidance_channels(in_channels):
+    """The release guides 3 of its 4 latent channels; a pixel model's channels are all guided."""
+    return 3 if in_channels == 4 else None
+
+
+def grid_columns(args):
+    per_class = args.num_per_class or 1
+    return per_class if args.classes is not None and 1 < per_class <= GRID_MAX_COLUMNS else None
+
+
+def write_outputs(args, plan, process, samples, started, sampling_seconds):
+    os.makedirs(args.out, exist_ok=True)
+    labels = plan.labels
+    if plan.writes_images:
+        arrays = {"images": samples, "labels": labels, "arr_0": samples}  # arr_0: what the ADM evaluator reads
+        if args.save_images:
+            os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
+            for index, (image, label) in enumerate(zip(samples, labels)):
+                path = os.path.join(args.out, "images", f"{index:06d}_class{label}.png")
+                write_bytes_atomic(path, images.png_bytes(image))
+        preview = images.grid(samples[:GRID_MAX_IMAGES], labels[:GRID_MAX_IMAGES], grid_columns(args))
+        write_bytes_atomic(os.path.join(args.out, "grid.png"), images.png_bytes(preview))
+    else:
+        arrays = {"latents": samples, "labels": labels}
+    with atomic_path(os.path.join(args.out, "samples.npz")) as temporary, open(temporary, "wb") as file:
+        np.savez(file, **arrays)
+        file.flush()
+        os.fsync(file.fileno())
+    record = run_record(args, plan, process, sorted(arrays), started, sampling_seconds)
+    write_text_atomic(os.path.join(args.out, "run.json"), json.dumps(record, indent=2) + "\n")
+
+
+def run_record(args, plan, process, arrays, started, sampling_seconds):
+    """run.json: the flags, what they resolved to, the model, the outputs, versions and timings."""
+    from fastdit.models.checkpoint import model_config
+
+    model, device, count = plan.model, process.device, len(plan.labels)
+    return {
+        "command": "fastdit sample",
+        "arguments": {key: value for key, value in vars(args).items() if key != "command"},
+        "model": {
+            "name": args.model,
+            "checkpoint": os.path.abspath(args.ckpt) if args.ckpt else None,
+            "weights": "random init" if args.ckpt is None else "checkpoint",
+            "config": model_config(model),
+            "parameters": sum(parameter.numel() for parameter in model.parameters()),
+            "samples": "pixels" if plan.pixels else "latents",
+        },
+        "vae": None if plan.vae is None else {"path": os.path.abspath(args.vae), "scale": plan.vae.scale},
+        "sampling": {
+            "num_samples": count,
+            "image_size": plan.image_size,
+            "sampler": args.sampler,
+            "steps": args.steps or DEFAULT_STEPS[args.sampler],
+            "cfg_scale": args.cfg_scale,
+            "guidance_channels": guidance_channels(model.in_channels) or model.in_channels,
+            "seed": args.seed,
+            "batch_size": args.batch_size,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "device": str(device),
+            "world_size": process.world_size,
+            "kernels": kernel_path(device),
+            "attn_backend": model.attn_backend,
+            "compile": args.compile,
+            "cuda_graphs": device.type == "cuda" if args.cuda_graphs is None else args.cuda_graphs,
+        },
+        "outputs": {
+            "samples.npz": arrays,
+            "grid.png": min(count, GRID_MAX_IMAGES) if plan.writes_images else None,
+            "images": count if plan.writes_images and args.save_images else 0,
+        },
+        "versions": {
+            "fastdit": fastdit.__version__,
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "numpy": np.__version__,
+            "pillow": PIL.__version__,
+            "python": platform.python_version(),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
+        },
+        "timings": {
+            "load_seconds": plan.load_seconds,
+            "sampling_seconds": sampling_seconds,
+            "images_per_second": count / sampling_seconds,
+            "total_seconds": time.perf_counter() - started,
+        },
+    }

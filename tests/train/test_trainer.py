@@ -1,0 +1,150 @@
+"""Training: exact resume after SIGKILL, torchrun (gloo) equals one process, clear errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fastdit.train import distributed
+from fastdit.train import trainer as train
+from fastdit.train.trainer import TrainConfig, Trainer
+
+TINY = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10,
+            class_dropout_prob=0.1, learn_sigma=True)
+
+# Runs a TrainConfig given as JSON in argv[1], deterministically; under torchrun when launched so.
+RUNNER = """
+import json, sys, torch
+from fastdit.train import distributed
+from fastdit.train import trainer as train
+from fastdit.train.trainer import TrainConfig, Trainer
+torch.use_deterministic_algorithms(True)
+with distributed.launch("cpu") as process:
+    Trainer(TrainConfig(**json.loads(sys.argv[1])), process).run(progress=False)
+"""
+
+
+def tiny_config(out, **overrides):
+    values = dict(out=str(out), model=None, model_config=TINY, data="digits", image_size=8, global_batch_size=8,
+                  lr=1e-3, steps=6, ema_decay=0.9, flip=False, precision="fp32", ckpt_every=2, log_every=1, seed=3)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def train_in_process(config):
+    torch.use_deterministic_algorithms(True)
+    try:
+        with distributed.launch("cpu") as process:
+            trainer = Trainer(config, process)
+            trainer.run(progress=False)
+            return trainer
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def run_script(args, cwd):
+    """``python args`` from ``cwd`` (not the checkout, whose fastdit/ source tree would shadow the
+    installed package), one thread."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, *args], env=env, cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as log:
+        return [json.loads(line) for line in log]
+
+
+def test_resume_after_sigkill_is_bit_exact(tmp_path):
+    steps, every = 60, 10
+    expected = train_in_process(tiny_config(tmp_path / "straight", steps=steps, ckpt_every=every))
+    config = tiny_config(tmp_path / "killed", steps=steps, ckpt_every=every)
+    arguments = ["-c", RUNNER, json.dumps(config.__dict__)]
+    process = run_script(arguments, tmp_path)
+    first = tmp_path / "killed" / "checkpoints" / f"{every:08d}.pt"
+    deadline = time.time() + 120
+    while not first.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    resumed = run_script(arguments, tmp_path)
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    final = torch.load(tmp_path / "killed" / "checkpoints" / f"{steps:08d}.pt", weights_only=True)
+    for name, module in (("model", expected.model), ("ema", expected.ema)):
+        for key, value in module.state_dict().items():
+            assert torch.equal(final[name][key], value), f"{name}.{key} differs after resume"
+    assert [record["step"] for record in read_log(tmp_path / "killed")] == list(range(1, steps + 1))
+
+
+def test_two_gloo_processes_equal_one(tmp_path):
+    single = train_in_process(tiny_config(tmp_path / "one", steps=3))
+    config = tiny_config(tmp_path / "two", steps=3)
+    process = run_script(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                          "--no-python", sys.executable, "-c", RUNNER, json.dumps(config.__dict__)], tmp_path)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    two = torch.load(tmp_path / "two" / "checkpoints" / f"{3:08d}.pt", weights_only=True)
+    for key, value in single.model.state_dict().items():
+        torch.testing.assert_close(two["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    losses_one = [record["loss"] for record in read_log(tmp_path / "one")]
+    losses_two = [record["loss"] for record in read_log(tmp_path / "two")]
+    assert losses_two == pytest.approx(losses_one, rel=1e-5)
+
+
+def test_batch_not_divisible_by_world_size(tmp_path):
+    process = distributed.Process(0, 3, 0, torch.device("cpu"), None)
+    with pytest.raises(ValueError, match="global batch size 8 is not divisible by the number of processes \\(3\\)"):
+        Trainer(tiny_config(tmp_path), process)
+
+
+def test_resume_with_another_configuration_is_refused(tmp_path):
+    train_in_process(tiny_config(tmp_path, steps=2))
+    before = sorted(os.listdir(tmp_path / "checkpoints"))
+    with pytest.raises(ValueError, match="lr=0.001.*lr=0.002"):
+        train_in_process(tiny_config(tmp_path, steps=4, lr=2e-3))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+
+
+def test_missing_data_and_unknown_model(tmp_path):
+    with pytest.raises(ValueError, match="no latent shards"):
+        train_in_process(tiny_config(tmp_path, data=str(tmp_path / "nowhere")))
+    with pytest.raises(KeyError, match="unknown model 'DiT-Q/2'"):
+        train_in_process(tiny_config(tmp_path, model="DiT-Q/2", model_config=None))
+
+
+def test_loss_goes_down_and_model_is_written(tmp_path):
+    trainer = train_in_process(tiny_config(tmp_path, steps=60, ckpt_every=60, log_every=10, lr=3e-3))
+    losses = [record["mse"] for record in read_log(tmp_path)]
+    assert losses[-1] < losses[0]
+    assert os.path.exists(tmp_path / "model" / "model.safetensors")
+    assert trainer.step == 60
+
+
+@pytest.mark.filterwarnings("ignore:.*to a meta parameter.*is a no-op")  # the stand-in device holds no values
+def test_resume_onto_an_accelerator_keeps_rng_states_and_adam_steps_on_the_cpu(tmp_path, monkeypatch):
+    """Resume a CPU run's checkpoint into a trainer on another device (the meta device stands in for a GPU):
+    the RNG states must reach torch as CPU ByteTensors (a GPU copy is a TypeError there), and AdamW's
+    ``step`` counters must stay CPU scalars (on the GPU each would cost a host sync per parameter per step)."""
+    saved_cuda_states = [torch.get_rng_state(), torch.get_rng_state()]  # stand-ins for two GPUs' states
+    monkeypatch.setattr(train, "_rng_state", lambda: {"torch": torch.get_rng_state(), "cuda": saved_cuda_states})
+    train_in_process(tiny_config(tmp_path, steps=2))
+    handed = {}
+    monkeypatch.setattr(torch, "set_rng_state", lambda state: handed.setdefault("torch", state))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: handed.setdefault("cuda", states))
+    trainer = Trainer(tiny_config(tmp_path, steps=2), distributed.Process(0, 1, 0, torch.device("meta"), None))
+    trainer.resume(trainer.latest_checkpoint())
+    assert trainer.step == 2
+    for state in (handed["torch"], *handed["cuda"]):
+        assert state.device.type == "cpu" and state.dtype == torch.uint8
+    assert len(handed["cuda"]) == len(saved_cuda_states)
+    assert len(trainer.optimizer.state) > 0
+    for adam in trainer.optimizer.state.values():
+        assert adam["step"].device.type == "cpu" and adam["step"].item() == 2
+        assert adam["exp_avg"].device.type == "meta" and adam["exp_avg_sq"].device.type == "meta"
+    assert all(parameter.device.type == "meta" for parameter in trainer.ema.parameters())

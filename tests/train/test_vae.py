@@ -1,0 +1,127 @@
+"""The VAE wrapper on a tiny, randomly initialised AutoencoderKL saved locally (no download)."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastdit.models.checkpoint import CheckpointError
+from fastdit.train.vae import VAE
+
+# Two encoder blocks: one halving of the resolution, so images are 2x the latents' size.
+DOWNSAMPLING = 2
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    autoencoder = diffusers.AutoencoderKL(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=32,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    )
+    path = tmp_path_factory.mktemp("vae")
+    autoencoder.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def vae(vae_dir):
+    return VAE.load(vae_dir)
+
+
+def images(batch=2, size=16):
+    return torch.randint(0, 256, (batch, size, size, 3), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+
+
+def test_load(vae):
+    assert VAE.scale == vae.scale == 0.18215
+    assert vae.downsampling == DOWNSAMPLING
+    assert (vae.device, vae.dtype) == (torch.device("cpu"), torch.float32)
+    assert not vae.autoencoder.training
+
+
+def test_load_is_quiet(vae_dir, capfd):
+    VAE.load(vae_dir)
+    assert capfd.readouterr().err == ""
+
+
+def test_decode_gives_rounded_uint8_images(vae):
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    decoded = vae.decode(latents)
+    assert decoded.dtype == torch.uint8 and decoded.shape == (2, 8 * DOWNSAMPLING, 8 * DOWNSAMPLING, 3)
+    with torch.no_grad():
+        pixels = vae.autoencoder.decode(latents / 0.18215).sample.permute(0, 2, 3, 1)
+    # [-1, 1] -> [0, 255], rounded: within half a level of the exact value, everywhere.
+    exact = (pixels.clamp(-1, 1) + 1) * 127.5
+    assert (decoded.float() - exact).abs().max() <= 0.5 + 1e-4
+
+
+def test_encode_is_the_scaled_posterior_mean(vae):
+    uint8_images = images()
+    latents = vae.encode(uint8_images)
+    assert latents.shape == (2, 4, 16 // DOWNSAMPLING, 16 // DOWNSAMPLING)
+    pixels = uint8_images.permute(0, 3, 1, 2).float() / 255 * 2 - 1
+    with torch.no_grad():
+        expected = vae.autoencoder.encode(pixels).latent_dist.mean * 0.18215
+    torch.testing.assert_close(latents, expected)
+    torch.testing.assert_close(vae.encode(pixels), expected)
+    assert torch.equal(vae.encode(uint8_images), latents)
+
+
+def test_encode_can_sample_the_posterior(vae):
+    draw = lambda seed: vae.encode(images(), sample=True, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    assert torch.equal(draw(0), draw(0))
+    assert not torch.equal(draw(0), draw(1))
+    assert not torch.equal(draw(0), vae.encode(images()))
+
+
+def test_runs_in_its_dtype(vae_dir):
+    vae = VAE.load(vae_dir, device="cpu", dtype=torch.bfloat16)
+    assert vae.dtype == torch.bfloat16
+    latents = vae.encode(images())
+    assert latents.dtype == torch.bfloat16
+    assert vae.decode(latents.float()).dtype == torch.uint8
+
+
+@pytest.mark.parametrize(
+    "call, error, words",
+    [
+        (lambda vae: vae.encode(images().float()), ValueError, ["images:", "(N, 3, H, W)", "(2, 16, 16, 3)"]),
+        (lambda vae: vae.encode(images().long()), TypeError, ["images:", "int64"]),
+        (lambda vae: vae.encode(images().numpy()), TypeError, ["images:", "ndarray"]),
+        (lambda vae: vae.encode(images(size=15)), ValueError, ["images:", "downsampling factor 2", "15x15"]),
+        (lambda vae: vae.decode(torch.randn(2, 3, 8, 8)), ValueError, ["latents:", "(N, 4, h, w)", "(2, 3, 8, 8)"]),
+        (lambda vae: vae.decode(torch.ones(2, 4, 8, 8, dtype=torch.long)), TypeError, ["latents:", "int64"]),
+    ],
+)
+def test_bad_inputs(vae, call, error, words):
+    with pytest.raises(error) as info:
+        call(vae)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_missing_or_wrong_directory(tmp_path):
+    pytest.importorskip("diffusers")
+    with pytest.raises(CheckpointError, match="VAE directory not found.*sd-vae-ft-ema.*never downloads"):
+        VAE.load(tmp_path / "sd-vae-ft-ema")
+    with pytest.raises(CheckpointError, match="cannot load a diffusers AutoencoderKL"):
+        VAE.load(tmp_path)
+
+
+def test_without_diffusers(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # makes `import diffusers` fail
+    with pytest.raises(ImportError, match='pip install "fastdit\\[vae\\]"'):
+        VAE.load(tmp_path)
+
+
+def test_importing_fastdit_does_not_import_diffusers(tmp_path):
+    code = "import sys, fastdit, fastdit.train.vae, fastdit.models.checkpoint; assert 'diffusers' not in sys.modules"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
