@@ -24,9 +24,9 @@ import triton.language as tl
 from .attention_backward import attention_backward
 from . import tuning
 from .attention_tiles import (_LOG2E, _as_vector_aligned, _check_inputs, _load_tile, _program_qkv, _split_head_dim,
-                              _store_tile, _vector_strides, check_grid, dot_precision, tile_shared_bytes, tuning_key)
+                              _store_tile, _vector_strides, check_grid, tile_shared_bytes, tuning_key)
 from .interpreter import dot, to_storage
-from .launch import ATTENTION_FP_FUSION, Config, config, offer, warpgroup_mma
+from .launch import ATTENTION_FP_FUSION, Config, config, dot_precision, offer, warpgroup_mma
 from .runtime import device_guard, use_triton
 
 

@@ -20,10 +20,10 @@ import triton.language as tl
 
 from . import tuning
 from .attention_tiles import (_LOG2E, _as_vector_aligned, _check_inputs, _head_base, _load_tile, _program_head,
-                              _program_qkv, _split_head_dim, _store_tile, _vector_strides, check_grid, dot_precision,
+                              _program_qkv, _split_head_dim, _store_tile, _vector_strides, check_grid,
                               tile_shared_bytes, tuning_key)
 from .interpreter import dot, to_storage
-from .launch import ATTENTION_FP_FUSION, Config, config, offer
+from .launch import ATTENTION_FP_FUSION, Config, config, dot_precision, input_error, offer
 from .runtime import device_guard, use_triton
 
 
@@ -268,12 +268,12 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     _check_inputs(q, k, v, softmax_scale)
     for name, t in (("grad_out", grad_out), ("out", out)):
         if t.shape != q.shape or t.dtype != q.dtype:
-            raise ValueError(f"attention_backward: {name} must have q's shape {tuple(q.shape)} and dtype {q.dtype}, "
-                             f"got {tuple(t.shape)} {t.dtype}")
+            raise input_error(ValueError, "attention_backward", name, f"have q's shape {tuple(q.shape)} and dtype "
+                              f"({q.dtype})", f"{tuple(t.shape)} {t.dtype}")
     batch, tokens, heads, _ = q.shape
     if lse.shape != (batch, heads, tokens) or lse.dtype != torch.float32:
-        raise ValueError(f"attention_backward: lse must be float32 of shape {(batch, heads, tokens)}, "
-                         f"got {lse.dtype} {tuple(lse.shape)}")
+        raise input_error(ValueError, "attention_backward", "lse", f"be float32 of shape {(batch, heads, tokens)}",
+                          f"{lse.dtype} {tuple(lse.shape)}")
     if not use_triton(q) or q.numel() == 0:
         return attention_backward_reference(grad_out, q, k, v, out, lse, softmax_scale)
     grad_out, q, k, v, out = (_as_vector_aligned(t) for t in (grad_out, q, k, v, out))

@@ -18,9 +18,8 @@ import triton
 import triton.language as tl
 
 from .interpreter import to_storage
-from .launch import size_bucket
+from .launch import check_same_device, check_supported_dtype, input_error, size_bucket
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256
 _LOG2E: tl.constexpr = tl.constexpr(math.log2(math.e))
 
@@ -89,13 +88,8 @@ def tile_shared_bytes(block_m: int, block_n: int, stages: int, head_dim: int, dt
 def check_grid(op: str, batch: int, heads: int) -> None:
     """One program column per (batch, head): the CUDA grid's y dimension allows 65535."""
     if batch * heads > 65535:
-        raise ValueError(f"{op}: q's batch * heads must be at most 65535 (the CUDA grid's y limit), "
-                         f"got {batch} * {heads}")
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    # "ieee" keeps fp32 attention true fp32 (tf32 would cost ~1e-3 relative error).
-    return "ieee" if dtype == torch.float32 else "tf32"
+        raise input_error(ValueError, op, "q", "have batch * heads at most 65535 (the CUDA grid's y limit)",
+                          f"{batch} * {heads}")
 
 
 def tuning_key(q: torch.Tensor) -> tuple:
@@ -125,23 +119,22 @@ def _as_vector_aligned(t: torch.Tensor) -> torch.Tensor:
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None) -> None:
+    op = "attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"attention: {name} must be a tensor, got {type(t).__name__}")
+            raise input_error(TypeError, op, name, "be a tensor", type(t).__name__)
     if q.dim() != 4:
-        raise ValueError(f"attention: q must have rank 4 (batch, tokens, heads, head_dim), got shape {tuple(q.shape)}")
-    if q.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"attention: q must be float32, float16 or bfloat16, got {q.dtype}")
+        raise input_error(ValueError, op, "q", "have rank 4 (batch, tokens, heads, head_dim)", f"shape {tuple(q.shape)}")
+    check_supported_dtype(op, "q", q)
     for name, t in (("k", k), ("v", v)):
         if t.shape != q.shape:
-            raise ValueError(f"attention: {name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
+            raise input_error(ValueError, op, name, f"have q's shape {tuple(q.shape)}", tuple(t.shape))
         if t.dtype != q.dtype:
-            raise TypeError(f"attention: {name} must have q's dtype {q.dtype}, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"attention: {name} must be on q's device {q.device}, got {t.device}")
+            raise input_error(TypeError, op, name, f"have q's dtype ({q.dtype})", t.dtype)
+        check_same_device(op, name, t, "q", q)
     head_dim = q.shape[-1]
     if head_dim % 8 != 0 or head_dim > _MAX_HEAD_DIM:
-        raise ValueError(f"attention: q's last dim (head_dim) must be a multiple of 8 and at most "
-                         f"{_MAX_HEAD_DIM}, got {head_dim}")
+        raise input_error(ValueError, op, "q", f"have a head_dim (last dim) that is a multiple of 8 and at most "
+                          f"{_MAX_HEAD_DIM}", head_dim)
     if softmax_scale is not None and not (math.isfinite(softmax_scale) and softmax_scale > 0):
-        raise ValueError(f"attention: softmax_scale must be a finite positive number, got {softmax_scale}")
+        raise input_error(ValueError, op, "softmax_scale", "be a finite positive number", softmax_scale)

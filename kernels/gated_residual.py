@@ -5,7 +5,7 @@ Each DiT sub-block ends with ``x = x + gate * y`` and the next one starts with
 ``modulate(LayerNorm(x), shift, scale)``. Fused, the row of x and y is read once and the
 new residual stream and its normalised, modulated copy are written together: one pass
 instead of three. ``gate``/``shift``/``scale`` are (B, D) chunks of ``adaLN_modulation(c)``,
-taken with their batch stride as in ``modulate.py``.
+taken with their batch stride (see ``rows.py``).
 
 Under ``torch.autocast`` the residual stream x stays fp32 while y, gate, shift and scale come out of
 bf16/fp16 linears: the residual keeps x's dtype and the normed copy takes shift's.
@@ -14,28 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .modulate import (
-    TOKENS_PER_PROGRAM,
-    _layernorm_modulate,
-    _layernorm_modulate_backward,
-    _program_row,
-    _program_token_block,
-    _store_partial,
-    _token_tile,
-    backward_candidates,
-    check_hidden_states,
-    check_modulation,
-    check_per_sample,
-    layernorm_modulate_grads_fp32,
-    modulate_layernorm_reference,
-    per_sample_partials,
-    row_candidates,
-    row_tuning_key,
-    unit_stride_rows,
-)
 from . import tuning
 from .interpreter import to_storage
 from .launch import ROW_FP_FUSION
+from .modulate import layernorm_modulate_grads_fp32, modulate_layernorm_reference
+from .rows import (TOKENS_PER_PROGRAM, backward_candidates, check_hidden_states, check_modulation, check_per_sample,
+                   layernorm_modulate, layernorm_modulate_backward, per_sample_partials, program_row,
+                   program_token_block, row_candidates, row_tuning_key, store_partial, token_tile, unit_stride_rows)
 from .runtime import device_guard, use_triton
 
 
@@ -49,7 +34,7 @@ def _gated_residual_kernel(
     NORMALIZE: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    row, batch, token, columns, mask = _program_row(tokens, D, BLOCK_D)
+    row, batch, token, columns, mask = program_row(tokens, D, BLOCK_D)
 
     x = tl.load(x_ptr + batch * x_stride_batch + token * x_stride_token + columns, mask=mask, other=0.0)
     y = tl.load(y_ptr + batch * y_stride_batch + token * y_stride_token + columns, mask=mask, other=0.0)
@@ -63,7 +48,7 @@ def _gated_residual_kernel(
         # stored residual back (in fp16/bf16 the rounding matters when the residual's mean is large).
         shift = tl.load(shift_ptr + batch * shift_stride_batch + columns, mask=mask, other=0.0)
         scale = tl.load(scale_ptr + batch * scale_stride_batch + columns, mask=mask, other=0.0)
-        normed = _layernorm_modulate(
+        normed = layernorm_modulate(
             residual.to(tl.float32), mask, shift.to(tl.float32), scale.to(tl.float32), D, eps
         )
         tl.store(normed_ptr + row * D + columns, to_storage(normed, normed_ptr.dtype.element_ty), mask=mask)
@@ -83,7 +68,7 @@ def _gated_residual_backward_kernel(
     TILE_TOKENS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    program, batch, first_token, last_token, columns = _program_token_block(
+    program, batch, first_token, last_token, columns = program_token_block(
         tokens, token_blocks, TOKENS_PER_PROGRAM, BLOCK_D)
 
     grad_residual_ptr += batch * grad_residual_stride_batch
@@ -100,7 +85,7 @@ def _gated_residual_backward_kernel(
         grad_shift = tl.zeros([TILE_TOKENS, BLOCK_D], dtype=tl.float32)
         grad_scale = tl.zeros([TILE_TOKENS, BLOCK_D], dtype=tl.float32)
     for tile_start in range(first_token, last_token, TILE_TOKENS):
-        token, mask = _token_tile(tile_start, last_token, columns, D, TILE_TOKENS)
+        token, mask = token_tile(tile_start, last_token, columns, D, TILE_TOKENS)
         grad_residual_offsets = token * grad_residual_stride_token + columns[None, :]
         grad = tl.load(grad_residual_ptr + grad_residual_offsets, mask=mask, other=0.0).to(tl.float32)
         out_offsets = token * D + columns[None, :]
@@ -110,7 +95,7 @@ def _gated_residual_backward_kernel(
             grad_normed = tl.load(grad_normed_ptr + grad_normed_offsets, mask=mask, other=0.0).to(tl.float32)
             residual_offsets = token * residual_stride_token + columns[None, :]
             residual = tl.load(residual_ptr + residual_offsets, mask=mask, other=0.0).to(tl.float32)
-            grad_through_norm, xhat = _layernorm_modulate_backward(residual, mask, grad_normed, scale[None, :], D, eps)
+            grad_through_norm, xhat = layernorm_modulate_backward(residual, mask, grad_normed, scale[None, :], D, eps)
             grad += grad_through_norm
             grad_shift += grad_normed
             grad_scale += grad_normed * xhat
@@ -118,10 +103,10 @@ def _gated_residual_backward_kernel(
         y = tl.load(y_ptr + token * y_stride_token + columns[None, :], mask=mask, other=0.0)
         grad_gate += grad * y.to(tl.float32)
         tl.store(grad_y_ptr + out_offsets, to_storage(grad * gate[None, :], grad_y_ptr.dtype.element_ty), mask=mask)
-    _store_partial(partial_grad_gate_ptr, program, D, columns, grad_gate)
+    store_partial(partial_grad_gate_ptr, program, D, columns, grad_gate)
     if NORMALIZE:
-        _store_partial(partial_grad_shift_ptr, program, D, columns, grad_shift)
-        _store_partial(partial_grad_scale_ptr, program, D, columns, grad_scale)
+        store_partial(partial_grad_shift_ptr, program, D, columns, grad_shift)
+        store_partial(partial_grad_scale_ptr, program, D, columns, grad_scale)
 
 
 def _gated_residual_triton(x, gate, y, shift=None, scale=None, eps=1e-6):
@@ -219,10 +204,10 @@ def gated_residual_modulate_layernorm_backward_reference(
     return grad_residual.to(residual.dtype), grad_gate, grad_y, grad_shift.to(scale.dtype), grad_scale.to(scale.dtype)
 
 
-def _check_gated_residual_inputs(x, gate, y):
-    check_hidden_states("x", x)
-    check_hidden_states("y", y, like=x)
-    check_per_sample("gate", gate, x, "y", y)
+def _check_gated_residual_inputs(op, x, gate, y):
+    check_hidden_states(op, "x", x)
+    check_hidden_states(op, "y", y, like=x)
+    check_per_sample(op, "gate", gate, x, "y", y)
 
 
 @torch.library.custom_op("fastdit::gated_residual", mutates_args=())
@@ -230,7 +215,7 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
     """``x + gate[:, None] * y`` with x, y (B, T, D) and gate (B, D), in x's dtype.
 
     gate and y share one dtype: x's, or a half dtype when x is fp32."""
-    _check_gated_residual_inputs(x, gate, y)
+    _check_gated_residual_inputs("gated_residual", x, gate, y)
     if use_triton(x):
         return _gated_residual_triton(x, gate, y)
     return gated_residual_reference(x, gate, y)
@@ -249,8 +234,8 @@ def gated_residual_modulate_layernorm(
 
     y, gate, shift and scale share one dtype: x's, or a half dtype when x is fp32. The residual has
     x's dtype, the normed copy shift's."""
-    _check_gated_residual_inputs(x, gate, y)
-    check_modulation(shift, scale, x, eps, "y", y)
+    _check_gated_residual_inputs("gated_residual_modulate_layernorm", x, gate, y)
+    check_modulation("gated_residual_modulate_layernorm", shift, scale, x, eps, "y", y)
     if use_triton(x):
         return _gated_residual_triton(x, gate, y, shift, scale, eps)
     return gated_residual_modulate_layernorm_reference(x, gate, y, shift, scale, eps)

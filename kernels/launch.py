@@ -1,5 +1,9 @@
-"""What every launcher shares: the candidate launch configurations it offers ``tuning.choose``,
-sized for the GPU, and Triton's floating-point fusion, set explicitly.
+"""What every launcher shares: the dtypes the ops take and the one style of their input errors,
+the dots' input precision, the candidate launch configurations a launcher offers
+``tuning.choose``, sized for the GPU, and Triton's floating-point fusion, set explicitly.
+
+Input errors read ``<op>: <argument> must <what it must be>, got <what came>``; the ops check
+their inputs at the boundary, and the kernels assume validated inputs.
 
 A configuration is a dict of the kernel's constexpr block sizes plus ``num_warps`` and
 ``num_stages``; launchers pass it to the kernel as keyword arguments.
@@ -27,9 +31,34 @@ from .runtime import TRITON_INTERPRET, gpu_spec
 
 Config = dict[str, Any]
 
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Under autocast the residual stream stays fp32 while the linears that feed the ops output these.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
 ROW_FP_FUSION = False
 PATCH_EMBED_FP_FUSION = False
 ATTENTION_FP_FUSION = True
+
+
+def input_error(error: type[Exception], op: str, argument: str, must: str, got: Any) -> Exception:
+    """The error an op raises for a bad ``argument``: ``<op>: <argument> must <must>, got <got>``."""
+    return error(f"{op}: {argument} must {must}, got {got}")
+
+
+def check_supported_dtype(op: str, argument: str, tensor: torch.Tensor) -> None:
+    if tensor.dtype not in SUPPORTED_DTYPES:
+        raise input_error(TypeError, op, argument, "be float32, float16 or bfloat16", tensor.dtype)
+
+
+def check_same_device(op: str, argument: str, tensor: torch.Tensor, like_name: str, like: torch.Tensor) -> None:
+    if tensor.device != like.device:
+        raise input_error(ValueError, op, argument, f"be on {like_name}'s device ({like.device})", tensor.device)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input_precision for operands of ``dtype``: "ieee" keeps fp32 true fp32 (tf32
+    would cost ~1e-3 relative error); half operands ignore it."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def config(num_warps: int, num_stages: int = 1, **block_sizes: Any) -> Config:

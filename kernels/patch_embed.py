@@ -22,10 +22,9 @@ import triton.language as tl
 
 from . import tuning
 from .interpreter import dot, to_storage
-from .launch import PATCH_EMBED_FP_FUSION, Config, config, offer, size_bucket
+from .launch import (PATCH_EMBED_FP_FUSION, Config, check_same_device, check_supported_dtype, config, dot_precision,
+                     input_error, offer, size_bucket)
 from .runtime import TRITON_INTERPRET, device_guard, use_triton
-
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -222,11 +221,6 @@ def _gemm_shape(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int, i
     return batch * tokens, tokens, width // patch, channels * patch * patch, hidden_size
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    # "ieee" keeps the fp32 path true fp32 (tf32 would cost ~1e-3 relative error).
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _patch_embed_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                         pos_embed: torch.Tensor) -> torch.Tensor:
     rows, tokens, patches_per_row, in_features, hidden_size = _gemm_shape(x, weight)
@@ -242,7 +236,7 @@ def _patch_embed_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
             rows, tokens, patches_per_row, in_features, hidden_size,
             *x.stride(), *weight.stride(),
             bias.stride(0), pos.stride(0), pos.stride(1),
-            PATCH=weight.shape[-1], INPUT_PRECISION=_input_precision(x.dtype),
+            PATCH=weight.shape[-1], INPUT_PRECISION=dot_precision(x.dtype),
             **config, enable_fp_fusion=PATCH_EMBED_FP_FUSION,
         )
 
@@ -265,7 +259,7 @@ def _patch_embed_backward_triton(grad_out, x, weight, bias, pos_embed, output_ma
     """patch_embed_backward's four gradients, None where output_mask is False; grad_out contiguous."""
     rows, tokens, patches_per_row, in_features, hidden_size = _gemm_shape(x, weight)
     need_x, need_weight, need_bias, need_pos = output_mask
-    common = dict(PATCH=weight.shape[-1], INPUT_PRECISION=_input_precision(x.dtype),
+    common = dict(PATCH=weight.shape[-1], INPUT_PRECISION=dot_precision(x.dtype),
                   enable_fp_fusion=PATCH_EMBED_FP_FUSION)
     key = _tuning_key(x, weight, grad_out.dtype)
     grad_x = grad_weight = grad_bias = grad_pos = None
@@ -329,32 +323,33 @@ def patch_embed_backward_reference(grad_out, x, weight, bias, pos_embed):
 
 
 def _validate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pos_embed: torch.Tensor) -> None:
+    op = "patch_embed"
     if x.dim() != 4:
-        raise ValueError(f"patch_embed: x must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
-    for name, tensor in (("x", x), ("bias", bias)):
-        if tensor.dtype not in _SUPPORTED_DTYPES:
-            raise TypeError(f"patch_embed: {name} must be float32, float16 or bfloat16, got {tensor.dtype}")
+        raise input_error(ValueError, op, "x", "be 4-D (B, C, H, W)", f"shape {tuple(x.shape)}")
+    check_supported_dtype(op, "x", x)
+    check_supported_dtype(op, "bias", bias)
     for name, tensor, like, like_name in (("weight", weight, x, "x"), ("pos_embed", pos_embed, bias, "bias")):
         if tensor.dtype != like.dtype:
-            raise TypeError(f"patch_embed: {name} must have {like_name}'s dtype {like.dtype}, got {tensor.dtype}")
+            raise input_error(TypeError, op, name, f"have {like_name}'s dtype ({like.dtype})", tensor.dtype)
     for name, tensor in (("weight", weight), ("bias", bias), ("pos_embed", pos_embed)):
-        if tensor.device != x.device:
-            raise ValueError(f"patch_embed: {name} must be on x's device {x.device}, got {tensor.device}")
+        check_same_device(op, name, tensor, "x", x)
     batch, channels, height, width = x.shape
     if weight.dim() != 4 or weight.shape[2] != weight.shape[3]:
-        raise ValueError(f"patch_embed: weight must be (D, C, p, p) with a square kernel, got shape {tuple(weight.shape)}")
+        raise input_error(ValueError, op, "weight", "be (D, C, p, p) with a square kernel",
+                          f"shape {tuple(weight.shape)}")
     hidden_size, weight_channels, patch, _ = weight.shape
     if weight_channels != channels:
-        raise ValueError(f"patch_embed: weight has {weight_channels} input channels (weight.shape[1]) "
-                         f"but x has C={channels}")
+        raise input_error(ValueError, op, "weight", f"have x's C={channels} input channels (weight.shape[1])",
+                          weight_channels)
     if patch == 0 or height % patch or width % patch:
-        raise ValueError(f"patch_embed: x's H={height} and W={width} must be divisible by the patch size p={patch}")
+        raise input_error(ValueError, op, "x", f"have H and W divisible by the patch size p={patch}",
+                          f"H={height}, W={width}")
     if bias.shape != (hidden_size,):
-        raise ValueError(f"patch_embed: bias must have shape ({hidden_size},) (D), got {tuple(bias.shape)}")
+        raise input_error(ValueError, op, "bias", f"have shape ({hidden_size},) (D)", tuple(bias.shape))
     tokens = (height // patch) * (width // patch)
     if pos_embed.shape not in ((1, tokens, hidden_size), (tokens, hidden_size)):
-        raise ValueError(f"patch_embed: pos_embed must have shape (1, {tokens}, {hidden_size}) or "
-                         f"({tokens}, {hidden_size}) (T = (H/p)*(W/p), D), got {tuple(pos_embed.shape)}")
+        raise input_error(ValueError, op, "pos_embed", f"have shape (1, {tokens}, {hidden_size}) or "
+                          f"({tokens}, {hidden_size}) (T = (H/p)*(W/p), D)", tuple(pos_embed.shape))
 
 
 @torch.library.custom_op("fastdit::patch_embed", mutates_args=())
@@ -388,10 +383,11 @@ def patch_embed_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.
     _validate(x, weight, bias, pos_embed)
     tokens, hidden_size = pos_embed.shape[-2:]
     if grad_out.shape != (x.shape[0], tokens, hidden_size) or grad_out.dtype != pos_embed.dtype:
-        raise ValueError(f"patch_embed_backward: grad_out must be {pos_embed.dtype} of shape "
-                         f"{(x.shape[0], tokens, hidden_size)}, got {grad_out.dtype} {tuple(grad_out.shape)}")
+        raise input_error(ValueError, "patch_embed_backward", "grad_out",
+                          f"be {pos_embed.dtype} of shape {(x.shape[0], tokens, hidden_size)}",
+                          f"{grad_out.dtype} {tuple(grad_out.shape)}")
     if len(output_mask) != 4:
-        raise ValueError(f"patch_embed_backward: output_mask must hold 4 flags, got {len(output_mask)}")
+        raise input_error(ValueError, "patch_embed_backward", "output_mask", "hold 4 flags", len(output_mask))
     inputs = x, weight, bias, pos_embed
     if use_triton(x) and grad_out.numel() > 0:
         grads = _patch_embed_backward_triton(grad_out.contiguous(), *inputs, output_mask)

@@ -273,7 +273,7 @@ RESIDUAL_CASES = [
 @pytest.mark.parametrize("case, error, name", RESIDUAL_CASES)
 def test_gated_residual_bad_inputs_name_the_argument(case, error, name):
     x, gate, y, _, _ = _bad_inputs(case)
-    with pytest.raises(error, match=rf"^{name} "):
+    with pytest.raises(error, match=rf"^gated_residual: {name} must .*, got "):
         gated_residual(x, gate, y)
 
 
@@ -286,7 +286,7 @@ def test_gated_residual_bad_inputs_name_the_argument(case, error, name):
     ],
 )
 def test_fused_bad_inputs_name_the_argument(case, error, name):
-    with pytest.raises(error, match=rf"^{name} "):
+    with pytest.raises(error, match=rf"^gated_residual_modulate_layernorm: {name} must .*, got "):
         gated_residual_modulate_layernorm(*_bad_inputs(case))
 
 

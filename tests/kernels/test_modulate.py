@@ -241,7 +241,7 @@ def _bad_inputs(case):
     ],
 )
 def test_bad_inputs_name_the_argument(case, error, name):
-    with pytest.raises(error, match=rf"^{name} "):
+    with pytest.raises(error, match=rf"^modulate_layernorm: {name} must .*, got "):
         modulate_layernorm(*_bad_inputs(case))
 
 

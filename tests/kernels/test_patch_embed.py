@@ -255,28 +255,28 @@ def _break(arguments, what):
     raise AssertionError(what)
 
 
-@pytest.mark.parametrize("what, error, names", [
-    ("x_rank", ValueError, r"\bx\b"),
-    ("x_not_divisible", ValueError, r"\bx\b.*p=2"),
-    ("weight_channels", ValueError, r"weight.*C=4"),
-    ("weight_not_square", ValueError, r"weight"),
-    ("bias_shape", ValueError, r"bias"),
-    ("pos_embed_tokens", ValueError, r"pos_embed.*\(1, 16, 64\)"),
-    ("pos_embed_hidden", ValueError, r"pos_embed"),
-    ("pos_embed_dtype", TypeError, r"pos_embed"),
-    ("weight_dtype", TypeError, r"weight"),
-    ("x_dtype", TypeError, r"\bx\b"),
-    ("bias_dtype", TypeError, r"bias"),
+@pytest.mark.parametrize("what, error, name, must", [
+    ("x_rank", ValueError, "x", r"be 4-D"),
+    ("x_not_divisible", ValueError, "x", r"have H and W divisible by the patch size p=2"),
+    ("weight_channels", ValueError, "weight", r"have x's C=4 input channels"),
+    ("weight_not_square", ValueError, "weight", r"be \(D, C, p, p\) with a square kernel"),
+    ("bias_shape", ValueError, "bias", r"have shape \(64,\)"),
+    ("pos_embed_tokens", ValueError, "pos_embed", r"have shape \(1, 16, 64\)"),
+    ("pos_embed_hidden", ValueError, "pos_embed", r"have shape \(1, 16, 64\)"),
+    ("pos_embed_dtype", TypeError, "pos_embed", r"have bias's dtype"),
+    ("weight_dtype", TypeError, "weight", r"have x's dtype"),
+    ("x_dtype", TypeError, "x", r"be float32, float16 or bfloat16"),
+    ("bias_dtype", TypeError, "bias", r"be float32, float16 or bfloat16"),
 ])
-def test_bad_inputs_name_the_argument(what, error, names):
+def test_bad_inputs_name_the_argument(what, error, name, must):
     arguments = _break(_inputs(2, 4, 8, 8, 2, 64, torch.float32), what)
-    with pytest.raises(error, match=names):
+    with pytest.raises(error, match=rf"^patch_embed: {name} must {must}.*, got "):
         patch_embed(*arguments)
 
 
 def test_backward_bad_grad_out_names_it():
     inputs = _inputs(2, 4, 8, 8, 2, 64, torch.float32)
-    with pytest.raises(ValueError, match=r"^patch_embed_backward: grad_out"):
+    with pytest.raises(ValueError, match=r"^patch_embed_backward: grad_out must .*, got "):
         patch_embed_backward(_grad_out(inputs).half(), *inputs, [True] * 4)
 
 
