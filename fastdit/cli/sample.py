@@ -37,7 +37,7 @@ PIXEL_CHANNELS = (1, 3)  # models with these in_channels sample grey / RGB pixel
 GRID_MAX_IMAGES = 100  # grid.png is a preview: a 50k-image FID run keeps the first 100
 # The model `fastdit sample` uses when given none: a small DiT trained on scikit-learn's digits
 # (`fastdit train --preset digits`), with the sampling settings it was measured with.
-BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "digits")
+BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "digits")
 GRID_MAX_COLUMNS = 16
 
 
