@@ -1,8 +1,8 @@
 """Tests of ``fastdit.sample`` and the solver steps, against the release and ``fastdit.diffusion.reference``.
 
 Fixture tests/data/release_diffusion.pt: outputs of the DiT release's ``diffusion`` package (facebookresearch/DiT
-at ed81ce2229091fd4ecc9a223645f95cf379d582b) on ``tiny_dit()``, made by a script kept out of the repository
-because it imports the release: extract the release (``git archive HEAD diffusion models.py``), build
+at ed81ce2229091fd4ecc9a223645f95cf379d582b) on ``tiny_dit()``, made by tests/data/make_release_fixtures.py (not
+run by the tests: it imports the release; its docstring says how to get it): with the release on the path, build
 ``tiny_dit()``, draw from ``torch.Generator().manual_seed(2024)`` the initial noise (4, 4, 8, 8) for labels
 [1, 4, 7, 9] and per-step noise (values rounded to fp16, stored as fp16), then run
 ``create_diffusion("ddim25").ddim_sample_loop(fn, z.shape, z, clip_denoised=False, model_kwargs=..., eta=0)``
