@@ -4,10 +4,13 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from fastdit.cli import ablation
 from fastdit.reference import BLOCK_DESIGNS
 
 
+@pytest.mark.slow
 def test_trains_every_design_and_writes_the_table_and_plot(tmp_path):
     # On the torch path: training and 800 sampling steps would take many minutes in Triton's
     # interpreter, and the kernels' parity is tested elsewhere. Outside the checkout, so that

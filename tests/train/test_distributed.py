@@ -79,6 +79,7 @@ WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_gather_and_fail_together_in_a_gloo_group(tmp_path):
     (tmp_path / "worker.py").write_text(WORKER)
     stdout = torchrun(3, "worker.py", cwd=tmp_path)
@@ -89,6 +90,7 @@ def test_gather_and_fail_together_in_a_gloo_group(tmp_path):
     assert result["failed"] == "integer division or modulo by zero"  # rank 2's error, raised on rank 0 too
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", [
     "cpu",
     pytest.param("cuda", marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL)")),

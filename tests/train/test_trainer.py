@@ -59,6 +59,7 @@ def read_log(out):
         return [json.loads(line) for line in log]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bit_exact(tmp_path):
     steps, every = 60, 10
     expected = train_in_process(tiny_config(tmp_path / "straight", steps=steps, ckpt_every=every))
@@ -82,6 +83,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
     assert [record["step"] for record in read_log(tmp_path / "killed")] == list(range(1, steps + 1))
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one(tmp_path):
     single = train_in_process(tiny_config(tmp_path / "one", steps=3))
     config = tiny_config(tmp_path / "two", steps=3)
@@ -118,6 +120,7 @@ def test_missing_data_and_unknown_model(tmp_path):
         train_in_process(tiny_config(tmp_path, model="DiT-Q/2", model_config=None))
 
 
+@pytest.mark.slow
 def test_loss_goes_down_and_model_is_written(tmp_path):
     trainer = train_in_process(tiny_config(tmp_path, steps=60, ckpt_every=60, log_every=10, lr=3e-3))
     losses = [record["mse"] for record in read_log(tmp_path)]
