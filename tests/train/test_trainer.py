@@ -151,3 +151,12 @@ def test_resume_onto_an_accelerator_keeps_rng_states_and_adam_steps_on_the_cpu(t
         assert adam["step"].device.type == "cpu" and adam["step"].item() == 2
         assert adam["exp_avg"].device.type == "meta" and adam["exp_avg_sq"].device.type == "meta"
     assert all(parameter.device.type == "meta" for parameter in trainer.ema.parameters())
+
+
+def test_defaults_are_the_papers_recipe():
+    """The README's training recipe: AdamW 1e-4, batch 256, EMA 0.9999, class dropout 0.1 (and section 4's
+    400K steps); the digits preset trains 2,500 steps, as the README's ablation says."""
+    config = TrainConfig(out="unused")
+    assert (config.lr, config.global_batch_size, config.ema_decay, config.class_dropout_prob, config.steps) == (
+        1e-4, 256, 0.9999, 0.1, 400_000)
+    assert train.PRESETS["digits"]["steps"] == 2500
