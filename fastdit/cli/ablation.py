@@ -5,11 +5,12 @@ and seed (``fastdit train --preset digits --block DESIGN``), then measures each 
 writes ``blocks.md`` (the table), ``blocks.json`` (every figure) and ``blocks_loss.png`` (the
 training-loss curves), plus a grid of unguided samples per design:
 
-    python -m fastdit.ablation --out docs/ablation --runs /tmp/ablation   # ~15 min on 2 CPU cores
+    fastdit ablation --out docs/ablation --runs /tmp/ablation   # ~15 min on 2 CPU cores
+
+(``python -m fastdit.ablation`` is the same command.)
 
 Runs live in ``RUNS/DESIGN`` (default ``OUT/runs``): finished runs are reused, killed ones resume.
 """
-import argparse
 import concurrent.futures
 import functools
 import json
@@ -21,8 +22,7 @@ import numpy as np
 import torch
 
 from fastdit.bench.report import check_plotting, markdown_table
-from fastdit.cli.sample import guidance_channels
-from fastdit.diffusion.sampling import sample
+from fastdit.diffusion.sampling import default_guidance_channels, sample
 from fastdit.io import atomic_path, write_bytes_atomic, write_text_atomic
 from fastdit.models.dit import load
 from fastdit.models.flops import forward_macs, shape_of
@@ -70,7 +70,7 @@ def evaluate(design: str, runs: str, out: str) -> dict:
     accuracy, grids = {}, {}
     for scale in (1.0, GUIDED_SCALE):
         pixels = sample(model, labels, sampler=SAMPLER, steps=SAMPLING_STEPS, cfg_scale=scale, seed=SAMPLING_SEED,
-                        guidance_channels=guidance_channels(model.in_channels))
+                        guidance_channels=default_guidance_channels(model.in_channels))
         samples = images.to_uint8(pixels)
         accuracy[scale] = conditioned_class_accuracy(samples, labels.numpy())
         grids[scale] = images.grid(samples, columns=SAMPLES_PER_CLASS)
@@ -137,7 +137,8 @@ def plot(results: list[dict], path: str) -> None:
         figure.savefig(temporary, format="png", dpi=120)
 
 
-def run(out: str, steps: int, jobs: int, runs: str | None = None) -> list[dict]:
+def ablate(out: str, steps: int, jobs: int, runs: str | None = None) -> list[dict]:
+    """Train every block design (``jobs`` at once) and write the table, the figures and the plot to ``out``."""
     check_plotting("the ablation draws blocks_loss.png")
     runs = os.path.join(out, "runs") if runs is None else runs
     os.makedirs(out, exist_ok=True)
@@ -150,19 +151,30 @@ def run(out: str, steps: int, jobs: int, runs: str | None = None) -> list[dict]:
     return results
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastdit.ablation", description=__doc__.split("\n\n")[0])
+def add_arguments(parser):
+    parser.description = __doc__.split("\n\n")[0]
     parser.add_argument("--out", required=True, help="output directory (docs/ablation for the committed results)")
     parser.add_argument("--steps", type=int, default=PRESETS[PRESET]["steps"], help="training steps per design")
     parser.add_argument("--jobs", type=int, default=2, help="designs trained at once (one CPU thread each)")
     parser.add_argument("--runs", help="where the training runs go (checkpoints: tens of MB each); default OUT/runs")
-    args = parser.parse_args(argv)
+
+
+def run(args) -> int:
     if args.steps <= 0 or args.jobs <= 0:
-        parser.error(f"--steps and --jobs: expected positive integers, got {args.steps} and {args.jobs}")
-    for result in run(args.out, args.steps, args.jobs, args.runs):
+        raise ValueError(f"--steps and --jobs: expected positive integers, got {args.steps} and {args.jobs}")
+    for result in ablate(args.out, args.steps, args.jobs, args.runs):
         print(f"{NAMES[result['block']]:>16}: final loss {result['final_loss']:.4f}, accuracy "
               f"{result['accuracy_unguided']:.0%} unguided, {result['accuracy_guided']:.0%} guided")
     return 0
+
+
+def main(argv=None) -> int:
+    """``python -m fastdit.ablation``: the same flags and errors as ``fastdit ablation``."""
+    # Imported here: fastdit.cli.commands imports this module.
+    from fastdit.cli.commands import main as fastdit_main
+
+
+    return fastdit_main(["ablation", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -30,8 +30,9 @@ from fastdit.bench.workloads import (
     true_fp32,
     unavailable_reason,
 )
+from fastdit.cli import options
+from fastdit.cli.options import VAE_DOWNSAMPLING
 from fastdit.kernels import kernel_path
-from fastdit.models import DTYPES
 from fastdit.models.flops import named_shape, workload_flops
 
 GPU_DEFAULTS = dict(models=["DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2"], image_size=256, batch_sizes=[32])
@@ -67,8 +68,7 @@ def add_arguments(parser):
                         help="images per step (default: 32 on a GPU, 2 on the CPU)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="image size in pixels, latent = size / 8 (default: 256 on a GPU, 64 on the CPU)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    options.add_device_arguments(parser)
     parser.add_argument("--implementations", nargs="+", default=None, choices=IMPLEMENTATIONS, metavar="NAME",
                         help=f"of {', '.join(IMPLEMENTATIONS)} (default: all the device runs; compiled ones "
                              f"only on a GPU). {BASELINE} always runs: it is the oracle and the baseline")
@@ -80,27 +80,26 @@ def add_arguments(parser):
 
 
 def _settings(args) -> dict:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device: {device} asked for, but torch sees no CUDA GPU")
+    device = options.resolve_device(args.device)
     defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
     image_size = args.image_size or defaults["image_size"]
-    if image_size <= 0 or image_size % 8:
-        raise ValueError(f"--image-size: expected a positive multiple of 8 (the VAE's downsampling), got {image_size}")
+    if image_size <= 0 or image_size % VAE_DOWNSAMPLING:
+        raise ValueError(f"--image-size: expected a positive multiple of {VAE_DOWNSAMPLING} (the VAE's downsampling), "
+                         f"got {image_size}")
     batch_sizes = args.batch_sizes or defaults["batch_sizes"]
     if min(batch_sizes) < 1:
         raise ValueError(f"--batch-sizes: expected positive integers, got {batch_sizes}")
     models = args.models or defaults["models"]
     for name in models:
         try:
-            named_shape(name, image_size // 8)
+            named_shape(name, image_size // VAE_DOWNSAMPLING)
         except ValueError as error:  # a latent side that the model's patch size does not divide
             raise ValueError(f"--image-size {image_size} does not fit {name}: {error}") from None
     implementations = args.implementations or [
         name for name in IMPLEMENTATIONS if unavailable_reason(name, device) is None]
     if args.repeats < 1 or args.warmup < 0:
         raise ValueError(f"--repeats: expected >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
-    return dict(device=device, dtype=DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")],
+    return dict(device=device, dtype=options.resolve_dtype(args.dtype, device),
                 models=models, image_size=image_size, batch_sizes=batch_sizes, workloads=args.workloads,
                 implementations=[BASELINE] + [name for name in implementations if name != BASELINE],
                 repeats=args.repeats, warmup=args.warmup)
@@ -164,7 +163,7 @@ def run(args):
     with true_fp32(), tqdm(total=total, desc="fastdit bench", disable=args.no_progress, dynamic_ncols=True) as bar:
         for name, batch in configurations:
             torch._dynamo.reset()  # a fresh compile cache: no recompile limit hit across configurations
-            models = ModelSet(name, settings["image_size"] // 8, dtype, device)
+            models = ModelSet(name, settings["image_size"] // VAE_DOWNSAMPLING, dtype, device)
             inputs = Inputs.draw(batch, models.reference, device)
             for workload in settings["workloads"]:
                 try:

@@ -4,8 +4,8 @@ import torch
 import fastdit
 from fastdit import reference
 from fastdit.bench.timing import time_median
+from fastdit.cli import options
 from fastdit.kernels import kernel_path
-from fastdit.models import DTYPES
 from fastdit.models.parity import perturb_, relative_max_error
 
 
@@ -13,18 +13,18 @@ def add_arguments(parser):
     parser.add_argument("--model", default="DiT-S/2", help="one of " + ", ".join(fastdit.DiT_models))
     parser.add_argument("--image-size", type=int, default=256, help="image size in pixels (latent = size / 8)")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    options.add_device_arguments(parser)
     parser.add_argument("--attn-backend", default="auto", choices=fastdit.ATTENTION_BACKENDS)
     parser.add_argument("--repeats", type=int, default=3)
 
 
 def run(args):
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    if args.image_size % 8:
-        raise ValueError(f"--image-size: expected a multiple of 8 (the VAE's downsampling), got {args.image_size}")
-    latent = args.image_size // 8
+    device = options.resolve_device(args.device)
+    dtype = options.resolve_dtype(args.dtype, device)
+    if args.image_size % options.VAE_DOWNSAMPLING:
+        raise ValueError(f"--image-size: expected a multiple of {options.VAE_DOWNSAMPLING} (the VAE's downsampling), "
+                         f"got {args.image_size}")
+    latent = args.image_size // options.VAE_DOWNSAMPLING
     ref = reference.DiT_models[args.model](input_size=latent).to(device).eval()
     perturb_(ref)  # a fresh adaLN-Zero model outputs zeros: perturb it so the check means something
     fast = fastdit.DiT_models[args.model](input_size=latent, attn_backend=args.attn_backend)

@@ -16,7 +16,6 @@ and the row (A, B) of x_prev = A x + B eps at each step, in sampling order. They
 schedule the runner and the tests see.
 """
 import json
-import math
 import os
 import time
 import warnings
@@ -26,10 +25,13 @@ import torch
 
 import fastdit
 from fastdit import reference
-from fastdit.models import DTYPES
-from fastdit.cli.sample import BUNDLED_MODEL, DEFAULT_IMAGE_SIZE, PIXEL_CHANNELS, VAE_DOWNSAMPLING, guidance_channels
+from fastdit.cli import options
 from fastdit.diffusion.samplers import make_solver
-from fastdit.diffusion.sampling import GuidedDenoiser
+from fastdit.diffusion.sampling import (
+    GuidedDenoiser,
+    default_guidance_channels,
+    has_null_class,
+)
 from fastdit.io import atomic_path
 from fastdit.models.checkpoint import model_config
 
@@ -43,19 +45,13 @@ def add_arguments(parser):
     parser.description = ("Compile a DiT's guided denoiser with torch.export + AOTInductor into a .pt2 package, "
                           "with the DDIM schedule as .npy files beside it, for the C++ runner fastdit-run. "
                           "Without --model or --ckpt: the bundled digits model with its sampling settings.")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", help="an architecture with RANDOM weights, one of " + ", ".join(fastdit.DiT_models))
-    source.add_argument("--ckpt", help="a trained checkpoint: the release's .pt, a .safetensors file or a "
-                        "save_pretrained directory")
-    parser.add_argument("--image-size", type=int, help="in pixels; must fit the model (default: the checkpoint's "
-                        "size, 256 with --model)")
+    options.add_model_arguments(parser)
     parser.add_argument("--steps", type=int, help=f"DDIM steps (default {DEFAULT_STEPS}; the bundled model: its "
                         "recommended number)")
     parser.add_argument("--cfg-scale", type=float, help=f"classifier-free guidance scale (1: none; default "
                         f"{DEFAULT_CFG_SCALE}; the bundled model: its recommended one)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
-    parser.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--device", help="default: cuda if there is one, else cpu")
+    options.add_device_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="the random weights of --model are drawn from it")
     parser.add_argument("--out", required=True, help="the package to write, e.g. model.pt2 (model.timesteps.npy "
                         "and model.ddim.npy go beside it)")
@@ -84,8 +80,9 @@ class GuidedEps(torch.nn.Module):
 
     def forward(self, x, t, y):
         model = self.model
-        denoiser = GuidedDenoiser(model, y, model.num_classes, self.cfg_scale, guidance_channels(model.in_channels),
-                                  model.in_channels, model.pos_embed.dtype)
+        channels = model.in_channels
+        denoiser = GuidedDenoiser(model, y, model.num_classes, self.cfg_scale, default_guidance_channels(channels),
+                                  channels, model.pos_embed.dtype)
         eps, _ = denoiser(x, t)
         return eps
 
@@ -95,9 +92,11 @@ def use_bundled_model(args):
     measured with (flags given explicitly win)."""
     if args.model is not None or args.ckpt is not None:
         return
-    args.ckpt = BUNDLED_MODEL
-    with open(os.path.join(BUNDLED_MODEL, "sampling.json")) as file:
-        recommended = json.load(file)
+    recommended = options.bundled_settings()
+    if recommended is None:
+        raise ValueError("no model given, and this installation has no bundled model: pass --ckpt PATH or "
+                         "--model NAME")
+    args.ckpt = options.BUNDLED_MODEL
     if args.steps is None and recommended["sampler"] == "ddim":
         args.steps = recommended["steps"]
     if args.cfg_scale is None:
@@ -106,21 +105,8 @@ def use_bundled_model(args):
 
 def check_arguments(args):
     """Every check that needs no model, before anything is loaded or compiled."""
-    if args.model is not None and args.model not in fastdit.DiT_models:
-        raise ValueError(f"--model: unknown model {args.model!r}; expected one of {', '.join(fastdit.DiT_models)}")
-    if args.model is not None and args.image_size is not None:
-        multiple = VAE_DOWNSAMPLING * int(args.model.rsplit("/", 1)[1])
-        if args.image_size % multiple:
-            raise ValueError(f"--image-size: {args.model} makes images of a multiple of {multiple} px, "
-                             f"got {args.image_size}")
-    if not 1 <= args.steps <= 1000:
-        raise ValueError(f"--steps: expected an integer in [1, 1000], got {args.steps}")
-    if not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
-        raise ValueError(f"--cfg-scale: expected a finite number >= 0 (1: no guidance), got {args.cfg_scale}")
-    for flag, value, low in (("--seed", args.seed, 0), ("--batch-size", args.batch_size, 1),
-                             ("--image-size", args.image_size, 1)):
-        if value is not None and value < low:
-            raise ValueError(f"{flag}: expected an integer >= {low}, got {value}")
+    options.check_model_flags(args)
+    options.check_sampling_flags(args)
     if not args.out.endswith(".pt2"):
         raise ValueError(f"--out: expected a package path ending in .pt2 (AOTInductor's format), got {args.out}")
     for path in (args.out, *schedule_paths(args.out)):
@@ -135,46 +121,22 @@ def check_arguments(args):
         raise ValueError(f"--out {args.out}: cannot write in {existing}")
 
 
-def resolve_device(text):
-    try:
-        device = torch.device(text or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as error:
-        raise ValueError(f"--device: expected a torch device such as cpu or cuda:0, got {text!r}") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {text}: this machine has no CUDA device (or torch was built without CUDA)")
-    return device
-
-
-def load_model(args, dtype):
-    """The fast model on the CPU, from --ckpt or (--model) with random weights drawn from --seed."""
-    if args.ckpt is not None:
-        return fastdit.load(args.ckpt, dtype=dtype)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        model = fastdit.DiT_models[args.model](input_size=(args.image_size or DEFAULT_IMAGE_SIZE) // VAE_DOWNSAMPLING)
-    return model.to(dtype=dtype).eval()
-
-
 def run(args):
     started = time.perf_counter()
     use_bundled_model(args)
     args.steps = DEFAULT_STEPS if args.steps is None else args.steps
     args.cfg_scale = DEFAULT_CFG_SCALE if args.cfg_scale is None else args.cfg_scale
     check_arguments(args)
-    device = resolve_device(args.device)
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    device = options.resolve_device(args.device)
+    dtype = options.resolve_dtype(args.dtype, device)
 
-    fast = load_model(args, dtype)
-    pixels = fast.in_channels in PIXEL_CHANNELS
-    image_size = fast.input_size * (1 if pixels else VAE_DOWNSAMPLING)
-    if args.image_size is not None and args.image_size != image_size:
-        raise ValueError(f"--image-size: this model makes {image_size} px images, got {args.image_size}")
+    fast = options.load_model(args, torch.device("cpu"), dtype)  # moved to the device as the reference DiT
+    _, pixels = options.image_size_of(fast, args.image_size)
     with torch.device("meta"):
         model = reference.DiT(**model_config(fast))
     model.load_state_dict(fast.state_dict(), strict=True, assign=True)
     model = model.to(device).eval()
-    # The reference DiT's label table has a row for the null class only when it was built for guidance.
-    if args.cfg_scale != 1.0 and model.y_embedder.embedding_table.num_embeddings == model.num_classes:
+    if args.cfg_scale != 1.0 and not has_null_class(model):
         raise ValueError(f"--cfg-scale {args.cfg_scale} needs the null class, which this model has not (it was built "
                          "with class_dropout_prob=0); use --cfg-scale 1")
 
@@ -185,7 +147,7 @@ def run(args):
         "sampler": "ddim", "eta": 0.0, "steps": len(timesteps),
         "batch_size": batch, "in_channels": channels, "input_size": size, "num_classes": model.num_classes,
         "pixels": "true" if pixels else "false",
-        "cfg_scale": args.cfg_scale, "guidance_channels": guidance_channels(channels) or channels,
+        "cfg_scale": args.cfg_scale, "guidance_channels": default_guidance_channels(channels) or channels,
         "null_class": model.num_classes,
         "dtype": str(dtype).removeprefix("torch."), "device": str(device),
         "model": json.dumps({**model_config(model), "name": args.model,

@@ -9,7 +9,6 @@ so the result is the same; rank 0 gathers the images and writes them.
 import argparse
 import dataclasses
 import json
-import math
 import os
 import platform
 import sys
@@ -22,22 +21,18 @@ import torch
 from tqdm.auto import tqdm
 
 import fastdit
+from fastdit.cli import options
+from fastdit.cli.options import BUNDLED_MODEL
 from fastdit.diffusion.samplers import SAMPLERS
-from fastdit.diffusion.sampling import sample
+from fastdit.diffusion.sampling import default_guidance_channels, sample
 from fastdit.io import atomic_path, write_bytes_atomic, write_text_atomic
 from fastdit.kernels import kernel_path
-from fastdit.models import DTYPES
+from fastdit.models.validation import check_class_ids
 from fastdit.train import distributed, images
 
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 25, "dpm++": 20}
-DEFAULT_IMAGE_SIZE = 256
 DEFAULT_NUM_SAMPLES = 8
-VAE_DOWNSAMPLING = 8  # the Stable Diffusion VAE's latents are 1/8 of the image's size
-PIXEL_CHANNELS = (1, 3)  # models with these in_channels sample grey / RGB pixels in [-1, 1], others VAE latents
 GRID_MAX_IMAGES = 100  # grid.png is a preview: a 50k-image FID run keeps the first 100
-# The model `fastdit sample` uses when given none: a small DiT trained on scikit-learn's digits
-# (`fastdit train --preset digits`), with the sampling settings it was measured with.
-BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "digits")
 GRID_MAX_COLUMNS = 16
 
 
@@ -45,12 +40,10 @@ def add_arguments(parser):
     parser.description = ("Sample class-conditional images from a DiT. On many GPUs: torchrun --nproc_per_node K -m "
                           "fastdit sample ..., which gives the same images as one process for the same --seed and "
                           "--batch-size.")
-    add_model_arguments(parser)
+    options.add_model_arguments(parser, "an architecture with RANDOM weights (noise-like images)")
     parser.add_argument("--vae", help="a local diffusers AutoencoderKL directory, to decode a latent model's samples "
                         "to images (needs diffusers: pip install 'fastdit[vae]'); without it a latent model's samples.npz holds "
                         "the latents")
-    parser.add_argument("--image-size", type=int, help="in pixels; must fit the model (a latent model makes 8x its "
-                        f"input size); default: the checkpoint's size, {DEFAULT_IMAGE_SIZE} with --model")
     parser.add_argument("--classes", type=int, nargs="+", metavar="ID", help="class ids to sample "
                         "(default: random classes drawn from --seed)")
     count = parser.add_mutually_exclusive_group()
@@ -63,8 +56,7 @@ def add_arguments(parser):
                         "release's sample.py; the bundled model: its recommended one)")
     parser.add_argument("--seed", type=int, default=0, help="image k's noise depends only on (seed, k)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per model call, per process (default 32)")
-    parser.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--device", help="default: cuda if there is one, else cpu (under torchrun: cuda:LOCAL_RANK)")
+    options.add_device_arguments(parser, "default: cuda if there is one, else cpu (under torchrun: cuda:LOCAL_RANK)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                         help="run the model through torch.compile")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
@@ -72,15 +64,6 @@ def add_arguments(parser):
     parser.add_argument("--out", default="samples", help="output directory (default: ./samples)")
     parser.add_argument("--save-images", action="store_true", help="also write one PNG per image to OUT/images/")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def add_model_arguments(parser):
-    """--model or --ckpt (neither: the bundled model, ``use_bundled_model``), read by ``load_model``."""
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", help="an architecture with RANDOM weights (noise-like images), one of "
-                        + ", ".join(fastdit.DiT_models))
-    source.add_argument("--ckpt", help="a trained checkpoint: the release's .pt, a .safetensors file or a "
-                        "save_pretrained directory")
 
 
 @dataclasses.dataclass
@@ -118,11 +101,9 @@ def run(args):
 def use_bundled_model(args):
     """With neither --model nor --ckpt: the bundled digits model, ten images of each class, and the
     sampler, steps and guidance it was measured with (flags given explicitly win)."""
-    settings = os.path.join(BUNDLED_MODEL, "sampling.json")
-    if args.model is not None or args.ckpt is not None or not os.path.exists(settings):
+    recommended = options.bundled_settings()
+    if args.model is not None or args.ckpt is not None or recommended is None:
         return
-    with open(settings) as file:
-        recommended = json.load(file)
     args.ckpt = BUNDLED_MODEL
     if args.classes is None and args.num_samples is None:
         args.classes = list(range(recommended["num_classes"]))
@@ -137,26 +118,15 @@ def check_flags(args):
     if args.model is None and args.ckpt is None:
         raise ValueError("no model given: pass --ckpt PATH (a trained checkpoint, e.g. the release's "
                          "DiT-XL-2-256x256.pt) or --model NAME (random weights, e.g. DiT-XL/2)")
-    if args.model is not None and args.model not in fastdit.DiT_models:
-        raise ValueError(f"--model: unknown model {args.model!r}; expected one of {', '.join(fastdit.DiT_models)}")
-    if args.steps is not None and not 1 <= args.steps <= 1000:
-        raise ValueError(f"--steps: expected an integer in [1, 1000], got {args.steps}")
-    if not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
-        raise ValueError(f"--cfg-scale: expected a finite number >= 0 (1: no guidance), got {args.cfg_scale}")
-    for flag, value, low in (("--seed", args.seed, 0), ("--batch-size", args.batch_size, 1),
-                             ("--num-samples", args.num_samples, 1), ("--num-per-class", args.num_per_class, 1),
-                             ("--image-size", args.image_size, 1)):
+    options.check_model_flags(args)
+    options.check_sampling_flags(args)
+    for flag, value, low in (("--num-samples", args.num_samples, 1), ("--num-per-class", args.num_per_class, 1)):
         if value is not None and value < low:
             raise ValueError(f"{flag}: expected an integer >= {low}, got {value}")
     if args.num_per_class is not None and args.classes is None:
         raise ValueError("--num-per-class: needs --classes (without --classes use --num-samples)")
     if args.num_samples is not None and args.classes is not None:
         raise ValueError("--num-samples: draws random classes; with --classes use --num-per-class")
-    if args.model is not None and args.image_size is not None:
-        multiple = VAE_DOWNSAMPLING * int(args.model.rsplit("/", 1)[1])
-        if args.image_size % multiple:
-            raise ValueError(f"--image-size: {args.model} makes images of a multiple of {multiple} px (latents a "
-                             f"multiple of its patch size, 1/{VAE_DOWNSAMPLING} of the image), got {args.image_size}")
 
 
 def check_writable(out):
@@ -174,23 +144,11 @@ def check_writable(out):
         raise OSError(f"--out {out}: cannot write in {existing} ({error.strerror or error})") from None
 
 
-def load_model(args, device, dtype):
-    if args.ckpt is not None:
-        return fastdit.load(args.ckpt, device=device, dtype=dtype)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)  # every rank builds the same random weights
-        model = fastdit.DiT_models[args.model](input_size=(args.image_size or DEFAULT_IMAGE_SIZE) // VAE_DOWNSAMPLING)
-    return model.to(device=device, dtype=dtype).eval()
-
-
 def class_labels(args, num_classes):
     """One class id per image, int64: each of --classes --num-per-class times, or random ones from --seed."""
     if args.classes is None:
         return np.random.default_rng(args.seed).integers(0, num_classes, args.num_samples or DEFAULT_NUM_SAMPLES)
-    bad = sorted({label for label in args.classes if not 0 <= label < num_classes})
-    if bad:
-        raise ValueError(f"--classes: class ids must be in [0, {num_classes - 1}] (the model has {num_classes} "
-                         f"classes), got {', '.join(map(str, bad))}")
+    check_class_ids(torch.tensor(args.classes), num_classes, "--classes")
     return np.repeat(np.array(args.classes, np.int64), args.num_per_class or 1)
 
 
@@ -204,13 +162,9 @@ def prepare(args, process):
     started = time.perf_counter()
     if process.is_main:
         check_writable(args.out)
-    dtype = DTYPES[args.dtype or ("bf16" if process.device.type == "cuda" else "fp32")]
-    model = load_model(args, process.device, dtype)
-    pixels = model.in_channels in PIXEL_CHANNELS
-    image_size = model.input_size * (1 if pixels else VAE_DOWNSAMPLING)
-    if args.image_size is not None and args.image_size != image_size:
-        raise ValueError(f"--image-size: this model makes {image_size} px images ({model.input_size}x"
-                         f"{model.input_size} {'pixels' if pixels else 'latents'}), got {args.image_size}")
+    dtype = options.resolve_dtype(args.dtype, process.device)
+    model = options.load_model(args, process.device, dtype)
+    image_size, pixels = options.image_size_of(model, args.image_size)
     if args.vae is not None and pixels:
         raise ValueError(f"--vae: this model samples pixels (in_channels={model.in_channels}), it needs no VAE")
     labels = class_labels(args, model.num_classes)
@@ -219,9 +173,9 @@ def prepare(args, process):
         from fastdit.train.vae import VAE
 
         vae = VAE.load(args.vae, process.device, dtype)
-        if (vae.latent_channels, vae.downsampling) != (model.in_channels, VAE_DOWNSAMPLING):
+        if (vae.latent_channels, vae.downsampling) != (model.in_channels, options.VAE_DOWNSAMPLING):
             raise ValueError(f"--vae: its latents have {vae.latent_channels} channels at 1/{vae.downsampling} of the "
-                             f"image size; the model's have {model.in_channels} at 1/{VAE_DOWNSAMPLING}")
+                             f"image size; the model's have {model.in_channels} at 1/{options.VAE_DOWNSAMPLING}")
     if args.model is not None:
         warn(process, f"--model {args.model} has random weights: the images will look like noise "
                       "(pass --ckpt PATH for a trained model)")
@@ -253,17 +207,12 @@ def sample_share(plan, args, process):
         for batch in mine:
             latents = sample(plan.model, torch.from_numpy(plan.labels[batch.start:batch.stop]),
                              sampler=args.sampler, steps=args.steps or DEFAULT_STEPS[args.sampler],
-                             cfg_scale=args.cfg_scale, guidance_channels=guidance_channels(in_channels),
+                             cfg_scale=args.cfg_scale, guidance_channels=default_guidance_channels(in_channels),
                              seed=args.seed, first_index=batch.start, progress=show, compile=args.compile,
                              cuda_graphs="auto" if args.cuda_graphs is None else args.cuda_graphs)
             pieces.append(decoded(plan, latents))
             bar.update(len(batch))
     return np.concatenate(pieces) if pieces else np.empty(0)
-
-
-def guidance_channels(in_channels):
-    """The release guides 3 of its 4 latent channels; a pixel model's channels are all guided."""
-    return 3 if in_channels == 4 else None
 
 
 def grid_columns(args):
@@ -316,7 +265,7 @@ def run_record(args, plan, process, arrays, started, sampling_seconds):
             "sampler": args.sampler,
             "steps": args.steps or DEFAULT_STEPS[args.sampler],
             "cfg_scale": args.cfg_scale,
-            "guidance_channels": guidance_channels(model.in_channels) or model.in_channels,
+            "guidance_channels": default_guidance_channels(model.in_channels) or model.in_channels,
             "seed": args.seed,
             "batch_size": args.batch_size,
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from fastdit.diffusion.samplers import SAMPLERS, make_solver
+from fastdit.models.validation import check_class_ids
 from fastdit.reference import classifier_free_guidance
 
 
@@ -221,11 +222,18 @@ def _progress(enabled, description):
     return lambda steps: tqdm(steps, desc=description, leave=False)
 
 
-def _has_null_class(model) -> bool:
+def has_null_class(model) -> bool:
+    """Whether ``model`` (fast or reference DiT) has the null class that classifier-free guidance needs: its
+    label table has a row past the classes only when it was built with label dropout."""
     table = getattr(getattr(model, "y_embedder", None), "embedding_table", None)
     if table is not None:
         return table.num_embeddings > model.num_classes
     return getattr(model, "class_dropout_prob", 1.0) > 0
+
+
+def default_guidance_channels(in_channels: int) -> int | None:
+    """The release guides 3 of its 4 latent channels; a pixel model's channels are all guided (None)."""
+    return 3 if in_channels == 4 else None
 
 
 def _check_int(name, value, low=None, high=None):
@@ -251,10 +259,7 @@ def _check_labels(class_labels, num_classes, device):
         raise TypeError(f"class_labels must be integers, got dtype {labels.dtype}")
     if labels.dim() != 1 or labels.numel() == 0:
         raise ValueError(f"class_labels must be a non-empty 1-D list of class ids, got shape {tuple(labels.shape)}")
-    bad = labels[(labels < 0) | (labels >= num_classes)]
-    if bad.numel():
-        raise ValueError(f"class_labels must be in [0, {num_classes - 1}] (the model has {num_classes} classes), "
-                         f"got {sorted(set(bad.tolist()))}")
+    check_class_ids(labels, num_classes, "class_labels")
     return labels.to(device=device, dtype=torch.long)
 
 
@@ -292,7 +297,7 @@ def sample(model, class_labels, *, sampler="ddpm", steps=250, cfg_scale=1.0, gui
     channels, size = model.in_channels, model.input_size
     guidance_channels = channels if guidance_channels is None else _check_int(
         "guidance_channels", guidance_channels, 1, channels)
-    if cfg_scale != 1.0 and not _has_null_class(model):
+    if cfg_scale != 1.0 and not has_null_class(model):
         raise ValueError(f"cfg_scale={cfg_scale} needs the null class, but this model has no null class embedding "
                          "(it was built with class_dropout_prob=0); use cfg_scale=1")
     if cuda_graphs not in ("auto", True, False):

@@ -29,9 +29,22 @@ def check_labels(y: torch.Tensor, num_classes: int, allow_null: bool, name: str 
         # message is lost; ``fastdit.sample`` checks its labels on the host once per call.
         check_label_range_async(y, high, message)
         return
-    low_seen, high_seen = torch.stack(torch.aminmax(y)).tolist()  # on the CPU: no device to wait for
-    if low_seen < 0 or high_seen > high:
-        raise ValueError(f"{message}, got {low_seen if low_seen < 0 else high_seen}")
+    bad = labels_outside(y, high)  # on the CPU: no device to wait for
+    if bad:
+        raise ValueError(f"{message}, got {bad[0] if bad[0] < 0 else bad[-1]}")
+
+
+def labels_outside(labels: torch.Tensor, high: int) -> list[int]:
+    """The distinct labels of the host tensor ``labels`` outside [0, high], sorted."""
+    return sorted(set(labels[(labels < 0) | (labels > high)].tolist()))
+
+
+def check_class_ids(labels: torch.Tensor, num_classes: int, name: str) -> None:
+    """The class ids a user asks to sample (host ``labels``): every id outside the model's classes, named."""
+    bad = labels_outside(labels, num_classes - 1)
+    if bad:
+        raise ValueError(f"{name}: class ids must be in [0, {num_classes - 1}] (the model has {num_classes} "
+                         f"classes), got {bad}")
 
 
 def check_label_range_async(y: torch.Tensor, high: int, message: str) -> None:

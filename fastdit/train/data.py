@@ -57,27 +57,36 @@ def load_latent_shards(directory: str) -> TensorData:
     return TensorData(latents.float(), labels, int(labels.max()) + 1, f"latents in {directory}", flipped.float())
 
 
+def class_folder_files(directory: str, flag: str = "data") -> tuple[list[tuple[str, int]], int]:
+    """An ImageFolder layout (one sub-directory per class, sorted names = class ids): its files as
+    [(path, label)] in order, and the number of classes. ``flag`` names the argument in errors."""
+    if not os.path.isdir(directory):
+        raise ValueError(f"{flag}: {directory!r} is not a directory of class folders")
+    classes = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir())
+    files = [(path, label) for label, name in enumerate(classes)
+             for path in sorted(glob.glob(os.path.join(directory, name, "*"))) if os.path.isfile(path)]
+    if not files:
+        raise ValueError(f"{flag}: found no files in class folders under {directory!r}")
+    return files, len(classes)
+
+
 def load_image_folder(directory: str, image_size: int) -> TensorData:
-    """An ImageFolder layout (one sub-directory per class, sorted names = class ids), center-
-    cropped and resized to ``image_size``, in [-1, 1]."""
+    """``class_folder_files``' images, center-cropped and resized to ``image_size``, in [-1, 1]."""
     from PIL import Image
 
-    if not os.path.isdir(directory):
-        raise ValueError(f"data: {directory!r} is not a directory of class folders")
-    classes = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir())
+    files, num_classes = class_folder_files(directory)
     images, labels = [], []
-    for label, name in enumerate(classes):
-        for path in sorted(glob.glob(os.path.join(directory, name, "*"))):
-            try:
-                with Image.open(path) as image:
-                    images.append(center_crop_resize(image.convert("RGB"), image_size))
-            except OSError:
-                continue  # not an image
-            labels.append(label)
+    for path, label in files:
+        try:
+            with Image.open(path) as image:
+                images.append(center_crop_resize(image.convert("RGB"), image_size))
+        except OSError:
+            continue  # not an image
+        labels.append(label)
     if not images:
         raise ValueError(f"data: found no images in class folders under {directory!r}")
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return TensorData(pixels, torch.tensor(labels), len(classes), f"images in {directory}")
+    return TensorData(pixels, torch.tensor(labels), num_classes, f"images in {directory}")
 
 
 def center_crop_resize(image, size: int) -> np.ndarray:

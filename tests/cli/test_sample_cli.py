@@ -15,8 +15,7 @@ from parity import save_tiny_checkpoint
 from PIL import Image
 
 import fastdit
-from fastdit import reference
-from fastdit.cli import main
+from fastdit.cli import main, options
 from fastdit.cli import sample as sample_cli
 from fastdit.diffusion.sampling import sample
 from fastdit.train import images
@@ -228,6 +227,7 @@ def test_console_script_exit_code_and_stderr(argv, words, tmp_path):
     assert result.stdout == "" and not out.exists()
 
 
+@pytest.mark.slow  # 100 images of 50 steps in a subprocess: minutes on 2 cores
 def test_no_arguments_samples_recognisable_digits_from_the_bundled_model(tmp_path):
     """The main job, as a user runs it (the torch path: the Triton interpreter would take
     minutes over 100 images and 50 steps)."""
@@ -241,7 +241,7 @@ def test_no_arguments_samples_recognisable_digits_from_the_bundled_model(tmp_pat
     assert np.array_equal(data["labels"], np.repeat(np.arange(10), 10))
     assert (out / "grid.png").exists()
     record = json.loads((out / "run.json").read_text())
-    assert record["model"]["checkpoint"] == os.path.abspath(sample_cli.BUNDLED_MODEL)
+    assert record["model"]["checkpoint"] == os.path.abspath(options.BUNDLED_MODEL)
     # The README's claim: an SVC trained on the real digits recognises the samples' classes.
     assert conditioned_class_accuracy(data["images"], data["labels"]) >= 0.95
 

@@ -1,0 +1,111 @@
+"""What several `fastdit` subcommands share: the device and dtype flags, the model and checkpoint flags,
+the bundled model, and how a flag's model is loaded. The subcommands import this module and the library,
+never each other."""
+import json
+import math
+import os
+
+import torch
+
+import fastdit
+from fastdit.models import DTYPES
+
+DEFAULT_IMAGE_SIZE = 256
+VAE_DOWNSAMPLING = 8  # the Stable Diffusion VAE's latents are 1/8 of the image's size
+PIXEL_CHANNELS = (1, 3)  # models with these in_channels make grey / RGB pixels in [-1, 1], others VAE latents
+# The model `fastdit sample` and `fastdit export` use when given none: a small DiT trained on scikit-learn's
+# digits (`fastdit train --preset digits`), with the sampling settings it was measured with (sampling.json).
+BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "digits")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(text) -> torch.device:
+    """--device as a torch.device (None: ``default_device()``); a device this machine lacks is an error."""
+    if text is None:
+        return default_device()
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device: expected a torch device such as cpu or cuda:0, got {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {text}: this machine has no CUDA device (or torch was built without CUDA)")
+    return device
+
+
+def add_device_arguments(parser, device_help="default: cuda if there is one, else cpu"):
+    """--dtype and --device, read by ``resolve_dtype`` and ``resolve_device``."""
+    parser.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--device", help=device_help)
+
+
+def resolve_dtype(name, device: torch.device) -> torch.dtype:
+    """--dtype, by default bf16 on a GPU and fp32 on the CPU (where bf16 matmuls are slow)."""
+    return DTYPES[name or ("bf16" if device.type == "cuda" else "fp32")]
+
+
+def add_model_arguments(parser, random_weights="an architecture with RANDOM weights"):
+    """--model or --ckpt (neither: the bundled model) and --image-size, read by ``check_model_flags`` and
+    ``load_model``."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help=f"{random_weights}, one of " + ", ".join(fastdit.DiT_models))
+    source.add_argument("--ckpt", help="a trained checkpoint: the release's .pt, a .safetensors file or a "
+                        "save_pretrained directory")
+    parser.add_argument("--image-size", type=int, help="in pixels; must fit the model (a latent model makes "
+                        f"{VAE_DOWNSAMPLING}x its input size); default: the checkpoint's size, {DEFAULT_IMAGE_SIZE} "
+                        "with --model")
+
+
+def bundled_settings() -> dict | None:
+    """The bundled model's recommended sampling settings, None when the package ships without it."""
+    path = os.path.join(BUNDLED_MODEL, "sampling.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as file:
+        return json.load(file)
+
+
+def check_model_flags(args):
+    """--model's name and --image-size against it, before anything is loaded."""
+    if args.model is not None and args.model not in fastdit.DiT_models:
+        raise ValueError(f"--model: unknown model {args.model!r}; expected one of {', '.join(fastdit.DiT_models)}")
+    if args.image_size is not None and args.image_size < 1:
+        raise ValueError(f"--image-size: expected an integer >= 1, got {args.image_size}")
+    if args.model is not None and args.image_size is not None:
+        multiple = VAE_DOWNSAMPLING * int(args.model.rsplit("/", 1)[1])
+        if args.image_size % multiple:
+            raise ValueError(f"--image-size: {args.model} makes images of a multiple of {multiple} px (latents a "
+                             f"multiple of its patch size, 1/{VAE_DOWNSAMPLING} of the image), got {args.image_size}")
+
+
+def check_sampling_flags(args):
+    """--steps (None: the sampler's default), --cfg-scale, --seed and --batch-size."""
+    if args.steps is not None and not 1 <= args.steps <= 1000:
+        raise ValueError(f"--steps: expected an integer in [1, 1000], got {args.steps}")
+    if not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
+        raise ValueError(f"--cfg-scale: expected a finite number >= 0 (1: no guidance), got {args.cfg_scale}")
+    for flag, value, low in (("--seed", args.seed, 0), ("--batch-size", args.batch_size, 1)):
+        if value < low:
+            raise ValueError(f"{flag}: expected an integer >= {low}, got {value}")
+
+
+def load_model(args, device, dtype):
+    """The fast model from --ckpt, or --model's architecture with random weights drawn from --seed."""
+    if args.ckpt is not None:
+        return fastdit.load(args.ckpt, device=device, dtype=dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)  # every rank, and every command, builds the same random weights
+        model = fastdit.DiT_models[args.model](input_size=(args.image_size or DEFAULT_IMAGE_SIZE) // VAE_DOWNSAMPLING)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def image_size_of(model, requested) -> tuple[int, bool]:
+    """(the model's image size in pixels, whether it makes pixels); --image-size must equal it."""
+    pixels = model.in_channels in PIXEL_CHANNELS
+    image_size = model.input_size * (1 if pixels else VAE_DOWNSAMPLING)
+    if requested is not None and requested != image_size:
+        raise ValueError(f"--image-size: this model makes {image_size} px images, got {requested} (it samples "
+                         f"{model.input_size}x{model.input_size} {'pixels' if pixels else 'latents'})")
+    return image_size, pixels
