@@ -124,7 +124,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
         if not isinstance(t, torch.Tensor):
             raise input_error(TypeError, op, name, "be a tensor", type(t).__name__)
     if q.dim() != 4:
-        raise input_error(ValueError, op, "q", "have rank 4 (batch, tokens, heads, head_dim)", f"shape {tuple(q.shape)}")
+        raise input_error(ValueError, op, "q", "have rank 4 (batch, tokens, heads, head_dim)",
+                          f"shape {tuple(q.shape)}")
     check_supported_dtype(op, "q", q)
     for name, t in (("k", k), ("v", v)):
         if t.shape != q.shape:

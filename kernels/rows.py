@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import HALF_DTYPES, Config, check_same_device, check_supported_dtype, config, input_error, offer, size_bucket
+from .launch import (HALF_DTYPES, Config, check_same_device, check_supported_dtype, config, input_error, offer,
+                     size_bucket)
 
 # Tokens of one sample per backward program. 16 keeps the partials buffer a sixteenth of a
 # gradient while DiT training batches (B*T in the thousands) still fill a GPU.

@@ -237,6 +237,96 @@ def test_a_wrong_kernel_fails_the_parity_tests(dtype):
     assert_fails_with_wrong_kernels(test_backward_matches_reference, (2, 7, 72), dtype)
 
 
+# gate=None: the ungated residual ``x + y`` of the paper's adaLN, cross-attention and in-context blocks.
+UNGATED_GRAD_NAMES = ("x", "y", "shift", "scale")
+
+
+def expected_ungated_fused_grads(x, y, shift, scale, grad_residual, grad_normed):
+    """Grads of ``x + y`` and its modulated LayerNorm in fp32, taken from the residual rounded to x's dtype."""
+    inputs = upcast_leaves(x, y, shift, scale)
+    residual = inputs[0] + inputs[1]
+    stored_residual = residual + (residual.to(x.dtype).float() - residual).detach()
+    normed = modulate_layernorm_reference(stored_residual, *inputs[2:])
+    return torch.autograd.grad((residual, normed), inputs, (grad_residual.float(), grad_normed.float()))
+
+
+@requires_triton
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", HIDDEN_STATE_SHAPES, ids=str)
+def test_ungated_residual_matches_reference(shape, dtype, strided):
+    x, _, y, _, _ = make_inputs(*shape, dtype, strided)
+    residual = gated_residual(x, None, y)
+    assert residual.dtype == dtype and residual.shape == x.shape and residual.is_contiguous()
+    assert_parity(residual, x.float() + y.float(), KERNEL_TOLERANCE[dtype])
+
+
+@requires_triton
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", HIDDEN_STATE_SHAPES, ids=str)
+def test_ungated_fused_matches_reference(shape, dtype, strided):
+    x, _, y, shift, scale = make_inputs(*shape, dtype, strided)
+    residual, normed = gated_residual_modulate_layernorm(x, None, y, shift, scale)
+    for out in (residual, normed):
+        assert out.dtype == dtype and out.shape == x.shape and out.is_contiguous()
+    fp32_residual = x.float() + y.float()
+    assert_parity(residual, fp32_residual, KERNEL_TOLERANCE[dtype], "residual")
+    assert_parity(normed, expected_normed(fp32_residual.to(dtype), shift, scale), KERNEL_TOLERANCE[dtype], "normed")
+
+
+@requires_triton
+@pytest.mark.parametrize("x_dtype, dtype", DTYPE_PAIRS, ids=str)
+def test_ungated_equals_a_gate_of_ones(x_dtype, dtype):
+    # 1 * y is y exactly: the variant without a gate must give what the gated kernels give for ones, bit for bit.
+    x, gate, y, shift, scale = make_inputs(2, 7, 200, dtype, strided=True, x_dtype=x_dtype)
+    ones = torch.ones_like(gate)
+    assert torch.equal(gated_residual(x, None, y), gated_residual(x, ones, y))
+    for actual, expected in zip(gated_residual_modulate_layernorm(x, None, y, shift, scale),
+                                gated_residual_modulate_layernorm(x, ones, y, shift, scale)):
+        assert torch.equal(actual, expected)
+
+
+@launches_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", HIDDEN_STATE_SHAPES, ids=str)
+def test_ungated_backward_matches_reference(shape, dtype):
+    x, _, y, shift, scale = make_inputs(*shape, dtype, strided=True)
+    grad_residual, grad_normed = output_grads(x, shift)
+    grad_gate, grad_y = gated_residual_backward(grad_residual, None, y)
+    assert grad_gate.shape == (0,)
+    assert_grads_match((grad_y,), (grad_residual.float(),), (y,), ("y",))
+    stored_residual = (x.float() + y.float()).to(dtype)
+    grad_x, grad_gate, *grads = gated_residual_modulate_layernorm_backward(
+        grad_residual, grad_normed, stored_residual, None, y, scale, 1e-6
+    )
+    assert grad_gate.shape == (0,)
+    expected = expected_ungated_fused_grads(x, y, shift, scale, grad_residual, grad_normed)
+    assert_grads_match((grad_x, *grads), expected, (x, y, shift, scale), UNGATED_GRAD_NAMES)
+
+
+@launches_kernels
+@pytest.mark.parametrize("x_dtype, dtype", DTYPE_PAIRS, ids=str)
+def test_ungated_autograd_grads_match_reference(x_dtype, dtype):
+    x, _, y, shift, scale = make_inputs(2, 33, 384, dtype, strided=True, x_dtype=x_dtype)
+    inputs = leaves(x, y, shift, scale)
+    grad_residual, grad_normed = output_grads(x, shift)
+    outputs = gated_residual_modulate_layernorm(x, None, y, shift, scale)
+    actual = torch.autograd.grad(outputs, inputs, (grad_residual, grad_normed))
+    expected = expected_ungated_fused_grads(x, y, shift, scale, grad_residual, grad_normed)
+    assert_grads_match(actual, expected, inputs, UNGATED_GRAD_NAMES)
+    actual = torch.autograd.grad(gated_residual(x, None, y), (x, y), grad_residual)
+    assert_grads_match(actual, (grad_residual.float(), grad_residual.float()), (x, y), ("x", "y"))
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_wrong_kernel_fails_the_ungated_parity_tests(dtype):
+    assert_fails_with_wrong_kernels(test_ungated_residual_matches_reference, (2, 7, 72), dtype, strided=True)
+    assert_fails_with_wrong_kernels(test_ungated_fused_matches_reference, (2, 7, 72), dtype, strided=True)
+    assert_fails_with_wrong_kernels(test_ungated_backward_matches_reference, (2, 7, 72), dtype)
+
+
 def _bad_inputs(case):
     x, gate, y, shift, scale = make_inputs(2, 3, 72, torch.float32, strided=False)
     if case == "y shape":
@@ -320,4 +410,17 @@ def test_opcheck():
     torch.library.opcheck(gated_residual_backward, (grad_residual, gate, y))
     torch.library.opcheck(
         gated_residual_modulate_layernorm_backward, (grad_residual, grad_normed, x, gate, y, scale, 1e-6)
+    )
+
+
+@launches_kernels
+def test_opcheck_ungated():
+    x, _, y, shift, scale = leaves(*make_inputs(2, 3, 72, torch.float16, strided=True, x_dtype=torch.float32))
+    torch.library.opcheck(gated_residual, (x, None, y))
+    torch.library.opcheck(gated_residual_modulate_layernorm, (x, None, y, shift, scale))
+    x, y, shift, scale = (tensor.detach() for tensor in (x, y, shift, scale))
+    grad_residual, grad_normed = output_grads(x, shift)
+    torch.library.opcheck(gated_residual_backward, (grad_residual, None, y))
+    torch.library.opcheck(
+        gated_residual_modulate_layernorm_backward, (grad_residual, grad_normed, x, None, y, scale, 1e-6)
     )
