@@ -105,6 +105,7 @@ def test_batch_not_divisible_by_world_size(tmp_path):
         Trainer(tiny_config(tmp_path), process)
 
 
+@pytest.mark.slow
 def test_resume_with_another_configuration_is_refused(tmp_path):
     train_in_process(tiny_config(tmp_path, steps=2))
     before = sorted(os.listdir(tmp_path / "checkpoints"))
@@ -129,6 +130,7 @@ def test_loss_goes_down_and_model_is_written(tmp_path):
     assert trainer.step == 60
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*to a meta parameter.*is a no-op")  # the stand-in device holds no values
 def test_resume_onto_an_accelerator_keeps_rng_states_and_adam_steps_on_the_cpu(tmp_path, monkeypatch):
     """Resume a CPU run's checkpoint into a trainer on another device (the meta device stands in for a GPU):
