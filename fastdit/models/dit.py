@@ -7,13 +7,15 @@ step of the residual stream is one fused kernel:
 - patchify + projection + position embedding is one GEMM with a fused epilogue;
 - SiLU(c) is computed once: every adaLN modulation of every block reads the same c;
 - ``x + gate * f(h)`` and the next LayerNorm + modulation are one pass over the residual
-  stream, across block boundaries: block i's MLP residual update also produces block i+1's
-  attention input (and the last block's, the final layer's input);
+  stream (``gated_residual_modulate_layernorm``), across block boundaries: block i's MLP
+  residual update also produces block i+1's attention input (and the last block's, the final
+  layer's input). So the model computes every modulation up front, and each block's forward
+  takes the next block's first (shift, scale);
 - attention reads q, k and v through strides straight out of the qkv projection.
 
-The paper's other block designs (``block="adaln"``, ``"cross-attn"``, ``"in-context"``) run on
-the same chain: an ungated residual is a gate of ones, an affine LayerNorm a modulation by its
-weight and bias broadcast over the batch.
+Each block's forward is the paper's residual lines with the fused op in their place. The other
+block designs (``block="adaln"``, ``"cross-attn"``, ``"in-context"``) call it with ``gate=None``
+(their residual is ungated) and take an affine LayerNorm as a modulation by its weight and bias.
 """
 import torch
 import torch.nn as nn
@@ -58,34 +60,28 @@ class CrossAttention(reference.CrossAttention):
         return self.proj(attention(q, k, v, "sdpa").reshape(B, T, D))
 
 
-# Each block lists its residual branches in order as (shift, scale, gate, branch): the branch's
-# input is LayerNorm(x) * (1 + scale) + shift, its output is added to x times gate (None: ungated).
-# The model runs them as one chain of fused residual + next-norm kernels.
+def linear_dtype(parameter):
+    """The dtype the linears compute in: autocast's where it is on for the parameter's device, else
+    the parameter's. The fused ops take the branches' outputs and modulations in this dtype."""
+    device = parameter.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else parameter.dtype
 
 
-def affine_norm_modulation(norm, batch, dtype):
+def affine_norm_modulation(norm, batch):
     """An affine LayerNorm's weight and bias as the (shift, scale) the fused kernels take,
     broadcast over the batch (stride 0: nothing is copied)."""
+    dtype = linear_dtype(norm.weight)
     shift = norm.bias.to(dtype).expand(batch, -1)
     scale = (norm.weight - 1).to(dtype).expand(batch, -1)
     return shift, scale
 
 
-class FusedBlock(nn.Module):
-    def forward(self, x, h, branches, next_shift, next_scale):
-        """Run the block's branches on the residual stream ``x`` and its normalised, modulated
-        copy ``h`` (made by the previous fused op); return both for the next block, ``h`` made
-        with (next_shift, next_scale)."""
-        norms = [branch[:2] for branch in branches[1:]] + [(next_shift, next_scale)]
-        for (_, _, gate, branch), (shift, scale) in zip(branches, norms):
-            y = branch(h)
-            if gate is None:
-                gate = torch.ones((y.shape[0], y.shape[2]), dtype=y.dtype, device=y.device)
-            x, h = gated_residual_modulate_layernorm(x, gate, y, shift, scale)
-        return x, h
+# Every block's forward takes the residual stream x, h = its first norm's modulated LayerNorm of x
+# (made by the fused op that ended the previous block), its modulation (from ``modulation(c)``) and
+# the (shift, scale) of the next norm after it; it returns the new x and that next h.
 
 
-class DiTBlock(FusedBlock):
+class DiTBlock(nn.Module):
     """adaLN-Zero."""
 
     modulations = 6
@@ -98,9 +94,15 @@ class DiTBlock(FusedBlock):
             nn.SiLU(), nn.Linear(hidden_size, self.modulations * hidden_size, bias=True)
         )
 
-    def branches(self, silu_c, dtype):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation[1](silu_c).chunk(6, 1)
-        return [(shift_msa, scale_msa, gate_msa, self.attn), (shift_mlp, scale_mlp, gate_mlp, self.mlp)]
+    def modulation(self, silu_c):
+        """(shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), each (N, D); adaLN's has no gates."""
+        return self.adaLN_modulation[1](silu_c).chunk(self.modulations, dim=1)
+
+    def forward(self, x, h, modulation, next_shift, next_scale):
+        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
+        x, h = gated_residual_modulate_layernorm(x, gate_msa, self.attn(h), shift_mlp, scale_mlp)
+        x, h = gated_residual_modulate_layernorm(x, gate_mlp, self.mlp(h), next_shift, next_scale)
+        return x, h
 
 
 class AdaLNBlock(DiTBlock):
@@ -108,13 +110,15 @@ class AdaLNBlock(DiTBlock):
 
     modulations = 4
 
-    def branches(self, silu_c, dtype):
-        shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation[1](silu_c).chunk(4, dim=1)
-        return [(shift_msa, scale_msa, None, self.attn), (shift_mlp, scale_mlp, None, self.mlp)]
+    def forward(self, x, h, modulation, next_shift, next_scale):
+        _, _, shift_mlp, scale_mlp = modulation
+        x, h = gated_residual_modulate_layernorm(x, None, self.attn(h), shift_mlp, scale_mlp)
+        x, h = gated_residual_modulate_layernorm(x, None, self.mlp(h), next_shift, next_scale)
+        return x, h
 
 
-class CrossAttentionBlock(FusedBlock):
-    """Cross-attention to the tokens [t, y] after the self-attention; affine LayerNorms."""
+class CrossAttentionBlock(nn.Module):
+    """Cross-attention to the tokens [t, y] after the self-attention; affine LayerNorms, ungated."""
 
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, attn_backend="auto"):
         super().__init__()
@@ -125,17 +129,22 @@ class CrossAttentionBlock(FusedBlock):
         self.norm3 = nn.LayerNorm(hidden_size, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
 
-    def branches(self, tokens, dtype):
+    def modulation(self, tokens):
+        """(shift1, scale1, shift2, scale2, shift3, scale3) of norm1-3, and the tokens to attend to."""
         batch = tokens.shape[0]
-        return [
-            (*affine_norm_modulation(self.norm1, batch, dtype), None, self.attn),
-            (*affine_norm_modulation(self.norm2, batch, dtype), None, lambda h: self.cross_attn(h, tokens)),
-            (*affine_norm_modulation(self.norm3, batch, dtype), None, self.mlp),
-        ]
+        norms = (self.norm1, self.norm2, self.norm3)
+        return *(value for norm in norms for value in affine_norm_modulation(norm, batch)), tokens
+
+    def forward(self, x, h, modulation, next_shift, next_scale):
+        _, _, shift2, scale2, shift3, scale3, tokens = modulation
+        x, h = gated_residual_modulate_layernorm(x, None, self.attn(h), shift2, scale2)
+        x, h = gated_residual_modulate_layernorm(x, None, self.cross_attn(h, tokens), shift3, scale3)
+        x, h = gated_residual_modulate_layernorm(x, None, self.mlp(h), next_shift, next_scale)
+        return x, h
 
 
-class InContextBlock(FusedBlock):
-    """A standard ViT block (affine LayerNorms); the conditioning tokens are in the sequence."""
+class InContextBlock(nn.Module):
+    """A standard ViT block (affine LayerNorms, ungated); the conditioning tokens are in the sequence."""
 
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, attn_backend="auto"):
         super().__init__()
@@ -144,12 +153,16 @@ class InContextBlock(FusedBlock):
         self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
 
-    def branches(self, tokens, dtype):
+    def modulation(self, tokens):
+        """(shift1, scale1, shift2, scale2) of norm1 and norm2."""
         batch = tokens.shape[0]
-        return [
-            (*affine_norm_modulation(self.norm1, batch, dtype), None, self.attn),
-            (*affine_norm_modulation(self.norm2, batch, dtype), None, self.mlp),
-        ]
+        return *affine_norm_modulation(self.norm1, batch), *affine_norm_modulation(self.norm2, batch)
+
+    def forward(self, x, h, modulation, next_shift, next_scale):
+        _, _, shift2, scale2 = modulation
+        x, h = gated_residual_modulate_layernorm(x, None, self.attn(h), shift2, scale2)
+        x, h = gated_residual_modulate_layernorm(x, None, self.mlp(h), next_shift, next_scale)
+        return x, h
 
 
 class FinalLayer(nn.Module):
@@ -160,7 +173,7 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
-    def modulation(self, silu_c, dtype):
+    def modulation(self, silu_c):
         """(shift, scale), each (N, D)."""
         return self.adaLN_modulation[1](silu_c).chunk(2, dim=1)
 
@@ -176,8 +189,8 @@ class LayerNormFinalLayer(nn.Module):
         self.norm_final = nn.LayerNorm(hidden_size, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
 
-    def modulation(self, tokens, dtype):
-        return affine_norm_modulation(self.norm_final, tokens.shape[0], dtype)
+    def modulation(self, tokens):
+        return affine_norm_modulation(self.norm_final, tokens.shape[0])
 
     def forward(self, h):
         return self.linear(h)
@@ -226,8 +239,7 @@ class DiT(reference.DiT):
         proj = self.x_embedder.proj
         # Under autocast the GEMM runs in the autocast dtype and the residual stream stays in the
         # parameters' dtype (pos_embed's), as the reference's conv + pos_embed add does.
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else proj.weight.dtype
+        dtype = linear_dtype(proj.weight)
         x = patch_embed(x.to(dtype), proj.weight.to(dtype), proj.bias, self.pos_embed)
         c = self.condition(t, y)
         if self.block in ADAPTIVE_DESIGNS:
@@ -236,15 +248,15 @@ class DiT(reference.DiT):
             c = c.to(x.dtype)  # the tokens [t, y] join (or are attended from) the residual stream
         if self.block == "in-context":
             x = torch.cat([c, x], dim=1)
-        branches = [block.branches(c, dtype) for block in self.blocks]
-        # (shift, scale) of each block's first norm, then the final layer's.
-        norms = [block_branches[0][:2] for block_branches in branches] + [self.final_layer.modulation(c, dtype)]
-        h = modulate_layernorm(x, *norms[0])
-        for block, block_branches, (next_shift, next_scale) in zip(self.blocks, branches, norms[1:]):
+        # Each modulation starts with the (shift, scale) of its block's first norm (the final layer's
+        # last), which the block before it applies in its last fused op.
+        modulations = [block.modulation(c) for block in self.blocks] + [self.final_layer.modulation(c)]
+        h = modulate_layernorm(x, *modulations[0][:2])
+        for block, modulation, (next_shift, next_scale, *_) in zip(self.blocks, modulations, modulations[1:]):
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x, h = checkpoint(block, x, h, block_branches, next_shift, next_scale, use_reentrant=False)
+                x, h = checkpoint(block, x, h, modulation, next_shift, next_scale, use_reentrant=False)
             else:
-                x, h = block(x, h, block_branches, next_shift, next_scale)
+                x, h = block(x, h, modulation, next_shift, next_scale)
         if self.block == "in-context":
             h = h[:, CONDITION_TOKENS:]
         return self.unpatchify(self.final_layer(h))
