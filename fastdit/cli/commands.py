@@ -2,10 +2,10 @@
 import argparse
 import sys
 
-from fastdit.cli import ablation, bench, demo, encode, export
+from fastdit.cli import ablation, bench, demo, digits, encode, export
 from fastdit.cli import sample as sample_cli
 from fastdit.cli import train as train_cli
-from fastdit.train import digits, distributed
+from fastdit.train import distributed
 
 
 class ArgumentParser(argparse.ArgumentParser):

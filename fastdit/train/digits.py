@@ -34,15 +34,3 @@ def conditioned_class_accuracy(images: np.ndarray, labels: np.ndarray) -> float:
     """Share of ``images`` the classifier assigns to their conditioning ``labels``."""
     predicted = digits_classifier().predict(to_digit_features(images))
     return float((predicted == np.asarray(labels)).mean())
-
-
-def add_arguments(parser):
-    parser.add_argument("samples", help="a samples.npz of `fastdit sample` (images and labels)")
-
-
-def run(args):
-    with np.load(args.samples) as samples:
-        images, labels = samples["images"], samples["labels"]
-    accuracy = conditioned_class_accuracy(images, labels)
-    print(f"{accuracy:.1%} of {len(labels)} samples classified as the digit they were conditioned on")
-    return 0
