@@ -10,9 +10,11 @@ from fastdit.kernels import runtime, tune, tuning
 SPEC = runtime.GPUSpec("Fake GPU", (9, 0), 100_000, 132)
 
 
-def _tune(*args):
+def _tune(*args, cwd):
+    """The command as a user runs it, outside the checkout: from its root, the source folder fastdit/
+    (which lacks kernels/) would shadow the installed package."""
     return subprocess.run([sys.executable, "-m", "fastdit.kernels.tune", *args],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -43,7 +45,7 @@ def test_without_cuda_it_exits_2_saying_so(monkeypatch, capsys, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
 def test_the_module_runs_as_a_script_and_fails_cleanly_without_cuda(tmp_path):
-    result = _tune("--json", str(tmp_path / "report.json"))
+    result = _tune("--json", str(tmp_path / "report.json"), cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         "python -m fastdit.kernels.tune: needs a CUDA GPU to time the kernels on, and torch.cuda.is_available() is False"]
