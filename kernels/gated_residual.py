@@ -221,7 +221,9 @@ def gated_residual_backward_reference(grad_residual, gate, y):
     """(grad_gate, grad_y); grad_gate is None when gate is."""
     grad_residual = grad_residual.float()
     if gate is None:
-        return None, grad_residual.to(y.dtype)
+        # A copy: grad_y must not alias grad_residual, which is this op's input (or, in the fused
+        # backward, its other output); a custom op may return no alias.
+        return None, grad_residual.to(y.dtype, copy=True)
     return (grad_residual * y.float()).sum(1).to(gate.dtype), (grad_residual * gate.float()[:, None]).to(y.dtype)
 
 

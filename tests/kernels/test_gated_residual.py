@@ -424,3 +424,20 @@ def test_opcheck_ungated():
     torch.library.opcheck(
         gated_residual_modulate_layernorm_backward, (grad_residual, grad_normed, x, None, y, scale, 1e-6)
     )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ungated_backward_on_the_torch_path_returns_no_alias(monkeypatch, dtype):
+    """Without a gate grad_y equals grad_residual: the torch path (CPUs without the interpreter) must
+    return it as a new tensor, since a custom op's outputs may alias neither its inputs nor each other."""
+    from fastdit.kernels import runtime
+
+    monkeypatch.setattr(runtime, "kernel_path", lambda device=None: "torch")
+    x, y = (torch.randn(2, 5, 24, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(2))
+    shift, scale = (torch.randn(2, 24, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(2))
+    residual, normed = gated_residual_modulate_layernorm(x, None, y, shift, scale)
+    (residual.float().sum() + normed.float().square().sum()).backward()
+    assert x.grad is not None and y.grad is not None and torch.equal(x.grad, y.grad)
+    x.grad = y.grad = None
+    gated_residual(x, None, y).float().sum().backward()
+    assert torch.equal(y.grad, torch.ones_like(y)) and torch.equal(x.grad, y.grad)
