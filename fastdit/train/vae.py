@@ -1,8 +1,8 @@
 """DiT's image autoencoder: diffusers' ``AutoencoderKL`` (the release uses Stability AI's
-sd-vae-ft-ema / sd-vae-ft-mse) loaded from a local directory, with the latent scale DiT uses.
+sd-vae-ft-ema / sd-vae-ft-mse) loaded from a local directory, with the latent scale its config gives.
 
 Images are uint8 ``(N, H, W, C)`` (or float ``(N, C, H, W)`` in [-1, 1]); latents are the VAE's
-latents times ``VAE.scale``, the space DiT is trained and sampled in. diffusers is an optional
+latents, less ``shift``, times ``scale``: the space DiT is trained and sampled in. diffusers is an optional
 dependency (``pip install "fastdit[vae]"``): importing fastdit does not need it.
 """
 import importlib.util
@@ -23,12 +23,18 @@ class VAE:
     """An ``AutoencoderKL`` in eval mode that maps images to DiT latents and back, under no_grad,
     in its own dtype on its own device (inputs are moved there, outputs stay there)."""
 
-    # The latent scale factor DiT uses (from Stable Diffusion's VAE): scaled latents have about unit variance.
-    scale = 0.18215
+    # Stable Diffusion's latent scale, which DiT uses: scaled latents have about unit variance. A diffusers
+    # config states its own (``scaling_factor``, and ``shift_factor`` for VAEs whose latents are not centred).
+    SD_SCALE = 0.18215
 
     def __init__(self, autoencoder):
         self.autoencoder = autoencoder.eval().requires_grad_(False)
         config = autoencoder.config
+        scale, shift = getattr(config, "scaling_factor", None), getattr(config, "shift_factor", None)
+        self.scale = float(self.SD_SCALE if scale is None else scale)
+        self.shift = float(shift or 0.0)
+        if not (self.scale > 0 and self.scale < float("inf")):
+            raise CheckpointError(f"VAE config: scaling_factor must be a finite number > 0, got {scale!r}")
         self.image_channels = config.in_channels
         self.latent_channels = config.latent_channels
         # Every encoder block but the last halves the resolution (8 for the four-block SD VAE).
@@ -75,7 +81,7 @@ class VAE:
         pixels = self._pixels(images)
         posterior = self.autoencoder.encode(pixels).latent_dist
         latents = posterior.sample(generator=generator) if sample else posterior.mean
-        return latents * self.scale
+        return (latents - self.shift) * self.scale
 
     @torch.no_grad()
     def decode(self, latents) -> torch.Tensor:
@@ -86,7 +92,7 @@ class VAE:
         if latents.dim() != 4 or latents.shape[1] != self.latent_channels:
             raise ValueError(f"latents: expected shape (N, {self.latent_channels}, h, w), got {tuple(latents.shape)}")
         latents = latents.to(device=self.device, dtype=self.dtype)
-        images = self.autoencoder.decode(latents / self.scale).sample.float()
+        images = self.autoencoder.decode(latents / self.scale + self.shift).sample.float()
         # The release's mapping: x clamped to [-1, 1], mapped to [0, 255] and rounded half up, as
         # clamp(127.5 x + 128, 0, 255) truncated to uint8. In fp32: half precision has no fraction at 255.
         images = (127.5 * images + 128.0).clamp(0, 255).to(torch.uint8)

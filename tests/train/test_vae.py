@@ -40,7 +40,8 @@ def images(batch=2, size=16):
 
 
 def test_load(vae):
-    assert VAE.scale == vae.scale == 0.18215
+    assert vae.scale == VAE.SD_SCALE == 0.18215  # diffusers' default scaling_factor is Stable Diffusion's
+    assert vae.shift == 0.0
     assert vae.downsampling == DOWNSAMPLING
     assert (vae.device, vae.dtype) == (torch.device("cpu"), torch.float32)
     assert not vae.autoencoder.training
@@ -72,6 +73,26 @@ def test_encode_is_the_scaled_posterior_mean(vae):
     torch.testing.assert_close(latents, expected)
     torch.testing.assert_close(vae.encode(pixels), expected)
     assert torch.equal(vae.encode(uint8_images), latents)
+
+
+def test_scale_and_shift_come_from_the_config(vae_dir, tmp_path):
+    import diffusers
+
+    config = dict(diffusers.AutoencoderKL.load_config(vae_dir), scaling_factor=0.5, shift_factor=0.25)
+    autoencoder = diffusers.AutoencoderKL.from_config(config)
+    autoencoder.load_state_dict(diffusers.AutoencoderKL.from_pretrained(vae_dir).state_dict())
+    autoencoder.save_pretrained(tmp_path)
+    scaled = VAE.load(tmp_path)
+    assert (scaled.scale, scaled.shift) == (0.5, 0.25)
+    pixels = images()
+    with torch.no_grad():
+        mean = scaled.autoencoder.encode(scaled._pixels(pixels)).latent_dist.mean
+    torch.testing.assert_close(scaled.encode(pixels), (mean - 0.25) * 0.5)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = scaled.autoencoder.decode(latents / 0.5 + 0.25).sample
+    expected = (127.5 * expected + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    assert torch.equal(scaled.decode(latents), expected)
 
 
 def test_encode_can_sample_the_posterior(vae):
