@@ -6,6 +6,7 @@ loads with ``load_state_dict(strict=True)`` and gives the release's outputs: the
 constructor arguments, module names, parameter shapes, initialisation and arithmetic order.
 """
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -255,6 +256,30 @@ def check_block_design(block):
     return block
 
 
+def check_dit_arguments(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
+                        class_dropout_prob, num_classes):
+    """DiT's constructor arguments, each named with what was expected and what came, before any module
+    is built (a bad one would otherwise fail deep in a layer, or build a model that fails on first use)."""
+    for name, value, low in (("input_size", input_size, 1), ("patch_size", patch_size, 1),
+                             ("in_channels", in_channels, 1), ("hidden_size", hidden_size, 1),
+                             ("depth", depth, 0), ("num_heads", num_heads, 1), ("num_classes", num_classes, 1)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
+    if input_size % patch_size:
+        raise ValueError(f"patch_size: expected a divisor of input_size {input_size}, got {patch_size}")
+    if hidden_size % num_heads:
+        raise ValueError(f"num_heads: expected a divisor of hidden_size {hidden_size}, got {num_heads}")
+    if hidden_size % 4:
+        raise ValueError(f"hidden_size: expected a multiple of 4 (the 2-D sin-cos position embedding), "
+                         f"got {hidden_size}")
+    if not (isinstance(mlp_ratio, numbers.Real) and math.isfinite(mlp_ratio) and int(hidden_size * mlp_ratio) >= 1):
+        raise ValueError(f"mlp_ratio: expected a finite number > 0 that leaves the MLP at least one unit "
+                         f"(int(hidden_size * mlp_ratio) >= 1), got {mlp_ratio!r}")
+    # 1 would drop every label in training: the model would never see a class.
+    if not (isinstance(class_dropout_prob, numbers.Real) and 0 <= class_dropout_prob < 1):
+        raise ValueError(f"class_dropout_prob: expected a probability in [0, 1), got {class_dropout_prob!r}")
+
+
 # --- the model ------------------------------------------------------------------------------
 
 
@@ -289,8 +314,8 @@ class DiT(nn.Module):
         ``BLOCK_DESIGNS`` (the release and its checkpoints are "adaln-zero")."""
         super().__init__()
         self.block = check_block_design(block)
-        if input_size % patch_size:
-            raise ValueError(f"input_size: must be a multiple of patch_size {patch_size}, got {input_size}")
+        check_dit_arguments(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
+                            class_dropout_prob, num_classes)
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels

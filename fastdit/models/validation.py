@@ -12,11 +12,18 @@ def _is_tracing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+# What nn.Embedding takes as indices.
+LABEL_DTYPES = (torch.int64, torch.int32)
+
+
 def check_labels(y: torch.Tensor, num_classes: int, allow_null: bool, name: str = "y") -> None:
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"{name}: expected an integer tensor of class labels, got {type(y).__name__}")
-    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
-        raise TypeError(f"{name}: expected integer class labels (torch.long), got dtype {y.dtype}")
+    if y.dtype not in LABEL_DTYPES:
+        # uint8, int8 and int16 labels too: the embedding lookup takes only these two, and converting here
+        # would copy the labels in every forward for a caller that can convert once.
+        raise TypeError(f"{name}: expected integer class labels of dtype torch.int64 or torch.int32, got dtype "
+                        f"{y.dtype}" + (" (convert them with .long())" if not y.dtype.is_floating_point else ""))
     if _is_tracing() or y.numel() == 0:
         return
     high = num_classes if allow_null else num_classes - 1
@@ -68,4 +75,15 @@ def check_model_inputs(model, x, t, y) -> None:
         raise ValueError(f"t: expected shape ({batch},), one timestep per image in x, got {tuple(t.shape)}")
     if isinstance(y, torch.Tensor) and (y.dim() != 1 or y.shape[0] != batch):
         raise ValueError(f"y: expected shape ({batch},), one class label per image in x, got {tuple(y.shape)}")
+    check_devices(model.pos_embed.device, x=x, t=t, y=y)
     check_labels(y, model.num_classes, allow_null=model.y_embedder.dropout_prob > 0)
+
+
+def check_devices(weights: torch.device, **inputs) -> None:
+    """Every tensor input on the device of the model's ``weights``: a mismatch (a meta tensor among them
+    too) otherwise fails deep in a kernel, or on the meta device not at all. Compares metadata only: no
+    sync. Inputs that are not tensors are left to the checks that name their type."""
+    for name, tensor in inputs.items():
+        if isinstance(tensor, torch.Tensor) and tensor.device != weights:
+            raise ValueError(f"{name}: expected a tensor on the model's device {weights}, got one on {tensor.device} "
+                             f"(move the inputs with .to({str(weights)!r}), or the model)")
