@@ -29,6 +29,10 @@ def add_arguments(parser):
     parser.add_argument("--ckpt-every", type=int)
     parser.add_argument("--log-every", type=int)
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--skip-nonfinite", type=int, metavar="N",
+                        help="skip up to N updates whose loss or gradients are not finite (counted in log.jsonl) "
+                             "and stop at the next; costs one host sync per step. Default: stop at the first "
+                             "non-finite loss")
     parser.add_argument("--device", help="default: cuda when available (cuda:LOCAL_RANK under torchrun)")
     parser.add_argument("--deterministic", action="store_true", help="deterministic kernels (exact reruns on CPU)")
     parser.add_argument("--no-progress", action="store_true")
@@ -45,6 +49,8 @@ def config_from_args(args) -> TrainConfig:
     for name in ("global_batch_size", "steps", "ckpt_every", "log_every", "image_size"):
         if name in values and values[name] <= 0:
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {values[name]}")
+    if values.get("skip_nonfinite", 0) < 0:
+        raise ValueError(f"--skip-nonfinite: expected a count >= 0, got {values['skip_nonfinite']}")
     if not 0 <= values.get("ema_decay", 0.0) < 1:
         raise ValueError(f"--ema-decay: expected a value in [0, 1), got {values['ema_decay']}")
     return TrainConfig(**values)

@@ -53,8 +53,24 @@ def load_latent_shards(directory: str) -> TensorData:
         with np.load(path) as shard:
             for name, parts in arrays.items():
                 parts.append(torch.from_numpy(shard[name]))
+        # Checked once here, where a bad value can still be named by file and index: one pass over the data
+        # costs less than a training step's share of it, and the loop itself only watches the loss.
+        for name in ("latents", "flipped"):
+            check_finite(arrays[name][-1], f"{path}: {name}")
     latents, flipped, labels = (torch.cat(arrays[name]) for name in ("latents", "flipped", "labels"))
     return TensorData(latents.float(), labels, int(labels.max()) + 1, f"latents in {directory}", flipped.float())
+
+
+def check_finite(values: torch.Tensor, what: str) -> None:
+    """Raise a ValueError naming ``what`` and the index of the first item of ``values`` (along dim 0)
+    holding a NaN or an infinity."""
+    if not values.is_floating_point():
+        return
+    bad = ~torch.isfinite(values.reshape(len(values), -1)).all(dim=1)
+    if bool(bad.any()):
+        index = int(bad.nonzero()[0])
+        raise ValueError(f"data: {what}[{index}] holds a non-finite value ({int(bad.sum())} of {len(values)} items "
+                         "do); re-create the data (fastdit encode) or remove it")
 
 
 def class_folder_files(directory: str, flag: str = "data") -> tuple[list[tuple[str, int]], int]:
@@ -85,6 +101,7 @@ def load_image_folder(directory: str, image_size: int) -> TensorData:
         labels.append(label)
     if not images:
         raise ValueError(f"data: found no images in class folders under {directory!r}")
+    # From uint8 pixels: always finite, unlike latent shards (load_latent_shards checks those).
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
     return TensorData(pixels, torch.tensor(labels), num_classes, f"images in {directory}")
 

@@ -9,6 +9,11 @@ Everything random in a step (which images, flips, label dropout, t, noise) is dr
 whole global batch from a generator seeded by (seed, step), and each rank takes its slice.
 So a step does not depend on the number of processes nor on whether the run was resumed:
 killing a run and starting the same command again continues bit for bit.
+
+A run folder survives its process being killed at any point: the folder is locked while a run
+holds it (a second run into it stops at once), every file is written atomically and each checkpoint
+with a record of its size and sha256, so a resume skips a damaged checkpoint for the newest sound one.
+A loss that stops being finite stops the run before the weights it spoiled are saved.
 """
 import contextlib
 import copy
@@ -24,11 +29,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from fastdit.diffusion.gaussian import create_diffusion
-from fastdit.io import atomic_path, write_text_atomic
+from fastdit.io import exclusive_lock, remove_stale_temporaries, write_text_atomic
 from fastdit.models import checkpoint as checkpoints
 from fastdit.models.dit import DiT, DiT_models
 from fastdit.train import data as datasets
 from fastdit.train import distributed
+from fastdit.train import run_folder
 
 
 @dataclasses.dataclass
@@ -52,6 +58,9 @@ class TrainConfig:
     ckpt_every: int = 5000
     log_every: int = 100
     seed: int = 0
+    # None: the first non-finite loss stops the run. N: skip up to N non-finite updates (the N+1-th stops the
+    # run); deciding whether to apply each update costs one host sync per step.
+    skip_nonfinite: int | None = None
 
     # Fields that must match to resume a run; `steps`, logging and checkpoint cadence may change.
     RESUME_KEYS = ("model", "model_config", "block", "data", "pixel", "image_size", "global_batch_size", "lr", "ema_decay",
@@ -98,13 +107,25 @@ def load_data(config: TrainConfig) -> datasets.TensorData:
     return datasets.load_latent_shards(config.data)
 
 
-def drop_log_after(path, step):
-    """Forget log records past ``step``: a killed run logged steps that its resume repeats."""
-    if not os.path.exists(path):
-        return
-    with open(path) as log:
-        kept = [line for line in log if line.strip() and json.loads(line)["step"] <= step]
-    write_text_atomic(path, "".join(kept))
+class TrainingDiverged(ValueError):
+    """The loss, or the weights, stopped being finite; nothing non-finite was saved."""
+
+
+# The first-non-finite-step flag's value while every loss has been finite.
+NO_STEP = 2**62
+
+
+def _first_nonfinite(named_tensors):
+    """The name of the first tensor holding a NaN or an infinity, or None; one host sync."""
+    named_tensors = [(name, tensor) for name, tensor in named_tensors if tensor.is_floating_point()]
+    if not named_tensors:
+        return None
+    # AdamW keeps its step counters on the CPU beside moments on the GPU: one device for the stack.
+    device = named_tensors[0][1].device
+    finite = torch.stack([tensor.isfinite().all().to(device) for _, tensor in named_tensors])
+    if bool(finite.all()):
+        return None
+    return named_tensors[int((~finite).nonzero()[0])][0]
 
 
 def _mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
@@ -150,7 +171,12 @@ class Trainer:
         if config.compile:
             self.forward = torch.compile(self.forward)
         self.step = 0
-        self.checkpoint_dir = os.path.join(config.out, "checkpoints")
+        self.checkpoint_dir = os.path.join(config.out, run_folder.CHECKPOINTS)
+        # The first step whose loss was not finite, kept on the device: reading it costs a host sync, so the
+        # loop reads it only where it syncs anyway (log points, checkpoints, the final save).
+        self.first_nonfinite_step = torch.full((), NO_STEP, dtype=torch.int64, device=self.device)
+        self.skipped_nonfinite = 0  # updates skipped under config.skip_nonfinite
+        self.saved_step = None  # the newest checkpoint's step, for the error that stops a diverged run
 
     # --- one step ---------------------------------------------------------------------------
 
@@ -181,11 +207,51 @@ class Trainer:
         loss = terms["loss"].mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        # Averaged over the ranks, the loss is the same on every rank: so is every decision taken on it.
+        terms = {name: _mean_over_ranks(value.mean().detach()) for name, value in terms.items()}
+        self.step += 1
+        finite = torch.isfinite(terms["loss"])
+        if self.config.skip_nonfinite is not None and not self._update_is_finite(finite):
+            return terms
         self.optimizer.step()
         with torch.no_grad():
             torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1 - self.config.ema_decay)
-        self.step += 1
-        return {name: _mean_over_ranks(value.mean().detach()) for name, value in terms.items()}
+        torch.minimum(self.first_nonfinite_step, torch.where(finite, NO_STEP, self.step), out=self.first_nonfinite_step)
+        return terms
+
+    def _update_is_finite(self, finite_loss) -> bool:
+        """Under ``skip_nonfinite``: whether this step's loss and gradients are finite (one host sync);
+        if not, the update is dropped and counted, and one past the allowance stops the run."""
+        gradients = [parameter.grad for parameter in self.model.parameters() if parameter.grad is not None]
+        if bool(torch.stack([finite_loss, *(gradient.isfinite().all() for gradient in gradients)]).all()):
+            return True
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_nonfinite += 1
+        if self.skipped_nonfinite > self.config.skip_nonfinite:
+            raise TrainingDiverged(self._diverged(
+                f"{self.skipped_nonfinite} updates with a non-finite loss or gradient by step {self.step}, more "
+                f"than --skip-nonfinite {self.config.skip_nonfinite}"))
+        return False
+
+    def _diverged(self, what) -> str:
+        kept = ("no checkpoint was saved yet" if self.saved_step is None else
+                f"{os.path.join(self.checkpoint_dir, f'{self.saved_step:08d}.pt')} holds the last finite weights")
+        return f"training diverged: {what} (lr {self.config.lr:g}); stopped without saving it ({kept}); try a lower --lr"
+
+    def check_finite(self, weights=False):
+        """Raise ``TrainingDiverged`` if a loss so far was not finite, or with ``weights`` if the model,
+        EMA or optimizer state holds a NaN or infinity. A host sync: for log points and saves only."""
+        first = int(self.first_nonfinite_step)
+        if first != NO_STEP:
+            raise TrainingDiverged(self._diverged(f"the loss is not finite at step {first}"))
+        if weights:
+            tensors = [*(("model." + name, value) for name, value in self.model.state_dict().items()),
+                       *(("ema." + name, value) for name, value in self.ema.state_dict().items()),
+                       *((f"optimizer state {name}", value) for adam in self.optimizer.state.values()
+                         for name, value in adam.items())]
+            bad = _first_nonfinite(tensors)
+            if bad is not None:
+                raise TrainingDiverged(self._diverged(f"{bad} is not finite at step {self.step}"))
 
     # --- checkpoints ------------------------------------------------------------------------
 
@@ -193,6 +259,7 @@ class Trainer:
         return {
             "model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
             "step": self.step, "data_position": self.step * self.config.global_batch_size,
+            "skipped_nonfinite": self.skipped_nonfinite,
             "config": dataclasses.asdict(self.config), "model_config": checkpoints.model_config(self.model),
             "rng": self._gathered_rng_states(),
         }
@@ -206,24 +273,25 @@ class Trainer:
         return states
 
     def save(self):
-        state = self.state()  # every rank takes part in gathering the RNG states
+        # Every rank checks (the ranks hold the same weights) and every rank takes part in gathering the RNG
+        # states; fail_together keeps a rank that raised from leaving the others waiting in the gather.
+        distributed.fail_together(lambda: self.check_finite(weights=True), self.process)
+        state = self.state()
         if self.rank == 0:
             os.makedirs(self.checkpoint_dir, exist_ok=True)
-            with atomic_path(os.path.join(self.checkpoint_dir, f"{self.step:08d}.pt")) as temporary:
-                torch.save(state, temporary)
+            run_folder.write_checkpoint(state, os.path.join(self.checkpoint_dir, f"{self.step:08d}.pt"))
+        self.saved_step = self.step
         _barrier()
 
     def latest_checkpoint(self):
-        if not os.path.isdir(self.checkpoint_dir):
-            return None
-        names = sorted(name for name in os.listdir(self.checkpoint_dir) if name.endswith(".pt") and name[:-3].isdigit())
-        return os.path.join(self.checkpoint_dir, names[-1]) if names else None
+        paths = run_folder.checkpoint_paths(self.checkpoint_dir)
+        return paths[-1] if paths else None
 
-    def resume(self, path):
+    def resume(self, path, state=None):
         # Loaded to the CPU: load_state_dict copies weights and moments to the parameters' device,
         # while the RNG states must stay CPU ByteTensors (torch.set_rng_state refuses a GPU copy)
         # and AdamW's step counters CPU scalars (on a GPU each costs a host sync per step).
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = run_folder.read_checkpoint(path) if state is None else state
         # A key missing from an older checkpoint had its field's default.
         saved = {**{field.name: field.default for field in dataclasses.fields(TrainConfig)}, **state["config"]}
         for key in TrainConfig.RESUME_KEYS:
@@ -233,9 +301,8 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.step = state["step"]
-        if self.rank == 0:
-            drop_log_after(os.path.join(self.config.out, "log.jsonl"), self.step)
+        self.step = self.saved_step = state["step"]
+        self.skipped_nonfinite = state.get("skipped_nonfinite", 0)
         if len(state["rng"]) == self.world_size:  # the steps themselves draw from (seed, step), not from these
             rng = state["rng"][self.rank]
             torch.set_rng_state(rng["torch"])
@@ -244,14 +311,32 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------------
 
+    def _claim_run_folder(self, stack):
+        """On rank 0: lock the run folder for the whole run (a second run into it stops here), then clear
+        the temporaries that a killed run left (only the lock holder may: another run's are not stale)."""
+        if self.rank != 0:
+            return
+        out = self.config.out
+        os.makedirs(out, exist_ok=True)
+        stack.enter_context(exclusive_lock(os.path.join(out, ".lock"), f"--out {out}"))
+        for directory in (out, self.checkpoint_dir, os.path.join(out, "model")):  # the folders the run writes
+            remove_stale_temporaries(directory)
+
     def run(self, progress=True):
+        with contextlib.ExitStack() as stack:
+            distributed.fail_together(lambda: self._claim_run_folder(stack), self.process)
+            return self._run(progress)
+
+    def _run(self, progress):
         config = self.config
-        latest = self.latest_checkpoint()
-        if latest is not None:
-            self.resume(latest)
-        log_path = os.path.join(config.out, "log.jsonl")
+        path, state = distributed.fail_together(
+            lambda: run_folder.newest_sound_checkpoint(self.checkpoint_dir, warnings=self.rank == 0), self.process)
+        if path is not None:
+            self.resume(path, state)
+        log_path = os.path.join(config.out, run_folder.LOG_FILE)
         if self.rank == 0:
-            os.makedirs(config.out, exist_ok=True)
+            # Also with no checkpoint: a run killed before its first save logged steps it will log again.
+            run_folder.drop_log_after(log_path, self.step)
             write_text_atomic(os.path.join(config.out, "config.json"), json.dumps(dataclasses.asdict(config), indent=2))
         bar = tqdm(range(self.step, config.steps), desc="training", initial=self.step, total=config.steps,
                    disable=not (progress and self.rank == 0), dynamic_ncols=True)
@@ -259,16 +344,19 @@ class Trainer:
         for _ in bar:
             terms = self.train_step()
             if self.step % config.log_every == 0 or self.step == config.steps:
+                self.check_finite()
                 elapsed = time.perf_counter() - started
                 rate = (self.step - started_step) / elapsed if elapsed > 0 else math.nan
                 record = {"step": self.step, **{k: float(v) for k, v in terms.items()}, "lr": config.lr,
                           "steps_per_s": rate, "images_per_s": rate * config.global_batch_size}
+                if config.skip_nonfinite is not None:
+                    record["skipped_nonfinite"] = self.skipped_nonfinite
                 if self.rank == 0:
-                    with open(log_path, "a") as log:  # appended line by line; a resumed run continues it
-                        log.write(json.dumps(record) + "\n")
+                    run_folder.append_log(log_path, record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
             if self.step % config.ckpt_every == 0 or self.step == config.steps:
                 self.save()
+        distributed.fail_together(lambda: self.check_finite(weights=True), self.process)
         if self.rank == 0:
             checkpoints.save_pretrained(self.ema, os.path.join(config.out, "model"))
         _barrier()

@@ -1,0 +1,145 @@
+"""A training run's folder: checkpoints that carry a record of what was saved, and a log that a
+killed run can continue.
+
+A kill can stop a run anywhere. ``fastdit.io.atomic_path`` keeps every file whole or absent (its
+leftover temporaries are cleared when the next run has locked the folder); what it cannot catch, a
+checkpoint damaged later (a full disk, a bad copy), the size and sha256 recorded beside each
+checkpoint can: the resume passes over such a checkpoint for the newest sound one. Appending a log
+line is not atomic: a torn last line is dropped, and the steps past the resumed checkpoint too, as
+the resume logs them again.
+"""
+import hashlib
+import json
+import os
+import sys
+
+import torch
+
+from fastdit.io import atomic_path, write_text_atomic
+
+LOG_FILE = "log.jsonl"
+CHECKPOINTS = "checkpoints"
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint that differs from what was saved, or cannot be read."""
+
+
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def append_log(path, record):
+    with open(path, "a") as log:
+        log.write(json.dumps(record) + "\n")
+
+
+def drop_log_after(path, step):
+    """Forget log records past ``step``: a killed run logged steps that its resume repeats. A torn last
+    line (a kill during its write) is dropped with a warning; a bad line before the last is an error."""
+    if not os.path.exists(path):
+        return
+    with open(path, errors="replace") as log:
+        lines = [(number, line) for number, line in enumerate(log, start=1) if line.strip()]
+    kept = []
+    for index, (number, line) in enumerate(lines):
+        try:
+            record_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError) as error:
+            if index < len(lines) - 1:
+                raise ValueError(f"{path} line {number} is not a training record ({type(error).__name__}: "
+                                 f"{error}); fix or remove that line to resume") from None
+            warn(f"{path} line {number} is torn (the run was stopped while writing it); dropped it")
+            continue
+        if record_step <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    write_text_atomic(path, "".join(kept))
+
+
+def record_path(checkpoint_path):
+    """Where the size and sha256 of ``checkpoint_path`` are recorded when it is saved."""
+    return checkpoint_path + ".json"
+
+
+class _HashingWriter:
+    """A file that hashes the bytes passing through it: the record costs no second read of a checkpoint."""
+
+    def __init__(self, file):
+        self.file, self.sha256, self.size = file, hashlib.sha256(), 0
+
+    def write(self, data):
+        self.sha256.update(data)
+        self.size += memoryview(data).nbytes
+        return self.file.write(data)
+
+    def flush(self):
+        self.file.flush()
+
+
+def write_checkpoint(state, path):
+    """``torch.save(state)`` to ``path`` atomically, with its record."""
+    with atomic_path(path) as temporary:
+        with open(temporary, "wb") as file:
+            writer = _HashingWriter(file)
+            torch.save(state, writer)
+            file.flush()
+            os.fsync(file.fileno())
+        # Recorded before the checkpoint is renamed into place: a kill between the two leaves a record that
+        # matches no checkpoint (one the resume passes over), never a new checkpoint without its record.
+        write_text_atomic(record_path(path), json.dumps({"size": writer.size, "sha256": writer.sha256.hexdigest()}))
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_checkpoint(path) -> dict:
+    """A training checkpoint, checked against the size and sha256 recorded when it was saved (an older
+    run's checkpoint has no record: it must only load). Raises ``DamagedCheckpoint``."""
+    if os.path.exists(record_path(path)):
+        try:
+            with open(record_path(path)) as file:
+                record = json.load(file)
+            size, sha256 = int(record["size"]), str(record["sha256"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise DamagedCheckpoint(f"checkpoint {path}: its record {record_path(path)} cannot be read "
+                                    f"({type(error).__name__})") from None
+        if os.path.getsize(path) != size:
+            raise DamagedCheckpoint(f"checkpoint {path} is damaged: {os.path.getsize(path)} bytes, {size} when saved")
+        if _sha256(path) != sha256:
+            raise DamagedCheckpoint(f"checkpoint {path} is damaged: its sha256 differs from the one recorded when "
+                                    "it was saved")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a damaged file fails as RuntimeError, EOFError, UnpicklingError, ...
+        reason = str(error).splitlines()[0] if str(error) else ""
+        raise DamagedCheckpoint(f"checkpoint {path} cannot be read ({type(error).__name__}: {reason})") from None
+
+
+def checkpoint_paths(directory):
+    """The checkpoints (``<step>.pt``) in ``directory``, oldest first."""
+    if not os.path.isdir(directory):
+        return []
+    names = sorted(name for name in os.listdir(directory) if name.endswith(".pt") and name[:-3].isdigit())
+    return [os.path.join(directory, name) for name in names]
+
+
+def newest_sound_checkpoint(directory, warnings=True):
+    """(path, state) of the newest checkpoint in ``directory`` that matches its record and loads, with a
+    warning for each damaged one passed over; (None, None) when there is none at all."""
+    damaged = []
+    for path in reversed(checkpoint_paths(directory)):
+        try:
+            return path, read_checkpoint(path)
+        except DamagedCheckpoint as error:
+            if warnings:
+                warn(f"{error}; trying an older checkpoint")
+            damaged.append(os.path.basename(path))
+    if damaged:
+        raise DamagedCheckpoint(f"resume: every checkpoint in {directory} is damaged ({', '.join(damaged)}); move "
+                                "them away to start the run over")
+    return None, None
