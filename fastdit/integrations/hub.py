@@ -46,5 +46,5 @@ def resolve_repo_id(repo_id: str, revision: str | None = None) -> str:
         raise CheckpointError(
             f"{repo_id}{at} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and fastdit never "
             f"downloads: fetch it with `hf download {repo_id}` (huggingface_hub's CLI; older versions: "
-            f"`huggingface-cli download {repo_id}`), then pass the id again"
+            f"`huggingface-cli download {repo_id}`), then pass the id again (no local path {repo_id} exists either)"
         ) from error

@@ -1,0 +1,87 @@
+"""`fastdit convert SRC DST --to diffusers|fastdit|release`: a DiT's weights from one format to another.
+
+SRC is anything fastdit reads: a release ``.pt`` file, a ``.safetensors`` file, a ``save_pretrained``
+folder, a diffusers pipeline root or transformer folder, or a Hugging Face repo id in the local cache.
+DST is written whole or not at all (a folder is built beside it and renamed into place; a file is
+renamed over a temporary) and is never overwritten. The weights keep their dtype.
+"""
+import contextlib
+import os
+import shutil
+import tempfile
+
+import torch
+
+from fastdit import reference
+from fastdit.integrations.diffusers_folders import is_diffusers_folder, read_diffusers, write_diffusers
+from fastdit.integrations.hub import is_repo_id, resolve_repo_id
+from fastdit.io import atomic_path
+from fastdit.models import checkpoint
+
+FORMATS = {
+    "diffusers": "a diffusers transformer folder (config.json, diffusion_pytorch_model.safetensors)",
+    "fastdit": "a fastdit save_pretrained folder (config.json, model.safetensors)",
+    "release": "a .pt file holding the release's state dict, as DiT-XL-2-256x256.pt",
+}
+
+
+def add_arguments(parser):
+    parser.description = ("Convert a DiT's weights between the release's .pt, fastdit's folders and diffusers' "
+                          "folders. Conversion is strict: every tensor is used and checked.")
+    parser.add_argument("src", metavar="SRC", help="a .pt or .safetensors file, a fastdit or diffusers folder, or a "
+                        "Hugging Face repo id in the local cache (e.g. facebook/DiT-XL-2-256; never downloaded)")
+    parser.add_argument("dst", metavar="DST", help="the folder (--to diffusers, fastdit) or file (--to release) to "
+                        "write; it must not exist")
+    parser.add_argument("--to", required=True, choices=tuple(FORMATS),
+                        help="; ".join(f"{name}: {what}" for name, what in FORMATS.items()))
+
+
+def run(args):
+    destination = os.path.abspath(args.dst)
+    if os.path.lexists(destination):
+        raise FileExistsError(f"DST: {args.dst} exists; fastdit convert never overwrites: remove it or choose "
+                              f"another path")
+    model = load_reference(args.src)
+    if args.to == "release":
+        with atomic_path(destination) as temporary:
+            torch.save(model.state_dict(), temporary)
+    else:
+        write = write_diffusers if args.to == "diffusers" else checkpoint.save_pretrained
+        with _folder_in_place(destination) as folder:
+            write(model, folder)
+    print(f"wrote {args.dst}: {FORMATS[args.to]}")
+    return 0
+
+
+def load_reference(source) -> reference.DiT:
+    """The plain-PyTorch DiT with the weights at ``source`` (any format fastdit reads), loaded strictly."""
+    if is_repo_id(source):
+        source = resolve_repo_id(source)
+    if not is_diffusers_folder(source):
+        return checkpoint.build(reference.DiT, source)
+    state_dict, config = read_diffusers(source)  # already converted strictly: the keys are the model's
+    with torch.device("meta"):
+        model = reference.DiT(**config)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.eval()
+
+
+@contextlib.contextmanager
+def _folder_in_place(destination):
+    """A new folder beside ``destination``, renamed to it when the block succeeds and removed when it fails."""
+    parent, name = os.path.split(destination)
+    os.makedirs(parent, exist_ok=True)
+    temporary = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".tmp")
+    try:
+        yield temporary
+        os.chmod(temporary, 0o777 & ~_umask())  # mkdtemp's 0700 -> the usual permissions
+        os.rename(temporary, destination)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
