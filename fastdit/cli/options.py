@@ -9,6 +9,7 @@ import torch
 
 import fastdit
 from fastdit.models import DTYPES
+from fastdit.models.checkpoint import WEIGHTS
 
 DEFAULT_IMAGE_SIZE = 256
 VAE_DOWNSAMPLING = 8  # the Stable Diffusion VAE's latents are 1/8 of the image's size
@@ -51,8 +52,10 @@ def add_model_arguments(parser, random_weights="an architecture with RANDOM weig
     ``load_model``."""
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help=f"{random_weights}, one of " + ", ".join(fastdit.DiT_models))
-    source.add_argument("--ckpt", help="a trained checkpoint: the release's .pt, a .safetensors file or a "
-                        "save_pretrained directory")
+    source.add_argument("--ckpt", help="a trained checkpoint: the release's .pt, fastdit's training checkpoint "
+                        "(OUT/checkpoints/NNNNNNNN.pt), a .safetensors file or a save_pretrained directory")
+    parser.add_argument("--weights", choices=WEIGHTS, help="a training checkpoint's EMA or raw model weights "
+                        "(default: ema)")
     parser.add_argument("--image-size", type=int, help="in pixels; must fit the model (a latent model makes "
                         f"{VAE_DOWNSAMPLING}x its input size); default: the checkpoint's size, {DEFAULT_IMAGE_SIZE} "
                         "with --model")
@@ -69,6 +72,8 @@ def bundled_settings() -> dict | None:
 
 def check_model_flags(args):
     """--model's name and --image-size against it, before anything is loaded."""
+    if args.weights is not None and args.ckpt is None:
+        raise ValueError("--weights: picks a --ckpt training checkpoint's weights; pass --ckpt too")
     if args.model is not None and args.model not in fastdit.DiT_models:
         raise ValueError(f"--model: unknown model {args.model!r}; expected one of {', '.join(fastdit.DiT_models)}")
     if args.image_size is not None and args.image_size < 1:
@@ -94,7 +99,7 @@ def check_sampling_flags(args):
 def load_model(args, device, dtype):
     """The fast model from --ckpt, or --model's architecture with random weights drawn from --seed."""
     if args.ckpt is not None:
-        return fastdit.load(args.ckpt, device=device, dtype=dtype)
+        return fastdit.load(args.ckpt, device=device, dtype=dtype, weights=args.weights)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)  # every rank, and every command, builds the same random weights
         model = fastdit.DiT_models[args.model](input_size=(args.image_size or DEFAULT_IMAGE_SIZE) // VAE_DOWNSAMPLING)

@@ -1,16 +1,36 @@
 """`fastdit sample`: class-conditional images from a DiT, in one process or many (torchrun).
 
-Every input is checked before the first step (flags, checkpoint, VAE, class ids, that --out can be
-written), and files are written only at the end, each atomically, run.json last: a failed or interrupted
-run leaves no partial file. Under torchrun the run's batches are split over the ranks, whole: a batch's
+Every input is checked before the first step (flags, the run's size, checkpoint, VAE, class ids, --out).
+A run's --out holds exactly that run's files, and a run that fails or is killed at any point leaves the
+previous output whole. So --out is written as a whole:
+
+- the run takes an exclusive lock, the hidden file ``.<name>.lock`` beside --out (beside it, not in it:
+  it must outlive the swap below); a second run into the same --out stops at once, naming the holder's pid;
+- it removes what a killed run left (``.<name>.staging-*`` folders; see below), then creates its own
+  empty staging folder beside --out, before any work, so every path it will write is known to work;
+- it writes everything there, run.json last, and swaps the folder in for --out with one atomic
+  ``renameat2(RENAME_EXCHANGE)`` (Linux >= 3.15; a plain rename when --out does not exist yet); the
+  previous output, now in the staging folder, is then removed. Where the exchange is not supported
+  (another OS, a filesystem without it) the swap is two renames, the old --out moved aside to
+  ``.<name>.previous-*`` first: a kill between the two leaves --out missing, and the next run puts
+  the previous output back before it starts;
+- an existing --out is replaced only when it holds nothing but a sample run's files (run.json,
+  samples.npz, grid.png, images/*.png): any other folder is refused, never deleted.
+
+Under torchrun the run's batches are split over the ranks, whole: a batch's
 images, labels and noise are those of the same batch in a single-process run with the same --batch-size,
 so the result is the same; rank 0 gathers the images and writes them.
 """
 import argparse
+import contextlib
+import ctypes
 import dataclasses
+import errno
 import json
 import os
 import platform
+import re
+import shutil
 import sys
 import tempfile
 import time
@@ -25,13 +45,17 @@ from fastdit.cli import options
 from fastdit.cli.options import BUNDLED_MODEL
 from fastdit.diffusion.samplers import SAMPLERS
 from fastdit.diffusion.sampling import default_guidance_channels, sample
-from fastdit.io import atomic_path, write_bytes_atomic, write_text_atomic
+from fastdit.io import atomic_path, exclusive_lock, write_bytes_atomic, write_text_atomic
 from fastdit.kernels import kernel_path
 from fastdit.models.validation import check_class_ids
 from fastdit.train import distributed, images
 
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 25, "dpm++": 20}
 DEFAULT_NUM_SAMPLES = 8
+# Samples are held in memory until they are written: a run's size is capped well above the 50,000 images of
+# an FID evaluation, so that a slip of the keyboard fails at once rather than after allocating terabytes.
+MAX_NUM_SAMPLES = 1_000_000
+SAMPLE_OUTPUTS = ("grid.png", "images", "run.json", "samples.npz")  # what a run writes in --out
 GRID_MAX_IMAGES = 100  # grid.png is a preview: a 50k-image FID run keeps the first 100
 GRID_MAX_COLUMNS = 16
 
@@ -76,6 +100,7 @@ class Plan:
     image_size: int
     pixels: bool  # the model samples pixels; else latents, decoded when there is a VAE
     load_seconds: float
+    staging: str | None  # where the main process writes the outputs before they replace --out
 
     @property
     def writes_images(self):
@@ -88,13 +113,16 @@ def run(args):
     args.sampler = args.sampler or "ddpm"
     args.cfg_scale = 4.0 if args.cfg_scale is None else args.cfg_scale
     check_flags(args)
-    with distributed.launch(args.device) as process:
-        plan = distributed.fail_together(lambda: prepare(args, process), process)
+    with distributed.launch(args.device) as process, contextlib.ExitStack() as held:
+        plan = distributed.fail_together(lambda: prepare(args, process, held), process)
         sampling_started = time.perf_counter()
-        samples = distributed.gather_to_main(sample_share(plan, args, process), process)
+        # Every rank stops if one's samples are not finite, rather than wait for it in the gather.
+        share = distributed.fail_together(lambda: sample_share(plan, args, process), process)
+        samples = distributed.gather_to_main(share, process)
         sampling_seconds = time.perf_counter() - sampling_started
         if process.is_main:
             write_outputs(args, plan, process, samples, started, sampling_seconds)
+            swap_in(plan.staging, output_path(args.out))
     return 0
 
 
@@ -127,12 +155,41 @@ def check_flags(args):
         raise ValueError("--num-per-class: needs --classes (without --classes use --num-samples)")
     if args.num_samples is not None and args.classes is not None:
         raise ValueError("--num-samples: draws random classes; with --classes use --num-per-class")
+    if args.classes is not None and len(args.classes) * (args.num_per_class or 1) > MAX_NUM_SAMPLES:
+        raise ValueError(f"--num-per-class: {len(args.classes)} classes x {args.num_per_class} = "
+                         f"{len(args.classes) * args.num_per_class} images; a run makes at most {MAX_NUM_SAMPLES} "
+                         "(they are held in memory): split it into runs with different --seed")
+    if args.num_samples is not None and args.num_samples > MAX_NUM_SAMPLES:
+        raise ValueError(f"--num-samples: a run makes at most {MAX_NUM_SAMPLES} images (they are held in memory), "
+                         f"got {args.num_samples}: split it into runs with different --seed")
 
 
-def check_writable(out):
-    """Raise OSError unless ``out`` is, or can be made, a directory this process can write in; leaves
-    nothing behind (the directory itself is made at the end)."""
-    existing = os.path.abspath(out)
+def output_path(out) -> str:
+    """--out as an absolute path with symbolic links resolved (the swap replaces the folder, not a link)."""
+    if not out or not out.strip():
+        raise ValueError(f"--out: expected a folder path, got {out!r}")
+    path = os.path.realpath(out)
+    if os.path.dirname(path) == path:
+        raise ValueError(f"--out {out}: a run replaces its --out as a whole; the filesystem root cannot be replaced")
+    return path
+
+
+def check_output(out) -> str:
+    """Raise unless ``out`` can be this run's output folder: a new folder, or one holding only an earlier
+    sample run's files, whose parent this process can write in. Returns its path; creates nothing."""
+    path = output_path(out)
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise OSError(f"--out {out}: {path} is a file, not a directory")
+        foreign = [name for name in sorted(os.listdir(path)) if name not in SAMPLE_OUTPUTS]
+        images_dir = os.path.join(path, "images")
+        if os.path.isdir(images_dir):
+            foreign += [f"images/{name}" for name in sorted(os.listdir(images_dir)) if not name.endswith(".png")]
+        if foreign:
+            raise ValueError(f"--out {out}: holds files a sample run does not write ({', '.join(foreign[:3])}"
+                             f"{', ...' if len(foreign) > 3 else ''}), and a run replaces its --out as a whole: "
+                             "choose a new or empty folder")
+    existing = os.path.dirname(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
@@ -142,6 +199,81 @@ def check_writable(out):
             pass
     except OSError as error:
         raise OSError(f"--out {out}: cannot write in {existing} ({error.strerror or error})") from None
+    return path
+
+
+@contextlib.contextmanager
+def claimed_output(out):
+    """Hold --out's lock for the run and yield an empty staging folder beside --out, removed on the way out
+    unless ``swap_in`` has taken it; a killed run's leftovers are cleared first."""
+    path = check_output(out)
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    with exclusive_lock(os.path.join(parent, f".{name}.lock"), f"--out {out}"):
+        recover_interrupted(path)
+        staging = tempfile.mkdtemp(prefix=f".{name}.staging-", dir=parent)
+        try:
+            yield staging
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def recover_interrupted(path):
+    """Under --out's lock: remove the staging folders of killed runs (a whole new output that was never
+    swapped in, a partial one, or the previous output after the swap), and put back an output that a killed
+    two-rename swap had moved aside."""
+    parent, name = os.path.split(path)
+    leftover = re.compile(rf"^\.{re.escape(name)}\.(staging|previous)-[a-z0-9_]+$")
+    for entry in sorted(os.scandir(parent), key=lambda entry: entry.name):
+        match = leftover.match(entry.name)
+        if not match or not entry.is_dir(follow_symlinks=False):
+            continue
+        if match.group(1) == "previous" and not os.path.exists(path):
+            os.rename(entry.path, path)
+        else:
+            shutil.rmtree(entry.path)
+
+
+def exchange(first, second) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the OS or filesystem
+    cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc >= 2.28
+    if renameat2 is None:
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2  # from <fcntl.h> and <linux/fs.h>
+    if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), second)
+
+
+def swap_in(staging, path):
+    """Make the complete staging folder --out in one atomic step, then remove the previous output."""
+    parent = os.path.dirname(path)
+    _fsync_directory(staging)
+    if not os.path.exists(path):
+        os.rename(staging, path)
+    elif exchange(staging, path):
+        shutil.rmtree(staging)  # now the previous output
+    else:
+        previous = os.path.join(parent, os.path.basename(staging).replace(".staging-", ".previous-", 1))
+        os.rename(path, previous)
+        os.rename(staging, path)
+        shutil.rmtree(previous)
+    _fsync_directory(parent)  # the renames survive a power cut
+
+
+def _fsync_directory(path):
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def class_labels(args, num_classes):
@@ -157,11 +289,11 @@ def warn(process, message):
         print(f"fastdit sample: warning: {message}", file=sys.stderr)
 
 
-def prepare(args, process):
-    """Check the run against the model and the machine, and load what it samples with."""
+def prepare(args, process, held):
+    """Check the run against the model and the machine, and load what it samples with; the main process
+    first claims --out (``held`` keeps the claim until the run ends)."""
     started = time.perf_counter()
-    if process.is_main:
-        check_writable(args.out)
+    staging = held.enter_context(claimed_output(args.out)) if process.is_main else None
     dtype = options.resolve_dtype(args.dtype, process.device)
     model = options.load_model(args, process.device, dtype)
     image_size, pixels = options.image_size_of(model, args.image_size)
@@ -182,7 +314,7 @@ def prepare(args, process):
     if not pixels and vae is None:
         warn(process, f"no --vae for this latent model (in_channels={model.in_channels}): samples.npz will hold the "
                       "latents ('latents', N x C x H x W float32) and no images are written")
-    return Plan(model, vae, labels, image_size, pixels, time.perf_counter() - started)
+    return Plan(model, vae, labels, image_size, pixels, time.perf_counter() - started, staging)
 
 
 def decoded(plan, latents):
@@ -221,25 +353,25 @@ def grid_columns(args):
 
 
 def write_outputs(args, plan, process, samples, started, sampling_seconds):
-    os.makedirs(args.out, exist_ok=True)
-    labels = plan.labels
+    """Every output into the staging folder, run.json last."""
+    directory, labels = plan.staging, plan.labels
     if plan.writes_images:
         arrays = {"images": samples, "labels": labels, "arr_0": samples}  # arr_0: what the ADM evaluator reads
         if args.save_images:
-            os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
+            os.makedirs(os.path.join(directory, "images"))
             for index, (image, label) in enumerate(zip(samples, labels)):
-                path = os.path.join(args.out, "images", f"{index:06d}_class{label}.png")
+                path = os.path.join(directory, "images", f"{index:06d}_class{label}.png")
                 write_bytes_atomic(path, images.png_bytes(image))
         preview = images.grid(samples[:GRID_MAX_IMAGES], labels[:GRID_MAX_IMAGES], grid_columns(args))
-        write_bytes_atomic(os.path.join(args.out, "grid.png"), images.png_bytes(preview))
+        write_bytes_atomic(os.path.join(directory, "grid.png"), images.png_bytes(preview))
     else:
         arrays = {"latents": samples, "labels": labels}
-    with atomic_path(os.path.join(args.out, "samples.npz")) as temporary, open(temporary, "wb") as file:
+    with atomic_path(os.path.join(directory, "samples.npz")) as temporary, open(temporary, "wb") as file:
         np.savez(file, **arrays)
         file.flush()
         os.fsync(file.fileno())
     record = run_record(args, plan, process, sorted(arrays), started, sampling_seconds)
-    write_text_atomic(os.path.join(args.out, "run.json"), json.dumps(record, indent=2) + "\n")
+    write_text_atomic(os.path.join(directory, "run.json"), json.dumps(record, indent=2) + "\n")
 
 
 def run_record(args, plan, process, arrays, started, sampling_seconds):

@@ -69,7 +69,8 @@ class GraphCaptureError(RuntimeError):
     """The denoising step could not be captured into a CUDA graph."""
 
 
-def _run_eager(denoiser, solver, noise, x, iterate):
+def _run_eager(denoiser, solver, noise, x, iterate, stop=None):
+    """The steps one by one; ``stop(i, eps, x)``, when given, is asked after each step whether to stop there."""
     coefficients = solver.coefficients.to(x.device, torch.float32)
     state = solver.initial_state(x)
     t = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
@@ -78,7 +79,36 @@ def _run_eager(denoiser, solver, noise, x, iterate):
         step_noise = noise.next().to(x.device) if solver.draws_noise else None
         eps, variance_values = denoiser(x, t)
         x, state = solver.step(x, eps, variance_values, coefficients[i], step_noise, state)
+        if stop is not None and stop(i, eps, x):
+            break
     return x
+
+
+class NonFiniteSampleError(ValueError):
+    """Sampling gave NaN or infinite values (a ValueError: the model or the settings are what is wrong)."""
+
+
+def _nonfinite_cause(model, denoiser, solver, start) -> str:
+    """Why a call's samples are not finite: non-finite weights, else the first step that went wrong, found by
+    running the steps again eagerly with a check after each (only on this failure path)."""
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if not bool(torch.isfinite(tensor).all()):
+            return f"the model's weights are not finite ({name} holds NaN or inf)"
+    image_noise, x_T = start()
+    if not bool(torch.isfinite(x_T).all()):
+        return "the initial noise is not finite (the noise argument holds NaN or inf)"
+    found = []
+
+    def stop(i, eps, x):
+        where = f"step {i + 1} of {len(solver)} (timestep {int(solver.timesteps[i])})"
+        if not bool(torch.isfinite(eps).all()):
+            found.append(f"the model's output is not finite from {where} on, in {denoiser.dtype}")
+        elif not bool(torch.isfinite(x).all()):
+            found.append(f"the {solver.name} update is not finite from {where} on")
+        return bool(found)
+
+    _run_eager(denoiser, solver, image_noise, x_T, lambda steps: steps, stop)
+    return found[0] if found else "a rerun of the steps was finite: the sampling is not deterministic here"
 
 
 def warm_up(fn, device):
@@ -254,16 +284,34 @@ def _check_number(name, value):
 
 
 def _check_labels(class_labels, num_classes, device):
-    labels = class_labels if isinstance(class_labels, torch.Tensor) else torch.as_tensor(class_labels)
+    """class_labels as int64 on ``device``: a tensor, a numpy array or a sequence of int class ids."""
+    if isinstance(class_labels, (str, bytes)) or not hasattr(class_labels, "__len__"):
+        raise TypeError(f"class_labels must be a sequence of int class ids (a list, numpy array or tensor), got "
+                        f"{type(class_labels).__name__} {class_labels!r:.40}")
+    if len(class_labels) == 0:
+        raise ValueError("class_labels must be a non-empty 1-D list of class ids, got an empty one")
+    if isinstance(class_labels, torch.Tensor):
+        labels = class_labels
+    else:
+        try:
+            labels = torch.as_tensor(class_labels)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as error:
+            huge = [label for label in class_labels if isinstance(label, int) and not -2**63 <= label < 2**63]
+            if huge:
+                raise ValueError(f"class_labels: class ids must be in [0, {num_classes - 1}] (the model has "
+                                 f"{num_classes} classes), got {huge[0]}") from None
+            raise TypeError(f"class_labels must be int class ids, got {class_labels!r:.60} ({error})") from None
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"class_labels must be integers, got dtype {labels.dtype}")
-    if labels.dim() != 1 or labels.numel() == 0:
+    if labels.dim() != 1:
         raise ValueError(f"class_labels must be a non-empty 1-D list of class ids, got shape {tuple(labels.shape)}")
+    if labels.device.type == "meta":
+        raise ValueError("class_labels: got a tensor on the meta device, which holds no values")
     check_class_ids(labels, num_classes, "class_labels")
     return labels.to(device=device, dtype=torch.long)
 
 
-def sample(model, class_labels, *, sampler="ddpm", steps=250, cfg_scale=1.0, guidance_channels=3, noise=None,
+def sample(model, class_labels, *, sampler="ddpm", steps=250, cfg_scale=1.0, guidance_channels=None, noise=None,
            generator=None, seed=None, eta=0.0, first_index=0, progress=False, compile=False, cuda_graphs="auto"):
     """Sample latents (N, C, H, W), fp32 on the model's device, for N = len(class_labels).
 
@@ -272,10 +320,12 @@ def sample(model, class_labels, *, sampler="ddpm", steps=250, cfg_scale=1.0, gui
         "ddim" (``eta``; ``steps=25`` uses the release's "ddim25" steps 960, 920, ..., 0),
         "dpm++" (DPM-Solver++ 2M, good at 10-25 steps).
     cfg_scale: classifier-free guidance scale s (1: none); guidance uses the null class ``model.num_classes``
-        and applies to the first ``guidance_channels`` eps channels (3 as the release, None: all).
+        and applies to the first ``guidance_channels`` eps channels (None: the model's default, 3 of a 4-channel
+        latent model's as the release, all of any other model's; ignored when cfg_scale == 1).
     noise: initial latents x_T (N, C, H, W); default drawn per image from (seed, first_index + k).
     seed / generator: the run's seed (int >= 0), or a torch.Generator to draw it from; default: drawn
         from torch's global generator (so torch.manual_seed makes runs repeatable).
+    eta: DDIM's noise scale, in [0, 1] (0: deterministic DDIM; above 1 the update's sqrt goes negative).
     first_index: the global index of the first image (to draw a long run in batches with the same noise).
     compile: run the model through torch.compile. cuda_graphs: capture one whole step into a CUDA graph
         and replay it ("auto": when the model is on CUDA, falling back to eager steps with a warning when
@@ -294,9 +344,15 @@ def sample(model, class_labels, *, sampler="ddpm", steps=250, cfg_scale=1.0, gui
     first_index = _check_int("first_index", first_index, 0)
     if eta != 0 and sampler != "ddim":
         raise ValueError(f"eta applies to the ddim sampler only, got eta={eta} with sampler {sampler!r}")
+    if eta > 1:  # sqrt(1 - abar_prev - sigma^2) is NaN once sigma^2 passes 1 - abar_prev
+        raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: ancestral noise), got {eta}")
     channels, size = model.in_channels, model.input_size
-    guidance_channels = channels if guidance_channels is None else _check_int(
-        "guidance_channels", guidance_channels, 1, channels)
+    if cfg_scale == 1.0:
+        guidance_channels = channels  # no guidance: the setting is unused, whatever it is
+    elif guidance_channels is None:
+        guidance_channels = default_guidance_channels(channels) or channels
+    else:
+        guidance_channels = _check_int("guidance_channels", guidance_channels, 1, channels)
     if cfg_scale != 1.0 and not has_null_class(model):
         raise ValueError(f"cfg_scale={cfg_scale} needs the null class, but this model has no null class embedding "
                          "(it was built with class_dropout_prob=0); use cfg_scale=1")
@@ -338,9 +394,10 @@ def sample(model, class_labels, *, sampler="ddpm", steps=250, cfg_scale=1.0, gui
     model.eval()  # label dropout is a training-time augmentation
     try:
         with torch.no_grad():
+            x = None
             if use_graph:
                 try:
-                    return _run_cuda_graph(model, denoiser, solver, *start(), iterate, compile)
+                    x = _run_cuda_graph(model, denoiser, solver, *start(), iterate, compile)
                 except GraphCaptureError as error:
                     if cuda_graphs is True:
                         raise RuntimeError(f"cuda_graphs=True, but the model's step cannot be captured into a CUDA "
@@ -348,6 +405,11 @@ def sample(model, class_labels, *, sampler="ddpm", steps=250, cfg_scale=1.0, gui
                     warnings.warn(f"sampling without CUDA graphs: the step could not be captured ({error})",
                                   stacklevel=2)
             with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-                return _run_eager(denoiser, solver, *start(), iterate)
+                if x is None:
+                    x = _run_eager(denoiser, solver, *start(), iterate)
+                if not bool(torch.isfinite(x).all()):  # a call's one host sync: no step checks its output
+                    raise NonFiniteSampleError(f"{sampler} sampling ({steps} steps, cfg_scale={cfg_scale}) gave "
+                                               f"non-finite samples: {_nonfinite_cause(model, denoiser, solver, start)}")
+            return x
     finally:
         model.train(was_training)

@@ -2,9 +2,11 @@
 ``save_pretrained`` writes (``config.json`` + ``model.safetensors``).
 
 fastdit never downloads: a checkpoint is a local path. The release publishes plain state dicts
-(DiT-XL-2-256x256.pt) and its training script saves ``{"model", "ema", "opt", "args"}``; both
-load with ``torch.load(weights_only=True)``, which unpickles tensors and containers only. Where
-no config is stored with the weights, it is read off the tensors' shapes (``infer_config``).
+(DiT-XL-2-256x256.pt) and its training script saves ``{"model", "ema", "opt", "args"}``; fastdit's
+trainer saves ``{"model", "ema", "optimizer", "config", "model_config", ...}``. All load with
+``torch.load(weights_only=True)``, which unpickles tensors and containers only. Where no config is
+stored with the weights (``model_config``, the safetensors header, ``config.json``), it is read off
+the tensors' shapes (``infer_config``). Weights that are not finite are refused unless asked for.
 """
 import argparse
 import json
@@ -36,6 +38,8 @@ PAPER_NUM_HEADS = {config["hidden_size"]: config["num_heads"] for config in refe
 # Every model trained with the release's code has class dropout 0.1, hence a null-class row.
 RELEASE_CLASS_DROPOUT = 0.1
 
+WEIGHTS = ("ema", "model")  # the two sets of weights a training checkpoint holds
+
 RELEASE_HINT = (
     "the release's checkpoints (DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt) are published by "
     "facebookresearch/DiT at https://dl.fbaipublicfiles.com/DiT/models/; download one and pass its "
@@ -47,35 +51,46 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or not the weights of a DiT."""
 
 
-def build(model_class, path, *, config: dict | None = None, device="cpu", dtype=None, **options):
+def build(model_class, path, *, config: dict | None = None, device="cpu", dtype=None, weights=None,
+          allow_nonfinite=False, **options):
     """A ``model_class`` (``fastdit.DiT`` or ``fastdit.reference.DiT``) in eval mode with the weights at
-    ``path``: a release ``.pt`` file (a state dict, or a dict with ``model`` and/or ``ema``, ``ema``
-    preferred), a ``.safetensors`` file, or a ``save_pretrained`` directory. ``config`` (constructor
-    arguments) overrides the stored or inferred config; ``options`` are constructor arguments that are
-    not the weights' (``attn_backend``); ``dtype=None`` keeps the stored dtype. Loading is strict.
+    ``path``: a ``.pt`` file (a state dict, or a training checkpoint: a dict with ``model`` and/or ``ema``),
+    a ``.safetensors`` file, or a ``save_pretrained`` directory. ``weights`` picks a training checkpoint's
+    "ema" or "model" weights (None: "ema" where there are both). ``config`` (constructor arguments)
+    overrides the stored or inferred config; ``options`` are constructor arguments that are not the
+    weights' (``attn_backend``); ``dtype=None`` keeps the stored dtype. Loading is strict, and weights
+    holding NaN or inf (after the cast to ``dtype``) are a CheckpointError unless ``allow_nonfinite``.
     The class is an argument so that this module does not import the fast model, which loads through it."""
     given = _checked_config(config)
     device = _checked_device(device)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype: expected a floating-point torch.dtype or None, got {dtype!r}")
-    state_dict, stored = read(path)
+    state_dict, stored = read(path, weights)
     model_arguments = {**stored, **given} if stored is not None else infer_config(state_dict, given)
     # Built on the meta device: no time spent initialising weights that are replaced at once.
     with torch.device("meta"):
         model = model_class(**model_arguments, **options)
     _check_matches(model, state_dict, path, model_arguments)
     model.load_state_dict(state_dict, strict=True, assign=True)
-    return model.to(device=device, dtype=dtype).eval()
+    model.to(dtype=dtype)  # on the CPU, so that the check below costs no device syncs
+    if not allow_nonfinite:
+        _check_finite(model, path)
+    return model.to(device=device).eval()
 
 
-def read(path) -> tuple[dict, dict | None]:
-    """(state dict on the CPU, the stored config or None) from any supported checkpoint."""
+def read(path, weights=None) -> tuple[dict, dict | None]:
+    """(state dict on the CPU, the stored config or None) from any supported checkpoint; ``weights``:
+    a training checkpoint's "ema" or "model" (None: "ema" where there are both)."""
     path = _checked_path(path)
-    if os.path.isdir(path):
-        return _read_directory(path)
-    if path.endswith(".safetensors"):
-        return _read_safetensors(path)
-    return _read_torch(path), None
+    if weights is not None and weights not in WEIGHTS:
+        raise ValueError(f"weights: expected one of {', '.join(WEIGHTS)} or None, got {weights!r}")
+    if os.path.isdir(path) or path.endswith(".safetensors"):
+        state_dict, stored = _read_directory(path) if os.path.isdir(path) else _read_safetensors(path)
+        if weights is not None:
+            raise CheckpointError(f"weights={weights!r}: {path} holds one set of weights; only a training "
+                                  "checkpoint (.pt with 'model' and 'ema') holds two to choose from")
+        return state_dict, stored
+    return _read_torch(path, weights)
 
 
 def infer_config(state_dict: dict, config: dict | None = None) -> dict:
@@ -163,7 +178,7 @@ def save_pretrained(model, directory) -> None:
 # --- readers --------------------------------------------------------------------------------
 
 
-def _read_torch(path) -> dict:
+def _read_torch(path, weights) -> tuple[dict, dict | None]:
     try:
         # The release's training checkpoints also pickle their argparse.Namespace of arguments.
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -173,9 +188,21 @@ def _read_torch(path) -> dict:
             f"cannot read checkpoint {path} ({type(error).__name__}): it is truncated, not a PyTorch file, or holds "
             f"objects other than tensors (fastdit reads .pt files with torch.load(weights_only=True))"
         ) from error
-    if isinstance(contents, dict):
-        contents = contents.get("ema", contents.get("model", contents))
-    return _checked_state_dict(contents, path)
+    stored = None
+    training = isinstance(contents, dict) and any(isinstance(contents.get(key), dict) for key in WEIGHTS)
+    if training:
+        held = [key for key in WEIGHTS if isinstance(contents.get(key), dict)]
+        chosen = weights or held[0]
+        if chosen not in held:
+            raise CheckpointError(f"weights={chosen!r}: {path} holds only the {held[0]!r} weights")
+        # fastdit's trainer stores the constructor arguments: widths and heads the shapes cannot tell.
+        if contents.get("model_config") is not None:
+            stored = _checked_config(contents["model_config"], f"{path}: model_config")
+        contents = contents[chosen]
+    elif weights is not None:
+        raise CheckpointError(f"weights={weights!r}: {path} is a plain state dict, one set of weights; only a "
+                              "training checkpoint (with 'model' and 'ema') holds two to choose from")
+    return _checked_state_dict(contents, path), stored
 
 
 def _read_safetensors(path) -> tuple[dict, dict | None]:
@@ -239,9 +266,16 @@ def _checked_config(config, source="config") -> dict:
 
 def _checked_device(device) -> torch.device:
     try:
-        return torch.device(device)
+        device = torch.device(device)
     except (RuntimeError, TypeError) as error:
         raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda:0', got {device!r}") from error
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: this machine has no CUDA device (or torch was built without "
+                             "CUDA); use 'cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def _checked_state_dict(contents, path) -> dict:
@@ -253,6 +287,9 @@ def _checked_state_dict(contents, path) -> dict:
     not_tensors = [key for key, value in contents.items() if not isinstance(value, torch.Tensor)]
     if not_tensors:
         raise CheckpointError(f"{path} is not a DiT state dict: {_names(not_tensors)} are not tensors")
+    not_floating = [f"{key} ({value.dtype})" for key, value in contents.items() if not value.dtype.is_floating_point]
+    if not_floating:
+        raise CheckpointError(f"{path} is not a DiT's weights: {_names(not_floating)} are not floating point")
     for prefix in ("module.", "_orig_mod."):  # saved from a DistributedDataParallel or torch.compile wrapper
         if all(key.startswith(prefix) for key in contents):
             contents = {key.removeprefix(prefix): value for key, value in contents.items()}
@@ -278,6 +315,14 @@ def _check_matches(model, state_dict, path, arguments) -> None:
     ]
     if mismatched:
         raise CheckpointError(f"{path} does not fit DiT({described}): {_names(mismatched)}")
+
+
+def _check_finite(model, path) -> None:
+    for name, tensor in model.state_dict().items():
+        if not bool(torch.isfinite(tensor).all()):
+            count = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{path}: the weights are not finite: {name} holds {count} NaN or inf values (first "
+                                  "bad tensor; e.g. a diverged training run); pass allow_nonfinite=True to load them")
 
 
 def _shape(state_dict, key, dims) -> tuple:

@@ -215,9 +215,12 @@ class DiT(reference.DiT):
         self.gradient_checkpointing = False  # recompute each block's activations in backward
 
     @classmethod
-    def from_pretrained(cls, path, *, config=None, device="cpu", dtype=None, attn_backend="auto"):
-        """A model in eval mode from a checkpoint file or directory: see ``fastdit.models.checkpoint.build``."""
-        return checkpoints.build(cls, path, config=config, device=device, dtype=dtype, attn_backend=attn_backend)
+    def from_pretrained(cls, path, *, config=None, device="cpu", dtype=None, weights=None, allow_nonfinite=False,
+                        attn_backend="auto"):
+        """A model in eval mode from a checkpoint file or directory; ``weights``: a training checkpoint's
+        "ema" (the default) or "model". See ``fastdit.models.checkpoint.build``."""
+        return checkpoints.build(cls, path, config=config, device=device, dtype=dtype, weights=weights,
+                                 allow_nonfinite=allow_nonfinite, attn_backend=attn_backend)
 
     def save_pretrained(self, directory):
         """Write ``config.json`` and ``model.safetensors`` to ``directory``: see ``fastdit.models.checkpoint``."""

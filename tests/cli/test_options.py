@@ -74,7 +74,7 @@ def test_dtype_defaults_to_bf16_on_gpu_and_fp32_on_cpu(name, device, expected):
     (dict(image_size=0), "--image-size: expected an integer >= 1, got 0"),
 ])
 def test_model_flags_are_checked_before_loading(flags, words):
-    args = SimpleNamespace(**{"model": None, "image_size": None, **flags})
+    args = SimpleNamespace(**{"model": None, "ckpt": None, "weights": None, "image_size": None, **flags})
     with pytest.raises(ValueError, match="^" + words.replace("(", r"\(").replace(".", r"\.")):
         options.check_model_flags(args)
 

@@ -200,17 +200,22 @@ def test_bad_input_is_one_line_and_exit_2_before_sampling(argv, words, paths, ca
     assert not paths.out.exists()
 
 
-def test_failed_write_leaves_no_partial_file(pixel_ckpt, tmp_path, capsys, monkeypatch):
+def test_failed_write_leaves_the_previous_output_whole(pixel_ckpt, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    code, _ = run_cli(["sample", "--ckpt", pixel_ckpt, "--num-samples", "3", "--out", str(out), *FAST], capsys)
+    assert code == 0
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+
     def disk_full(file, **arrays):
         file.write(b"PK half an archive")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(np, "savez", disk_full)
-    out = tmp_path / "out"
     code, err = run_cli(["sample", "--ckpt", pixel_ckpt, "--num-samples", "2", "--out", str(out), *FAST], capsys)
     assert code == 2 and len(err) == 1 and "No space left on device" in err[0]
-    assert sorted(os.listdir(out)) == ["grid.png"]  # written whole before the failure; no samples.npz, no run.json
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before  # not one file of the new run
     assert_no_temporary_files(out)
+    assert sorted(os.listdir(tmp_path)) == [".out.lock", "out"]  # no staging folder left beside it
 
 
 @pytest.mark.parametrize("argv, words", [

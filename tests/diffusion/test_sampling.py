@@ -83,7 +83,7 @@ def _reference(model, labels, sampler, steps, seed, cfg_scale, guidance_channels
 
 @pytest.mark.parametrize("sampler, steps, eta", [("ddpm", 50, 0.0), ("ddim", 25, 0.0), ("ddim", 10, 0.5),
                                                  ("dpm++", 10, 0.0), ("dpm++", 25, 0.0)])
-@pytest.mark.parametrize("cfg_scale, guidance_channels", [(1.0, 3), (4.0, 3), (2.5, None)])
+@pytest.mark.parametrize("cfg_scale, guidance_channels", [(1.0, 3), (4.0, 3), (2.5, 4)])
 def test_fast_samplers_equal_the_reference(sampler, steps, eta, cfg_scale, guidance_channels):
     model, labels = tiny_dit(), [0, 3, 9]
     out = sample(model, labels, sampler=sampler, steps=steps, eta=eta, cfg_scale=cfg_scale,
@@ -94,9 +94,10 @@ def test_fast_samplers_equal_the_reference(sampler, steps, eta, cfg_scale, guida
 
 def test_guidance_channels_and_unit_scale():
     model, labels = tiny_dit(), [1, 2]
-    three = sample(model, labels, sampler="ddim", steps=10, cfg_scale=4.0, seed=0)
-    every = sample(model, labels, sampler="ddim", steps=10, cfg_scale=4.0, guidance_channels=None, seed=0)
+    three = sample(model, labels, sampler="ddim", steps=10, cfg_scale=4.0, guidance_channels=3, seed=0)
+    every = sample(model, labels, sampler="ddim", steps=10, cfg_scale=4.0, guidance_channels=4, seed=0)
     assert relative_max_error(three, every) > 1e-3
+    assert torch.equal(sample(model, labels, sampler="ddim", steps=10, cfg_scale=4.0, seed=0), three)  # the default
     assert torch.equal(sample(model, labels, steps=10, seed=0), sample(model, labels, steps=10, seed=0, cfg_scale=1))
 
 
@@ -179,7 +180,8 @@ def test_model_mode_is_restored_and_cfg_needs_the_null_class():
     (dict(class_labels=[1.5]), TypeError, "integers"),
     (dict(noise=torch.zeros(2, 4, 8, 8)), ValueError, "noise must have shape \\(1, 4, 8, 8\\)"),
     (dict(noise=torch.zeros(1, 4, 8, 8, dtype=torch.long)), TypeError, "noise"),
-    (dict(guidance_channels=5), ValueError, "guidance_channels"),
+    (dict(guidance_channels=5, cfg_scale=4.0), ValueError, "guidance_channels"),
+    (dict(guidance_channels=0, cfg_scale=4.0), ValueError, "guidance_channels"),
     (dict(eta=0.5), ValueError, "eta applies to the ddim sampler"),
     (dict(seed=-1), ValueError, "seed"),
     (dict(seed=1, generator=torch.Generator()), ValueError, "seed or generator"),
