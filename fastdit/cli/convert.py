@@ -34,6 +34,8 @@ def add_arguments(parser):
                         "write; it must not exist")
     parser.add_argument("--to", required=True, choices=tuple(FORMATS),
                         help="; ".join(f"{name}: {what}" for name, what in FORMATS.items()))
+    parser.add_argument("--num-heads", type=int, help="attention heads, for a .pt file (which stores no config) of "
+                        "a width the paper does not use; the paper's widths imply theirs")
 
 
 def run(args):
@@ -41,7 +43,7 @@ def run(args):
     if os.path.lexists(destination):
         raise FileExistsError(f"DST: {args.dst} exists; fastdit convert never overwrites: remove it or choose "
                               f"another path")
-    model = load_reference(args.src)
+    model = load_reference(args.src, num_heads=args.num_heads)
     if args.to == "release":
         with atomic_path(destination) as temporary:
             torch.save(model.state_dict(), temporary)
@@ -53,13 +55,16 @@ def run(args):
     return 0
 
 
-def load_reference(source) -> reference.DiT:
-    """The plain-PyTorch DiT with the weights at ``source`` (any format fastdit reads), loaded strictly."""
+def load_reference(source, num_heads: int | None = None) -> reference.DiT:
+    """The plain-PyTorch DiT with the weights at ``source`` (any format fastdit reads), loaded strictly;
+    ``num_heads`` for a source that does not store it."""
     if is_repo_id(source):
         source = resolve_repo_id(source)
     if not is_diffusers_folder(source):
-        return checkpoint.build(reference.DiT, source)
+        return checkpoint.build(reference.DiT, source, config=None if num_heads is None else {"num_heads": num_heads})
     state_dict, config = read_diffusers(source)  # already converted strictly: the keys are the model's
+    if num_heads not in (None, config["num_heads"]):
+        raise ValueError(f"--num-heads: {source} stores num_heads {config['num_heads']}, got {num_heads}")
     with torch.device("meta"):
         model = reference.DiT(**config)
     model.load_state_dict(state_dict, strict=True, assign=True)
