@@ -142,7 +142,8 @@ def diffusers_to_release(state_dict: dict, config: dict, source="the diffusers s
         block = f"transformer_blocks.{index}."
         for diffusers_name, release_name in BLOCK_KEYS.items():
             for parameter in PARAMETERS:
-                converted[f"blocks.{index}.{release_name}.{parameter}"] = tensors.take(f"{block}{diffusers_name}.{parameter}")
+                value = tensors.take(f"{block}{diffusers_name}.{parameter}")
+                converted[f"blocks.{index}.{release_name}.{parameter}"] = value
         for parameter in PARAMETERS:
             qkv = [tensors.take(f"{block}{name}.{parameter}") for name in QKV]
             converted[f"blocks.{index}.attn.qkv.{parameter}"] = torch.cat(qkv, dim=0)
@@ -172,7 +173,8 @@ def release_to_diffusers(state_dict: dict, config: dict, source="the model") -> 
     tensors = _Keys(state_dict, source)
     grid_size = config["input_size"] // config["patch_size"]
     position = tensors.take("pos_embed")
-    _check_position_table(position, position_table(config["hidden_size"], grid_size, position.dtype), f"{source}: pos_embed")
+    table = position_table(config["hidden_size"], grid_size, position.dtype)
+    _check_position_table(position, table, f"{source}: pos_embed")
     converted = {}
     for diffusers_name, release_name in OUTER_KEYS.items():
         for parameter in PARAMETERS:
@@ -182,7 +184,8 @@ def release_to_diffusers(state_dict: dict, config: dict, source="the model") -> 
         block = f"transformer_blocks.{index}."
         for diffusers_name, release_name in BLOCK_KEYS.items():
             for parameter in PARAMETERS:
-                converted[f"{block}{diffusers_name}.{parameter}"] = tensors.take(f"blocks.{index}.{release_name}.{parameter}")
+                value = tensors.take(f"blocks.{index}.{release_name}.{parameter}")
+                converted[f"{block}{diffusers_name}.{parameter}"] = value
         for parameter in PARAMETERS:
             qkv = tensors.take(f"blocks.{index}.attn.qkv.{parameter}").chunk(3, dim=0)
             converted.update({f"{block}{name}.{parameter}": part.clone() for name, part in zip(QKV, qkv)})

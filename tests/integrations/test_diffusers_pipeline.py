@@ -10,7 +10,7 @@ from fastdit.models.checkpoint import model_config
 from fastdit.models.parity import relative_max_error
 
 diffusers = pytest.importorskip("diffusers")
-from fastdit.integrations.diffusers import FastDiTTransformer2DModel  # noqa: E402 (needs diffusers)
+from fastdit.integrations.diffusers import FastDiTTransformer2DModel  # after the skip: needs diffusers
 
 PARITY = 1e-5  # fp32, as tests/integrations/test_diffusers_convert.py
 PIPELINE_NULL_CLASS = 1000  # DiTPipeline hard-codes the null class: the model needs 1000 classes
@@ -29,7 +29,8 @@ def test_forward_takes_what_the_pipeline_passes(tiny_fastdit, tiny_inputs):
         assert torch.equal(transformer(x, timestep=torch.tensor(500), class_labels=y).sample, same_t)
         assert torch.equal(transformer(x, timestep=500, class_labels=y.tolist()).sample, same_t)
     assert transformer.device == x.device and transformer.dtype == torch.float32
-    assert (transformer.config.sample_size, transformer.config.in_channels, transformer.config.out_channels) == (8, 4, 8)
+    config = transformer.config
+    assert (config.sample_size, config.in_channels, config.out_channels) == (8, 4, 8)
     with pytest.raises(ValueError, match="timestep and class_labels"):
         transformer(x, timestep=t)
 

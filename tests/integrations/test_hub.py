@@ -9,7 +9,7 @@ from fastdit.integrations.hub import is_repo_id, resolve_repo_id
 from fastdit.models.checkpoint import CheckpointError
 
 pytest.importorskip("huggingface_hub")
-from huggingface_hub import constants  # noqa: E402 (after the skip)
+from huggingface_hub import constants  # after the skip
 
 REPO_ID = "facebook/DiT-XL-2-256"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -42,7 +42,8 @@ def test_cached_repo_resolves_to_its_snapshot(hub_cache):
 
 
 def test_uncached_repo_says_how_to_get_it(hub_cache):
-    with pytest.raises(CheckpointError, match=r"not in the local Hugging Face cache .* `hf download facebook/DiT-XL-2-512`"):
+    expected = r"not in the local Hugging Face cache .* `hf download facebook/DiT-XL-2-512`"
+    with pytest.raises(CheckpointError, match=expected):
         resolve_repo_id("facebook/DiT-XL-2-512")
     fake_cache(hub_cache)
     with pytest.raises(CheckpointError, match="at revision v2 is not in the local Hugging Face cache"):
@@ -55,7 +56,7 @@ def test_resolution_follows_the_environment(tmp_path):
     code = f"from fastdit.integrations.hub import resolve_repo_id; print(resolve_repo_id({REPO_ID!r}))"
     environment = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=environment, capture_output=True,
-                            text=True, timeout=120)
+                            text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert os.path.samefile(result.stdout.strip(), snapshot)
 
