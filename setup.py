@@ -10,7 +10,7 @@ setup(
     # kernels/ lives at the top of the repository but installs as fastdit.kernels: a
     # top-level `kernels` module would shadow the PyPI package of that name.
     packages=["fastdit", "fastdit.bench", "fastdit.cli", "fastdit.diffusion", "fastdit.models", "fastdit.train",
-              "fastdit.kernels"],
+              "fastdit.integrations", "fastdit.kernels"],
     package_dir={"fastdit": "fastdit", "fastdit.kernels": "kernels"},
     package_data={"fastdit": ["assets/digits/*.json", "assets/digits/*.safetensors"]},
     install_requires=["torch>=2.5", "triton>=3.6", "numpy", "safetensors>=0.4", "pillow", "tqdm", "scikit-learn"],
@@ -18,6 +18,8 @@ setup(
         "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "matplotlib>=3.7"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
         "vae": ["diffusers>=0.27"],
+        # Reading and writing diffusers' DiT folders, DiTPipeline, the local Hugging Face cache (no downloads).
+        "diffusers": ["diffusers>=0.30", "huggingface_hub"],
         "flash-attn": ["flash-attn>=2.5"],
         "xformers": ["xformers"],
         "native": ["cmake>=3.18", "ninja"],  # builds the C++ runner fastdit-run (CMakeLists.txt)

@@ -2,7 +2,7 @@
 import argparse
 import sys
 
-from fastdit.cli import ablation, bench, demo, digits, encode, export
+from fastdit.cli import ablation, bench, convert, demo, digits, encode, export
 from fastdit.cli import sample as sample_cli
 from fastdit.cli import train as train_cli
 from fastdit.train import distributed
@@ -27,11 +27,14 @@ def main(argv=None):
                                                          "report.json/.md/.png"))
     export.add_arguments(commands.add_parser("export", help="compile the guided denoiser into an AOTInductor .pt2 "
                                                            "package for the C++ runner fastdit-run"))
+    convert.add_arguments(commands.add_parser("convert", help="convert a DiT's weights between the release's, "
+                                                             "fastdit's and diffusers' formats"))
     ablation.add_arguments(commands.add_parser("ablation", help="train the paper's four block designs on the digits "
                                                               "and compare them (docs/ablation)"))
     args = parser.parse_args(argv)
     runs = {"demo": demo.run, "sample": sample_cli.run, "train": train_cli.run, "encode": encode.run,
-            "digits-accuracy": digits.run, "bench": bench.run, "export": export.run, "ablation": ablation.run}
+            "digits-accuracy": digits.run, "bench": bench.run, "export": export.run, "convert": convert.run,
+            "ablation": ablation.run}
     try:
         return runs[args.command](args)
     # CheckpointError is a ValueError; OSError: an unwritable --out, a full disk.
