@@ -33,8 +33,7 @@ from fastdit.io import exclusive_lock, remove_stale_temporaries, write_text_atom
 from fastdit.models import checkpoint as checkpoints
 from fastdit.models.dit import DiT, DiT_models
 from fastdit.train import data as datasets
-from fastdit.train import distributed
-from fastdit.train import run_folder
+from fastdit.train import distributed, run_folder
 
 
 @dataclasses.dataclass

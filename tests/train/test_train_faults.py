@@ -1,12 +1,9 @@
 """Training under faults: a diverging loss, NaN data, damaged checkpoints and logs, a second run into the
 same folder, and SIGKILL at random points, during a save and during a log write (issue 16)."""
-import io
 import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -224,10 +221,9 @@ def test_a_locked_run_folder_is_refused_and_left_alone(tmp_path):
     os.makedirs(tmp_path / "checkpoints")
     temporary = tmp_path / "checkpoints" / ".00000002.pt.someone_elses.tmp"
     temporary.write_bytes(b"being written")
-    with exclusive_lock(tmp_path / ".lock", "held by the test"):
-        with pytest.raises(FolderInUseError, match=f"--out {tmp_path} is in use by another fastdit process "
-                                                   f"\\(pid {os.getpid()}\\)"):
-            train_in_process(tiny_config(tmp_path, steps=2))
+    in_use = f"--out {tmp_path} is in use by another fastdit process \\(pid {os.getpid()}\\)"
+    with exclusive_lock(tmp_path / ".lock", "held by the test"), pytest.raises(FolderInUseError, match=in_use):
+        train_in_process(tiny_config(tmp_path, steps=2))
     assert temporary.exists()
     assert not (tmp_path / "log.jsonl").exists()
 
@@ -244,8 +240,8 @@ def test_a_second_train_into_the_same_out_exits_2_naming_the_first(tmp_path):
         second = fastdit(["train", "--preset", "digits", "--out", "R", "--steps", "3", "--no-progress"], tmp_path)
         _, stderr = second.communicate(timeout=120)
         assert second.returncode == 2
-        assert stderr.splitlines() == [f"fastdit train: error: --out R is in use by another fastdit process (pid "
-                                       f"{first.pid}); wait for it to finish or choose another folder"]
+        assert stderr.splitlines() == [(f"fastdit train: error: --out R is in use by another fastdit process (pid "
+                                        f"{first.pid}); wait for it to finish or choose another folder")]
     finally:
         first.kill()
         first.wait()
@@ -314,17 +310,18 @@ def test_sigkill_anywhere_then_resume_is_bit_exact(tmp_path):
     run_until_killed(["-c", FAULTY_RUNNER, json.dumps(config.__dict__), "log", "5"])
     with open(out / "log.jsonl") as log:
         assert not log.read().endswith("\n")  # torn
-    # At random points (seeded): wait for the run to be under way, then kill it after a random delay.
-    delays = random.Random(16).sample([x / 100 for x in range(0, 120)], 4)
-    for delay in delays:
+    # At random points (seeded): once the log reaches a random step, after a random few milliseconds (within
+    # a step, a log write or a save). Steps, not seconds, so that a faster or slower machine kills alike.
+    chooser = random.Random(16)
+    for target in sorted(chooser.sample(range(10, steps - 10, 3), 4)):
         process = run_script(arguments, tmp_path)
-        logged = len(read_log_lines(out))
         deadline = time.time() + 120
-        while len(read_log_lines(out)) <= logged and process.poll() is None and time.time() < deadline:
-            time.sleep(0.005)
-        time.sleep(delay)
+        while last_logged_step(out) < target and process.poll() is None and time.time() < deadline:
+            time.sleep(0.002)
+        time.sleep(chooser.uniform(0, 0.02))
         process.send_signal(signal.SIGKILL)
         process.wait()
+        assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     finished = run_script(arguments, tmp_path)
     _, stderr = finished.communicate(timeout=300)
     assert finished.returncode == 0, stderr
@@ -334,9 +331,11 @@ def test_sigkill_anywhere_then_resume_is_bit_exact(tmp_path):
                 if name.endswith(".tmp")]
 
 
-def read_log_lines(out):
+def last_logged_step(out):
+    """The last whole record's step in ``out``'s log (0 without one); the log may be mid-write."""
     try:
         with open(out / "log.jsonl") as log:
-            return log.readlines()
+            lines = [line for line in log if line.endswith("\n")]
     except FileNotFoundError:
-        return []
+        return 0
+    return json.loads(lines[-1])["step"] if lines else 0
