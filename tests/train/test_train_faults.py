@@ -4,6 +4,7 @@ import json
 import os
 import random
 import signal
+import sys
 import time
 
 import numpy as np
@@ -245,6 +246,21 @@ def test_a_second_train_into_the_same_out_exits_2_naming_the_first(tmp_path):
     finally:
         first.kill()
         first.wait()
+
+
+@pytest.mark.slow
+def test_under_torchrun_every_rank_stops_when_the_folder_is_locked(tmp_path):
+    """Rank 0 takes the lock; the other ranks must stop with it, not wait for it in a collective."""
+    config = tiny_config(tmp_path / "run", steps=2)
+    os.makedirs(config.out)
+    with exclusive_lock(os.path.join(config.out, ".lock"), "held by the test"):
+        process = run_script(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+                              "--no-python", sys.executable, "-c", RUNNER, json.dumps(config.__dict__)], tmp_path)
+        _, stderr = process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert stderr.count(f"FolderInUseError: --out {config.out} is in use by another fastdit process (pid "
+                        f"{os.getpid()})") == 2, stderr
+    assert not os.path.exists(os.path.join(config.out, "log.jsonl"))
 
 
 # --- SIGKILL at random points, during a save and during a log write -------------------------------
