@@ -53,8 +53,8 @@ def load_latent_shards(directory: str) -> TensorData:
         with np.load(path) as shard:
             for name, parts in arrays.items():
                 parts.append(torch.from_numpy(shard[name]))
-        # Checked once here, where a bad value can still be named by file and index: one pass over the data
-        # costs less than a training step's share of it, and the loop itself only watches the loss.
+        # Checked once, at load, where a bad value can still be named by file and index: one pass over the
+        # data costs less than one epoch of training on it, and the training loop watches only the loss.
         for name in ("latents", "flipped"):
             check_finite(arrays[name][-1], f"{path}: {name}")
     latents, flipped, labels = (torch.cat(arrays[name]) for name in ("latents", "flipped", "labels"))
@@ -64,7 +64,7 @@ def load_latent_shards(directory: str) -> TensorData:
 def check_finite(values: torch.Tensor, what: str) -> None:
     """Raise a ValueError naming ``what`` and the index of the first item of ``values`` (along dim 0)
     holding a NaN or an infinity."""
-    if not values.is_floating_point():
+    if not values.is_floating_point() or values.numel() == 0:
         return
     bad = ~torch.isfinite(values.reshape(len(values), -1)).all(dim=1)
     if bool(bad.any()):
