@@ -18,12 +18,25 @@ def add_arguments(parser):
     parser.add_argument("--repeats", type=int, default=3)
 
 
+def check_arguments(args):
+    """Every flag, before a model is built: --model, --image-size (a multiple of the VAE's downsampling and the
+    patch), --batch-size, --repeats, then --device (one this machine has)."""
+    if args.model not in fastdit.DiT_models:
+        raise ValueError(f"--model: unknown model {args.model!r}; expected one of {', '.join(fastdit.DiT_models)}")
+    for flag, value in (("--image-size", args.image_size), ("--batch-size", args.batch_size),
+                        ("--repeats", args.repeats)):
+        if value < 1:
+            raise ValueError(f"{flag}: expected an integer >= 1, got {value}")
+    multiple = options.VAE_DOWNSAMPLING * int(args.model.rsplit("/", 1)[1])  # "DiT-S/2": patch 2
+    if args.image_size % multiple:
+        raise ValueError(f"--image-size: {args.model} takes images of a multiple of {multiple} px (latents a multiple "
+                         f"of its patch size, 1/{options.VAE_DOWNSAMPLING} of the image), got {args.image_size}")
+    return options.resolve_device(args.device)
+
+
 def run(args):
-    device = options.resolve_device(args.device)
+    device = check_arguments(args)
     dtype = options.resolve_dtype(args.dtype, device)
-    if args.image_size % options.VAE_DOWNSAMPLING:
-        raise ValueError(f"--image-size: expected a multiple of {options.VAE_DOWNSAMPLING} (the VAE's downsampling), "
-                         f"got {args.image_size}")
     latent = args.image_size // options.VAE_DOWNSAMPLING
     ref = reference.DiT_models[args.model](input_size=latent).to(device).eval()
     perturb_(ref)  # a fresh adaLN-Zero model outputs zeros: perturb it so the check means something

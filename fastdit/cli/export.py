@@ -32,13 +32,14 @@ from fastdit.diffusion.sampling import (
     default_guidance_channels,
     has_null_class,
 )
-from fastdit.io import atomic_path
+from fastdit.io import TEMPORARY_SUFFIX, atomic_path
 from fastdit.models.checkpoint import model_config
 
 FORMAT = "fastdit-export"
 FORMAT_VERSION = 2  # native/fastdit_run.cpp's FORMAT_VERSION; 1 wrote the constants as JSON
 DEFAULT_STEPS = 50
 DEFAULT_CFG_SCALE = 4.0
+TEMPORARY_NAME_EXTRA = len(".") + len(".12345678") + len(TEMPORARY_SUFFIX)
 
 
 def add_arguments(parser):
@@ -109,16 +110,24 @@ def check_arguments(args):
     options.check_sampling_flags(args)
     if not args.out.endswith(".pt2"):
         raise ValueError(f"--out: expected a package path ending in .pt2 (AOTInductor's format), got {args.out}")
+    existing = os.path.dirname(os.path.abspath(args.out))
+    while not os.path.lexists(existing):  # lexists: a dangling link is in the way too
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--out {args.out}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {args.out}: cannot write in {existing}")
+    name_max = os.pathconf(existing, "PC_NAME_MAX")
     for path in (args.out, *schedule_paths(args.out)):
         if os.path.isdir(path):
             raise ValueError(f"--out {args.out}: {path} is a directory")
         if os.path.exists(path) and os.path.getsize(path) > 0 and not args.overwrite:
             raise ValueError(f"--out {args.out}: {path} exists (pass --overwrite to replace it)")
-    existing = os.path.dirname(os.path.abspath(args.out))
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not (os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK)):
-        raise ValueError(f"--out {args.out}: cannot write in {existing}")
+        # atomic_path writes ".<name>.<8 random characters>.tmp" beside it first.
+        if len(os.fsencode(os.path.basename(path))) + TEMPORARY_NAME_EXTRA > name_max:
+            raise ValueError(f"--out {args.out}: the file name {os.path.basename(path)} is too long for this "
+                             f"filesystem (at most {name_max - TEMPORARY_NAME_EXTRA} bytes, with the temporary "
+                             "file's additions)")
 
 
 def run(args):

@@ -274,6 +274,24 @@ def test_export_refuses_a_directory_as_out(tmp_path, monkeypatch, capsys, no_com
     assert capsys.readouterr().err.splitlines() == ["fastdit export: error: --out m.pt2: m.pt2 is a directory"]
 
 
+@pytest.mark.parametrize("make, out, message", [
+    (lambda root: (root / "file").write_text("x"), "file/m.pt2", "file is not a directory"),
+    (lambda root: (root / "file").write_text("x"), "file/sub/m.pt2", "file is not a directory"),
+    (lambda root: (root / "link").symlink_to(root / "gone"), "link/m.pt2", "link is not a directory"),
+    (lambda root: (root / "m.ddim.npy").mkdir(), "m.pt2", "m.ddim.npy is a directory"),
+    (lambda root: None, "m" * 240 + ".pt2", "is too long for this filesystem"),
+], ids=["parent-is-a-file", "ancestor-is-a-file", "dangling-link", "schedule-is-a-directory", "name-too-long"])
+def test_export_refuses_an_unusable_out_before_compiling(tmp_path, monkeypatch, capsys, no_compiling, make, out,
+                                                        message):
+    monkeypatch.chdir(tmp_path)
+    make(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    assert main(["export", "--out", out, "--overwrite"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"fastdit export: error: --out {out}: ") and message in lines[0], lines
+    assert sorted(os.listdir(tmp_path)) == before
+
+
 def test_export_needs_out(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["export"])
