@@ -48,3 +48,35 @@ def test_bundled_model_is_the_readmes():
     assert options.bundled_settings() == dict(num_classes=10, num_per_class=10, sampler="ddim", steps=50, cfg_scale=4.0)
     size = os.path.getsize(os.path.join(options.BUNDLED_MODEL, "model.safetensors"))
     assert round(size / 2**20) == 5
+
+
+def real_digits():
+    """scikit-learn's digits (the classifier's own training data) as `fastdit sample` writes images: uint8, 0..255."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return np.round(digits.images * 255 / 16).astype(np.uint8), digits.target
+
+
+def test_digits_accuracy_scores_the_real_digits_and_not_shifted_labels(tmp_path, capsys):
+    from fastdit.cli import main
+
+    images, labels = real_digits()
+    upscaled = images.repeat(2, axis=1).repeat(2, axis=2)[..., None]  # (N, 16, 16, 1), as the bundled model's
+    np.savez(tmp_path / "samples.npz", images=upscaled, labels=labels)
+    assert main(["digits-accuracy", str(tmp_path / "samples.npz")]) == 0
+    expected = f"100.0% of {len(labels)} samples classified as the digit they were conditioned on\n"
+    assert capsys.readouterr().out == expected
+    assert conditioned_class_accuracy(images, (labels + 1) % 10) == 0.0
+
+
+@pytest.mark.parametrize("images, labels, message", [
+    (np.zeros((2, 8, 8), np.float32), [3, 4], "images: expected grey uint8 images"),
+    (np.zeros((2, 8, 8, 3), np.uint8), [3, 4], "images: expected grey uint8 images"),
+    (np.zeros((0, 8, 8), np.uint8), [], "images: expected grey uint8 images"),
+    (np.zeros((2, 8, 8), np.uint8), [3.0, 4.0], "labels: expected 2 integer labels, one per image, got float64"),
+    (np.zeros((2, 8, 8), np.uint8), [-1, 4], r"labels: expected digits in \[0, 9\], got \[-1\]"),
+])
+def test_conditioned_class_accuracy_refuses_what_it_cannot_score(images, labels, message):
+    with pytest.raises(ValueError, match=message):
+        conditioned_class_accuracy(images, np.array(labels))

@@ -288,7 +288,8 @@ def test_export_refuses_an_unusable_out_before_compiling(tmp_path, monkeypatch, 
     before = sorted(os.listdir(tmp_path))
     assert main(["export", "--out", out, "--overwrite"]) == 2
     lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"fastdit export: error: --out {out}: ") and message in lines[0], lines
+    assert len(lines) == 1 and lines[0].startswith(f"fastdit export: error: --out {out}: "), lines
+    assert message in lines[0], lines
     assert sorted(os.listdir(tmp_path)) == before
 
 
