@@ -1,10 +1,10 @@
 """Bad input fails at the boundary with a message naming the argument."""
 import pytest
 import torch
+from parity import MODEL_TOLERANCE, assert_parity, perturb_
 
 import fastdit
 from fastdit import reference
-from parity import MODEL_TOLERANCE, assert_parity, perturb_
 
 
 @pytest.fixture(scope="module")
