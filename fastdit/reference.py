@@ -7,6 +7,7 @@ constructor arguments, module names, parameter shapes, initialisation and arithm
 """
 import math
 import numbers
+import re
 
 import numpy as np
 import torch
@@ -440,10 +441,27 @@ DIT_CONFIGS = {
 
 
 class ModelRegistry(dict):
-    """Model name -> constructor; an unknown name lists the valid ones."""
+    """Model name -> constructor. The names are the paper's ("DiT-XL/2"); the checkpoints' spelling
+    ("DiT-XL-2", as in DiT-XL-2-256x256.pt and facebook/DiT-XL-2-256) finds the same model. An unknown
+    name lists the valid ones."""
+
+    @staticmethod
+    def canonical(name):
+        """"DiT-XL-2" -> "DiT-XL/2"; any other value unchanged."""
+        match = re.fullmatch(r"(DiT-[A-Z]+)-(\d+)", name) if isinstance(name, str) else None
+        return f"{match[1]}/{match[2]}" if match else name
 
     def __missing__(self, name):
+        canonical = self.canonical(name)
+        if canonical != name and dict.__contains__(self, canonical):
+            return self[canonical]
         raise KeyError(f"unknown model {name!r}; valid names: {', '.join(self)}")
+
+    def __contains__(self, name):
+        return dict.__contains__(self, self.canonical(name))
+
+    def get(self, name, default=None):
+        return self[name] if name in self else default
 
 
 def model_constructors(model_class):

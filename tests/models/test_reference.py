@@ -5,6 +5,7 @@ import pytest
 import torch
 from parity import assert_parity
 
+import fastdit
 from fastdit import reference
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data")
@@ -40,6 +41,15 @@ def test_configs_follow_the_paper(name):
         int(patch),
     )
     assert model.out_channels == 8 and model.y_embedder.embedding_table.num_embeddings == 1001
+
+
+@pytest.mark.parametrize("models", [reference.DiT_models, fastdit.DiT_models], ids=["reference", "fast"])
+def test_the_checkpoints_spelling_names_the_same_model(models):
+    assert "DiT-XL-2" in models and models.get("DiT-B-4") is models["DiT-B/4"]
+    assert models["DiT-XL-2"] is models["DiT-XL/2"]
+    assert "DiT-XL-3" not in models and models.get("DiT-XL-3") is None and "DiT-XL/2" in list(models)
+    with pytest.raises(KeyError, match=r"unknown model 'DiT-XL-3'; valid names: DiT-S/2"):
+        models["DiT-XL-3"]
 
 
 def test_xl2_has_675m_parameters():
