@@ -211,11 +211,13 @@ def claimed_output(out):
     os.makedirs(parent, exist_ok=True)
     with exclusive_lock(os.path.join(parent, f".{name}.lock"), f"--out {out}"):
         recover_interrupted(path)
-        staging = tempfile.mkdtemp(prefix=f".{name}.staging-", dir=parent)
-        try:
+        staging = None
+        try:  # a signal between mkdtemp and the assignment leaves an empty folder, which the next run removes
+            staging = tempfile.mkdtemp(prefix=f".{name}.staging-", dir=parent)
             yield staging
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
 
 
 def recover_interrupted(path):

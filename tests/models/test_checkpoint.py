@@ -243,3 +243,83 @@ def test_bad_arguments(tmp_path, ema, kwargs, error, words):
 def test_bad_paths_and_models():
     check_error(TypeError, ["path:", "int"], fastdit.load, 3)
     check_error(TypeError, ["model:", "Linear"], checkpoint.model_config, torch.nn.Linear(2, 2))
+
+
+# --- fastdit's training checkpoints, non-finite and non-float weights, devices -----------------
+
+
+@pytest.fixture(scope="module")
+def training_checkpoint(tmp_path_factory):
+    """A checkpoint as fastdit's trainer saves it (Trainer.save), at a width whose heads the shapes cannot
+    tell (hidden 32, 2 heads), with the raw weights moved away from the EMA's."""
+    from fastdit.train import distributed
+    from fastdit.train.trainer import TrainConfig, Trainer
+
+    out = tmp_path_factory.mktemp("run")
+    model_config = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2,
+                        num_classes=10, class_dropout_prob=0.1, learn_sigma=True)
+    config = TrainConfig(out=str(out), model=None, model_config=model_config, data="digits", image_size=8,
+                         global_batch_size=8, precision="fp32")
+    trainer = Trainer(config, distributed.Process(0, 1, 0, torch.device("cpu"), None))
+    perturb_(trainer.model, seed=4)
+    perturb_(trainer.ema, seed=5)
+    trainer.save()
+    return os.path.join(trainer.checkpoint_dir, "00000000.pt"), trainer
+
+
+@pytest.mark.parametrize("weights", [None, "ema", "model"])
+def test_fastdits_training_checkpoint_loads_either_weights(training_checkpoint, weights):
+    path, trainer = training_checkpoint
+    model = fastdit.load(path, weights=weights)
+    expected = (trainer.model if weights == "model" else trainer.ema).state_dict()
+    assert checkpoint.model_config(model) == checkpoint.model_config(trainer.model)  # num_heads=2 from the file
+    assert all(torch.equal(model.state_dict()[key], expected[key]) for key in expected)
+
+
+def test_weights_must_be_in_the_file(checkpoints, tmp_path):
+    check_error(CheckpointError, ["weights='ema'", "only the 'model' weights"], fastdit.load,
+                checkpoints["model_only.pt"], weights="ema")
+    for name in ("plain.pt", "bare.safetensors", "directory"):
+        check_error(CheckpointError, ["weights='model'", "one set of weights"], fastdit.load, checkpoints[name],
+                    weights="model")
+    check_error(ValueError, ["weights:", "'last'"], fastdit.load, checkpoints["training.pt"], weights="last")
+    assert torch.equal(fastdit.load(checkpoints["training.pt"], weights="model").pos_embed,
+                       tiny_reference(seed=1).pos_embed)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_weights_are_refused_unless_allowed(tmp_path, ema, value):
+    state_dict = ema.state_dict()
+    state_dict["blocks.1.attn.proj.weight"] = state_dict["blocks.1.attn.proj.weight"].clone()
+    state_dict["blocks.1.attn.proj.weight"][3, :2] = value
+    torch.save(state_dict, tmp_path / "diverged.pt")
+    check_error(CheckpointError, ["diverged.pt", "not finite", "blocks.1.attn.proj.weight holds 2 NaN or inf",
+                                  "allow_nonfinite=True"], fastdit.load, tmp_path / "diverged.pt")
+    loaded = fastdit.load(tmp_path / "diverged.pt", allow_nonfinite=True)
+    assert int((~torch.isfinite(loaded.blocks[1].attn.proj.weight)).sum()) == 2
+
+
+def test_weights_that_overflow_the_requested_dtype_are_refused(tmp_path, ema):
+    state_dict = ema.state_dict()
+    state_dict["final_layer.linear.bias"] = torch.full_like(state_dict["final_layer.linear.bias"], 1e6)
+    torch.save(state_dict, tmp_path / "large.pt")
+    fastdit.load(tmp_path / "large.pt")  # finite in float32
+    check_error(CheckpointError, ["final_layer.linear.bias holds"], fastdit.load, tmp_path / "large.pt",
+                dtype=torch.float16)
+
+
+def test_integer_tensors_are_named(tmp_path, ema):
+    tensors = {key: value.contiguous() for key, value in ema.state_dict().items()}
+    tensors["blocks.0.attn.qkv.weight"] = tensors["blocks.0.attn.qkv.weight"].to(torch.int32)
+    save_file(tensors, tmp_path / "ints.safetensors")
+    check_error(CheckpointError, ["ints.safetensors", "blocks.0.attn.qkv.weight (torch.int32)", "not floating point"],
+                fastdit.load, tmp_path / "ints.safetensors")
+
+
+def test_a_cuda_device_this_machine_lacks_is_one_clear_error(checkpoints, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    check_error(ValueError, ["device 'cuda'", "no CUDA device"], fastdit.load, checkpoints["plain.pt"], device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    check_error(ValueError, ["device 'cuda:3'", "has 1 CUDA device"], fastdit.load, checkpoints["plain.pt"],
+                device="cuda:3")
