@@ -1,26 +1,52 @@
-"""`fastdit encode`: precompute VAE latents of an image folder for training (``fastdit.train.encode``)."""
-from fastdit.cli.options import resolve_device
+"""`fastdit encode`: precompute VAE latents of an image folder for training (``fastdit.train.encode``);
+``torchrun --nproc_per_node N -m fastdit encode ...`` splits the shards between N processes."""
+import os
+import sys
+
+from fastdit.train import distributed
 from fastdit.train.data import class_folder_files
 from fastdit.train.encode import encode_files
+from fastdit.train.shards import LATENT_DTYPES
 from fastdit.train.vae import VAE
 
 
 def add_arguments(parser):
     parser.add_argument("--data", required=True, help="image folder: one sub-directory per class")
     parser.add_argument("--vae", required=True, help="local directory of a diffusers AutoencoderKL")
-    parser.add_argument("--out", required=True, help="directory for the latent shards")
+    parser.add_argument("--out", required=True, help="directory for the latent shards; rerunning the same command "
+                                                     "on it resumes an unfinished encode")
     parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="images per VAE call (it encodes both flips)")
     parser.add_argument("--shard-size", type=int, default=10_000, help="images per shard")
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--latent-dtype", choices=list(LATENT_DTYPES), default="fp16",
+                        help="how latents are stored (default fp16: half of fp32's disk and page cache; "
+                             "docs/data.md measures what it changes)")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="DataLoader processes decoding and preprocessing the images per encode process "
+                             "(0: in the main process); default min(8, CPU count)")
+    parser.add_argument("--prefetch", type=int, default=2, help="batches each worker prepares ahead")
+    parser.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK under torchrun) if there is "
+                                                       "one, else cpu")
 
 
 def run(args):
-    for flag in ("image_size", "batch_size", "shard_size"):
+    for flag in ("image_size", "batch_size", "shard_size", "prefetch"):
         if getattr(args, flag) <= 0:
             raise ValueError(f"--{flag.replace('_', '-')}: expected a positive integer, got {getattr(args, flag)}")
-    files, _ = class_folder_files(args.data, "--data")
-    vae = VAE.load(args.vae, device=resolve_device(args.device))
-    shards = encode_files(files, vae, args.out, args.image_size, args.batch_size, args.shard_size)
-    print(f"wrote {len(files)} images' latents in {shards} shard(s) to {args.out}")
+    if args.workers < 0:
+        raise ValueError(f"--workers: expected 0 or more, got {args.workers}")
+    files, num_classes = class_folder_files(args.data, "--data")
+    with distributed.launch(args.device) as process:
+        vae = distributed.fail_together(lambda: VAE.load(args.vae, device=process.device), process)
+        try:
+            result = encode_files(files, num_classes, vae, args.out, args.image_size, args.batch_size,
+                                  args.shard_size, args.latent_dtype, args.workers, args.prefetch, process)
+        except (ValueError, OSError) as error:
+            # One rank's own failure (an unreadable image in its share): `fastdit` prints rank 0's errors only.
+            if not process.is_main and getattr(error, "rank", None) == process.rank:
+                print(f"fastdit encode: error: rank {process.rank}: {error}", file=sys.stderr)
+            raise
+    if process.is_main:
+        print(f"wrote {len(files)} images' latents to {args.out}: {result['shards']} shard(s), "
+              f"{result['encoded']} encoded by this process now, {result['kept']} kept from before")
     return 0

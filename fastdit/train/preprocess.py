@@ -27,6 +27,6 @@ def center_crop_arr(pil_image, image_size: int) -> np.ndarray:
     scale = image_size / min(image.size)
     # Python's round (half to even), as the release: it decides the long side's length to the pixel.
     image = image.resize((round(image.width * scale), round(image.height * scale)), resample=Image.BICUBIC)
-    pixels = np.asarray(image, dtype=np.uint8)
+    pixels = np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on PIL's read-only view
     top, left = (pixels.shape[0] - image_size) // 2, (pixels.shape[1] - image_size) // 2
     return np.ascontiguousarray(pixels[top:top + image_size, left:left + image_size])
