@@ -129,9 +129,9 @@ def test_a_huge_run_is_refused_before_allocating(pixel_ckpt, tmp_path, capsys):
     started = time.perf_counter()
     code, err = run_cli(["sample", "--ckpt", pixel_ckpt, "--classes", "1", "2", "--num-per-class", "1000000000000",
                          "--out", str(tmp_path / "out"), *FAST], capsys)
-    assert code == 2 and err == ["fastdit sample: error: --num-per-class: 2 classes x 1000000000000 = 2000000000000 "
-                                 f"images; a run makes at most {sample_cli.MAX_NUM_SAMPLES} (they are held in memory): "
-                                 "split it into runs with different --seed"]
+    assert code == 2 and err == [("fastdit sample: error: --num-per-class: 2 classes x 1000000000000 = 2000000000000 "
+                                  f"images; a run makes at most {sample_cli.MAX_NUM_SAMPLES} (they are held in "
+                                  "memory): split it into runs with different --seed")]
     code, err = run_cli(["sample", "--ckpt", pixel_ckpt, "--num-samples", str(10**12), "--out", str(tmp_path / "o"),
                          *FAST], capsys)
     assert code == 2 and len(err) == 1 and "--num-samples: a run makes at most" in err[0]
@@ -161,8 +161,8 @@ def test_a_second_run_into_the_same_out_is_refused_naming_the_holder(pixel_ckpt,
         holder.kill()
         holder.wait()
     assert second.returncode == 2
-    assert second.stderr.splitlines() == [f"fastdit sample: error: --out {out} is in use by another fastdit process "
-                                          f"(pid {holder.pid}); wait for it to finish or choose another folder"]
+    assert second.stderr.splitlines() == [(f"fastdit sample: error: --out {out} is in use by another fastdit process "
+                                           f"(pid {holder.pid}); wait for it to finish or choose another folder")]
     assert not out.exists()
     # The kernel dropped the killed holder's lock: the next run proceeds.
     third = subprocess.run([sys.executable, "-m", "fastdit", "sample", "--ckpt", pixel_ckpt, "--out", str(out),

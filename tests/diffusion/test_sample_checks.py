@@ -8,7 +8,6 @@ from test_sampling import GaussianData
 
 import fastdit
 from fastdit.cli.options import BUNDLED_MODEL
-from fastdit.diffusion import sampling
 from fastdit.diffusion.sampling import NonFiniteSampleError, sample
 
 
