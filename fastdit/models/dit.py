@@ -238,6 +238,16 @@ class DiT(reference.DiT):
 
     def forward(self, x, t, y):
         """x: (N, C, H, W) latents (cast to the model's dtype), t: (N,) timesteps, y: (N,) labels."""
+        x, h, modulations = self.embed(x, t, y)
+        x, h = self.run_blocks(x, h, modulations, 0, len(self.blocks))
+        return self.final_output(h)
+
+    # The forward in three parts, so that a feature cache (``fastdit.diffusion.caching``) can run the
+    # first block, all blocks or none of them, and reuse or forecast what the others add to x.
+
+    def embed(self, x, t, y):
+        """The residual stream x (N, T, D) that enters the blocks, the first block's input h (its first
+        norm's modulated LayerNorm of x) and every modulation: the blocks', then the final layer's."""
         check_model_inputs(self, x, t, y)
         proj = self.x_embedder.proj
         # Under autocast the GEMM runs in the autocast dtype and the residual stream stays in the
@@ -254,16 +264,28 @@ class DiT(reference.DiT):
         # Each modulation starts with the (shift, scale) of its block's first norm (the final layer's
         # last), which the block before it applies in its last fused op.
         modulations = [block.modulation(c) for block in self.blocks] + [self.final_layer.modulation(c)]
-        h = modulate_layernorm(x, *modulations[0][:2])
-        for block, modulation, (next_shift, next_scale, *_) in zip(self.blocks, modulations, modulations[1:]):
+        return x, self.normed_input(x, modulations, 0), modulations
+
+    def normed_input(self, x, modulations, index):
+        """Block ``index``'s input h for the residual stream x (index = depth: the final layer's)."""
+        return modulate_layernorm(x, *modulations[index][:2])
+
+    def run_blocks(self, x, h, modulations, start, stop):
+        """Blocks start..stop - 1 on (x, h): the new x and block ``stop``'s input h."""
+        for index in range(start, stop):
+            block, modulation = self.blocks[index], modulations[index]
+            next_shift, next_scale = modulations[index + 1][:2]
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x, h = checkpoint(block, x, h, modulation, next_shift, next_scale, use_reentrant=False)
             else:
                 x, h = block(x, h, modulation, next_shift, next_scale)
+        return x, h
+
+    def final_output(self, h):
+        """The final layer's input h -> the model's output (N, C or 2C, H, W)."""
         if self.block == "in-context":
             h = h[:, CONDITION_TOKENS:]
         return self.unpatchify(self.final_layer(h))
-
 
 DiT_models = model_constructors(DiT)
 load = DiT.from_pretrained  # fastdit.load
