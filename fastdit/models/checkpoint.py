@@ -80,10 +80,21 @@ def build(model_class, path, *, config: dict | None = None, device="cpu", dtype=
 
 def read(path, weights=None) -> tuple[dict, dict | None]:
     """(state dict on the CPU, the stored config or None) from any supported checkpoint; ``weights``:
-    a training checkpoint's "ema" or "model" (None: "ema" where there are both)."""
+    a training checkpoint's "ema" or "model" (None: "ema" where there are both). Besides fastdit's and the
+    release's files: a diffusers pipeline root or DiT transformer folder, and a Hugging Face repo id
+    ("facebook/DiT-XL-2-256") found in the local cache."""
+    from fastdit.integrations import diffusers_folders, hub  # they build on this module: imported here
+
+    if hub.is_repo_id(path):
+        path = hub.resolve_repo_id(path)
     path = _checked_path(path)
     if weights is not None and weights not in WEIGHTS:
         raise ValueError(f"weights: expected one of {', '.join(WEIGHTS)} or None, got {weights!r}")
+    if diffusers_folders.is_diffusers_folder(path):
+        if weights is not None:
+            raise CheckpointError(f"weights={weights!r}: {path} is a diffusers folder, one set of weights; only a "
+                                  "training checkpoint (.pt with 'model' and 'ema') holds two to choose from")
+        return diffusers_folders.read_diffusers(path)
     if os.path.isdir(path) or path.endswith(".safetensors"):
         state_dict, stored = _read_directory(path) if os.path.isdir(path) else _read_safetensors(path)
         if weights is not None:
@@ -161,9 +172,21 @@ def model_config(model) -> dict:
     )
 
 
-def save_pretrained(model, directory) -> None:
+SAVE_FORMATS = ("fastdit", "diffusers")
+
+
+def save_pretrained(model, directory, format="fastdit") -> None:
     """Write ``directory/model.safetensors`` (the state dict) and ``directory/config.json`` (the
-    constructor arguments), each atomically; the directory is created if needed."""
+    constructor arguments), each atomically; the directory is created if needed. ``format="diffusers"``
+    writes a folder that diffusers' ``DiTTransformer2DModel.from_pretrained`` loads instead
+    (``fastdit.integrations.diffusers_folders.write_diffusers``)."""
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"format: expected one of {', '.join(map(repr, SAVE_FORMATS))}, got {format!r}")
+    if format == "diffusers":
+        from fastdit.integrations.diffusers_folders import write_diffusers  # it builds on this module
+
+        write_diffusers(model, directory)
+        return
     config = model_config(model)
     model = getattr(model, "_orig_mod", model)
     directory = os.fspath(directory)

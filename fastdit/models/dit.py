@@ -222,9 +222,10 @@ class DiT(reference.DiT):
         return checkpoints.build(cls, path, config=config, device=device, dtype=dtype, weights=weights,
                                  allow_nonfinite=allow_nonfinite, attn_backend=attn_backend)
 
-    def save_pretrained(self, directory):
-        """Write ``config.json`` and ``model.safetensors`` to ``directory``: see ``fastdit.models.checkpoint``."""
-        checkpoints.save_pretrained(self, directory)
+    def save_pretrained(self, directory, format="fastdit"):
+        """Write ``config.json`` and ``model.safetensors`` to ``directory`` (``format="diffusers"``: a diffusers
+        DiTTransformer2DModel folder): see ``fastdit.models.checkpoint.save_pretrained``."""
+        checkpoints.save_pretrained(self, directory, format)
 
     @property
     def attn_backend(self):
