@@ -86,7 +86,8 @@ def write_checkpoint(state, path):
             os.fsync(file.fileno())
         # Recorded before the checkpoint is renamed into place: a kill between the two leaves a record that
         # matches no checkpoint (one the resume passes over), never a new checkpoint without its record.
-        write_text_atomic(record_path(path), json.dumps({"size": writer.size, "sha256": writer.sha256.hexdigest()}))
+        record = {"size": writer.size, "sha256": writer.sha256.hexdigest()}
+        write_text_atomic(record_path(path), json.dumps(record) + "\n")
 
 
 def _sha256(path):

@@ -235,7 +235,8 @@ class Trainer:
     def _diverged(self, what) -> str:
         kept = ("no checkpoint was saved yet" if self.saved_step is None else
                 f"{os.path.join(self.checkpoint_dir, f'{self.saved_step:08d}.pt')} holds the last finite weights")
-        return f"training diverged: {what} (lr {self.config.lr:g}); stopped without saving it ({kept}); try a lower --lr"
+        return (f"training diverged: {what} (lr {self.config.lr:g}); stopped without saving it ({kept}); try a "
+                "lower --lr")
 
     def check_finite(self, weights=False):
         """Raise ``TrainingDiverged`` if a loss so far was not finite, or with ``weights`` if the model,

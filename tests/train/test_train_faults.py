@@ -342,7 +342,7 @@ def test_sigkill_anywhere_then_resume_is_bit_exact(tmp_path):
     _, stderr = finished.communicate(timeout=300)
     assert finished.returncode == 0, stderr
     assert_same_weights(out, expected)
-    assert [record["step"] for record in read_log(out)] == [record["step"] for record in read_log(tmp_path / "straight")]
+    assert [record["step"] for record in read_log(out)] == list(range(3, steps + 1, 3))
     assert not [name for folder in (out, out / "checkpoints", out / "model") for name in os.listdir(folder)
                 if name.endswith(".tmp")]
 
