@@ -7,11 +7,14 @@ has no Python branches on the step index and captures into one CUDA graph that e
 Notation as in ``fastdit.diffusion.gaussian``; x0 = sra_t x - srm1_t eps with sra = sqrt(1/abar), srm1 = sqrt(1/abar - 1).
 ``fastdit.diffusion.reference`` computes the same updates formula by formula, step by step.
 """
+import numpy as np
 import torch
 
 from fastdit.diffusion.gaussian import NUM_TIMESTEPS, create_diffusion, space_timesteps
 
 SAMPLERS = ("ddpm", "ddim", "dpm++")
+SPACINGS = ("release", "leading", "trailing", "linspace")  # DDIM's timesteps: the release's or diffusers'
+DPM_FINAL_STEPS = ("release", "zero")  # DPM-Solver++'s last step: to t = 0 (the release's) or to sigma = 0
 
 
 class Solver:
@@ -68,32 +71,57 @@ class DDPM(Solver):
 
 
 class DDIM(Solver):
-    """DDIM (Song et al. 2021, eq. 12), from abar_t to abar_prev (the previous kept step, 1 after the last):
+    """DDIM (Song et al. 2021, eq. 12), from abar_t to abar_prev (1 after the last step):
         x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z
                = A x_t + B eps + sigma z,
         A = sqrt(abar_prev) sra,  B = sqrt(1 - abar_prev - sigma^2) - sqrt(abar_prev) srm1,
         sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)   (0 at the last step).
-    Row: [A, B, sigma]. Noise is drawn only when eta > 0.
+    Row: [A, B, sigma]. Noise is drawn only when eta > 0. ``timesteps``, ``abar`` and ``abar_prev`` are in
+    sampling order: the release's previous step is the previous kept one (``release_ddim``), diffusers' is
+    t - T // steps whatever the spacing (``diffusers_ddim``).
     """
 
     name = "ddim"
 
-    def __init__(self, diffusion, eta=0.0):
-        d = diffusion
-        abar, abar_prev = d.alphas_cumprod, d.alphas_cumprod_prev
+    def __init__(self, timesteps, abar, abar_prev, eta=0.0):
         sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
         rows = torch.stack([
-            torch.sqrt(abar_prev) * d.sqrt_recip_alphas_cumprod,
-            torch.sqrt(1 - abar_prev - sigma**2) - torch.sqrt(abar_prev) * d.sqrt_recipm1_alphas_cumprod,
+            torch.sqrt(abar_prev) * torch.sqrt(1.0 / abar),
+            torch.sqrt(1 - abar_prev - sigma**2) - torch.sqrt(abar_prev) * torch.sqrt(1.0 / abar - 1.0),
             sigma,
         ], dim=1)
-        order = torch.arange(d.num_timesteps - 1, -1, -1)
-        super().__init__(d.timestep_map[order], rows[order])
+        super().__init__(timesteps, rows)
         self.draws_noise = eta > 0
 
     def step(self, x, eps, variance_values, coef, noise, state):
         x_prev = coef[0] * x + coef[1] * eps
         return (x_prev if noise is None else x_prev + coef[2] * noise), state
+
+
+def release_ddim(diffusion, eta=0.0) -> DDIM:
+    """DDIM over a respaced process (the release's): each step goes to the previous kept timestep."""
+    order = torch.arange(diffusion.num_timesteps - 1, -1, -1)
+    return DDIM(diffusion.timestep_map[order], diffusion.alphas_cumprod[order], diffusion.alphas_cumprod_prev[order],
+                eta)
+
+
+def diffusers_ddim(spacing: str, steps: int, eta=0.0, num_timesteps: int = NUM_TIMESTEPS) -> DDIM:
+    """DDIM as diffusers' DDIMScheduler steps it (``set_alpha_to_one=True``, ``steps_offset=0``): its
+    "leading", "trailing" or "linspace" timesteps, each step from t to t - T // steps (abar = 1 below 0),
+    which for "trailing" and "linspace" need not be the next kept timestep."""
+    if steps > num_timesteps:
+        raise ValueError(f"ddim takes 1 to {num_timesteps} steps, got {steps}")
+    if spacing == "leading":
+        timesteps = np.arange(steps)[::-1] * (num_timesteps // steps)
+    elif spacing == "trailing":
+        timesteps = np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)).astype(np.int64) - 1
+    else:  # linspace
+        timesteps = np.linspace(0, num_timesteps - 1, steps).round()[::-1].astype(np.int64)
+    timesteps = torch.as_tensor(timesteps.copy(), dtype=torch.long)
+    previous = timesteps - num_timesteps // steps
+    abar = create_diffusion("", num_timesteps).alphas_cumprod
+    abar_prev = torch.where(previous >= 0, abar[previous.clamp(min=0)], torch.ones((), dtype=abar.dtype))
+    return DDIM(timesteps, abar[timesteps], abar_prev, eta)
 
 
 class DPMSolverPP2M(Solver):
@@ -110,10 +138,14 @@ class DPMSolverPP2M(Solver):
     name = "dpm++"
     state_size = 1
 
-    def __init__(self, diffusion, grid):
+    def __init__(self, diffusion, grid, final="release"):
         d = diffusion
         grid = torch.as_tensor(grid, dtype=torch.long)
         abar = d.alphas_cumprod[grid]
+        if final == "zero":
+            # diffusers' final_sigmas_type="zero": the last step ends at sigma = 0 (abar = 1, lambda = inf),
+            # where its first-order update is x0 itself.
+            abar = torch.cat([abar[:-1], abar.new_ones(1)])
         alpha, sigma = torch.sqrt(abar), torch.sqrt(1 - abar)
         lam = torch.log(alpha) - torch.log(sigma)
         h = lam[1:] - lam[:-1]
@@ -152,10 +184,24 @@ def solver_spacing(sampler: str, steps: int, num_timesteps: int = NUM_TIMESTEPS)
     return str(steps)
 
 
-def make_solver(sampler: str, steps: int, eta: float = 0.0, num_timesteps: int = NUM_TIMESTEPS) -> Solver:
+def make_solver(sampler: str, steps: int, eta: float = 0.0, num_timesteps: int = NUM_TIMESTEPS, spacing: str = "release",
+                final: str = "release") -> Solver:
+    """The solver of ``sampler`` over ``steps`` steps. ``spacing`` (ddim): the release's timesteps, or diffusers'
+    DDIMScheduler "leading", "trailing" or "linspace" ones. ``final`` (dpm++): the release's last step (first order,
+    to t = 0), or diffusers' ``final_sigmas_type="zero"`` (first order, to sigma = 0: the denoised x0)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing: expected one of {', '.join(SPACINGS)}, got {spacing!r}")
+    if final not in DPM_FINAL_STEPS:
+        raise ValueError(f"final: expected one of {', '.join(DPM_FINAL_STEPS)}, got {final!r}")
+    if spacing != "release" and sampler != "ddim":
+        raise ValueError(f"spacing={spacing!r} applies to the ddim sampler only, got sampler {sampler!r}")
+    if final != "release" and sampler != "dpm++":
+        raise ValueError(f"final={final!r} applies to the dpm++ sampler only, got sampler {sampler!r}")
     if sampler == "dpm++":
-        return DPMSolverPP2M(create_diffusion("", num_timesteps), dpm_solver_timesteps(steps, num_timesteps))
+        return DPMSolverPP2M(create_diffusion("", num_timesteps), dpm_solver_timesteps(steps, num_timesteps), final)
+    if spacing != "release":
+        return diffusers_ddim(spacing, steps, eta, num_timesteps)
     diffusion = create_diffusion(solver_spacing(sampler, steps, num_timesteps), num_timesteps)
-    return DDPM(diffusion) if sampler == "ddpm" else DDIM(diffusion, eta)
+    return DDPM(diffusion) if sampler == "ddpm" else release_ddim(diffusion, eta)
