@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from test_trainer import RUNNER, read_log, run_script, tiny_config, train_in_process
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdit.io import FolderInUseError, exclusive_lock
 from fastdit.train import distributed, run_folder
@@ -55,6 +56,36 @@ def test_the_issues_diverging_command_stops_with_one_line(tmp_path):
     assert len(lines) == 1, stderr
     assert lines[0].startswith("fastdit train: error: training diverged: the loss is not finite at step 3 (lr 1e+06)")
     assert not (tmp_path / "R" / "model").exists() and not (tmp_path / "R" / "checkpoints").exists()
+
+
+class ScalarReads(TorchDispatchMode):
+    """Records each tensor read back as a Python number (``.item()``, ``bool()``, ``int()``...): on a GPU each
+    is a host sync."""
+
+    def __init__(self):
+        super().__init__()
+        self.tensors = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.tensors.append(args[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("skip_nonfinite, reads", [(None, 0), (2, 1)])
+def test_a_training_step_reads_the_device_only_under_skip_nonfinite(tmp_path, skip_nonfinite, reads):
+    """The non-finite check costs no host sync per step (one under the opt-in skip policy). Counted on the CPU:
+    the reads of values that would live on the GPU; AdamW's step counters stay on the CPU by design and the
+    batch's indices are drawn on the CPU, before the step (so the batch is made outside the count)."""
+    trainer = Trainer(tiny_config(tmp_path, skip_nonfinite=skip_nonfinite),
+                      distributed.Process(0, 1, 0, torch.device("cpu"), None))
+    trainer.train_step()
+    batch = trainer.global_batch(trainer.step)
+    trainer.global_batch = lambda step: batch
+    counters = {adam["step"].data_ptr() for adam in trainer.optimizer.state.values()}
+    with ScalarReads() as mode:
+        trainer.train_step()
+    assert len([tensor for tensor in mode.tensors if tensor.data_ptr() not in counters]) == reads
 
 
 def test_divergence_never_overwrites_the_last_finite_checkpoint(tmp_path):
