@@ -5,7 +5,7 @@ arguments, same state-dict keys); ``fastdit.reference`` is the plain PyTorch ora
 """
 from fastdit import reference
 from fastdit._version import __version__
-from fastdit.diffusion.sampling import sample
+from fastdit.diffusion.sampling import NonFiniteSampleError, sample
 from fastdit.kernels import kernel_path
 from fastdit.models.attention import ATTENTION_BACKENDS
 from fastdit.models.checkpoint import CheckpointError, save_pretrained
@@ -16,6 +16,7 @@ __all__ = [
     "CheckpointError",
     "DiT",
     "DiT_models",
+    "NonFiniteSampleError",
     "kernel_path",
     "load",
     "reference",

@@ -6,7 +6,7 @@ import pytest
 import fastdit
 
 README_NAMES = ["ATTENTION_BACKENDS", "CheckpointError", "DiT", "DiT_models", "kernel_path", "kernels", "load",
-                "reference", "sample", "save_pretrained"]
+                "NonFiniteSampleError", "reference", "sample", "save_pretrained"]
 
 
 @pytest.mark.parametrize("name", README_NAMES)
@@ -36,5 +36,5 @@ def test_every_subcommand_is_registered(capsys):
         main(["--help"])
     assert exit.value.code == 0
     usage = capsys.readouterr().out
-    for command in ("demo", "sample", "train", "encode", "digits-accuracy", "bench", "export"):
+    for command in ("demo", "sample", "train", "encode", "digits-accuracy", "bench", "export", "convert", "ablation"):
         assert command in usage, command
