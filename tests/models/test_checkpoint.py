@@ -323,3 +323,22 @@ def test_a_cuda_device_this_machine_lacks_is_one_clear_error(checkpoints, monkey
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     check_error(ValueError, ["device 'cuda:3'", "has 1 CUDA device"], fastdit.load, checkpoints["plain.pt"],
                 device="cuda:3")
+
+
+class WritesAFile:
+    """A pickle that runs code on load: it would create ``path``."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("loader", [fastdit.load, lambda path: fastdit.load(path, weights="ema")])
+def test_a_malicious_pickle_is_never_executed(tmp_path, loader):
+    marker = tmp_path / "executed"
+    torch.save({"ema": {"x": WritesAFile(marker)}, "model": {}}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        loader(tmp_path / "evil.pt")
+    assert not marker.exists()
