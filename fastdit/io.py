@@ -4,12 +4,21 @@
 file or the new one, never a part. A crash between the two can leave the temporary behind:
 ``remove_stale_temporaries`` clears them once the folder is ours again. ``exclusive_lock`` makes a
 folder ours: an advisory ``flock`` that the kernel drops when its process dies, however it dies.
+``replace_directory`` does for a folder what ``atomic_path`` does for a file: a complete new folder takes
+the old one's place in one step (``restore_replaced`` undoes what a kill leaves where that takes two).
 """
 import contextlib
+import ctypes
 import errno
+import io
 import os
 import re
+import shutil
+import sys
 import tempfile
+import zipfile
+
+import numpy as np
 
 try:
     import fcntl
@@ -41,9 +50,12 @@ def atomic_path(path):
         # mkstemp (and writers that recreate the file) leave 0600: give it the usual permissions.
         os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temporary)
+        if isinstance(error, OSError) and error.filename is None and error.errno is not None:
+            # A write's own error (a full disk) names no file: name the one that could not be written.
+            raise OSError(error.errno, error.strerror or str(error), path) from error
         raise
 
 
@@ -56,6 +68,44 @@ def write_bytes_atomic(path, data: bytes) -> None:
 
 def write_text_atomic(path, text: str) -> None:
     write_bytes_atomic(path, text.encode())
+
+
+def write_npz_streamed(path, arrays) -> None:
+    """Write ``path`` as ``np.savez`` does (an uncompressed zip64 archive of ``.npy`` members, which
+    ``np.load`` and the ADM evaluator's streaming reader read), each member written piece by piece, so that
+    an archive larger than memory needs one piece in memory at a time. ``arrays`` maps a member's name to
+    an array, or to ``(shape, dtype, pieces)``: ``pieces()`` yields arrays of that dtype whose rows,
+    concatenated, make ``shape``. Fixed timestamps: the same arrays give the same bytes. Atomic as
+    ``atomic_path``."""
+    with atomic_path(path) as temporary, open(temporary, "wb") as file:
+        with zipfile.ZipFile(file, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for name, value in arrays.items():
+                if not isinstance(value, tuple):
+                    array = np.asarray(value)
+                    value = (array.shape, array.dtype, lambda array=array: [array])
+                _write_npy_member(archive, name, *value)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _write_npy_member(archive, name, shape, dtype, pieces):
+    shape, dtype = tuple(shape), np.dtype(dtype)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
+    info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_STORED
+    rows = 0
+    with archive.open(info, "w", force_zip64=True) as member:  # np.savez forces zip64 too
+        member.write(header.getvalue())
+        for piece in pieces():
+            if piece.dtype != dtype or piece.shape[1:] != shape[1:]:
+                raise ValueError(f"{name}: a piece of shape {piece.shape} and dtype {piece.dtype} in an array of "
+                                 f"shape {shape} and dtype {dtype}")
+            member.write(np.ascontiguousarray(piece).data)
+            rows += len(piece) if piece.ndim else 1
+    if rows != (shape[0] if shape else 1):
+        raise ValueError(f"{name}: the pieces hold {rows} rows, the array's shape {shape}")
 
 
 def remove_stale_temporaries(directory) -> list[str]:
@@ -98,3 +148,72 @@ def exclusive_lock(lock_path, what: str):
         yield
     finally:
         os.close(descriptor)  # closing the descriptor releases the lock
+
+
+def fsync_directory(path) -> None:
+    """Make the renames and creations in directory ``path`` survive a power cut."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def exchange(first, second) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the OS or filesystem
+    cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc >= 2.28
+    if renameat2 is None:
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2  # from <fcntl.h> and <linux/fs.h>
+    if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), second)
+
+
+def _aside_prefix(path) -> str:
+    return f".{os.path.basename(path)}.previous-"
+
+
+def replace_directory(new, path) -> None:
+    """Make the complete directory ``new`` the directory ``path`` in one atomic step, then remove what
+    ``path`` held. ``new`` must be on ``path``'s filesystem. Where the exchange is not supported (another
+    OS, a filesystem without it) it is two renames, the old ``path`` moved aside to
+    ``.<name>.previous-*`` first: a kill between the two leaves ``path`` missing, and
+    ``restore_replaced(path)`` puts the old directory back."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    fsync_directory(new)
+    if not os.path.exists(path):
+        os.rename(new, path)
+    elif exchange(new, path):
+        shutil.rmtree(new)  # now the previous directory
+    else:
+        # An empty directory of a fresh name, which rename(2) replaces: no name another process could take.
+        previous = tempfile.mkdtemp(prefix=_aside_prefix(path), dir=parent)
+        os.rename(path, previous)
+        os.rename(new, path)
+        shutil.rmtree(previous)
+    fsync_directory(parent)
+
+
+def restore_replaced(path) -> None:
+    """Undo what a killed ``replace_directory`` fallback left: put the previous directory back when
+    ``path`` is missing, else remove it. Call it only while holding the folder's ``exclusive_lock``."""
+    path = os.path.abspath(path)
+    parent, prefix = os.path.dirname(path), _aside_prefix(path)
+    if not os.path.isdir(parent):
+        return
+    for entry in sorted(os.scandir(parent), key=lambda entry: entry.name):
+        if not entry.name.startswith(prefix) or not entry.is_dir(follow_symlinks=False):
+            continue
+        if not os.path.exists(path):
+            os.rename(entry.path, path)
+        else:
+            shutil.rmtree(entry.path)

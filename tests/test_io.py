@@ -1,11 +1,23 @@
 import os
+import re
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
-from fastdit.io import FolderInUseError, atomic_path, exclusive_lock, remove_stale_temporaries
+import fastdit.io
+from fastdit.io import (
+    FolderInUseError,
+    atomic_path,
+    exchange,
+    exclusive_lock,
+    remove_stale_temporaries,
+    replace_directory,
+    restore_replaced,
+    write_npz_streamed,
+)
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="flock is POSIX")
 
@@ -61,3 +73,79 @@ def test_exclusive_lock_is_not_reentrant_across_descriptors(tmp_path):
         with pytest.raises(FolderInUseError, match=f"pid {os.getpid()}"):
             with exclusive_lock(tmp_path / ".lock", "the run"):
                 pass
+
+
+def test_renameat2_exchanges_two_folders(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "from_a").write_text("a")
+    if not exchange(str(tmp_path / "a"), str(tmp_path / "b")):
+        pytest.skip("this OS or filesystem has no renameat2 RENAME_EXCHANGE (the two-rename fallback is tested)")
+    assert os.listdir(tmp_path / "b") == ["from_a"] and os.listdir(tmp_path / "a") == []
+
+
+@pytest.mark.parametrize("exchanges", [True, False], ids=["renameat2", "two renames"])
+def test_replace_directory_puts_the_new_folder_in_place_and_removes_the_old(exchanges, tmp_path, monkeypatch):
+    if not exchanges:
+        monkeypatch.setattr(fastdit.io, "exchange", lambda first, second: False)
+    for name in ("out", "new"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"from_{name}").write_text(name)
+    replace_directory(tmp_path / "new", tmp_path / "out")
+    assert os.listdir(tmp_path) == ["out"] and os.listdir(tmp_path / "out") == ["from_new"]
+    (tmp_path / "newer").mkdir()
+    replace_directory(tmp_path / "newer", tmp_path / "missing")  # nothing to replace: a rename
+    assert sorted(os.listdir(tmp_path)) == ["missing", "out"]
+
+
+def test_restore_replaced_puts_back_what_a_kill_between_the_two_renames_moved_aside(tmp_path):
+    (tmp_path / ".out.previous-k1ll3d").mkdir()
+    (tmp_path / ".out.previous-k1ll3d" / "old").write_text("old")
+    (tmp_path / ".other.previous-x").mkdir()  # another folder's: not ours
+    restore_replaced(tmp_path / "out")
+    assert (tmp_path / "out" / "old").read_text() == "old"
+    (tmp_path / ".out.previous-later").mkdir()  # the old folder, after the new one was renamed in
+    restore_replaced(tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == [".other.previous-x", "out"]
+
+
+def test_write_npz_streamed_equals_savez_and_holds_one_piece_at_a_time(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (10, 4, 4, 3), dtype=np.uint8)
+    labels = np.arange(10)
+    served = []
+
+    def pieces():
+        for start in range(0, 10, 4):
+            served.append(start)
+            yield images[start:start + 4]
+
+    write_npz_streamed(tmp_path / "streamed.npz", {"arr_0": (images.shape, images.dtype, pieces), "labels": labels})
+    np.savez(tmp_path / "saved.npz", arr_0=images, labels=labels)
+    with np.load(tmp_path / "streamed.npz") as streamed, np.load(tmp_path / "saved.npz") as saved:
+        assert sorted(streamed) == sorted(saved)
+        for name in saved:
+            np.testing.assert_array_equal(streamed[name], saved[name])
+            assert streamed[name].dtype == saved[name].dtype
+    assert served == [0, 4, 8]
+    before = (tmp_path / "streamed.npz").read_bytes()
+    write_npz_streamed(tmp_path / "streamed.npz", {"arr_0": (images.shape, images.dtype, pieces), "labels": labels})
+    assert (tmp_path / "streamed.npz").read_bytes() == before  # fixed timestamps: the same bytes
+
+
+@pytest.mark.parametrize("pieces, words", [
+    (lambda: [np.zeros((3, 2), np.uint8)], "hold 3 rows, the array's shape (4, 2)"),
+    (lambda: [np.zeros((4, 3), np.uint8)], "a piece of shape (4, 3)"),
+    (lambda: [np.zeros((4, 2), np.int16)], "dtype int16"),
+])
+def test_write_npz_streamed_refuses_pieces_that_do_not_fill_the_array(pieces, words, tmp_path):
+    (tmp_path / "x.npz").write_bytes(b"old")
+    with pytest.raises(ValueError, match=re.escape(words)):
+        write_npz_streamed(tmp_path / "x.npz", {"arr_0": ((4, 2), np.uint8, pieces)})
+    assert os.listdir(tmp_path) == ["x.npz"] and (tmp_path / "x.npz").read_bytes() == b"old"
+
+
+def test_a_write_error_names_the_file(tmp_path):
+    with (pytest.raises(OSError, match=re.escape(f"No space left on device: '{tmp_path / 'x.bin'}'")) as raised,
+          atomic_path(tmp_path / "x.bin")):
+        raise OSError(28, "No space left on device")
+    assert raised.value.errno == 28 and os.listdir(tmp_path) == []

@@ -1,38 +1,22 @@
-"""`fastdit sample`: class-conditional images from a DiT, in one process or many (torchrun).
+"""`fastdit sample`: class-conditional images from a DiT, in one process or many (torchrun), at any
+number of images in constant memory, resumable after a kill.
 
 Every input is checked before the first step (flags, the run's size, checkpoint, VAE, class ids, --out).
-A run's --out holds exactly that run's files, and a run that fails or is killed at any point leaves the
-previous output whole. So --out is written as a whole:
-
-- the run takes an exclusive lock, the hidden file ``.<name>.lock`` beside --out (beside it, not in it:
-  it must outlive the swap below); a second run into the same --out stops at once, naming the holder's pid;
-- it removes what a killed run left (``.<name>.staging-*`` folders; see below), then creates its own
-  empty staging folder beside --out, before any work, so every path it will write is known to work;
-- it writes everything there, run.json last, and swaps the folder in for --out with one atomic
-  ``renameat2(RENAME_EXCHANGE)`` (Linux >= 3.15; a plain rename when --out does not exist yet); the
-  previous output, now in the staging folder, is then removed. Where the exchange is not supported
-  (another OS, a filesystem without it) the swap is two renames, the old --out moved aside to
-  ``.<name>.previous-*`` first: a kill between the two leaves --out missing, and the next run puts
-  the previous output back before it starts;
-- an existing --out is replaced only when it holds nothing but a sample run's files (run.json,
-  samples.npz, grid.png, images/*.png): any other folder is refused, never deleted.
-
-Under torchrun the run's batches are split over the ranks, whole: a batch's
-images, labels and noise are those of the same batch in a single-process run with the same --batch-size,
-so the result is the same; rank 0 gathers the images and writes them.
+The run's batches are split over the ranks, whole: a batch's images, labels and noise are those of the
+same batch in a single-process run with the same --batch-size, so the result is the same. Each batch goes
+to disk as it is sampled and the outputs are assembled from those files by streaming: no process holds
+more than a batch of images. How --out is written, and how a killed run resumes:
+``fastdit.cli.sample_output``.
 """
 import argparse
 import contextlib
-import ctypes
 import dataclasses
-import errno
+import hashlib
 import json
 import os
 import platform
-import re
 import shutil
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -43,19 +27,19 @@ from tqdm.auto import tqdm
 import fastdit
 from fastdit.cli import options
 from fastdit.cli.options import BUNDLED_MODEL
+from fastdit.cli.sample_output import Staging, locked_output, staging_folder
 from fastdit.diffusion.samplers import SAMPLERS
 from fastdit.diffusion.sampling import default_guidance_channels, sample
-from fastdit.io import atomic_path, exclusive_lock, write_bytes_atomic, write_text_atomic
+from fastdit.io import write_bytes_atomic, write_npz_streamed, write_text_atomic
 from fastdit.kernels import kernel_path
 from fastdit.models.validation import check_class_ids
 from fastdit.train import distributed, images
 
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 25, "dpm++": 20}
 DEFAULT_NUM_SAMPLES = 8
-# Samples are held in memory until they are written: a run's size is capped well above the 50,000 images of
-# an FID evaluation, so that a slip of the keyboard fails at once rather than after allocating terabytes.
+# A run's size is capped well above the 50,000 images of an FID evaluation (its labels are drawn up front, and
+# 1,000,000 images of 256 px make a 197 GB samples.npz), so that a slip of the keyboard fails at once.
 MAX_NUM_SAMPLES = 1_000_000
-SAMPLE_OUTPUTS = ("grid.png", "images", "run.json", "samples.npz")  # what a run writes in --out
 GRID_MAX_IMAGES = 100  # grid.png is a preview: a 50k-image FID run keeps the first 100
 GRID_MAX_COLUMNS = 16
 
@@ -66,8 +50,8 @@ def add_arguments(parser):
                           "--batch-size.")
     options.add_model_arguments(parser, "an architecture with RANDOM weights (noise-like images)")
     parser.add_argument("--vae", help="a local diffusers AutoencoderKL directory, to decode a latent model's samples "
-                        "to images (needs diffusers: pip install 'fastdit[vae]'); without it a latent model's samples.npz holds "
-                        "the latents")
+                        "to images (needs diffusers: pip install 'fastdit[vae]'); default: the vae/ of a --ckpt "
+                        "diffusers pipeline; without one a latent model's samples.npz holds the latents")
     parser.add_argument("--classes", type=int, nargs="+", metavar="ID", help="class ids to sample "
                         "(default: random classes drawn from --seed)")
     count = parser.add_mutually_exclusive_group()
@@ -88,23 +72,32 @@ def add_arguments(parser):
     parser.add_argument("--out", default="samples", help="output directory (default: ./samples)")
     parser.add_argument("--save-images", action="store_true", help="also write one PNG per image to OUT/images/")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--restart", action="store_true", help="discard the finished batches that a killed run left "
+                        "for --out (by default the same command resumes them, and another command stops)")
 
 
 @dataclasses.dataclass
 class Plan:
-    """What a checked run samples: the model, the VAE (or None), one label per image, and what comes out."""
+    """What a checked run samples: the model, the VAE (or None), one label per image, and where it goes."""
 
     model: torch.nn.Module
     vae: object
+    vae_path: str | None
     labels: np.ndarray
     image_size: int
     pixels: bool  # the model samples pixels; else latents, decoded when there is a VAE
     load_seconds: float
-    staging: str | None  # where the main process writes the outputs before they replace --out
+    out_path: str | None  # --out, resolved (rank 0's)
+    staging: Staging | None  # rank 0's until every rank has it (run)
+    resumed: int = 0  # images a killed run of the same command had finished
 
     @property
     def writes_images(self):
         return self.pixels or self.vae is not None
+
+    def batches(self, batch_size) -> list[range]:
+        total = len(self.labels)
+        return [range(start, min(start + batch_size, total)) for start in range(0, total, batch_size)]
 
 
 def run(args):
@@ -115,14 +108,23 @@ def run(args):
     check_flags(args)
     with distributed.launch(args.device) as process, contextlib.ExitStack() as held:
         plan = distributed.fail_together(lambda: prepare(args, process, held), process)
+        plan.staging = distributed.broadcast_from_main(plan.staging, process)
+        distributed.fail_together(lambda: plan.staging.check_visible(process.rank), process)
+        batches = plan.batches(args.batch_size)
+        # Rank 0 lists the finished batches, so that every rank splits the same list of missing ones.
+        finished = distributed.broadcast_from_main(plan.staging.finished_batches() if process.is_main else None,
+                                                   process)
+        missing = [batch for batch in batches if batch.start not in finished]
+        plan.resumed = len(plan.labels) - sum(map(len, missing))
         sampling_started = time.perf_counter()
-        # Every rank stops if one's samples are not finite, rather than wait for it in the gather.
-        share = distributed.fail_together(lambda: sample_share(plan, args, process), process)
-        samples = distributed.gather_to_main(share, process)
+        # Every rank stops if one's samples are not finite, rather than wait for it at the next collective.
+        distributed.fail_together(lambda: sample_batches(plan, args, process, missing), process)
         sampling_seconds = time.perf_counter() - sampling_started
+        if plan.writes_images and args.save_images:
+            distributed.fail_together(lambda: write_pngs(plan, process, batches), process)
         if process.is_main:
-            write_outputs(args, plan, process, samples, started, sampling_seconds)
-            swap_in(plan.staging, output_path(args.out))
+            write_outputs(args, plan, process, batches, started, sampling_seconds)
+            plan.staging.swap_in(plan.out_path)
     return 0
 
 
@@ -157,125 +159,11 @@ def check_flags(args):
         raise ValueError("--num-samples: draws random classes; with --classes use --num-per-class")
     if args.classes is not None and len(args.classes) * (args.num_per_class or 1) > MAX_NUM_SAMPLES:
         raise ValueError(f"--num-per-class: {len(args.classes)} classes x {args.num_per_class} = "
-                         f"{len(args.classes) * args.num_per_class} images; a run makes at most {MAX_NUM_SAMPLES} "
-                         "(they are held in memory): split it into runs with different --seed")
+                         f"{len(args.classes) * args.num_per_class} images; a run makes at most {MAX_NUM_SAMPLES}: "
+                         "split it into runs with different --seed")
     if args.num_samples is not None and args.num_samples > MAX_NUM_SAMPLES:
-        raise ValueError(f"--num-samples: a run makes at most {MAX_NUM_SAMPLES} images (they are held in memory), "
-                         f"got {args.num_samples}: split it into runs with different --seed")
-
-
-def output_path(out) -> str:
-    """--out as an absolute path with symbolic links resolved (the swap replaces the folder, not a link)."""
-    if not out or not out.strip():
-        raise ValueError(f"--out: expected a folder path, got {out!r}")
-    path = os.path.realpath(out)
-    if os.path.dirname(path) == path:
-        raise ValueError(f"--out {out}: a run replaces its --out as a whole; the filesystem root cannot be replaced")
-    return path
-
-
-def check_output(out) -> str:
-    """Raise unless ``out`` can be this run's output folder: a new folder, or one holding only an earlier
-    sample run's files, whose parent this process can write in. Returns its path; creates nothing."""
-    path = output_path(out)
-    if os.path.exists(path):
-        if not os.path.isdir(path):
-            raise OSError(f"--out {out}: {path} is a file, not a directory")
-        foreign = [name for name in sorted(os.listdir(path)) if name not in SAMPLE_OUTPUTS]
-        images_dir = os.path.join(path, "images")
-        if os.path.isdir(images_dir):
-            foreign += [f"images/{name}" for name in sorted(os.listdir(images_dir)) if not name.endswith(".png")]
-        if foreign:
-            raise ValueError(f"--out {out}: holds files a sample run does not write ({', '.join(foreign[:3])}"
-                             f"{', ...' if len(foreign) > 3 else ''}), and a run replaces its --out as a whole: "
-                             "choose a new or empty folder")
-    existing = os.path.dirname(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise OSError(f"--out {out}: {existing} is a file, not a directory")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        raise OSError(f"--out {out}: cannot write in {existing} ({error.strerror or error})") from None
-    return path
-
-
-@contextlib.contextmanager
-def claimed_output(out):
-    """Hold --out's lock for the run and yield an empty staging folder beside --out, removed on the way out
-    unless ``swap_in`` has taken it; a killed run's leftovers are cleared first."""
-    path = check_output(out)
-    parent, name = os.path.split(path)
-    os.makedirs(parent, exist_ok=True)
-    with exclusive_lock(os.path.join(parent, f".{name}.lock"), f"--out {out}"):
-        recover_interrupted(path)
-        staging = None
-        try:  # a signal between mkdtemp and the assignment leaves an empty folder, which the next run removes
-            staging = tempfile.mkdtemp(prefix=f".{name}.staging-", dir=parent)
-            yield staging
-        finally:
-            if staging is not None:
-                shutil.rmtree(staging, ignore_errors=True)
-
-
-def recover_interrupted(path):
-    """Under --out's lock: remove the staging folders of killed runs (a whole new output that was never
-    swapped in, a partial one, or the previous output after the swap), and put back an output that a killed
-    two-rename swap had moved aside."""
-    parent, name = os.path.split(path)
-    leftover = re.compile(rf"^\.{re.escape(name)}\.(staging|previous)-[a-z0-9_]+$")
-    for entry in sorted(os.scandir(parent), key=lambda entry: entry.name):
-        match = leftover.match(entry.name)
-        if not match or not entry.is_dir(follow_symlinks=False):
-            continue
-        if match.group(1) == "previous" and not os.path.exists(path):
-            os.rename(entry.path, path)
-        else:
-            shutil.rmtree(entry.path)
-
-
-def exchange(first, second) -> bool:
-    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the OS or filesystem
-    cannot."""
-    if not sys.platform.startswith("linux"):
-        return False
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc >= 2.28
-    if renameat2 is None:
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2  # from <fcntl.h> and <linux/fs.h>
-    if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(code, os.strerror(code), second)
-
-
-def swap_in(staging, path):
-    """Make the complete staging folder --out in one atomic step, then remove the previous output."""
-    parent = os.path.dirname(path)
-    _fsync_directory(staging)
-    if not os.path.exists(path):
-        os.rename(staging, path)
-    elif exchange(staging, path):
-        shutil.rmtree(staging)  # now the previous output
-    else:
-        previous = os.path.join(parent, os.path.basename(staging).replace(".staging-", ".previous-", 1))
-        os.rename(path, previous)
-        os.rename(staging, path)
-        shutil.rmtree(previous)
-    _fsync_directory(parent)  # the renames survive a power cut
-
-
-def _fsync_directory(path):
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+        raise ValueError(f"--num-samples: a run makes at most {MAX_NUM_SAMPLES} images, got {args.num_samples}: "
+                         "split it into runs with different --seed")
 
 
 def class_labels(args, num_classes):
@@ -292,21 +180,23 @@ def warn(process, message):
 
 
 def prepare(args, process, held):
-    """Check the run against the model and the machine, and load what it samples with; the main process
-    first claims --out (``held`` keeps the claim until the run ends)."""
+    """Check the run against the model and the machine, and load what it samples with. The main process
+    first locks --out (``held`` keeps it until the run ends), and then, knowing what the run makes, claims
+    its staging folder: this command's partial run, or a new one."""
     started = time.perf_counter()
-    staging = held.enter_context(claimed_output(args.out)) if process.is_main else None
+    out_path = held.enter_context(locked_output(args.out)) if process.is_main else None
     dtype = options.resolve_dtype(args.dtype, process.device)
     model = options.load_model(args, process.device, dtype)
     image_size, pixels = options.image_size_of(model, args.image_size)
     if args.vae is not None and pixels:
         raise ValueError(f"--vae: this model samples pixels (in_channels={model.in_channels}), it needs no VAE")
     labels = class_labels(args, model.num_classes)
+    vae_path = args.vae if args.vae is not None or pixels or args.ckpt is None else pipeline_vae(args.ckpt)
     vae = None
-    if args.vae is not None:
+    if vae_path is not None:
         from fastdit.train.vae import VAE
 
-        vae = VAE.load(args.vae, process.device, dtype)
+        vae = VAE.load(vae_path, process.device, dtype)
         if (vae.latent_channels, vae.downsampling) != (model.in_channels, options.VAE_DOWNSAMPLING):
             raise ValueError(f"--vae: its latents have {vae.latent_channels} channels at 1/{vae.downsampling} of the "
                              f"image size; the model's have {model.in_channels} at 1/{options.VAE_DOWNSAMPLING}")
@@ -316,7 +206,60 @@ def prepare(args, process, held):
     if not pixels and vae is None:
         warn(process, f"no --vae for this latent model (in_channels={model.in_channels}): samples.npz will hold the "
                       "latents ('latents', N x C x H x W float32) and no images are written")
-    return Plan(model, vae, labels, image_size, pixels, time.perf_counter() - started, staging)
+    plan = Plan(model, vae, vae_path, labels, image_size, pixels, 0.0, out_path, None)
+    if process.is_main:
+        plan.staging = held.enter_context(staging_folder(out_path, run_identity(args, plan, process), args.restart))
+    plan.load_seconds = time.perf_counter() - started
+    return plan
+
+
+def pipeline_vae(ckpt) -> str | None:
+    """The vae/ folder of a diffusers pipeline root (or of a Hugging Face repo id's cached one), else None."""
+    from fastdit.integrations import diffusers_folders, hub
+
+    root = hub.resolve_repo_id(ckpt) if hub.is_repo_id(ckpt) else ckpt
+    return diffusers_folders.vae_folder(root) if os.path.isdir(root) else None
+
+
+def run_identity(args, plan, process) -> dict:
+    """Everything that changes the run's samples: a killed run is resumed only by a run of the same identity."""
+    model, device = plan.model, process.device
+    return {
+        "weights": weights_digest(model),
+        "config": _model_config(model),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "vae": None if plan.vae is None else weights_digest(plan.vae.autoencoder),
+        "labels": hashlib.sha256(np.ascontiguousarray(plan.labels, np.int64).data).hexdigest(),
+        "num_samples": len(plan.labels),
+        "sampler": args.sampler,
+        "steps": args.steps or DEFAULT_STEPS[args.sampler],
+        "cfg_scale": args.cfg_scale,
+        "guidance_channels": default_guidance_channels(model.in_channels),
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "device_type": device.type,
+        "kernels": kernel_path(device),
+        "attn_backend": model.attn_backend,
+        "compile": args.compile,
+        "cuda_graphs": args.cuda_graphs,
+        "fastdit": fastdit.__version__,
+        "torch": torch.__version__,
+    }
+
+
+def weights_digest(module) -> str:
+    """sha256 of a module's tensors (names, dtypes, shapes and bytes) as loaded."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def _model_config(model):
+    from fastdit.models.checkpoint import model_config
+
+    return model_config(model)
 
 
 def decoded(plan, latents):
@@ -328,15 +271,12 @@ def decoded(plan, latents):
     return latents.cpu().numpy()
 
 
-def sample_share(plan, args, process):
-    """This rank's share of the run's batches, sampled and decoded, concatenated in order."""
-    total = len(plan.labels)
-    batches = [range(start, min(start + args.batch_size, total)) for start in range(0, total, args.batch_size)]
-    share = distributed.shard(len(batches), process.rank, process.world_size)
-    mine = batches[share.start:share.stop]
+def sample_batches(plan, args, process, missing):
+    """Sample this rank's share of the missing batches, each written to the staging folder as it finishes."""
+    share = distributed.shard(len(missing), process.rank, process.world_size)
+    mine = missing[share.start:share.stop]
     show = process.is_main and not args.no_progress
     in_channels = plan.model.in_channels
-    pieces = []
     with tqdm(total=sum(map(len, mine)), unit="img", desc="fastdit sample", disable=not show) as bar:
         for batch in mine:
             latents = sample(plan.model, torch.from_numpy(plan.labels[batch.start:batch.stop]),
@@ -344,9 +284,24 @@ def sample_share(plan, args, process):
                              cfg_scale=args.cfg_scale, guidance_channels=default_guidance_channels(in_channels),
                              seed=args.seed, first_index=batch.start, progress=show, compile=args.compile,
                              cuda_graphs="auto" if args.cuda_graphs is None else args.cuda_graphs)
-            pieces.append(decoded(plan, latents))
+            plan.staging.write_batch(batch.start, decoded(plan, latents))
             bar.update(len(batch))
-    return np.concatenate(pieces) if pieces else np.empty(0)
+
+
+def png_path(plan, index):
+    return os.path.join(plan.staging.output, "images", f"{index:06d}_class{plan.labels[index]}.png")
+
+
+def write_pngs(plan, process, batches):
+    """One PNG per image, this rank's share of the batches; PNGs a killed run wrote are kept (each is whole)."""
+    os.makedirs(os.path.join(plan.staging.output, "images"), exist_ok=True)
+    share = distributed.shard(len(batches), process.rank, process.world_size)
+    for batch in batches[share.start:share.stop]:
+        todo = [index for index in batch if not os.path.exists(png_path(plan, index))]
+        if todo:
+            samples = plan.staging.read_batch(batch)
+            for index in todo:
+                write_bytes_atomic(png_path(plan, index), images.png_bytes(samples[index - batch.start]))
 
 
 def grid_columns(args):
@@ -354,45 +309,46 @@ def grid_columns(args):
     return per_class if args.classes is not None and 1 < per_class <= GRID_MAX_COLUMNS else None
 
 
-def write_outputs(args, plan, process, samples, started, sampling_seconds):
-    """Every output into the staging folder, run.json last."""
-    directory, labels = plan.staging, plan.labels
+def write_outputs(args, plan, process, batches, started, sampling_seconds):
+    """samples.npz, streamed from the batch files, and grid.png into the staging folder's output/, run.json
+    last."""
+    directory, labels, staging = plan.staging.output, plan.labels, plan.staging
+    if not (plan.writes_images and args.save_images):
+        shutil.rmtree(os.path.join(directory, "images"), ignore_errors=True)  # a killed run's, with --save-images
+    first = staging.read_batch(batches[0])
+    shape, dtype = (len(labels), *first.shape[1:]), first.dtype
+    samples = (shape, dtype, lambda: (staging.read_batch(batch) for batch in batches))
     if plan.writes_images:
         arrays = {"images": samples, "labels": labels, "arr_0": samples}  # arr_0: what the ADM evaluator reads
-        if args.save_images:
-            os.makedirs(os.path.join(directory, "images"))
-            for index, (image, label) in enumerate(zip(samples, labels)):
-                path = os.path.join(directory, "images", f"{index:06d}_class{label}.png")
-                write_bytes_atomic(path, images.png_bytes(image))
-        preview = images.grid(samples[:GRID_MAX_IMAGES], labels[:GRID_MAX_IMAGES], grid_columns(args))
-        write_bytes_atomic(os.path.join(directory, "grid.png"), images.png_bytes(preview))
+        preview = [staging.read_batch(batch) for batch in batches[:-(-GRID_MAX_IMAGES // args.batch_size)]]
+        preview = np.concatenate(preview)[:GRID_MAX_IMAGES]
+        grid = images.grid(preview, labels[:GRID_MAX_IMAGES], grid_columns(args))
+        write_bytes_atomic(os.path.join(directory, "grid.png"), images.png_bytes(grid))
     else:
         arrays = {"latents": samples, "labels": labels}
-    with atomic_path(os.path.join(directory, "samples.npz")) as temporary, open(temporary, "wb") as file:
-        np.savez(file, **arrays)
-        file.flush()
-        os.fsync(file.fileno())
+    write_npz_streamed(os.path.join(directory, "samples.npz"), arrays)
     record = run_record(args, plan, process, sorted(arrays), started, sampling_seconds)
     write_text_atomic(os.path.join(directory, "run.json"), json.dumps(record, indent=2) + "\n")
 
 
 def run_record(args, plan, process, arrays, started, sampling_seconds):
-    """run.json: the flags, what they resolved to, the model, the outputs, versions and timings."""
-    from fastdit.models.checkpoint import model_config
-
+    """run.json: the flags, what they resolved to, the model, the outputs, versions and timings; ``identity``
+    is the staging folder's key (a killed run's folder with that key is this finished run's)."""
     model, device, count = plan.model, process.device, len(plan.labels)
+    sampled = count - plan.resumed
     return {
         "command": "fastdit sample",
         "arguments": {key: value for key, value in vars(args).items() if key != "command"},
+        "identity": plan.staging.key,
         "model": {
             "name": args.model,
             "checkpoint": os.path.abspath(args.ckpt) if args.ckpt else None,
             "weights": "random init" if args.ckpt is None else "checkpoint",
-            "config": model_config(model),
+            "config": _model_config(model),
             "parameters": sum(parameter.numel() for parameter in model.parameters()),
             "samples": "pixels" if plan.pixels else "latents",
         },
-        "vae": None if plan.vae is None else {"path": os.path.abspath(args.vae), "scale": plan.vae.scale},
+        "vae": None if plan.vae is None else {"path": os.path.abspath(plan.vae_path), "scale": plan.vae.scale},
         "sampling": {
             "num_samples": count,
             "image_size": plan.image_size,
@@ -427,7 +383,8 @@ def run_record(args, plan, process, arrays, started, sampling_seconds):
         "timings": {
             "load_seconds": plan.load_seconds,
             "sampling_seconds": sampling_seconds,
-            "images_per_second": count / sampling_seconds,
+            "resumed_images": plan.resumed,  # sampled by a killed run of the same command
+            "images_per_second": sampled / sampling_seconds if sampled else None,
             "total_seconds": time.perf_counter() - started,
         },
     }

@@ -105,6 +105,15 @@ def fail_together(fn, process: Process):
     return result
 
 
+def broadcast_from_main(value, process: Process):
+    """Rank 0's ``value`` (any picklable object) on every rank."""
+    if process.world_size == 1:
+        return value
+    holder = [value if process.is_main else None]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def gather_to_main(array: np.ndarray, process: Process):
     """Rank 0 gets every rank's ``array`` concatenated along axis 0 in rank order; other ranks get None.
     Non-empty pieces must agree in dtype and trailing shape; an empty piece (a rank with no work) may

@@ -15,6 +15,7 @@ from parity import save_tiny_checkpoint
 from PIL import Image
 
 import fastdit
+import fastdit.io
 from fastdit.cli import main, options
 from fastdit.cli import sample as sample_cli
 from fastdit.diffusion.sampling import sample
@@ -200,22 +201,34 @@ def test_bad_input_is_one_line_and_exit_2_before_sampling(argv, words, paths, ca
     assert not paths.out.exists()
 
 
-def test_failed_write_leaves_the_previous_output_whole(pixel_ckpt, tmp_path, capsys, monkeypatch):
+def test_failed_write_leaves_the_previous_output_whole_and_the_same_command_resumes(pixel_ckpt, tmp_path, capsys,
+                                                                                     monkeypatch):
     out = tmp_path / "out"
     code, _ = run_cli(["sample", "--ckpt", pixel_ckpt, "--num-samples", "3", "--out", str(out), *FAST], capsys)
     assert code == 0
     before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    write_member = fastdit.io._write_npy_member
 
-    def disk_full(file, **arrays):
-        file.write(b"PK half an archive")
-        raise OSError(28, "No space left on device")
+    def disk_full(archive, name, *array):
+        if name == "arr_0":
+            raise OSError(28, "No space left on device")
+        write_member(archive, name, *array)
 
-    monkeypatch.setattr(np, "savez", disk_full)
-    code, err = run_cli(["sample", "--ckpt", pixel_ckpt, "--num-samples", "2", "--out", str(out), *FAST], capsys)
+    monkeypatch.setattr(fastdit.io, "_write_npy_member", disk_full)
+    argv = ["sample", "--ckpt", pixel_ckpt, "--num-samples", "5", "--batch-size", "2", "--out", str(out), *FAST]
+    code, err = run_cli(argv, capsys)
     assert code == 2 and len(err) == 1 and "No space left on device" in err[0]
+    staging = [name for name in os.listdir(tmp_path) if name.startswith(".out.staging-")]
+    assert len(staging) == 1 and f"{tmp_path / staging[0] / 'output' / 'samples.npz'}" in err[0]  # names the file
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before  # not one file of the new run
     assert_no_temporary_files(out)
-    assert sorted(os.listdir(tmp_path)) == [".out.lock", "out"]  # no staging folder left beside it
+    # The sampled batches are kept: the same command, with room on the disk, samples nothing again.
+    monkeypatch.setattr(fastdit.io, "_write_npy_member", write_member)
+    monkeypatch.setattr(sample_cli, "sample", lambda *args, **kwargs: pytest.fail("a finished batch was sampled"))
+    assert run_cli(argv, capsys) == (0, [])
+    record = json.loads((out / "run.json").read_text())
+    assert record["timings"]["resumed_images"] == 5 and npz(out)["images"].shape[0] == 5
+    assert sorted(os.listdir(tmp_path)) == [".out.lock", "out"]  # the staging folder is gone
 
 
 @pytest.mark.parametrize("argv, words", [

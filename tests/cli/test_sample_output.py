@@ -16,7 +16,8 @@ from parity import save_tiny_checkpoint
 from PIL import Image
 
 import fastdit
-from fastdit.cli import main
+import fastdit.io
+from fastdit.cli import main, sample_output
 from fastdit.cli import sample as sample_cli
 from fastdit.diffusion.sampling import sample
 from fastdit.train import images
@@ -68,7 +69,7 @@ def test_a_run_replaces_the_previous_output_whole(pixel_ckpt, tmp_path, capsys):
 
 def test_the_swap_without_renameat2_and_recovery_from_a_kill_between_its_renames(pixel_ckpt, tmp_path, capsys,
                                                                                     monkeypatch):
-    monkeypatch.setattr(sample_cli, "exchange", lambda first, second: False)
+    monkeypatch.setattr(fastdit.io, "exchange", lambda first, second: False)
     out = tmp_path / "out"
     argv = ["sample", "--ckpt", pixel_ckpt, "--save-images", "--out", str(out), *FAST]
     assert run_cli([*argv, "--num-samples", "4"], capsys)[0] == 0
@@ -77,18 +78,10 @@ def test_the_swap_without_renameat2_and_recovery_from_a_kill_between_its_renames
     # A kill between the two renames: --out moved aside, the new output never renamed in.
     os.rename(out, tmp_path / ".out.previous-abc_123")
     os.makedirs(tmp_path / ".out.staging-abc_123")
-    sample_cli.recover_interrupted(str(out))
+    with sample_output.locked_output(str(out)) as path, sample_output.staging_folder(path, {"seed": 0}):
+        pass  # what every run does first, under the lock
     assert assert_complete_output(out)["sampling"]["num_samples"] == 2
     assert sorted(os.listdir(tmp_path)) == [".out.lock", "out"]
-
-
-def test_renameat2_exchanges_two_folders(tmp_path):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    (tmp_path / "a" / "from_a").write_text("a")
-    if not sample_cli.exchange(str(tmp_path / "a"), str(tmp_path / "b")):
-        pytest.skip("this OS or filesystem has no renameat2 RENAME_EXCHANGE (the two-rename fallback is tested)")
-    assert os.listdir(tmp_path / "b") == ["from_a"] and os.listdir(tmp_path / "a") == []
 
 
 def test_a_killed_runs_leftovers_are_removed_and_other_folders_left_alone(pixel_ckpt, tmp_path, capsys):
@@ -130,8 +123,8 @@ def test_a_huge_run_is_refused_before_allocating(pixel_ckpt, tmp_path, capsys):
     code, err = run_cli(["sample", "--ckpt", pixel_ckpt, "--classes", "1", "2", "--num-per-class", "1000000000000",
                          "--out", str(tmp_path / "out"), *FAST], capsys)
     assert code == 2 and err == [("fastdit sample: error: --num-per-class: 2 classes x 1000000000000 = 2000000000000 "
-                                  f"images; a run makes at most {sample_cli.MAX_NUM_SAMPLES} (they are held in "
-                                  "memory): split it into runs with different --seed")]
+                                  f"images; a run makes at most {sample_cli.MAX_NUM_SAMPLES}: split it into runs "
+                                  "with different --seed")]
     code, err = run_cli(["sample", "--ckpt", pixel_ckpt, "--num-samples", str(10**12), "--out", str(tmp_path / "o"),
                          *FAST], capsys)
     assert code == 2 and len(err) == 1 and "--num-samples: a run makes at most" in err[0]
@@ -141,8 +134,8 @@ def test_a_huge_run_is_refused_before_allocating(pixel_ckpt, tmp_path, capsys):
 # Holds --out's lock as a sample run does, and says so on stdout.
 HOLDER = """
 import sys, time
-from fastdit.cli import sample
-with sample.claimed_output(sys.argv[1]):
+from fastdit.cli import sample_output
+with sample_output.locked_output(sys.argv[1]):
     print("held", flush=True)
     time.sleep(120)
 """
