@@ -33,6 +33,12 @@ def add_arguments(parser):
                         help="skip up to N updates whose loss or gradients are not finite (counted in log.jsonl) "
                              "and stop at the next; costs one host sync per step. Default: stop at the first "
                              "non-finite loss")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="DataLoader processes reading batches ahead (default: 4 for latent shards, 0 for data "
+                             "held in memory)")
+    parser.add_argument("--skip-data-check", dest="check_data", action="store_false", default=None,
+                        help="do not scan the latent shards for NaN and infinity at start (a full read of the set); "
+                             "a loss that goes non-finite still names the bad samples of its batch")
     parser.add_argument("--device", help="default: cuda when available (cuda:LOCAL_RANK under torchrun)")
     parser.add_argument("--deterministic", action="store_true", help="deterministic kernels (exact reruns on CPU)")
     parser.add_argument("--no-progress", action="store_true")
@@ -49,6 +55,8 @@ def config_from_args(args) -> TrainConfig:
     for name in ("global_batch_size", "steps", "ckpt_every", "log_every", "image_size"):
         if name in values and values[name] <= 0:
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {values[name]}")
+    if values.get("workers", 0) is not None and values.get("workers", 0) < 0:
+        raise ValueError(f"--workers: expected a count >= 0, got {values['workers']}")
     if values.get("skip_nonfinite", 0) < 0:
         raise ValueError(f"--skip-nonfinite: expected a count >= 0, got {values['skip_nonfinite']}")
     if not 0 <= values.get("ema_decay", 0.0) < 1:

@@ -1,8 +1,13 @@
-"""Training data: in-memory tensors of images (or latents) and labels, and the deterministic
-order in which training visits them.
+"""Training data, and the deterministic order in which training visits it.
+
+Latent shards (``fastdit encode``) stay on disk: ``fastdit.train.shards.LatentShards`` memory-maps
+them and ``StepBatches`` reads the rows of each step's batch, in DataLoader workers if asked, so a
+process's memory does not grow with the data set. The digits and pixel image folders are small and
+held in memory (``TensorData``); both kinds answer the same ``gather``.
 
 The order is a function of (seed, step) alone: a resumed run, or a run split over any number
-of processes, sees exactly the batches an uninterrupted single-process run sees.
+of processes, sees exactly the batches an uninterrupted single-process run sees. Workers fetch a
+step's batch by its number and draw nothing of their own, so they cannot change it.
 """
 import functools
 import glob
@@ -11,6 +16,9 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from fastdit.train.preprocess import center_crop_arr
+from fastdit.train.shards import RE_ENCODE, LatentShards
 
 
 class TensorData:
@@ -26,9 +34,88 @@ class TensorData:
             raise ValueError(f"data: {description} has {len(images)} images but {len(labels)} labels")
         self.images, self.labels, self.flipped = images, labels.long(), flipped
         self.num_classes, self.description = num_classes, description
+        self.latent_shape = tuple(images.shape[1:])
 
     def __len__(self):
         return len(self.images)
+
+    def gather(self, indices) -> dict:
+        """As ``LatentShards.gather``: ``latents``, ``flipped`` (None when the data has none) and
+        ``labels`` of ``indices``, in their order."""
+        indices = torch.as_tensor(indices, dtype=torch.int64)
+        return {"latents": self.images[indices], "labels": self.labels[indices],
+                "flipped": None if self.flipped is None else self.flipped[indices]}
+
+
+def check_finite(data: LatentShards, rank: int = 0, world_size: int = 1) -> None:
+    """Raise a ValueError naming the shard file and index of the first sample holding a NaN or an
+    infinity, among the shards ``rank`` scans: every ``world_size``-th, so that the ranks of a run
+    share one full read of the set instead of each making it."""
+    data.check_finite(shards=range(rank, len(data.counts), world_size))
+
+
+def nonfinite_samples(data, indices) -> list[str]:
+    """Where the samples of ``indices`` that hold a NaN or an infinity live ("<file>: <field>[<row>]" for
+    shards, "sample <i>" in memory); for naming the culprit of a loss that stopped being finite."""
+    indices = np.unique(np.asarray(indices, dtype=np.int64))
+    batch = data.gather(indices)
+    found = []
+    for field in ("latents", "flipped"):
+        values = batch[field]
+        if values is None:
+            continue
+        values = torch.as_tensor(values)
+        bad = indices[(~torch.isfinite(values.reshape(len(values), -1)).all(dim=1)).numpy()]
+        if isinstance(data, LatentShards) and len(bad):
+            shards, rows = data.locate(bad)
+            found += [f"{data.paths[shard][field]}: {field}[{row}]" for shard, row in zip(shards, rows)]
+        else:
+            found += [f"{field} of sample {index}" for index in bad]
+    return found
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item ``step``: one rank's rows of that step's global batch, ``(x, y, t, noise)`` CPU tensors.
+
+    Everything random (which samples, flips, label dropout, t, noise) is drawn for the whole global
+    batch from a generator seeded by (seed, step), and the rank keeps its slice: a step's batch does
+    not depend on the number of processes. Only the rank's rows are read from the data."""
+
+    def __init__(self, data, seed: int, global_batch_size: int, rank: int, world_size: int, num_timesteps: int,
+                 dropout_prob: float, flip: bool):
+        self.data, self.seed, self.global_batch_size = data, seed, global_batch_size
+        self.rows = slice(rank * (global_batch_size // world_size), (rank + 1) * (global_batch_size // world_size))
+        self.num_timesteps, self.dropout_prob, self.flip = num_timesteps, dropout_prob, flip
+
+    def __getitem__(self, step: int):
+        generator = step_generator(self.seed, step)
+        size = self.global_batch_size
+        indices = global_batch_indices(self.seed, step, size, len(self.data))
+        flips = torch.rand(size, generator=generator) < 0.5
+        drops = torch.rand(size, generator=generator) < self.dropout_prob
+        t = torch.randint(0, self.num_timesteps, (size,), generator=generator)
+        noise = torch.randn((size, *self.data.latent_shape), generator=generator)
+        batch = self.data.gather(indices[self.rows])
+        x, y = torch.as_tensor(batch["latents"]), torch.as_tensor(batch["labels"]).clone()
+        flips, drops = flips[self.rows], drops[self.rows]
+        if self.flip:
+            mirrored = x.flip(-1) if batch["flipped"] is None else torch.as_tensor(batch["flipped"])
+            x = torch.where(flips[:, None, None, None], mirrored, x)
+        y[drops] = self.data.num_classes  # class dropout for guidance: the null class
+        return x, y, t[self.rows], noise[self.rows]
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
+
+
+def batch_loader(batches: StepBatches, first_step: int, end_step: int, workers: int, pin_memory: bool,
+                 prefetch: int = 4) -> torch.utils.data.DataLoader:
+    """The batches of steps ``first_step`` to ``end_step`` (exclusive), in order; with ``workers`` processes
+    reading ahead up to ``prefetch`` batches each. Workers are forked: they share the parent's memory maps."""
+    options = dict(num_workers=workers, prefetch_factor=prefetch) if workers else {}
+    return torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(first_step, end_step),
+                                       pin_memory=pin_memory, **options)
 
 
 def load_digits(image_size: int = 16) -> TensorData:
@@ -41,36 +128,6 @@ def load_digits(image_size: int = 16) -> TensorData:
     if image_size != 8:
         images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
     return TensorData(images * 2 - 1, torch.from_numpy(digits.target), 10, "sklearn digits")
-
-
-def load_latent_shards(directory: str) -> TensorData:
-    """The shards ``fastdit encode`` writes: ``shard-*.npz`` with ``latents`` and ``labels``."""
-    paths = sorted(glob.glob(os.path.join(directory, "shard-*.npz")))
-    if not paths:
-        raise ValueError(f"data: no latent shards (shard-*.npz) in {directory!r}; make them with `fastdit encode`")
-    arrays = {"latents": [], "flipped": [], "labels": []}
-    for path in paths:
-        with np.load(path) as shard:
-            for name, parts in arrays.items():
-                parts.append(torch.from_numpy(shard[name]))
-        # Checked once, at load, where a bad value can still be named by file and index: one pass over the
-        # data costs less than one epoch of training on it, and the training loop watches only the loss.
-        for name in ("latents", "flipped"):
-            check_finite(arrays[name][-1], f"{path}: {name}")
-    latents, flipped, labels = (torch.cat(arrays[name]) for name in ("latents", "flipped", "labels"))
-    return TensorData(latents.float(), labels, int(labels.max()) + 1, f"latents in {directory}", flipped.float())
-
-
-def check_finite(values: torch.Tensor, what: str) -> None:
-    """Raise a ValueError naming ``what`` and the index of the first item of ``values`` (along dim 0)
-    holding a NaN or an infinity."""
-    if not values.is_floating_point() or values.numel() == 0:
-        return
-    bad = ~torch.isfinite(values.reshape(len(values), -1)).all(dim=1)
-    if bool(bad.any()):
-        index = int(bad.nonzero()[0])
-        raise ValueError(f"data: {what}[{index}] holds a non-finite value ({int(bad.sum())} of {len(values)} items "
-                         "do); re-create the data (fastdit encode) or remove it")
 
 
 def class_folder_files(directory: str, flag: str = "data") -> tuple[list[tuple[str, int]], int]:
@@ -87,7 +144,7 @@ def class_folder_files(directory: str, flag: str = "data") -> tuple[list[tuple[s
 
 
 def load_image_folder(directory: str, image_size: int) -> TensorData:
-    """``class_folder_files``' images, center-cropped and resized to ``image_size``, in [-1, 1]."""
+    """``class_folder_files``' images, preprocessed as the release does (``center_crop_arr``), in [-1, 1]."""
     from PIL import Image
 
     files, num_classes = class_folder_files(directory)
@@ -95,28 +152,21 @@ def load_image_folder(directory: str, image_size: int) -> TensorData:
     for path, label in files:
         try:
             with Image.open(path) as image:
-                images.append(center_crop_resize(image.convert("RGB"), image_size))
+                images.append(center_crop_arr(image, image_size))
         except OSError:
             continue  # not an image
         labels.append(label)
     if not images:
         raise ValueError(f"data: found no images in class folders under {directory!r}")
-    # From uint8 pixels: always finite, unlike latent shards (load_latent_shards checks those).
+    # From uint8 pixels: always finite, unlike latent shards (check_finite scans those).
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
     return TensorData(pixels, torch.tensor(labels), num_classes, f"images in {directory}")
 
 
-def center_crop_resize(image, size: int) -> np.ndarray:
-    """The ADM preprocessing: center crop to a square, resize (bicubic) to size x size, uint8 HWC."""
-    from PIL import Image
-
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
-    return np.asarray(image, dtype=np.uint8)
-
-
-@functools.lru_cache(maxsize=4)
+# Two epochs' orders: a batch no larger than the set spans at most two. Each is N int64 (8 bytes a
+# sample: 10 MB for ImageNet's 1.28M), kept per process and per worker; drawing it again every step
+# would cost a randperm of N per step.
+@functools.lru_cache(maxsize=2)
 def _epoch_order(seed: int, epoch: int, size: int) -> torch.Tensor:
     return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
@@ -125,4 +175,8 @@ def global_batch_indices(seed: int, step: int, batch_size: int, size: int) -> to
     """Indices of the ``step``-th global batch: consecutive slices of a fresh permutation per epoch."""
     positions = torch.arange(step * batch_size, (step + 1) * batch_size)
     epochs, offsets = positions // size, positions % size
-    return torch.stack([_epoch_order(seed, int(e), size)[int(o)] for e, o in zip(epochs, offsets)])
+    indices = torch.empty(batch_size, dtype=torch.int64)
+    for epoch in epochs.unique().tolist():
+        where = epochs == epoch
+        indices[where] = _epoch_order(seed, epoch, size)[offsets[where]]
+    return indices

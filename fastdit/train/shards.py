@@ -286,11 +286,11 @@ class LatentShards:
             if problem := shard_problem(self.directory, shard, checksums=True):
                 raise ValueError(f"data: {problem}; the file is damaged: {RE_ENCODE}")
 
-    def find_nonfinite(self, chunk: int = 4096):
+    def find_nonfinite(self, chunk: int = 4096, shards=None):
         """Yield (file, field, index in the shard, global index) of every sample holding a NaN or an
-        infinity, reading the shards ``chunk`` rows at a time."""
-        for shard, paths in enumerate(self.paths):
-            arrays = self.shard(shard)
+        infinity, reading the shards (all, or the indices ``shards``) ``chunk`` rows at a time."""
+        for shard in range(len(self.paths)) if shards is None else shards:
+            paths, arrays = self.paths[shard], self.shard(shard)
             for field in LATENT_FIELDS:
                 for start in range(0, self.counts[shard], chunk):
                     values = to_float32(arrays[field][start:start + chunk], self.latent_dtype)
@@ -298,8 +298,9 @@ class LatentShards:
                     for row in np.flatnonzero(bad):
                         yield paths[field], field, start + int(row), int(self.offsets[shard]) + start + int(row)
 
-    def check_finite(self) -> None:
-        """Raise a ValueError naming the shard file and index of the first non-finite sample (a full read)."""
-        for path, field, row, index in self.find_nonfinite():
+    def check_finite(self, shards=None) -> None:
+        """Raise a ValueError naming the shard file and index of the first non-finite sample (a full read
+        of the shards, or of the indices ``shards``)."""
+        for path, field, row, index in self.find_nonfinite(shards=shards):
             raise ValueError(f"data: {path}: {field}[{row}] (sample {index}) holds a non-finite value; "
                              f"{RE_ENCODE} or remove it")

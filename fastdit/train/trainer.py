@@ -34,6 +34,7 @@ from fastdit.models import checkpoint as checkpoints
 from fastdit.models.dit import DiT, DiT_models
 from fastdit.train import data as datasets
 from fastdit.train import distributed, run_folder
+from fastdit.train.shards import RE_ENCODE, LatentShards
 
 
 @dataclasses.dataclass
@@ -57,6 +58,12 @@ class TrainConfig:
     ckpt_every: int = 5000
     log_every: int = 100
     seed: int = 0
+    # DataLoader worker processes reading the batches ahead; None: 4 for latent shards (read from disk), 0 for
+    # data held in memory (the digits, pixel image folders), where a batch is an index into a tensor.
+    workers: int | None = None
+    # Scan the latent shards for NaN and infinity at start (a full read of the set, shared by the ranks), naming
+    # a bad sample by file and index. Without it a loss that goes non-finite still names the samples of its batch.
+    check_data: bool = True
     # None: the first non-finite loss stops the run. N: skip up to N non-finite updates (the N+1-th stops the
     # run); deciding whether to apply each update costs one host sync per step.
     skip_nonfinite: int | None = None
@@ -81,10 +88,6 @@ PRESETS = {
 }
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
-
-
 def build_model(config: TrainConfig, num_classes: int, in_channels: int, input_size: int) -> DiT:
     if config.model_config is not None:
         arguments = dict(config.model_config)
@@ -98,12 +101,16 @@ def build_model(config: TrainConfig, num_classes: int, in_channels: int, input_s
                                     class_dropout_prob=config.class_dropout_prob, block=config.block)
 
 
-def load_data(config: TrainConfig) -> datasets.TensorData:
+def load_data(config: TrainConfig, rank: int = 0, world_size: int = 1):
+    """The run's data: in memory (``TensorData``) or memory-mapped latent shards (``LatentShards``)."""
     if config.data == "digits":
         return datasets.load_digits(config.image_size)
     if config.pixel:
         return datasets.load_image_folder(config.data, config.image_size)
-    return datasets.load_latent_shards(config.data)
+    data = LatentShards(config.data)
+    if config.check_data:
+        datasets.check_finite(data, rank, world_size)
+    return data
 
 
 class TrainingDiverged(ValueError):
@@ -152,8 +159,8 @@ class Trainer:
             raise ValueError(f"global batch size {config.global_batch_size} is not divisible by the number of "
                              f"processes ({self.world_size})")
         self.local_batch = config.global_batch_size // self.world_size
-        self.data = load_data(config)
-        _, channels, height, _ = self.data.images.shape
+        self.data = distributed.fail_together(lambda: load_data(config, self.rank, self.world_size), process)
+        channels, height, _ = self.data.latent_shape
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)  # the same initial weights on every rank and in every rerun
             self.model = build_model(config, self.data.num_classes, channels, height).to(self.device)
@@ -176,24 +183,32 @@ class Trainer:
         self.first_nonfinite_step = torch.full((), NO_STEP, dtype=torch.int64, device=self.device)
         self.skipped_nonfinite = 0  # updates skipped under config.skip_nonfinite
         self.saved_step = None  # the newest checkpoint's step, for the error that stops a diverged run
+        self._batches, self._next_batch_step = None, None  # the loader's iterator, and the step it yields next
 
     # --- one step ---------------------------------------------------------------------------
 
     def global_batch(self, step):
         """This rank's slice of the step's global batch: (x, y, t, noise), all on the device."""
-        config, data, generator = self.config, self.data, step_generator(self.config.seed, step)
-        indices = datasets.global_batch_indices(config.seed, step, config.global_batch_size, len(data))
-        x, y = data.images[indices], data.labels[indices].clone()
-        flips = torch.rand(len(x), generator=generator) < 0.5
-        drops = torch.rand(len(x), generator=generator) < self.model.y_embedder.dropout_prob
-        t = torch.randint(0, self.diffusion.num_timesteps, (len(x),), generator=generator)
-        noise = torch.randn(x.shape, generator=generator)
-        if config.flip:
-            mirrored = x.flip(-1) if data.flipped is None else data.flipped[indices]
-            x = torch.where(flips[:, None, None, None], mirrored, x)
-        y[drops] = data.num_classes  # class dropout for guidance: the null class
-        rows = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
-        return [tensor[rows].to(self.device) for tensor in (x, y, t, noise)]
+        if self._next_batch_step != step:
+            self._open_loader(step)
+        batch = next(self._batches)
+        self._next_batch_step = step + 1
+        return [tensor.to(self.device, non_blocking=True) for tensor in batch]
+
+    def _open_loader(self, step):
+        """Read the batches from ``step`` on (to the run's last step), ahead of the steps that use them."""
+        self.close_loader()
+        config = self.config
+        batches = datasets.StepBatches(self.data, config.seed, config.global_batch_size, self.rank, self.world_size,
+                                       self.diffusion.num_timesteps, self.model.y_embedder.dropout_prob, config.flip)
+        workers = config.workers if config.workers is not None else (4 if isinstance(self.data, LatentShards) else 0)
+        loader = datasets.batch_loader(batches, step, max(step + 1, config.steps), workers,
+                                       pin_memory=self.device.type == "cuda")
+        self._batches, self._next_batch_step = iter(loader), step
+
+    def close_loader(self):
+        """Stop the loader's workers (they also stop when the trainer is collected)."""
+        self._batches = self._next_batch_step = None
 
     def train_step(self):
         x, y, t, noise = self.global_batch(self.step)
@@ -232,6 +247,17 @@ class Trainer:
                 f"than --skip-nonfinite {self.config.skip_nonfinite}"))
         return False
 
+    def _bad_data(self, step) -> str:
+        """Which samples of step ``step``'s batch (1-based, as logged) hold a NaN or an infinity, if any: the
+        culprit of a non-finite loss when the data was not scanned at start."""
+        indices = datasets.global_batch_indices(self.config.seed, step - 1, self.config.global_batch_size,
+                                                len(self.data))
+        found = datasets.nonfinite_samples(self.data, indices)
+        if not found:
+            return ""
+        more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+        return f" (its batch holds non-finite data: {', '.join(found[:3])}{more}; {RE_ENCODE} or remove it)"
+
     def _diverged(self, what) -> str:
         kept = ("no checkpoint was saved yet" if self.saved_step is None else
                 f"{os.path.join(self.checkpoint_dir, f'{self.saved_step:08d}.pt')} holds the last finite weights")
@@ -243,7 +269,7 @@ class Trainer:
         EMA or optimizer state holds a NaN or infinity. A host sync: for log points and saves only."""
         first = int(self.first_nonfinite_step)
         if first != NO_STEP:
-            raise TrainingDiverged(self._diverged(f"the loss is not finite at step {first}"))
+            raise TrainingDiverged(self._diverged(f"the loss is not finite at step {first}{self._bad_data(first)}"))
         if weights:
             tensors = [*(("model." + name, value) for name, value in self.model.state_dict().items()),
                        *(("ema." + name, value) for name, value in self.ema.state_dict().items()),
@@ -324,6 +350,7 @@ class Trainer:
 
     def run(self, progress=True):
         with contextlib.ExitStack() as stack:
+            stack.callback(self.close_loader)
             distributed.fail_together(lambda: self._claim_run_folder(stack), self.process)
             return self._run(progress)
 

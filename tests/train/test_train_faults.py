@@ -161,14 +161,16 @@ def test_non_finite_latents_are_named_by_shard_and_index(tmp_path, bad):
     config = tiny_config(tmp_path / "run", data=str(tmp_path / "shards"), model_config=None, model="DiT-S/2",
                          image_size=32)
     shard = tmp_path / "shards" / f"shard-{bad[0]:05d}.npz"
-    with pytest.raises(ValueError, match=rf"data: {shard}: {bad[1]}\[{bad[2]}\] holds a non-finite value"):
+    with pytest.raises(ValueError, match=rf"data: {shard}: {bad[1]}\[{bad[2]}\] \(sample {bad[0] * 6 + bad[2]}\) "
+                                         "holds a non-finite value"):
         Trainer(config, distributed.Process(0, 1, 0, torch.device("cpu"), None))
 
 
 def test_finite_latent_shards_load(tmp_path):
     write_shards(tmp_path)
-    from fastdit.train.data import load_latent_shards
-    assert load_latent_shards(str(tmp_path)).images.shape == (12, 4, 4, 4)
+    from fastdit.train.trainer import load_data
+    data = load_data(tiny_config(tmp_path / "run", data=str(tmp_path)))
+    assert (len(data), data.latent_shape) == (12, (4, 4, 4))
 
 
 # --- damaged run folders --------------------------------------------------------------------------

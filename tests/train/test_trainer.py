@@ -115,8 +115,11 @@ def test_resume_with_another_configuration_is_refused(tmp_path):
 
 
 def test_missing_data_and_unknown_model(tmp_path):
-    with pytest.raises(ValueError, match="no latent shards"):
+    with pytest.raises(ValueError, match="'.*nowhere' is not a directory of latent shards"):
         train_in_process(tiny_config(tmp_path, data=str(tmp_path / "nowhere")))
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(ValueError, match="no latent shards .* in '.*empty'"):
+        train_in_process(tiny_config(tmp_path / "run", data=str(tmp_path / "empty")))
     with pytest.raises(KeyError, match="unknown model 'DiT-Q/2'"):
         train_in_process(tiny_config(tmp_path, model="DiT-Q/2", model_config=None))
 
