@@ -13,12 +13,14 @@ it is drawn in, and a long run can be split into batches or over processes.
 import collections
 import contextlib
 import copy
+import functools
 import itertools
 import warnings
 
 import numpy as np
 import torch
 
+from fastdit.diffusion import caching
 from fastdit.diffusion.samplers import SAMPLERS, make_solver
 from fastdit.models.validation import check_class_ids
 from fastdit.reference import classifier_free_guidance
@@ -69,13 +71,16 @@ class GraphCaptureError(RuntimeError):
     """The denoising step could not be captured into a CUDA graph."""
 
 
-def _run_eager(denoiser, solver, noise, x, iterate, stop=None):
-    """The steps one by one; ``stop(i, eps, x)``, when given, is asked after each step whether to stop there."""
+def _run_eager(denoiser, solver, noise, x, iterate, stop=None, cache=None):
+    """The steps one by one; ``stop(i, eps, x)``, when given, is asked after each step whether to stop there.
+    ``cache``: the denoiser's forward when it is a ``caching.FeatureCache``, told each step's index."""
     coefficients = solver.coefficients.to(x.device, torch.float32)
     state = solver.initial_state(x)
     t = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     for i in iterate(range(len(solver))):
         t.fill_(int(solver.timesteps[i]))
+        if cache is not None:
+            cache.prepare(i)
         step_noise = noise.next().to(x.device) if solver.draws_noise else None
         eps, variance_values = denoiser(x, t)
         x, state = solver.step(x, eps, variance_values, coefficients[i], step_noise, state)
@@ -88,7 +93,7 @@ class NonFiniteSampleError(ValueError):
     """Sampling gave NaN or infinite values (a ValueError: the model or the settings are what is wrong)."""
 
 
-def _nonfinite_cause(model, denoiser, solver, start) -> str:
+def _nonfinite_cause(model, denoiser, solver, start, cache=None) -> str:
     """Why a call's samples are not finite: non-finite weights, else the first step that went wrong, found by
     running the steps again eagerly with a check after each (only on this failure path)."""
     for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
@@ -107,7 +112,7 @@ def _nonfinite_cause(model, denoiser, solver, start) -> str:
             found.append(f"the {solver.name} update is not finite from {where} on")
         return bool(found)
 
-    _run_eager(denoiser, solver, image_noise, x_T, lambda steps: steps, stop)
+    _run_eager(denoiser, solver, image_noise, x_T, lambda steps: steps, stop, cache)
     return found[0] if found else "a rerun of the steps was finite: the sampling is not deterministic here"
 
 
@@ -148,9 +153,11 @@ class GraphedStep:
     """One denoising step captured into a CUDA graph over static buffers: x, the labels, the model's timestep,
     the step's coefficient row and noise, and the solver's state. A capture costs a warm-up step, a recording
     pass and a private memory pool, so a step is captured once per key (``_graph_key``) and replayed for every
-    step of every ``sample`` call with that key, i.e. of every batch of a long run."""
+    step of every ``sample`` call with that key, i.e. of every batch of a long run. With a static feature cache
+    (``cache``, the denoiser's forward, whose buffers the graphs read and write) each kind of step, all blocks
+    or none, is its own graph, and the host picks the one its plan says."""
 
-    def __init__(self, denoiser, solver, x):
+    def __init__(self, denoiser, solver, x, cache=None):
         self.denoiser = copy.copy(denoiser)
         self.denoiser.y = denoiser.y.clone()  # the graph reads the labels here; each call loads its own
         self.solver = solver
@@ -158,9 +165,12 @@ class GraphedStep:
         self.t = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
         self.coef = torch.empty(solver.coefficients.shape[1], dtype=torch.float32, device=x.device)
         self.noise = torch.zeros_like(x) if solver.draws_noise else None
-        self.replay = None
+        self.cache = cache
+        self.replays = {}  # step kind (None without a cache) -> its graph's replay
 
-    def step(self):
+    def step(self, kind=None):
+        if kind is not None:  # bound into the captured function: a replay of this graph is a step of this kind
+            self.cache.kind = kind
         eps, variance_values = self.denoiser(self.x, self.t)
         x_next, next_state = self.solver.step(self.x, eps, variance_values, self.coef, self.noise, self.state)
         self.x.copy_(x_next)
@@ -174,23 +184,23 @@ class GraphedStep:
         self.denoiser.y.copy_(denoiser.y)
         for buffer, value in zip(self.state, solver.initial_state(x)):
             buffer.copy_(value)
-
-        def load(i):
+        if self.cache is not None:
+            self.cache.plan(len(solver))
+        for i in iterate(range(len(solver))):
             self.t.fill_(int(solver.timesteps[i]))
             self.coef.copy_(coefficients[i])
             if self.noise is not None:
                 self.noise.copy_(noise.next())
-
-        steps = iter(iterate(range(len(solver))))
-        load(next(steps))
-        if self.replay is None:
-            warm_up(self.step, x.device)  # step 0, run for real
-            self.replay = capture(self.step, x.device)
-        else:
-            self.replay()
-        for i in steps:
-            load(i)
-            self.replay()
+            kind = None
+            if self.cache is not None:
+                self.cache.prepare(i)
+                kind = self.cache.kind
+            if kind in self.replays:
+                self.replays[kind]()
+            else:  # the first step of its kind: run for real, as the warm-up, then recorded
+                step = functools.partial(self.step, kind)
+                warm_up(step, x.device)
+                self.replays[kind] = capture(step, x.device)
         return self.x.clone()
 
 
@@ -208,27 +218,27 @@ class _GraphCache(collections.OrderedDict):
         return _GraphCache, ()
 
 
-def _graph_key(model, denoiser, solver, x, compile):
+def _graph_key(model, denoiser, solver, x, compile, cache=None):
     """What a captured step depends on: shapes, dtypes, device, the weights' addresses (a step reads them there,
-    so weights replaced rather than updated in place need a new capture), the guidance settings and the
-    solver's update rule (not its schedule, which the step reads from its buffers)."""
+    so weights replaced rather than updated in place need a new capture), the guidance settings, the
+    solver's update rule (not its schedule, which the step reads from its buffers) and the cache policy."""
     weights = tuple(tensor.data_ptr() for tensor in itertools.chain(model.parameters(), model.buffers()))
     autocast = torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type)
     return (tuple(x.shape), x.device, denoiser.dtype, denoiser.cfg_scale, denoiser.guidance_channels,
-            solver.name, solver.draws_noise, compile, autocast, weights)
+            solver.name, solver.draws_noise, compile, autocast, weights, cache and cache.config)
 
 
-def _run_cuda_graph(model, denoiser, solver, noise, x, iterate, compile=False):
+def _run_cuda_graph(model, denoiser, solver, noise, x, iterate, compile=False, cache=None):
     # Graph capture and replay, streams and Triton launches use the current device, not the tensors': make
     # x's device current, or a model on cuda:1 would capture and replay on GPU 0's stream.
     with torch.cuda.device(x.device):
         graphs = vars(model).setdefault("_fastdit_cuda_graphs", _GraphCache())
-        key = _graph_key(model, denoiser, solver, x, compile)
+        key = _graph_key(model, denoiser, solver, x, compile, cache)
         step = graphs.get(key)
         if isinstance(step, str):  # this step failed to capture before: do not warm up and fail again
             raise GraphCaptureError(step)
         if step is None:
-            step = GraphedStep(denoiser, solver, x)
+            step = GraphedStep(denoiser, solver, x, cache)
             try:
                 out = step.run(denoiser, solver, noise, x, iterate)
             except GraphCaptureError as error:
@@ -312,7 +322,8 @@ def _check_labels(class_labels, num_classes, device):
 
 
 def sample(model, class_labels, *, sampler="ddpm", steps=250, cfg_scale=1.0, guidance_channels=None, noise=None,
-           generator=None, seed=None, eta=0.0, first_index=0, progress=False, compile=False, cuda_graphs="auto"):
+           generator=None, seed=None, eta=0.0, first_index=0, progress=False, compile=False, cuda_graphs="auto",
+           cache=None):
     """Sample latents (N, C, H, W), fp32 on the model's device, for N = len(class_labels).
 
     model: a DiT (``fastdit.DiT`` or ``fastdit.reference.DiT``): ``model(x, t, y)`` -> (N, C or 2C, H, W).
@@ -332,6 +343,11 @@ def sample(model, class_labels, *, sampler="ddpm", steps=250, cfg_scale=1.0, gui
         the model's forward cannot be captured, e.g. it copies a CPU tensor to the GPU; True: such a model
         is an error, as is a model on the CPU). A captured step is reused by later calls with the same batch
         size, sampler and guidance (at most ``MAX_GRAPHS_PER_MODEL`` such steps are kept per model).
+    cache: skip the blocks at some steps, reusing or forecasting their contribution (``fastdit.diffusion.caching``,
+        docs/caching.md): None (off: every block at every step), "taylorseer", "fbcache" or "fora" with their
+        defaults, or a policy object such as ``caching.TaylorSeer(interval=3, order=1)``. Needs a ``fastdit.DiT``.
+        "fbcache" decides per step from the data (one host read per step) and so runs without CUDA graphs
+        (an error with cuda_graphs=True).
     """
     for name in ("in_channels", "out_channels", "input_size", "num_classes"):
         if not hasattr(model, name):
@@ -358,6 +374,13 @@ def sample(model, class_labels, *, sampler="ddpm", steps=250, cfg_scale=1.0, gui
                          "(it was built with class_dropout_prob=0); use cfg_scale=1")
     if cuda_graphs not in ("auto", True, False):
         raise ValueError(f"cuda_graphs must be 'auto', True or False, got {cuda_graphs!r}")
+    cache_config = caching.resolve(cache)
+    if cache_config is not None and cache_config.method == "fbcache":
+        if cuda_graphs is True:
+            raise ValueError("cache fbcache decides each step on the host from the first block's output, so it runs "
+                             "without CUDA graphs; pass cuda_graphs='auto' or False, or a static cache (fora, "
+                             "taylorseer)")
+        cuda_graphs = False
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     dtype = parameter.dtype if parameter is not None else torch.float32
@@ -387,7 +410,8 @@ def sample(model, class_labels, *, sampler="ddpm", steps=250, cfg_scale=1.0, gui
         x_T = image_noise.next()  # drawn even when noise is given, so the step noise is the same either way
         return image_noise, (x_T if noise is None else noise).to(device=device, dtype=torch.float32)
 
-    forward = torch.compile(model) if compile else model
+    feature_cache = None if cache_config is None else caching.FeatureCache(model, cache_config, steps, compile)
+    forward = feature_cache or (torch.compile(model) if compile else model)
     denoiser = GuidedDenoiser(forward, labels, model.num_classes, cfg_scale, guidance_channels, channels, dtype)
     iterate = _progress(progress, f"{sampler} sampling")
     was_training = model.training
@@ -397,7 +421,7 @@ def sample(model, class_labels, *, sampler="ddpm", steps=250, cfg_scale=1.0, gui
             x = None
             if use_graph:
                 try:
-                    x = _run_cuda_graph(model, denoiser, solver, *start(), iterate, compile)
+                    x = _run_cuda_graph(model, denoiser, solver, *start(), iterate, compile, feature_cache)
                 except GraphCaptureError as error:
                     if cuda_graphs is True:
                         raise RuntimeError(f"cuda_graphs=True, but the model's step cannot be captured into a CUDA "
@@ -406,10 +430,11 @@ def sample(model, class_labels, *, sampler="ddpm", steps=250, cfg_scale=1.0, gui
                                   stacklevel=2)
             with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
                 if x is None:
-                    x = _run_eager(denoiser, solver, *start(), iterate)
+                    x = _run_eager(denoiser, solver, *start(), iterate, cache=feature_cache)
                 if not bool(torch.isfinite(x).all()):  # a call's one host sync: no step checks its output
                     raise NonFiniteSampleError(f"{sampler} sampling ({steps} steps, cfg_scale={cfg_scale}) gave "
-                                               f"non-finite samples: {_nonfinite_cause(model, denoiser, solver, start)}")
+                                               f"non-finite samples: "
+                                               f"{_nonfinite_cause(model, denoiser, solver, start, feature_cache)}")
             return x
     finally:
         model.train(was_training)
