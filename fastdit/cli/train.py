@@ -55,7 +55,7 @@ def config_from_args(args) -> TrainConfig:
     for name in ("global_batch_size", "steps", "ckpt_every", "log_every", "image_size"):
         if name in values and values[name] <= 0:
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {values[name]}")
-    if values.get("workers", 0) is not None and values.get("workers", 0) < 0:
+    if values.get("workers", 0) < 0:
         raise ValueError(f"--workers: expected a count >= 0, got {values['workers']}")
     if values.get("skip_nonfinite", 0) < 0:
         raise ValueError(f"--skip-nonfinite: expected a count >= 0, got {values['skip_nonfinite']}")

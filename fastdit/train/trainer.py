@@ -58,7 +58,7 @@ class TrainConfig:
     ckpt_every: int = 5000
     log_every: int = 100
     seed: int = 0
-    # DataLoader worker processes reading the batches ahead; None: 4 for latent shards (read from disk), 0 for
+    # DataLoader worker processes reading the batches ahead; None: 4 (at most the CPUs) for latent shards, 0 for
     # data held in memory (the digits, pixel image folders), where a batch is an index into a tensor.
     workers: int | None = None
     # Scan the latent shards for NaN and infinity at start (a full read of the set, shared by the ranks), naming
@@ -201,7 +201,9 @@ class Trainer:
         config = self.config
         batches = datasets.StepBatches(self.data, config.seed, config.global_batch_size, self.rank, self.world_size,
                                        self.diffusion.num_timesteps, self.model.y_embedder.dropout_prob, config.flip)
-        workers = config.workers if config.workers is not None else (4 if isinstance(self.data, LatentShards) else 0)
+        workers = config.workers
+        if workers is None:
+            workers = min(4, len(os.sched_getaffinity(0))) if isinstance(self.data, LatentShards) else 0
         loader = datasets.batch_loader(batches, step, max(step + 1, config.steps), workers,
                                        pin_memory=self.device.type == "cuda")
         self._batches, self._next_batch_step = iter(loader), step
