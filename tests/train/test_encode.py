@@ -152,9 +152,9 @@ def test_a_different_encode_in_the_folder_is_refused(vae, folder, tmp_path):
 
 def test_the_folder_is_locked(vae, folder, tmp_path):
     os.makedirs(tmp_path / "out")
-    with exclusive_lock(tmp_path / "out" / encode.LOCK, "test"):
-        with pytest.raises(FolderInUseError, match=f"--out {tmp_path / 'out'} is in use by another fastdit process"):
-            run_encode(vae, folder, tmp_path / "out")
+    in_use = f"--out {tmp_path / 'out'} is in use by another fastdit process"
+    with exclusive_lock(tmp_path / "out" / encode.LOCK, "test"), pytest.raises(FolderInUseError, match=in_use):
+        run_encode(vae, folder, tmp_path / "out")
 
 
 def test_bad_input(vae, folder, tmp_path):
@@ -186,7 +186,7 @@ def encode_command(folder, vae_dir, out, workers=0):
 @pytest.mark.slow
 def test_torchrun_splits_the_shards_and_gives_the_same_bytes(vae_dir, folder, tmp_path):
     assert main(encode_command(folder, vae_dir, tmp_path / "one")) == 0
-    result = subprocess.run([*TORCHRUN, "--nproc_per_node", "3", "-m", "fastdit",
+    result = subprocess.run(check=False, args=[*TORCHRUN, "--nproc_per_node", "3", "-m", "fastdit",
                              *encode_command(folder, vae_dir, tmp_path / "three", workers=1)],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -207,7 +207,7 @@ def test_a_killed_encode_resumes_to_the_same_bytes(vae_dir, tmp_path):
     process.wait()
     assert shards.read_record(out, 3) is not None, process.stderr.read().decode()
     assert not (out / shards.MANIFEST).exists(), "the kill came too late to test resumption"
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     kept = int(result.stdout.split(" kept")[0].rsplit(", ", 1)[1])
     assert kept >= 4
