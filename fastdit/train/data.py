@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdit.train.preprocess import center_crop_arr
-from fastdit.train.shards import RE_ENCODE, LatentShards
+from fastdit.train.shards import LatentShards
 
 
 class TensorData:
@@ -87,6 +87,19 @@ class StepBatches(torch.utils.data.Dataset):
         self.rows = slice(rank * (global_batch_size // world_size), (rank + 1) * (global_batch_size // world_size))
         self.num_timesteps, self.dropout_prob, self.flip = num_timesteps, dropout_prob, flip
 
+    def __getstate__(self):
+        # A worker reopens the shard folder (a stat per file) rather than receive its memory maps, which
+        # pickle as copies of the data.
+        state = dict(self.__dict__)
+        if isinstance(self.data, LatentShards):
+            state["data"] = self.data.directory
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if isinstance(self.data, str):
+            self.data = LatentShards(self.data)
+
     def __getitem__(self, step: int):
         generator = step_generator(self.seed, step)
         size = self.global_batch_size
@@ -112,8 +125,14 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 def batch_loader(batches: StepBatches, first_step: int, end_step: int, workers: int, pin_memory: bool,
                  prefetch: int = 4) -> torch.utils.data.DataLoader:
     """The batches of steps ``first_step`` to ``end_step`` (exclusive), in order; with ``workers`` processes
-    reading ahead up to ``prefetch`` batches each. Workers are forked: they share the parent's memory maps."""
-    options = dict(num_workers=workers, prefetch_factor=prefetch) if workers else {}
+    reading ahead up to ``prefetch`` batches each.
+
+    The workers come from a fork server, not a fork of the trainer: a forked worker would inherit the run
+    folder's lock and hold it after the trainer was killed (until the worker notices, up to 5 s later),
+    refusing the rerun that resumes. A script that trains with workers must therefore guard its entry point
+    (``if __name__ == "__main__":``), as with any non-fork multiprocessing."""
+    options = ({"num_workers": workers, "prefetch_factor": prefetch, "multiprocessing_context": "forkserver"}
+               if workers else {})
     return torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(first_step, end_step),
                                        pin_memory=pin_memory, **options)
 

@@ -22,7 +22,7 @@ STEPS, BATCH = 30, 256
 START_MB, STEPS_MB, LATER_STEPS_MB = 80, 16, 2
 
 # argv: mode ("disk" or "memory"), the shard folder. Prints RssAnon in MB before, after start, after the steps.
-SCRIPT = """
+SCRIPT_TEMPLATE = """
 import json, sys
 import torch
 from fastdit.train import distributed
@@ -35,7 +35,7 @@ def rss_anon_mb():
 mode, folder = sys.argv[1], sys.argv[2]
 model = dict(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=10,
              class_dropout_prob=0.1, learn_sigma=True)
-config = TrainConfig(out="run", model=None, model_config=model, data=folder, global_batch_size=%d, steps=%d,
+config = TrainConfig(out="run", model=None, model_config=model, data=folder, global_batch_size={batch}, steps={steps},
                      precision="fp32", workers=0, lr=1e-3)
 process = distributed.Process(0, 1, 0, torch.device("cpu"), None)
 before = rss_anon_mb()
@@ -51,14 +51,15 @@ if mode == "memory":  # the loader before issue 18: every shard read whole, conc
     trainer_module.load_data = lambda config, rank=0, world_size=1: data
 trainer = Trainer(config, process)
 started = rss_anon_mb()
-for _ in range(%d):
+for _ in range({first}):
     trainer.train_step()
 stepped = rss_anon_mb()
-for _ in range(%d):
+for _ in range({second}):
     trainer.train_step()
-print(json.dumps({"before": before, "started": started, "stepped": stepped, "stepped_twice": rss_anon_mb(),
-                  "samples": len(trainer.data)}))
-""" % (BATCH, 3 * STEPS, STEPS, STEPS)
+print(json.dumps({{"before": before, "started": started, "stepped": stepped, "stepped_twice": rss_anon_mb(),
+                   "samples": len(trainer.data)}}))
+"""
+SCRIPT = SCRIPT_TEMPLATE.format(batch=BATCH, steps=3 * STEPS, first=STEPS, second=STEPS)
 
 
 def write_set(directory, samples):
@@ -74,7 +75,7 @@ def write_set(directory, samples):
 
 def measure(mode, folder, cwd):
     result = subprocess.run([sys.executable, "-c", SCRIPT, mode, str(folder)], cwd=cwd, capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+                            check=False, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
 

@@ -296,6 +296,25 @@ def test_under_torchrun_every_rank_stops_when_the_folder_is_locked(tmp_path):
     assert not os.path.exists(os.path.join(config.out, "log.jsonl"))
 
 
+@pytest.mark.slow
+def test_a_killed_run_with_loader_workers_leaves_its_folder_unlocked(tmp_path):
+    """The loader's workers must not hold the run folder's lock: SIGKILL the trainer mid-run, and the folder is
+    free at once for the rerun that resumes it (a forked worker would keep the lock until it noticed)."""
+    write_shards(tmp_path / "shards")
+    model = {**tiny_config(tmp_path).model_config, "in_channels": 4, "input_size": 4, "num_classes": 3}
+    config = tiny_config(tmp_path / "run", data=str(tmp_path / "shards"), model_config=model, workers=2,
+                         steps=100_000, ckpt_every=100_000)
+    process = run_script(["-c", RUNNER, json.dumps(config.__dict__)], tmp_path)
+    deadline = time.time() + 120
+    while last_logged_step(tmp_path / "run") < 3 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, process.communicate()[1]
+    with exclusive_lock(os.path.join(config.out, ".lock"), "the rerun"):
+        pass
+
+
 # --- SIGKILL at random points, during a save and during a log write -------------------------------
 
 # RUNNER with a fault: argv[2] names what to kill the process in ("save" or "log") and argv[3] which call of it;
