@@ -44,7 +44,7 @@ if mode == "memory":  # the loader before issue 18: every shard read whole, conc
     from fastdit.train.shards import LatentShards
     shards = LatentShards(folder)
     parts = [shards.gather(range(start, start + count)) for start, count in zip(shards.offsets, shards.counts)]
-    whole = {name: torch.cat([torch.from_numpy(part[name]) for part in parts]) for name in parts[0]}
+    whole = {{name: torch.cat([torch.from_numpy(part[name]) for part in parts]) for name in parts[0]}}
     del parts
     data = TensorData(whole["latents"], whole["labels"], shards.num_classes, "old loader", whole["flipped"])
     import fastdit.train.trainer as trainer_module
