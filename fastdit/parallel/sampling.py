@@ -26,6 +26,7 @@ class ParallelDiT(nn.Module):
     def __init__(self, model: nn.Module, layout: Layout):
         super().__init__()
         self.model, self.layout = model, layout
+        self.train(model.training)  # sample() restores the mode it found on this wrapper, and so on model
         self.wrappers = []
         if layout.sp is not None:
             ulysses.check_model(model, layout.degree("sp"))
