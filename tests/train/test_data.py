@@ -161,3 +161,19 @@ def test_image_folders_get_the_releases_preprocessing(tmp_path):
     assert torch.equal(data.images, pixels)
     assert data.labels.tolist() == [0, 1] and data.num_classes == 2
     assert not hasattr(datasets, "center_crop_resize")
+
+
+def test_the_cli_flags_reach_the_config():
+    import argparse
+
+    from fastdit.cli import train as cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    config = cli.config_from_args(parser.parse_args(["--out", "r", "--preset", "digits", "--workers", "3",
+                                                     "--skip-data-check"]))
+    assert (config.workers, config.check_data) == (3, False)
+    config = cli.config_from_args(parser.parse_args(["--out", "r", "--preset", "digits"]))
+    assert (config.workers, config.check_data) == (None, True)
+    with pytest.raises(ValueError, match="--workers: expected a count >= 0, got -1"):
+        cli.config_from_args(parser.parse_args(["--out", "r", "--preset", "digits", "--workers", "-1"]))
