@@ -96,10 +96,10 @@ def step_seconds(shape, plan: Plan, peak, link: Link = NVLINK_H100) -> dict:
 
 
 def markdown(model: str = "DiT-XL/2", peak=DATASHEET_PEAKS[0], link: Link = NVLINK_H100) -> str:
-    volume = ["| image | tokens | mode | GPUs | sent per layer per GPU | sent per step per GPU | collectives per step |",
-              "|---|---|---|---|---|---|---|"]
-    latency = [f"| image | mode | GPUs | compute | sending | collectives' latency (assumed) | step | "
-               f"vs one GPU ({peak.name}) |", "|---|---|---|---|---|---|---|---|"]
+    volume = [("| image | tokens | mode | GPUs | sent per layer per GPU | sent per step per GPU "
+               "| collectives per step |"), "|---|---|---|---|---|---|---|"]
+    latency = [(f"| image | mode | GPUs | compute | sending | collectives' latency (assumed) | step | "
+                f"vs one GPU ({peak.name}) |"), "|---|---|---|---|---|---|---|---|"]
     for pixels, latent in RESOLUTIONS.items():
         shape = named_shape(model, latent)
         single = step_seconds(shape, Plan("one GPU", 1, 1), peak, link)["total"]

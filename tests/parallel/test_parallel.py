@@ -11,15 +11,15 @@ import sys
 import pytest
 import torch
 
+from fastdit import DiT
 from fastdit.parallel import cli, mesh, ulysses
 from fastdit.parallel.sampling import resolve_layout
 from fastdit.reference import DiT as ReferenceDiT
-from fastdit import DiT
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 WORKER = os.path.join(os.path.dirname(__file__), "worker.py")
 EXACT = 1e-5  # the issue's bound: relative to the samples' largest magnitude, fp32
-# Attention over the padding moves the output by more than a percent on these models (measured 2e-2 and more):
+# Attention over the padding moves these models' output by 5e-3 to 0.3 (measured):
 # an exactness check that let it through would be checking nothing.
 LEAK = 1e-3
 
@@ -28,7 +28,7 @@ def run_workers(tmp_path, nproc, cases, device_type="cpu"):
     """The worker under torchrun (cwd outside the checkout, so the installed fastdit is the one imported)."""
     worker = shutil.copy(WORKER, tmp_path / "worker.py")
     result = subprocess.run([*TORCHRUN, "--nproc_per_node", str(nproc), worker, json.dumps(cases), device_type],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                            check=False, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     reports = [json.loads(line[len("RESULT "):]) for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     assert sorted(report["rank"] for report in reports) == list(range(nproc))

@@ -1,6 +1,7 @@
 """Run under torchrun by tests/parallel/test_parallel.py: every case's parallel samples against this process's
 own single-process ``fastdit.sample``, and the errors that need a process group. Prints one RESULT line per rank."""
 import json
+import os
 import sys
 
 import torch
@@ -47,7 +48,7 @@ def run_case(case, device):
     errors = {}
     for sampler, steps in SAMPLERS.items():
         for cfg_scale in (1.0, 4.0):
-            settings = dict(seed=5, sampler=sampler, steps=steps, cfg_scale=cfg_scale)
+            settings = {"seed": 5, "sampler": sampler, "steps": steps, "cfg_scale": cfg_scale}
             out = parallel_sample(model, LABELS, **arguments, **settings)
             errors[f"{sampler} cfg {cfg_scale}"] = relative(out, sample(model, LABELS, cuda_graphs=False, **settings))
     result = {"sampling": errors, "left in eval mode": not model.training}
@@ -92,7 +93,7 @@ def main():
     cases, device_type = json.loads(sys.argv[1]), sys.argv[2]
     torch.set_num_threads(1)
     if device_type == "cuda":
-        rank = int(__import__("os").environ["LOCAL_RANK"])
+        rank = int(os.environ["LOCAL_RANK"])
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32
