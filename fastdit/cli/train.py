@@ -37,8 +37,9 @@ def add_arguments(parser):
                         help="DataLoader processes reading batches ahead (default: 4 for latent shards, 0 for data "
                              "held in memory)")
     parser.add_argument("--skip-data-check", dest="check_data", action="store_false", default=None,
-                        help="do not scan the latent shards for NaN and infinity at start (a full read of the set); "
-                             "a loss that goes non-finite still names the bad samples of its batch")
+                        help="do not check the latent shards at start (their sha256 against the manifest, then NaN "
+                             "and infinity: a full read of the set, shared by the ranks); a loss that goes "
+                             "non-finite still names the bad samples of its batch")
     parser.add_argument("--device", help="default: cuda when available (cuda:LOCAL_RANK under torchrun)")
     parser.add_argument("--deterministic", action="store_true", help="deterministic kernels (exact reruns on CPU)")
     parser.add_argument("--no-progress", action="store_true")

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -111,9 +112,16 @@ def encode_files(files, num_classes, vae: VAE, out, image_size, batch_size, shar
         # A barrier as well: no rank writes before rank 0 holds the folder and has cleared its leftovers.
         distributed.fail_together(claim, process)
         mine = distributed.shard(num_shards, process.rank, process.world_size)
-        # A record is written after its shard's files; sizes and checksums catch a file damaged since.
-        kept = [index for index in mine if (record := shards.read_record(out, index)) is not None
-                and record["settings"] == settings and shards.shard_problem(out, record, checksums=True) is None]
+        # A record is written after its shard's files; sizes and checksums catch a file damaged since, which
+        # is encoded again (said in one line: a damaged disk or copy is worth knowing about).
+        kept = []
+        for index in mine:
+            if (record := shards.read_record(out, index)) is None or record["settings"] != settings:
+                continue
+            if problem := shards.shard_problem(out, record, checksums=True):
+                print(f"warning: --out: {problem}; encoding shard {index} again", file=sys.stderr, flush=True)
+                continue
+            kept.append(index)
         todo = [index for index in mine if index not in kept]
         try:
             _encode_shards(files, todo, vae, out, settings, workers, prefetch, progress and process.is_main)

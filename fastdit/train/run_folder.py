@@ -66,11 +66,16 @@ class _HashingWriter:
 
     def __init__(self, file):
         self.file, self.sha256, self.size = file, hashlib.sha256(), 0
+        self.error = None  # the write's own error, which torch.save's zip writer hides behind its own
 
     def write(self, data):
         self.sha256.update(data)
         self.size += memoryview(data).nbytes
-        return self.file.write(data)
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
 
     def flush(self):
         self.file.flush()
@@ -81,7 +86,14 @@ def write_checkpoint(state, path):
     with atomic_path(path) as temporary:
         with open(temporary, "wb") as file:
             writer = _HashingWriter(file)
-            torch.save(state, writer)
+            try:
+                torch.save(state, writer)
+            except RuntimeError:
+                # A failed write (a full disk) surfaces as "[enforce fail at inline_container.cc] unexpected pos":
+                # raise the write's error instead, which atomic_path names with the checkpoint's path.
+                if writer.error is None:
+                    raise
+                raise writer.error from None
             file.flush()
             os.fsync(file.fileno())
         # Recorded before the checkpoint is renamed into place: a kill between the two leaves a record that

@@ -183,7 +183,7 @@ class LatentShards:
     def _open_manifest(self, manifest, checksums):
         self.latent_dtype = manifest["latent_dtype"]
         self.num_classes = int(manifest["num_classes"])
-        self.paths, self.counts, self._arrays = [], [], []
+        self.paths, self.counts, self._arrays, self.facts = [], [], [], []
         expected = None
         for shard in manifest["shards"]:
             record = {"index": shard["index"], "fields": shard["fields"]}
@@ -195,6 +195,8 @@ class LatentShards:
                                  f"{expected}: shards from different encodes; {RE_ENCODE}")
             expected = shapes
             self.paths.append({field: field_path(self.directory, shard["index"], field) for field in FIELDS})
+            self.facts.append({field: (np.dtype(facts["dtype"]), tuple(facts["shape"]))
+                               for field, facts in shard["fields"].items()})
             self.counts.append(int(shard["count"]))
             self._arrays.append(None)
         self.latent_shape = expected["latents"][1]
@@ -211,6 +213,7 @@ class LatentShards:
                              "with `fastdit encode`")
         self.latent_dtype = None
         self.paths = [{field: os.path.join(self.directory, name) for field in FIELDS} for name in names]
+        self.facts = [None] * len(names)  # no manifest: the shapes are compared across shards below
         self._arrays = []
         for paths in self.paths:
             try:
@@ -239,6 +242,13 @@ class LatentShards:
                 if len(array) != rows:
                     raise ValueError(f"data: {self.paths[index][field]} holds {len(array)} rows, the manifest "
                                      f"{rows}; {RE_ENCODE}")
+                # A file of another encode can have this one's size (fp32 (n, 4, 4, 2) against fp16 (n, 4, 4, 4)):
+                # its header tells, and costs nothing to read.
+                expected = self.facts[index] and self.facts[index][field]
+                if expected and (array.dtype, array.shape) != expected:
+                    raise ValueError(f"data: {self.paths[index][field]} holds {array.dtype.str} {array.shape}, the "
+                                     f"manifest {expected[0].str} {expected[1]}: a file from a different encode; "
+                                     f"{RE_ENCODE}")
             self._arrays[index] = arrays
         return self._arrays[index]
 
@@ -276,14 +286,15 @@ class LatentShards:
         batch = self.gather([index])
         return batch["latents"][0], batch["flipped"][0], int(batch["labels"][0])
 
-    def verify_checksums(self) -> None:
-        """Compare every file's sha256 with the manifest's (a full read); raise naming the first that differs."""
+    def verify_checksums(self, shards=None) -> None:
+        """Compare every file's sha256 (of all shards, or of the indices ``shards``) with the manifest's (a full
+        read); raise naming the first that differs."""
         if self.latent_dtype is None:
             raise ValueError(f"data: {self.directory} is in the old shard-*.npz format, which records no checksums; "
                              f"{RE_ENCODE}")
         manifest = read_manifest(self.directory)
-        for shard in manifest["shards"]:
-            if problem := shard_problem(self.directory, shard, checksums=True):
+        for position in range(len(manifest["shards"])) if shards is None else shards:
+            if problem := shard_problem(self.directory, manifest["shards"][position], checksums=True):
                 raise ValueError(f"data: {problem}; the file is damaged: {RE_ENCODE}")
 
     def find_nonfinite(self, chunk: int = 4096, shards=None):

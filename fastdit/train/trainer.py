@@ -61,8 +61,9 @@ class TrainConfig:
     # DataLoader worker processes reading the batches ahead; None: 4 (at most the CPUs) for latent shards, 0 for
     # data held in memory (the digits, pixel image folders), where a batch is an index into a tensor.
     workers: int | None = None
-    # Scan the latent shards for NaN and infinity at start (a full read of the set, shared by the ranks), naming
-    # a bad sample by file and index. Without it a loss that goes non-finite still names the samples of its batch.
+    # Check the latent shards at start (a full read of the set, shared by the ranks): each file's sha256 against
+    # the manifest (a damaged copy), then NaN and infinity, naming the file (and sample). Without it a loss that
+    # goes non-finite still names the samples of its batch.
     check_data: bool = True
     # None: the first non-finite loss stops the run. N: skip up to N non-finite updates (the N+1-th stops the
     # run); deciding whether to apply each update costs one host sync per step.
@@ -140,11 +141,6 @@ def _mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
         if dist.get_backend() != "nccl":  # gloo has no AVG
             value = value / dist.get_world_size()
     return value
-
-
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _rng_state() -> dict:
@@ -305,11 +301,15 @@ class Trainer:
         # states; fail_together keeps a rank that raised from leaving the others waiting in the gather.
         distributed.fail_together(lambda: self.check_finite(weights=True), self.process)
         state = self.state()
-        if self.rank == 0:
-            os.makedirs(self.checkpoint_dir, exist_ok=True)
-            run_folder.write_checkpoint(state, os.path.join(self.checkpoint_dir, f"{self.step:08d}.pt"))
+
+        def write():
+            if self.rank == 0:
+                os.makedirs(self.checkpoint_dir, exist_ok=True)
+                run_folder.write_checkpoint(state, os.path.join(self.checkpoint_dir, f"{self.step:08d}.pt"))
+
+        # Also the barrier: a write that fails (a full disk) stops every rank, none waits for rank 0 in vain.
+        distributed.fail_together(write, self.process)
         self.saved_step = self.step
-        _barrier()
 
     def latest_checkpoint(self):
         paths = run_folder.checkpoint_paths(self.checkpoint_dir)
@@ -386,7 +386,7 @@ class Trainer:
             if self.step % config.ckpt_every == 0 or self.step == config.steps:
                 self.save()
         distributed.fail_together(lambda: self.check_finite(weights=True), self.process)
-        if self.rank == 0:
-            checkpoints.save_pretrained(self.ema, os.path.join(config.out, "model"))
-        _barrier()
+        distributed.fail_together(
+            lambda: self.rank == 0 and checkpoints.save_pretrained(self.ema, os.path.join(config.out, "model")),
+            self.process)
         return self.ema

@@ -1,6 +1,7 @@
 """`fastdit encode` on a folder of JPEGs made here, with a tiny random AutoencoderKL: the latents against
 the VAE on the release's preprocessing, the same bytes with any number of workers or processes, resumption
 after a kill, and the folder's guards."""
+import errno
 import json
 import os
 import signal
@@ -108,7 +109,7 @@ def test_workers_give_the_same_bytes(vae, folder, tmp_path):
     assert folder_bytes(tmp_path / "serial") == folder_bytes(tmp_path / "workers")
 
 
-def test_resume_keeps_finished_shards_and_redoes_damaged_ones(vae, folder, tmp_path, monkeypatch):
+def test_resume_keeps_finished_shards_and_redoes_damaged_ones(vae, folder, tmp_path, monkeypatch, capsys):
     run_encode(vae, folder, tmp_path / "whole")
     expected = folder_bytes(tmp_path / "whole")
     out = tmp_path / "killed"
@@ -134,7 +135,11 @@ def test_resume_keeps_finished_shards_and_redoes_damaged_ones(vae, folder, tmp_p
         file.seek(-1, os.SEEK_END)
         file.write(bytes([last ^ 1]))
     (out / ".shard-00002.latents.npy.abc123.tmp").write_bytes(b"half")  # a kill's leftover
+    damaged, recorded = shards.file_sha256(path), shards.read_record(out, 1)["fields"]["labels"]["sha256"]
+    capsys.readouterr()
     assert run_encode(vae, folder, out) == {"encoded": 2, "kept": 1, "shards": 3}
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: --out: {path}: sha256 {damaged} differs from its record's {recorded}; encoding shard 1 again"]
     assert folder_bytes(out) == expected
     assert not (out / ".shard-00002.latents.npy.abc123.tmp").exists()
     assert run_encode(vae, folder, out) == {"encoded": 0, "kept": 3, "shards": 3}
@@ -213,3 +218,32 @@ def test_a_killed_encode_resumes_to_the_same_bytes(vae_dir, tmp_path):
     assert kept >= 4
     assert folder_bytes(out) == folder_bytes(tmp_path / "whole")
     assert json.loads((out / shards.MANIFEST).read_text())["count"] == 60
+
+
+def test_a_full_disk_names_the_file_and_leaves_no_finished_looking_shard(vae_dir, folder, tmp_path, monkeypatch,
+                                                                         capsys):
+    """ENOSPC halfway through shard 1's flipped latents: one line naming that file; shard 1 has no record (so
+    no manifest either) and no temporary is left; the rerun, with space again, gives the uninterrupted bytes."""
+    from fastdit import io
+
+    assert main(encode_command(folder, vae_dir, tmp_path / "whole")) == 0
+    failing = shards.field_path(tmp_path / "out", 1, "flipped")
+
+    def full_disk(path, data):
+        if path != failing:
+            return io.write_bytes_atomic(path, data)
+        with io.atomic_path(path) as temporary, open(temporary, "wb") as file:
+            file.write(data[:len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as write(2) fails: naming no file
+
+    monkeypatch.setattr(shards, "write_bytes_atomic", full_disk)
+    capsys.readouterr()
+    assert main(encode_command(folder, vae_dir, tmp_path / "out")) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # not the progress bar
+    assert errors == [f"fastdit encode: error: [Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)}: '{failing}'"]
+    left = sorted(os.listdir(tmp_path / "out"))
+    assert "shard-00001.json" not in left and shards.MANIFEST not in left and "shard-00000.json" in left
+    assert not [name for name in left if name.endswith(".tmp")], left
+    monkeypatch.undo()
+    assert main(encode_command(folder, vae_dir, tmp_path / "out")) == 0
+    assert folder_bytes(tmp_path / "out") == folder_bytes(tmp_path / "whole")

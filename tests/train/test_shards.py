@@ -167,3 +167,21 @@ def test_bad_indices(tmp_path):
         data[-13]
     with pytest.raises(TypeError, match="expected an integer sample index, got float"):
         data[1.0]
+
+
+def test_a_file_of_another_encode_with_this_ones_size_is_named(tmp_path):
+    # fp16 (n, 4, 4, 4) and fp32 (n, 4, 4, 2) latents take the same bytes: the size check passes, the header tells.
+    make_set(tmp_path / "this", counts=(3, 3), shape=(4, 4, 4), latent_dtype="fp16")
+    make_set(tmp_path / "other", counts=(3,), shape=(4, 4, 2), latent_dtype="fp32")
+    path = shards.field_path(tmp_path / "this", 1, "latents")
+    other = shards.field_path(tmp_path / "other", 0, "latents")
+    assert os.path.getsize(path) == os.path.getsize(other)
+    os.replace(other, path)
+    data = LatentShards(tmp_path / "this")
+    data.gather([0, 1, 2])  # shard 0 is sound
+    with pytest.raises(ValueError, match=rf"^data: {path} holds <f4 \(3, 4, 4, 2\), the manifest <f2 \(3, 4, 4, 4\): "
+                                         "a file from a different encode; re-create them"):
+        data.gather([3])
+    with pytest.raises(ValueError, match=f"^data: {path}: sha256 .* differs from its record's"):
+        data.verify_checksums(shards=[1])
+    data.verify_checksums(shards=[0])

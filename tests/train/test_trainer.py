@@ -1,4 +1,5 @@
 """Training: exact resume after SIGKILL, torchrun (gloo) equals one process, clear errors."""
+import errno
 import json
 import os
 import signal
@@ -6,10 +7,11 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
-from fastdit.train import distributed
+from fastdit.train import distributed, run_folder, shards
 from fastdit.train import trainer as train
 from fastdit.train.trainer import TrainConfig, Trainer
 
@@ -165,3 +167,56 @@ def test_defaults_are_the_papers_recipe():
     assert (config.lr, config.global_batch_size, config.ema_decay, config.class_dropout_prob, config.steps) == (
         1e-4, 256, 0.9999, 0.1, 400_000)
     assert train.PRESETS["digits"]["steps"] == 2500
+
+
+def test_a_full_disk_while_saving_a_checkpoint_names_it_and_leaves_no_record(tmp_path, monkeypatch):
+    """ENOSPC halfway through the step-4 checkpoint: the error names it, and neither it nor its record is
+    left (the step-2 checkpoint stays the newest sound one); the rerun with space again finishes the run."""
+    failing = os.path.join(tmp_path, "checkpoints", f"{4:08d}.pt")
+    temporary_prefix = os.path.join(os.path.dirname(failing), f".{os.path.basename(failing)}.")
+
+    class FullDisk:
+        """The checkpoint's file, filling up after 1,000 bytes as a full disk does: write(2) fails."""
+
+        def __init__(self, file):
+            self.file, self.written = file, 0
+
+        def write(self, data):
+            self.written += memoryview(data).nbytes
+            if self.written > 1000:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.file.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+    init = run_folder._HashingWriter.__init__
+
+    def full_disk(self, file):
+        init(self, FullDisk(file) if file.name.startswith(temporary_prefix) else file)
+
+    monkeypatch.setattr(run_folder._HashingWriter, "__init__", full_disk)
+    with pytest.raises(OSError, match=f"No space left on device: '{failing}'$"):
+        train_in_process(tiny_config(tmp_path, steps=4))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == [f"{2:08d}.pt", f"{2:08d}.pt.json"]
+    monkeypatch.undo()
+    train_in_process(tiny_config(tmp_path, steps=4))
+    assert run_folder.newest_sound_checkpoint(tmp_path / "checkpoints")[0] == failing
+
+
+def test_a_shard_whose_checksum_differs_stops_training_in_one_line(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {"latents": rng.standard_normal((16, 1, 8, 8), np.float32),
+              "flipped": rng.standard_normal((16, 1, 8, 8), np.float32), "labels": rng.integers(0, 10, 16)}
+    os.makedirs(tmp_path / "data")
+    records = [shards.write_shard(tmp_path / "data", 0, arrays, "fp16", {"latent_dtype": "fp16"})]
+    shards.write_manifest(tmp_path / "data", records, 10, {"latent_dtype": "fp16"})
+    path = shards.field_path(tmp_path / "data", 0, "flipped")
+    with open(path, "r+b") as file:  # a value changed, the size kept: a bad copy
+        file.seek(-2, os.SEEK_END)
+        file.write(np.float16(3.0).tobytes())
+    with pytest.raises(ValueError, match=f"^data: {path}: sha256 [0-9a-f]+ differs from its record's [0-9a-f]+; "
+                                         "the file is damaged: re-create them with `fastdit encode`$"):
+        train_in_process(tiny_config(tmp_path / "run", data=str(tmp_path / "data"), steps=1, workers=0))
+    # --skip-data-check trains on it (the changed value is finite).
+    train_in_process(tiny_config(tmp_path / "run", data=str(tmp_path / "data"), steps=1, workers=0, check_data=False))
