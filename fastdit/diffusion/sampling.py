@@ -44,6 +44,23 @@ class ImageNoise:
         return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators])
 
 
+class BatchNoise:
+    """Standard normal noise for the whole batch from one generator, as diffusers' pipelines draw it: ``next()``
+    returns the next (count, *shape) draw, the first being x_T. The generator starts from ``state`` at every
+    construction, so a rerun of the same call draws the same noise."""
+
+    def __init__(self, device, state, count: int, shape):
+        self.generator = torch.Generator(device=device)
+        self.generator.set_state(state)
+        self.shape = (count, *shape)
+
+    def next(self) -> torch.Tensor:
+        return torch.randn(self.shape, generator=self.generator, device=self.generator.device)
+
+
+NOISE_DRAWS = ("per-image", "batch")
+
+
 class GuidedDenoiser:
     """(x, t) -> (eps, variance values or None), in fp32, with classifier-free guidance when cfg_scale != 1:
     one forward over [cond; null] and eps[:, :g] = eps_null + s (eps_cond - eps_null) on the first g =
@@ -323,7 +340,7 @@ def _check_labels(class_labels, num_classes, device):
 
 def sample(model, class_labels, *, sampler="ddpm", steps=250, cfg_scale=1.0, guidance_channels=None, noise=None,
            generator=None, seed=None, eta=0.0, first_index=0, progress=False, compile=False, cuda_graphs="auto",
-           cache=None):
+           cache=None, spacing="release", final="release", noise_draw="per-image"):
     """Sample latents (N, C, H, W), fp32 on the model's device, for N = len(class_labels).
 
     model: a DiT (``fastdit.DiT`` or ``fastdit.reference.DiT``): ``model(x, t, y)`` -> (N, C or 2C, H, W).
@@ -348,6 +365,12 @@ def sample(model, class_labels, *, sampler="ddpm", steps=250, cfg_scale=1.0, gui
         defaults, or a policy object such as ``caching.TaylorSeer(interval=3, order=1)``. Needs a ``fastdit.DiT``.
         "fbcache" decides per step from the data (one host read per step) and so runs without CUDA graphs
         (an error with cuda_graphs=True).
+    spacing / final: diffusers' conventions, to reproduce a diffusers run (``fastdit.diffusion.samplers``):
+        ddim's timesteps "release" (default), or DDIMScheduler's "leading", "trailing", "linspace"; dpm++'s last
+        step "release" (to t = 0) or "zero" (DPMSolverMultistepScheduler's final_sigmas_type="zero").
+    noise_draw: "per-image" (default: image k's noise from (seed, first_index + k), the same in any batch) or
+        "batch" (diffusers' way: x_T and each step's noise for the whole batch from ``generator``, or from a
+        generator seeded with ``seed``; the generator's state is read, not advanced).
     """
     for name in ("in_channels", "out_channels", "input_size", "num_classes"):
         if not hasattr(model, name):
@@ -398,15 +421,25 @@ def sample(model, class_labels, *, sampler="ddpm", steps=250, cfg_scale=1.0, gui
         raise ValueError("pass seed or generator, not both")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, (), generator=generator,
-                                 device=generator.device if generator is not None else "cpu"))
-    seed = _check_int("seed", seed, 0)
+    if noise_draw not in NOISE_DRAWS:
+        raise ValueError(f"noise_draw must be one of {', '.join(NOISE_DRAWS)}, got {noise_draw!r}")
+    batch_generator = generator if noise_draw == "batch" else None  # used as it is: no seed drawn from it
+    if batch_generator is None:
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (), generator=generator,
+                                     device=generator.device if generator is not None else "cpu"))
+        seed = _check_int("seed", seed, 0)
+        if noise_draw == "batch":
+            batch_generator = torch.Generator().manual_seed(seed)
+    batch_noise_state = None if batch_generator is None else batch_generator.get_state()
 
-    solver = make_solver(sampler, steps, eta)
+    solver = make_solver(sampler, steps, eta, spacing=spacing, final=final)
 
     def start():
-        image_noise = ImageNoise(seed, first_index, len(labels), shape[1:])
+        if noise_draw == "batch":
+            image_noise = BatchNoise(batch_generator.device, batch_noise_state, len(labels), shape[1:])
+        else:
+            image_noise = ImageNoise(seed, first_index, len(labels), shape[1:])
         x_T = image_noise.next()  # drawn even when noise is given, so the step noise is the same either way
         return image_noise, (x_T if noise is None else noise).to(device=device, dtype=torch.float32)
 

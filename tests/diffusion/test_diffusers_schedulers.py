@@ -90,3 +90,40 @@ def test_release_ddim_differs_from_leading_where_the_strides_differ(denoiser):
 def test_bad_conventions(arguments, message):
     with pytest.raises(ValueError, match=message):
         make_solver(**arguments)
+
+
+@pytest.mark.parametrize("scheduler_name, sampler, options", [
+    ("DDIMScheduler", "ddim", dict(spacing="leading")),
+    ("DDIMScheduler", "ddim", dict(spacing="trailing")),
+    ("DPMSolverMultistepScheduler", "dpm++", dict(final="zero")),
+])
+def test_fastdit_sample_reproduces_a_diffusers_run(scheduler_name, sampler, options):
+    """A DiTPipeline-style run (noise for the batch from one generator, guidance on every channel, diffusers'
+    schedule) through fastdit.sample with the matching options."""
+    import fastdit
+
+    torch.manual_seed(0)
+    model = perturb_(reference.DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
+                                   num_classes=10), seed=0).eval()
+    labels, steps, scale = torch.tensor([0, 3, 9]), 7, 4.0
+    scheduler = getattr(diffusers, scheduler_name)(**SCHEDULE, **(
+        dict(clip_sample=False, set_alpha_to_one=True, timestep_spacing=options["spacing"]) if sampler == "ddim"
+        else dict(algorithm_type="dpmsolver++", final_sigmas_type="zero")))
+    scheduler.set_timesteps(steps)
+    x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out = model(torch.cat([x, x]), torch.full((6,), int(t)), torch.cat([labels, torch.full_like(labels, 10)]))
+            cond, null = out[:, :4].chunk(2)
+            x = scheduler.step(null + scale * (cond - null), t, x).prev_sample
+    generator = torch.Generator().manual_seed(3)
+    state = generator.get_state()
+    actual = fastdit.sample(model, labels, sampler=sampler, steps=steps, cfg_scale=scale, guidance_channels=4,
+                            noise_draw="batch", generator=generator, **options)
+    assert relative_max_error(actual, x) <= PARITY
+    assert torch.equal(generator.get_state(), state)  # read, not advanced
+    seeded = fastdit.sample(model, labels, sampler=sampler, steps=steps, cfg_scale=scale, guidance_channels=4,
+                            noise_draw="batch", seed=3, **options)
+    assert torch.equal(seeded, actual)
+    with pytest.raises(ValueError, match="noise_draw must be one of per-image, batch, got 'shared'"):
+        fastdit.sample(model, labels, sampler=sampler, steps=steps, noise_draw="shared", seed=3)
