@@ -8,6 +8,9 @@ them it makes no group and the run is rank 0 of 1. ``shard`` splits work into co
 import contextlib
 import dataclasses
 import os
+import socket
+import time
+import uuid
 
 import numpy as np
 import torch
@@ -112,6 +115,44 @@ def broadcast_from_main(value, process: Process):
     holder = [value if process.is_main else None]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def check_shared_folder(directory, process: Process, flag: str, wait_s: float = 5.0) -> None:
+    """Raise on every rank unless every rank sees ``directory`` as rank 0 writes it. On several machines
+    a folder that one rank writes and another reads (shards, checkpoints, per-rank outputs) must be on a
+    filesystem they all mount at the same path; a machine-local folder would leave rank 0 waiting for
+    files it never sees, or ranks resuming from different checkpoints. Rank 0 must have created it. A
+    marker rank 0 writes is looked for by the others, for up to ``wait_s`` (a network filesystem may
+    show a new file late); it is named as ``atomic_path`` names its temporaries, so a kill's leftover is
+    cleared with them."""
+    if process.world_size == 1:
+        return
+    token = broadcast_from_main(uuid.uuid4().hex if process.is_main else None, process)
+    marker = os.path.join(directory, f".shared-check.{token}.tmp")
+    hosts = [None] * process.world_size
+    dist.all_gather_object(hosts, socket.gethostname())
+
+    def write():
+        if process.is_main:
+            with open(marker, "w") as file:
+                file.write(token)
+
+    def look():
+        deadline = time.monotonic() + wait_s
+        while not process.is_main and not os.path.exists(marker):
+            if time.monotonic() > deadline:
+                raise ValueError(f"{flag}: rank {process.rank} (on {hosts[process.rank]}) does not see the folder "
+                                 f"{directory!r} that rank 0 (on {hosts[0]}) writes to; with several machines, put "
+                                 "it on a filesystem every machine mounts at the same path")
+            time.sleep(0.1)
+
+    try:
+        fail_together(write, process)
+        fail_together(look, process)
+    finally:
+        if process.is_main:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(marker)
 
 
 def gather_to_main(array: np.ndarray, process: Process):

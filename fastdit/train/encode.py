@@ -111,6 +111,9 @@ def encode_files(files, num_classes, vae: VAE, out, image_size, batch_size, shar
 
         # A barrier as well: no rank writes before rank 0 holds the folder and has cleared its leftovers.
         distributed.fail_together(claim, process)
+        distributed.check_shared_folder(out, process, "--out")
+        # On several machines each lists its own --data: rank 0 waits for records of its settings only.
+        distributed.fail_together(lambda: _same_as_main(settings, process), process)
         mine = distributed.shard(num_shards, process.rank, process.world_size)
         # A record is written after its shard's files; sizes and checksums catch a file damaged since, which
         # is encoded again (said in one line: a damaged disk or copy is worth knowing about).
@@ -133,6 +136,15 @@ def encode_files(files, num_classes, vae: VAE, out, image_size, batch_size, shar
             records = _wait_for_records(out, num_shards, settings)
             shards.write_manifest(out, records, num_classes, settings)
     return {"encoded": len(todo), "kept": len(kept), "shards": num_shards}
+
+
+def _same_as_main(settings, process):
+    main = distributed.broadcast_from_main(settings, process)
+    if main != settings:
+        differ = ", ".join(f"{key} {value!r} (rank 0: {main.get(key)!r})" for key, value in settings.items()
+                           if main.get(key) != value)
+        raise ValueError(f"--data: rank {process.rank} sees another encode than rank 0 ({differ}); every machine must "
+                         "see the same image folder and VAE")
 
 
 def _encode_shards(files, todo, vae, out, settings, workers, prefetch, progress):

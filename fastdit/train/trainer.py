@@ -33,7 +33,7 @@ from fastdit.io import exclusive_lock, remove_stale_temporaries, write_text_atom
 from fastdit.models import checkpoint as checkpoints
 from fastdit.models.dit import DiT, DiT_models
 from fastdit.train import data as datasets
-from fastdit.train import distributed, run_folder
+from fastdit.train import distributed, run_folder, shards
 from fastdit.train.shards import RE_ENCODE, LatentShards
 
 
@@ -156,6 +156,7 @@ class Trainer:
                              f"processes ({self.world_size})")
         self.local_batch = config.global_batch_size // self.world_size
         self.data = distributed.fail_together(lambda: load_data(config, self.rank, self.world_size), process)
+        distributed.fail_together(self._same_data_as_main, process)
         channels, height, _ = self.data.latent_shape
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)  # the same initial weights on every rank and in every rerun
@@ -180,6 +181,21 @@ class Trainer:
         self.skipped_nonfinite = 0  # updates skipped under config.skip_nonfinite
         self.saved_step = None  # the newest checkpoint's step, for the error that stops a diverged run
         self._batches, self._next_batch_step = None, None  # the loader's iterator, and the step it yields next
+
+    def _same_data_as_main(self):
+        """Machines may each read their own copy of the shards (a local disk): every copy must be rank 0's
+        encode, or the ranks would train on different samples of one global batch."""
+        if self.world_size == 1 or not isinstance(self.data, LatentShards):
+            return
+        path = os.path.join(self.data.directory, "manifest.json")
+        try:  # nothing may raise before the broadcast, which every rank must reach
+            digest = shards.file_sha256(path) if os.path.exists(path) else None  # the old .npz format has none
+        except OSError as error:
+            digest = f"unreadable ({error})"
+        main = distributed.broadcast_from_main(digest, self.process)
+        if digest != main:
+            raise ValueError(f"data: rank {self.rank}'s {path} differs from rank 0's (sha256 {digest} against {main}): "
+                             "the machines hold different encodes; copy rank 0's shard folder to every machine")
 
     # --- one step ---------------------------------------------------------------------------
 
@@ -354,6 +370,8 @@ class Trainer:
         with contextlib.ExitStack() as stack:
             stack.callback(self.close_loader)
             distributed.fail_together(lambda: self._claim_run_folder(stack), self.process)
+            # Every rank reads the checkpoints rank 0 writes: on several machines --out must be shared.
+            distributed.check_shared_folder(self.config.out, self.process, "--out")
             return self._run(progress)
 
     def _run(self, progress):
