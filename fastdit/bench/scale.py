@@ -118,6 +118,7 @@ def plan(encode_flops: int, decode_flops: int) -> list[Line]:
     add("train: page cache per node (shared)", f"{n * sample_bytes / 1e9:.1f} GB", "the fp16 shards, mapped")
     add("train: the old loader, per process", f"{n * 2 * latent_elements * 4 / 1e9:.1f} GB",
         "every latent and flip in float32")
+    add("train: the old loader, per node", f"{GPUS * n * 2 * latent_elements * 4 / 1e9:.0f} GB", f"{GPUS} processes")
 
     # --- training time ----------------------------------------------------------------------
     shape = named_shape(MODEL, latent)
@@ -125,14 +126,18 @@ def plan(encode_flops: int, decode_flops: int) -> list[Line]:
     add(f"train: {MODEL} step, local batch {local}", f"{step * 1e3:.2f} ms",
         f"roofline, {peak.name}, autocast bf16, AdamW")
     add("train: images/s, 8 GPUs", f"{GLOBAL_BATCH / step:,.0f}", f"{GLOBAL_BATCH} / step")
+    row = 2 * latent_elements * LATENT_BYTES["fp16"]
+    add("train: shard reads, 8 GPUs", f"{GLOBAL_BATCH / step * row / 1e6:.0f} MB/s",
+        f"images/s x {row / 1e3:.1f} kB (latents and flipped rows), before the page cache holds the set")
     parameters = parameter_count(shape)
     allreduce = 2 * (GPUS - 1) / GPUS * parameters * FP32 / NVLINK_ONE_WAY
     add("train: gradient all-reduce if not overlapped", f"{allreduce * 1e3:.2f} ms",
         f"ring: 2 x {GPUS - 1}/{GPUS} x {parameters / 1e6:.1f}M x 4 B / 450 GB/s")
     for steps in STEPS:
-        add(f"train: {steps:,} steps", f"{steps * step / 86400:.2f} days", "steps x step time")
-        add(f"train: {steps:,} steps, all-reduce not overlapped", f"{steps * (step + allreduce) / 86400:.2f} days",
-            "steps x (step + all-reduce)")
+        for label, seconds, how in (("", step, "steps x step time"),
+                                    (", all-reduce not overlapped", step + allreduce, "steps x (step + all-reduce)")):
+            add(f"train: {steps:,} steps{label}", f"{steps * seconds / 86400:.2f} days",
+                f"{steps * seconds / 3600:,.1f} hours: {how}")
 
     # --- sampling ---------------------------------------------------------------------------
     guided = total_seconds(workload_ops(shape, "sampling-step", SAMPLE_BATCH), peak)
