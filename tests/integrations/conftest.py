@@ -78,3 +78,20 @@ def tiny_inputs():
     t = torch.tensor([0, 1, 100, 500, 600, 999])
     y = torch.tensor([0, 1, 2, 3, NUM_CLASSES - 1, NUM_CLASSES])
     return x, t, y
+
+
+@pytest.fixture
+def cached_repo(tiny_diffusers, tmp_path, monkeypatch):
+    """A tiny diffusers DiT saved as "facebook/DiT-tiny" in a local Hugging Face cache under tmp_path (its
+    layout: models--owner--name/refs/main and snapshots/<commit>/), made the current cache; the working
+    directory moves to tmp_path, where no path "facebook/DiT-tiny" exists. Returns the model."""
+    constants = pytest.importorskip("huggingface_hub.constants")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--facebook--DiT-tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    model = tiny_diffusers()
+    model.save_pretrained(repo / "snapshots" / commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    return model

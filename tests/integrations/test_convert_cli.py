@@ -68,16 +68,8 @@ def test_failed_conversion_leaves_nothing(tiny_fastdit, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["adaln"]
 
 
-def test_repo_id_source_from_the_local_cache(tiny_diffusers, tmp_path, monkeypatch):
-    constants = pytest.importorskip("huggingface_hub.constants")
-    commit = "89abcdef0123456789abcdef0123456789abcdef"
-    repo = tmp_path / "hub" / "models--facebook--DiT-tiny"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    model = tiny_diffusers()
-    model.save_pretrained(repo / "snapshots" / commit)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.chdir(tmp_path)  # "facebook/DiT-tiny" is no path here
+def test_repo_id_source_from_the_local_cache(cached_repo, tmp_path):
+    model = cached_repo
     run_convert("facebook/DiT-tiny", tmp_path / "fastdit", "--to", "fastdit")
     state_dict, _ = read(tmp_path / "fastdit")
     assert torch.equal(state_dict["y_embedder.embedding_table.weight"],

@@ -31,16 +31,8 @@ def test_transformer_folder_and_pipeline_root(tiny_diffusers, tmp_path):
         fastdit.load(tmp_path / "pipeline", weights="ema")
 
 
-def test_repo_id_from_the_local_cache(tiny_diffusers, tmp_path, monkeypatch):
-    constants = pytest.importorskip("huggingface_hub.constants")
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--facebook--DiT-tiny"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    model = tiny_diffusers()
-    model.save_pretrained(repo / "snapshots" / commit)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.chdir(tmp_path)  # "facebook/DiT-tiny" is no path here
+def test_repo_id_from_the_local_cache(cached_repo, tmp_path):
+    model = cached_repo
     assert_loads_as(model, "facebook/DiT-tiny")
     with pytest.raises(CheckpointError, match="not in the local Hugging Face cache"):
         fastdit.load("facebook/DiT-other")
