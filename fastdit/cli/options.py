@@ -79,7 +79,8 @@ def check_model_flags(args):
     if args.image_size is not None and args.image_size < 1:
         raise ValueError(f"--image-size: expected an integer >= 1, got {args.image_size}")
     if args.model is not None and args.image_size is not None:
-        multiple = VAE_DOWNSAMPLING * int(args.model.rsplit("/", 1)[1])
+        patch_size = int(fastdit.DiT_models.canonical(args.model).rsplit("/", 1)[1])  # "DiT-XL-2" is "DiT-XL/2"
+        multiple = VAE_DOWNSAMPLING * patch_size
         if args.image_size % multiple:
             raise ValueError(f"--image-size: {args.model} makes images of a multiple of {multiple} px (latents a "
                              f"multiple of its patch size, 1/{VAE_DOWNSAMPLING} of the image), got {args.image_size}")
@@ -99,11 +100,28 @@ def check_sampling_flags(args):
 def load_model(args, device, dtype):
     """The fast model from --ckpt, or --model's architecture with random weights drawn from --seed."""
     if args.ckpt is not None:
-        return fastdit.load(args.ckpt, device=device, dtype=dtype, weights=args.weights)
+        # Checked here rather than by fastdit.load, whose error suggests its keyword: a CLI user needs other words.
+        model = fastdit.load(args.ckpt, device=device, dtype=dtype, weights=args.weights, allow_nonfinite=True)
+        check_finite_weights(model, args)
+        return model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)  # every rank, and every command, builds the same random weights
         model = fastdit.DiT_models[args.model](input_size=(args.image_size or DEFAULT_IMAGE_SIZE) // VAE_DOWNSAMPLING)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def check_finite_weights(model, args) -> None:
+    """Raise, naming the first tensor holding NaN or inf and what the user can do, unless every weight is
+    finite (one device sync)."""
+    tensors = list(model.state_dict().items())
+    if bool(torch.stack([torch.isfinite(tensor).all() for _, tensor in tensors]).all()):
+        return
+    name, tensor = next((name, tensor) for name, tensor in tensors if not bool(torch.isfinite(tensor).all()))
+    count = int((~torch.isfinite(tensor)).sum())
+    other = {"ema": "model", "model": "ema"}[args.weights or "ema"]
+    raise ValueError(f"--ckpt {args.ckpt}: the weights are not finite: {name} holds {count} NaN or inf values "
+                     "(first bad tensor; e.g. a diverged training run): pass an earlier checkpoint (fastdit train "
+                     f"keeps the last finite one in OUT/checkpoints), or for a training checkpoint try --weights {other}")
 
 
 def image_size_of(model, requested) -> tuple[int, bool]:

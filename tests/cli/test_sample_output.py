@@ -203,6 +203,7 @@ def test_nonfinite_weights_fail_in_one_line(pixel_ckpt, tmp_path, capsys):
     code, err = run_cli(["sample", "--ckpt", str(tmp_path / "nan.pt"), "--out", str(tmp_path / "out"), *FAST], capsys)
     assert code == 2 and len(err) == 1
     assert re.search(r"the weights are not finite: final_layer\.linear\.weight holds 1 NaN", err[0]), err
+    assert "allow_nonfinite" not in err[0] and "pass an earlier checkpoint" in err[0]  # the CLI user's options
     assert not (tmp_path / "out").exists()
 
 
@@ -214,16 +215,19 @@ def staging_holds(parent, test):
     return any(test(folder) for folder in staging_folders(parent))
 
 
-# Points of a run, seen from outside: while it samples (its staging folder made, still empty), while it writes
-# PNGs, once samples.npz is being written, once run.json is (the swap is next).
+# Points of a run, seen from outside: while it samples (its staging folder made, no batch finished yet), while
+# it writes PNGs, once samples.npz is being written, once run.json is (the swap is next).
+def in_output(test):
+    return lambda parent: staging_holds(parent, lambda folder: (folder / "output").is_dir()
+                                        and test(folder / "output"))
+
+
 KILL_POINTS = {
-    "sampling": lambda parent: staging_holds(parent, lambda folder: not os.listdir(folder)),
-    "pngs": lambda parent: staging_holds(parent, lambda folder: len(os.listdir(folder / "images")) >= 20
-                                         if (folder / "images").is_dir() else False),
-    "samples.npz": lambda parent: staging_holds(parent, lambda folder: any("samples.npz" in name
-                                                                          for name in os.listdir(folder))),
-    "run.json": lambda parent: staging_holds(parent, lambda folder: any("run.json" in name
-                                                                       for name in os.listdir(folder))),
+    "sampling": lambda parent: staging_holds(parent, lambda folder: (folder / "batches").is_dir()
+                                             and not os.listdir(folder / "batches")),
+    "pngs": in_output(lambda output: (output / "images").is_dir() and len(os.listdir(output / "images")) >= 20),
+    "samples.npz": in_output(lambda output: any("samples.npz" in name for name in os.listdir(output))),
+    "run.json": in_output(lambda output: any("run.json" in name for name in os.listdir(output))),
 }
 
 
@@ -234,9 +238,10 @@ def test_a_run_killed_at_any_point_leaves_the_old_output_or_the_new_one(signal_n
     env["OMP_NUM_THREADS"] = "1"
     out = tmp_path / "out"
 
-    def command(seed):  # the bundled model, 100 images and their PNGs: a write phase long enough to land in
+    def command(seed):  # the bundled model, 100 images and their PNGs: a write phase long enough to land in;
+        # --restart: each run has another seed, and discards the batches the killed one kept
         return [sys.executable, "-m", "fastdit", "sample", "--sampler", "ddim", "--steps", "3", "--save-images",
-                "--seed", str(seed), "--out", str(out), "--no-progress"]
+                "--seed", str(seed), "--out", str(out), "--no-progress", "--restart"]
 
     first = subprocess.run(command(0), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
@@ -258,8 +263,8 @@ def test_a_run_killed_at_any_point_leaves_the_old_output_or_the_new_one(signal_n
             # but a SIGINT inside safetensors' reader comes out as its ValueError: exit 2, one line.)
             assert run.returncode in (-signal_number, 2) and record["arguments"]["seed"] == current, point
         current = record["arguments"]["seed"]
-        if signal_number == signal.SIGINT:  # an interrupted run cleans up after itself
-            assert staging_folders(tmp_path) == [], point
+        if signal_number == signal.SIGINT:  # an interrupted run keeps its staging folder only to resume it
+            assert all(os.listdir(folder / "batches") for folder in staging_folders(tmp_path)), point
     last = subprocess.run(command(99), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert last.returncode == 0, last.stderr
     assert assert_complete_output(out)["arguments"]["seed"] == 99
