@@ -13,6 +13,7 @@ import uuid
 import numpy as np
 import pytest
 import torch
+from image_data import make_image_folder, save_tiny_vae
 
 from fastdit.cli import main
 from fastdit.train import shards
@@ -61,33 +62,12 @@ def errors_of(results, command):
 
 @pytest.fixture
 def vae_dir(tmp_path):
-    """A tiny random AutoencoderKL, as tests/train/test_encode.py builds it."""
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    autoencoder = diffusers.AutoencoderKL(
-        block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=32, sample_size=32,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"))
-    autoencoder.save_pretrained(tmp_path / "vae")
-    return tmp_path / "vae"
-
-
-def make_folder(directory, per_class=(5, 4, 3)):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for label, count in enumerate(per_class):
-        os.makedirs(directory / f"class{label}")
-        for index in range(count):
-            width, height = rng.integers(12, 60, 2)
-            pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(directory / f"class{label}" / f"{index:03d}.jpg", quality=90)
-    return directory
+    return save_tiny_vae(tmp_path / "vae")
 
 
 @pytest.mark.slow
 def test_encode_on_two_nodes_gives_the_single_process_bytes(vae_dir, tmp_path):
-    folder = make_folder(tmp_path / "images")
+    folder = make_image_folder(tmp_path / "images")
 
     def command(out):
         return ["encode", "--data", str(folder), "--vae", str(vae_dir), "--out", str(out), "--image-size", "16",
@@ -166,8 +146,8 @@ def test_machines_with_different_copies_of_the_shards_are_one_error(tmp_path):
 def test_machines_that_list_different_images_are_one_error(vae_dir, tmp_path):
     """Each machine lists its own --data: a copy with an image missing would make rank 0 wait for shards of
     its own listing that never come."""
-    full = make_folder(tmp_path / "full")
-    short = make_folder(tmp_path / "short")
+    full = make_image_folder(tmp_path / "full")
+    short = make_image_folder(tmp_path / "short")
     os.remove(short / "class0" / "004.jpg")
     command = ["encode", "--vae", str(vae_dir), "--out", str(tmp_path / "out"), "--image-size", "16",
                "--batch-size", "2", "--shard-size", "3", "--workers", "0", "--device", "cpu"]

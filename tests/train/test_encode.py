@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from image_data import make_image_folder
 
 from fastdit.cli import main
 from fastdit.io import FolderInUseError, exclusive_lock
@@ -25,42 +26,8 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
 @pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    autoencoder = diffusers.AutoencoderKL(
-        block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=32, sample_size=32,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"))
-    path = tmp_path_factory.mktemp("vae")
-    autoencoder.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def vae(vae_dir):
-    from fastdit.train.vae import VAE
-
-    return VAE.load(vae_dir)
-
-
-def make_folder(directory, per_class=(5, 4, 3), seed=0):
-    """JPEGs of several non-square sizes, larger and smaller than IMAGE_SIZE, in class folders."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for label, count in enumerate(per_class):
-        os.makedirs(directory / f"class{label}", exist_ok=True)
-        for index in range(count):
-            width, height = rng.integers(12, 60, 2)
-            pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(directory / f"class{label}" / f"{index:03d}.jpg", quality=90)
-    return directory
-
-
-@pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return make_folder(tmp_path_factory.mktemp("images"))
+    return make_image_folder(tmp_path_factory.mktemp("images"))
 
 
 def run_encode(vae, folder, out, **options):
@@ -163,7 +130,7 @@ def test_the_folder_is_locked(vae, folder, tmp_path):
 
 
 def test_bad_input(vae, folder, tmp_path):
-    bad = make_folder(tmp_path / "bad", per_class=(2,))
+    bad = make_image_folder(tmp_path / "bad", per_class=(2,))
     (bad / "class0" / "001.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(ValueError, match=r"--data: .*class0/001.jpg: cannot read it as an image"):
         run_encode(vae, bad, tmp_path / "out", workers=1)
@@ -200,7 +167,7 @@ def test_torchrun_splits_the_shards_and_gives_the_same_bytes(vae_dir, folder, tm
 
 @pytest.mark.slow
 def test_a_killed_encode_resumes_to_the_same_bytes(vae_dir, tmp_path):
-    many = make_folder(tmp_path / "many", per_class=(30, 30), seed=1)
+    many = make_image_folder(tmp_path / "many", per_class=(30, 30), seed=1)
     assert main(encode_command(many, vae_dir, tmp_path / "whole")) == 0
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "fastdit", *encode_command(many, vae_dir, out, workers=1)]

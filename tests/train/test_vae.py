@@ -4,35 +4,10 @@ import sys
 
 import pytest
 import torch
+from image_data import VAE_DOWNSAMPLING
 
 from fastdit.models.checkpoint import CheckpointError
 from fastdit.train.vae import VAE
-
-# Two encoder blocks: one halving of the resolution, so images are 2x the latents' size.
-DOWNSAMPLING = 2
-
-
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    autoencoder = diffusers.AutoencoderKL(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=32,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-    )
-    path = tmp_path_factory.mktemp("vae")
-    autoencoder.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def vae(vae_dir):
-    return VAE.load(vae_dir)
 
 
 def images(batch=2, size=16):
@@ -42,7 +17,7 @@ def images(batch=2, size=16):
 def test_load(vae):
     assert vae.scale == VAE.SD_SCALE == 0.18215  # diffusers' default scaling_factor is Stable Diffusion's
     assert vae.shift == 0.0
-    assert vae.downsampling == DOWNSAMPLING
+    assert vae.downsampling == VAE_DOWNSAMPLING
     assert (vae.device, vae.dtype) == (torch.device("cpu"), torch.float32)
     assert not vae.autoencoder.training
 
@@ -55,7 +30,7 @@ def test_load_is_quiet(vae_dir, capfd):
 def test_decode_gives_rounded_uint8_images(vae):
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     decoded = vae.decode(latents)
-    assert decoded.dtype == torch.uint8 and decoded.shape == (2, 8 * DOWNSAMPLING, 8 * DOWNSAMPLING, 3)
+    assert decoded.dtype == torch.uint8 and decoded.shape == (2, 8 * VAE_DOWNSAMPLING, 8 * VAE_DOWNSAMPLING, 3)
     with torch.no_grad():
         pixels = vae.autoencoder.decode(latents / 0.18215).sample.permute(0, 2, 3, 1)
     # [-1, 1] -> [0, 255], rounded: within half a level of the exact value, everywhere.
@@ -66,7 +41,7 @@ def test_decode_gives_rounded_uint8_images(vae):
 def test_encode_is_the_scaled_posterior_mean(vae):
     uint8_images = images()
     latents = vae.encode(uint8_images)
-    assert latents.shape == (2, 4, 16 // DOWNSAMPLING, 16 // DOWNSAMPLING)
+    assert latents.shape == (2, 4, 16 // VAE_DOWNSAMPLING, 16 // VAE_DOWNSAMPLING)
     pixels = uint8_images.permute(0, 3, 1, 2).float() / 255 * 2 - 1
     with torch.no_grad():
         expected = vae.autoencoder.encode(pixels).latent_dist.mean * 0.18215
