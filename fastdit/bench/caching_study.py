@@ -1,6 +1,7 @@
 """The quality-against-speed table of docs/caching.md: feature caches on the bundled digits model, on this CPU.
 
-    python -m fastdit.bench.caching_study [--samples 1000] [--batch 500] [--methods fora ...] [--json out.json]
+    python -m fastdit.bench.caching_study [--samples 1000] [--batch 500] [--methods fora ...]
+        [--settings taylorseer:interval=5,order=2 ...] [--json out.json]
 
 For exact sampling and each cache setting, with the model's sampling settings (fastdit/assets/digits/sampling.json:
 DDIM, 50 steps) at guidance 4 and without guidance (1), from the same per-image noise (seed 0, 100 images per
@@ -20,7 +21,7 @@ import scipy.linalg
 import torch
 
 import fastdit
-from fastdit.diffusion.caching import FORA, METHODS, FirstBlockCache, TaylorSeer
+from fastdit.diffusion.caching import FORA, METHODS, FirstBlockCache, TaylorSeer, make_config
 from fastdit.train.digits import conditioned_class_accuracy, to_digit_features
 from fastdit.train.images import to_uint8
 
@@ -49,6 +50,26 @@ def describe(config) -> str:
         return "exact"
     settings = ", ".join(f"{name}={value}" for name, value in vars(config).items())
     return f"{config.method} ({settings})"
+
+
+def parse_setting(text: str):
+    """``method:name=value,...`` (``fbcache:threshold=0.1``; ``fora`` alone for the defaults) as a cache config."""
+    method, _, rest = text.partition(":")
+    settings = {}
+    for item in filter(None, rest.split(",")):
+        name, equals, value = item.partition("=")
+        if not equals or not name.strip():
+            raise ValueError(f"--settings: expected method:name=value,..., got {text!r}")
+        number = float(value)  # a bad number is float's ValueError, which names the text
+        settings[name.strip()] = int(number) if number.is_integer() and "." not in value else number
+    return make_config(method.strip(), **settings)
+
+
+def _setting_argument(text):
+    try:
+        return parse_setting(text)
+    except (ValueError, TypeError) as error:  # argparse would otherwise hide the message behind "invalid value"
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def run(model, labels, config, cfg_scale, steps, batch):
@@ -114,13 +135,17 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                         help="the cache methods whose settings to measure (exact sampling always runs, first)")
+    parser.add_argument("--settings", nargs="+", type=_setting_argument, metavar="METHOD:NAME=VALUE,...",
+                        help="measure these settings instead of the study's list (with --methods: those of the "
+                        "methods named), e.g. taylorseer:interval=5,order=2 fbcache:threshold=0.1")
     parser.add_argument("--json", help="also write the measurements here")
     args = parser.parse_args(argv)
     if args.samples < 2 or args.batch < 1 or args.threads < 1:
         raise SystemExit(f"caching_study: --samples must be >= 2 and --batch, --threads >= 1, got {args.samples}, "
                          f"{args.batch}, {args.threads}")
     torch.set_num_threads(args.threads)
-    settings = [config for config in SETTINGS if config is None or config.method in args.methods]
+    chosen = [None] + args.settings if args.settings else SETTINGS
+    settings = [config for config in chosen if config is None or config.method in args.methods]
     result = study(args.samples, args.batch, settings)
     if args.json:
         with open(args.json, "w") as file:

@@ -227,6 +227,23 @@ def test_graph_loop_with_a_static_cache_equals_eager(policy, kinds, sampler, ste
         assert fake.captures == fake.warm_ups == kinds
 
 
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "kernels/patch_embed.py: on the CPU the op's torch path returns a non-contiguous (B, T, D) tensor while its "
+    "fake kernel promises a contiguous one, so inductor's stride assert fails; with the path's output made "
+    "contiguous this test passes (28 s under load). Remove the mark with that fix."))
+def test_compiled_cached_steps_equal_eager_on_the_cpu():
+    """compile=True compiles each step kind (full, cached) on its own: same blocks run, same samples."""
+    model, labels = fast_tiny_dit(), [3, 8]
+    kwargs = {"sampler": "ddim", "steps": 6, "cfg_scale": 4.0, "seed": 5, "cache": TaylorSeer(interval=2, order=2)}
+    with counted_blocks(model) as counts:
+        eager = sample(model, labels, **kwargs)
+        eager_blocks = len(counts)
+        counts.clear()
+        compiled = sample(model, labels, compile=True, cuda_graphs=False, **kwargs)
+    assert eager_blocks == len(counts) == caching.block_evaluations(kwargs["cache"], 6, len(model.blocks))
+    assert relative_max_error(compiled, eager) <= 1e-5  # inductor may fuse the fp32 elementwise work differently
+
+
 @pytest.mark.parametrize("cache, error, match", [
     ("nearest", ValueError, "cache: unknown method 'nearest'; expected one of taylorseer, fbcache, fora"),
     (3, TypeError, "cache must be None, one of taylorseer, fbcache, fora or a fastdit.diffusion.caching policy"),
