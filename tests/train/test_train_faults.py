@@ -5,12 +5,11 @@ import os
 import random
 import signal
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
-from test_trainer import RUNNER, read_log, run_script, tiny_config, train_in_process
+from test_trainer import RUNNER, kill_when, read_log, run_script, tiny_config, train_in_process, wait_until
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdit.io import FolderInUseError, exclusive_lock
@@ -267,9 +266,7 @@ def test_a_second_train_into_the_same_out_exits_2_naming_the_first(tmp_path):
     first = fastdit(["train", "--preset", "digits", "--out", "R", "--steps", "100000", "--log-every", "1",
                      "--no-progress"], tmp_path)
     try:
-        deadline = time.time() + 120
-        while not (tmp_path / "R" / "log.jsonl").exists() and first.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
+        wait_until((tmp_path / "R" / "log.jsonl").exists, first)
         assert first.poll() is None, first.communicate()[1]
         second = fastdit(["train", "--preset", "digits", "--out", "R", "--steps", "3", "--no-progress"], tmp_path)
         _, stderr = second.communicate(timeout=120)
@@ -305,12 +302,7 @@ def test_a_killed_run_with_loader_workers_leaves_its_folder_unlocked(tmp_path):
     config = tiny_config(tmp_path / "run", data=str(tmp_path / "shards"), model_config=model, workers=2,
                          steps=100_000, ckpt_every=100_000)
     process = run_script(["-c", RUNNER, json.dumps(config.__dict__)], tmp_path)
-    deadline = time.time() + 120
-    while last_logged_step(tmp_path / "run") < 3 and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, process.communicate()[1]
+    kill_when(process, lambda: last_logged_step(tmp_path / "run") >= 3)
     with exclusive_lock(os.path.join(config.out, ".lock"), "the rerun"):
         pass
 
@@ -382,14 +374,8 @@ def test_sigkill_anywhere_then_resume_is_bit_exact(tmp_path):
     # a step, a log write or a save). Steps, not seconds, so that a faster or slower machine kills alike.
     chooser = random.Random(16)
     for target in sorted(chooser.sample(range(10, steps - 10, 3), 4)):
-        process = run_script(arguments, tmp_path)
-        deadline = time.time() + 120
-        while last_logged_step(out) < target and process.poll() is None and time.time() < deadline:
-            time.sleep(0.002)
-        time.sleep(chooser.uniform(0, 0.02))
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+        kill_when(run_script(arguments, tmp_path), lambda: last_logged_step(out) >= target,
+                  delay=chooser.uniform(0, 0.02))
     finished = run_script(arguments, tmp_path)
     _, stderr = finished.communicate(timeout=300)
     assert finished.returncode == 0, stderr

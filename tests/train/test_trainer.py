@@ -56,6 +56,23 @@ def run_script(args, cwd):
                             stderr=subprocess.PIPE, text=True)
 
 
+def wait_until(ready, process, timeout=120):
+    """Poll until ``ready()`` holds, ``process`` has ended or ``timeout`` seconds have passed."""
+    deadline = time.time() + timeout
+    while not ready() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.002)  # short: the kill tests aim within a step
+
+
+def kill_when(process, ready, delay=0.0):
+    """SIGKILL ``process`` ``delay`` seconds after ``ready()`` first holds; it must not have ended before."""
+    wait_until(ready, process)
+    time.sleep(delay)
+    process.send_signal(signal.SIGKILL)
+    # wait, not communicate: a killed trainer's loader workers can hold its pipes open for a while.
+    if process.wait(timeout=60) != -signal.SIGKILL:
+        raise AssertionError(f"the run ended before it could be killed: {process.communicate()[1]}")
+
+
 def read_log(out):
     with open(os.path.join(out, "log.jsonl")) as log:
         return [json.loads(line) for line in log]
@@ -67,14 +84,8 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
     expected = train_in_process(tiny_config(tmp_path / "straight", steps=steps, ckpt_every=every))
     config = tiny_config(tmp_path / "killed", steps=steps, ckpt_every=every)
     arguments = ["-c", RUNNER, json.dumps(config.__dict__)]
-    process = run_script(arguments, tmp_path)
     first = tmp_path / "killed" / "checkpoints" / f"{every:08d}.pt"
-    deadline = time.time() + 120
-    while not first.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_when(run_script(arguments, tmp_path), first.exists)
     resumed = run_script(arguments, tmp_path)
     _, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr
