@@ -82,9 +82,11 @@ def device_info(device: torch.device) -> dict:
     return info
 
 
-def build(settings: dict, peak: dict, results: list[dict], argv: list[str]) -> dict:
+def build(settings: dict, peak: dict, results: list[dict], argv: list[str],
+          cache_results: list[dict] | None = None) -> dict:
+    """The report; ``cache_results``: the rows "cached vs exact sampling" (``fastdit bench --cache``), if any."""
     device = settings["device"]
-    return {
+    report = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(argv),
         "device": device_info(device),
@@ -94,6 +96,9 @@ def build(settings: dict, peak: dict, results: list[dict], argv: list[str]) -> d
         "peak": peak,
         "results": results,
     }
+    if cache_results:
+        report["cache_results"] = cache_results
+    return report
 
 
 def check_plotting(what: str = "fastdit bench draws throughput.png") -> None:
@@ -168,12 +173,37 @@ def markdown(report: dict) -> str:
         lines += markdown_table(["model", "batch"] + implementations,
                         [[model, str(batch)] + [_efficiency_cell(cells.get(name)) for name in implementations]
                          for (model, batch), cells in configurations.items()])
-    missing = [result for result in results if result["status"] != "ok"]
+    cache_results = report.get("cache_results", [])
+    if cache_results:
+        lines += _cache_section(settings["cache"], cache_results)
+    missing = [result for result in results + cache_results if result["status"] != "ok"]
     if missing:
         lines += ["", "## Not measured", ""]
-        lines += [f"- {r['model']} x{r['batch_size']} {r['workload']} {r['implementation']}: {r['status']}, "
-                  f"{r['reason']}" for r in missing]
+        lines += [f"- {r['model']} x{r['batch_size']} {r.get('workload') or 'cached sampling (' + r['cache'] + ')'} "
+                  f"{r['implementation']}: {r['status']}, {r['reason']}" for r in missing]
     return "\n".join(lines) + "\n"
+
+
+def _cache_section(cache: dict, rows: list[dict]) -> list[str]:
+    lines = ["", "## cached vs exact sampling", "",
+             f"One guided {cache['sampler'].upper()} run of {cache['steps']} steps per row, from the same noise as "
+             f"the exact run; time: the median of {cache['repeats']} runs, against the exact run of the same "
+             "implementation in this bench run. Error and PSNR are against the exact samples (PSNR of the latents, "
+             f"peak their range), the check in place of the reference's tolerance: below {cache['min_psnr']:g} dB "
+             "a row fails. Each cache runs its defaults (docs/caching.md).", ""]
+    table = []
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        exact = row["cache"] == "exact"
+        psnr = row.get("psnr", {}).get("value")
+        table.append([row["model"], str(row["batch_size"]), row["implementation"], row["cache"],
+                      f"{row['blocks_per_image']['value']:g}", f"{row['throughput']['value']:,.2f}",
+                      "1 (baseline)" if exact else f"{row['time_ratio']['value']:.2f}",
+                      "—" if exact else f"{row['max_error']['value']:.2e}",
+                      "—" if exact else ("∞ (bit-equal)" if psnr is None else f"{psnr:.1f}")])
+    return lines + markdown_table(["model", "batch", "implementation", "cache", "blocks per image", "images/s",
+                                   "time vs exact", "rel. max error", "PSNR (dB)"], table)
 
 
 def plot(report: dict, path) -> None:

@@ -10,19 +10,25 @@ Implementations (the names every report uses):
 Workloads: ``forward``, ``sampling-step`` (one guided DDPM step: the model on the batch and its
 unconditional copy, then the solver update) and ``training-step`` (the diffusion loss, backward,
 AdamW). Every workload has an ``output`` compared with the reference's before its ``step`` is timed.
+
+``cached_sampling_run``: a whole guided DDIM run of the fast model under a feature cache (or exact, every
+block at every step), the rows "cached vs exact sampling" of ``fastdit bench --cache``; a cache is checked
+against exact sampling from the same noise, not against the reference's tolerance.
 """
 import contextlib
 import copy
 import dataclasses
+import math
 from collections.abc import Callable
 
 import torch
 
 import fastdit
 from fastdit import reference
+from fastdit.diffusion import caching
 from fastdit.diffusion.gaussian import create_diffusion
 from fastdit.diffusion.samplers import make_solver
-from fastdit.diffusion.sampling import GuidedDenoiser, capture, warm_up
+from fastdit.diffusion.sampling import GuidedDenoiser, capture, sample, warm_up
 from fastdit.models import DTYPES
 from fastdit.models.parity import MODEL_TOLERANCE, perturb_, relative_max_error
 
@@ -265,3 +271,59 @@ def check_parity(actual, expected, dtype: torch.dtype, what: str) -> float:
         raise ParityError(f"{what}: {name} differs from the reference by {error:.3e} (relative max error), "
                           f"more than the {dtype_name(dtype)} tolerance {tolerance:.0e}")
     return error
+
+
+CACHE_SAMPLER = "ddim"  # the digits model's sampler; DDIM is deterministic, so a run is a function of its noise
+CACHE_IMPLEMENTATIONS = {  # fastdit implementation -> how ``sample`` runs it
+    "fastdit-eager": {"compile": False, "cuda_graphs": False},
+    "fastdit-compiled": {"compile": True, "cuda_graphs": False},
+    "fastdit-cudagraphs": {"compile": False, "cuda_graphs": True},
+}
+
+
+@dataclasses.dataclass
+class CachedRun:
+    """``run()``: one sampling run's latents; ``blocks_per_image()``: the blocks the last ``run()`` ran per image
+    (a guided forward's two halves count once)."""
+
+    run: Callable[[], torch.Tensor]
+    blocks_per_image: Callable[[], int]
+    images: int
+
+
+def cached_sampling_run(models: ModelSet, implementation: str, inputs: Inputs, cache, steps: int) -> CachedRun:
+    """A guided DDIM run of ``steps`` steps of the fast model on ``inputs.y`` from seed 0's noise, under ``cache``
+    (None: exact sampling) and ``implementation`` (one of CACHE_IMPLEMENTATIONS)."""
+    if implementation not in CACHE_IMPLEMENTATIONS:
+        raise ValueError(f"implementation: expected one of {', '.join(CACHE_IMPLEMENTATIONS)} for a cached "
+                         f"sampling run, got {implementation!r}")
+    model = models.model("fastdit-eager")  # sample compiles or captures it itself, per step kind under a cache
+    config, depth, counts = caching.resolve(cache), len(model.blocks), []
+    # A static plan's block count is fixed (tests/diffusion/test_caching.py counts it); FirstBlockCache decides
+    # per step, so its blocks are counted with hooks, which fire in eager and compiled runs alike. (A static
+    # cache's count under CUDA graphs could not be: hooks fire only while a graph is captured.)
+    counted = config is not None and config.method == "fbcache"
+
+    def run():
+        counts.clear()
+        hooks = [block.register_forward_hook(lambda *_: counts.append(1)) for block in model.blocks] if counted else []
+        try:
+            return sample(model, inputs.y, sampler=CACHE_SAMPLER, steps=steps, cfg_scale=CFG_SCALE, seed=0,
+                          cache=config, **CACHE_IMPLEMENTATIONS[implementation])
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def blocks_per_image():
+        return len(counts) if counted else caching.block_evaluations(config, steps, depth)
+
+    return CachedRun(run=run, blocks_per_image=blocks_per_image, images=len(inputs.y))
+
+
+def latent_psnr(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """PSNR (dB) of ``actual`` against ``expected``, the peak being ``expected``'s range (latents have no fixed
+    peak as uint8 images do); inf when they are equal."""
+    expected, actual = expected.double(), actual.double()
+    mse = float(((actual - expected) ** 2).mean())
+    peak = float(expected.max() - expected.min())
+    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse) if peak > 0 else -math.inf

@@ -6,7 +6,14 @@ step: warm-up first, then the median of repeated runs (CUDA events on the GPU). 
 measures the device's dense GEMM throughput and memory bandwidth, so that each configuration's
 TFLOP/s (analytic, ``fastdit.models.flops``) reads as a fraction of what this device does (MFU) and of
 its datasheet peak. Writes report.json, report.md and throughput.png to ``--out``.
+
+``--cache fora taylorseer fbcache`` adds rows "cached vs exact sampling": per fastdit implementation, a whole
+guided DDIM run (``--cache-steps``) exact and under each cache's defaults, from the same noise. Each row has the
+blocks run per image, the run's time against the exact run's in the same bench run, and, as its check in place
+of the reference's tolerance, the relative max error and PSNR against the exact samples; a cache below
+``--cache-min-psnr`` fails its row, untimed.
 """
+import math
 import os
 import sys
 
@@ -18,22 +25,28 @@ from fastdit.bench import report as bench_report
 from fastdit.bench.timing import time_median
 from fastdit.bench.workloads import (
     BASELINE,
+    CACHE_IMPLEMENTATIONS,
+    CACHE_SAMPLER,
     IMPLEMENTATIONS,
     WORKLOAD_BUILDERS,
     WORKLOADS,
     Inputs,
     ModelSet,
     ParityError,
+    cached_sampling_run,
     check_parity,
     dtype_name,
     implementation_dtype,
+    latent_psnr,
     true_fp32,
     unavailable_reason,
 )
 from fastdit.cli import options
 from fastdit.cli.options import VAE_DOWNSAMPLING
+from fastdit.diffusion.caching import METHODS
 from fastdit.kernels import kernel_path
 from fastdit.models.flops import named_shape, workload_flops
+from fastdit.models.parity import relative_max_error
 
 GPU_DEFAULTS = dict(models=["DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2"], image_size=256, batch_sizes=[32])
 CPU_DEFAULTS = dict(models=["DiT-S/2"], image_size=64, batch_sizes=[2])
@@ -76,6 +89,15 @@ def add_arguments(parser):
                         help=f"of {', '.join(WORKLOADS)} (default: all)")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (the median is kept)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
+    parser.add_argument("--cache", nargs="+", default=[], choices=METHODS, metavar="METHOD",
+                        help=f"also time whole sampling runs under these feature caches (of {', '.join(METHODS)}; "
+                             "their defaults) against exact sampling, per fastdit implementation (docs/caching.md)")
+    parser.add_argument("--cache-steps", type=int, default=50, help="DDIM steps of a --cache sampling run")
+    parser.add_argument("--cache-repeats", type=int, default=3,
+                        help="timed --cache sampling runs (median; the checked run before them is the warm-up)")
+    parser.add_argument("--cache-min-psnr", type=float, default=20.0,
+                        help="dB: a cache whose samples are further than this from exact sampling's (PSNR of the "
+                             "latents, peak their range) fails its row")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -99,10 +121,18 @@ def _settings(args) -> dict:
         name for name in IMPLEMENTATIONS if unavailable_reason(name, device) is None]
     if args.repeats < 1 or args.warmup < 0:
         raise ValueError(f"--repeats: expected >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+    if args.cache and (args.cache_steps < 1 or args.cache_repeats < 1 or not math.isfinite(args.cache_min_psnr)):
+        raise ValueError(f"--cache-steps and --cache-repeats: expected >= 1 and --cache-min-psnr finite, got "
+                         f"{args.cache_steps}, {args.cache_repeats} and {args.cache_min_psnr}")
+    implementations = [BASELINE] + [name for name in implementations if name != BASELINE]
+    cache = None
+    if args.cache:
+        cache = dict(methods=list(dict.fromkeys(args.cache)), steps=args.cache_steps, repeats=args.cache_repeats,
+                     min_psnr=args.cache_min_psnr, sampler=CACHE_SAMPLER,
+                     implementations=[name for name in implementations if name in CACHE_IMPLEMENTATIONS])
     return dict(device=device, dtype=options.resolve_dtype(args.dtype, device),
                 models=models, image_size=image_size, batch_sizes=batch_sizes, workloads=args.workloads,
-                implementations=[BASELINE] + [name for name in implementations if name != BASELINE],
-                repeats=args.repeats, warmup=args.warmup)
+                implementations=implementations, repeats=args.repeats, warmup=args.warmup, cache=cache)
 
 
 def _measure(models, inputs, workload, implementation, expected, settings, peak) -> dict:
@@ -135,6 +165,58 @@ def _measure(models, inputs, workload, implementation, expected, settings, peak)
     return result
 
 
+def _measure_cached(models, inputs, implementation, settings) -> list[dict]:
+    """The rows "cached vs exact sampling" of one implementation: exact first, then each cache."""
+    device, cache = settings["device"], settings["cache"]
+    common = {"implementation": implementation, "dtype": dtype_name(models.dtype), "sampler": cache["sampler"],
+              "steps": cache["steps"]}
+    reason = unavailable_reason(implementation, device, "sampling-step", compile_on_cpu=True)
+    rows, exact = [], None
+    for method in [None] + cache["methods"]:
+        row = {**common, "cache": method or "exact"}
+        rows.append(row)
+        if reason is not None:
+            row.update(status="skipped", reason=reason)
+            continue
+        if method == "fbcache" and implementation == "fastdit-cudagraphs":
+            row.update(status="skipped", reason="fbcache decides each step on the host, so it runs without CUDA "
+                                                "graphs (fastdit-eager and fastdit-compiled time it)")
+            continue
+        if method is not None and exact is None:
+            row.update(status="error", reason="exact sampling, the check's baseline, did not run")
+            continue
+        try:
+            run = cached_sampling_run(models, implementation, inputs, method, cache["steps"])
+            output = run.run()  # the checked run, which also warms up (compiles, captures)
+            blocks = run.blocks_per_image()
+            if method is not None:
+                error, psnr = relative_max_error(output, exact["output"]), latent_psnr(output, exact["output"])
+                if not (torch.isfinite(output).all() and psnr >= cache["min_psnr"]):
+                    raise ParityError(f"{method} sampling is {psnr:.1f} dB from exact sampling (PSNR of the "
+                                      f"latents), below --cache-min-psnr {cache['min_psnr']:g}")
+            seconds = time_median(run.run, device, cache["repeats"], warmup=0)
+        except ParityError as failure:
+            row.update(status="parity-failed", reason=str(failure))
+            continue
+        except Exception as failure:  # e.g. fbcache under CUDA graphs, out of memory: noted, the sweep goes on
+            row.update(status="error", reason=_one_line(failure))
+            continue
+        row.update(status="ok", blocks_per_image={"value": blocks, "unit": "block evaluations per image per run"},
+                   time={"value": seconds, "unit": "s per sampling run (median)"},
+                   throughput={"value": run.images / seconds, "unit": "images/s"})
+        if method is None:
+            exact = {"output": output, "seconds": seconds, "blocks": blocks}
+            continue
+        row.update(time_ratio={"value": seconds / exact["seconds"], "unit": "x exact sampling's time, this run"},
+                   block_ratio={"value": blocks / exact["blocks"], "unit": "x exact sampling's blocks"},
+                   max_error={"value": error, "unit": "relative max error vs exact sampling, same noise"},
+                   psnr={"value": None if math.isinf(psnr) else psnr,
+                         "unit": "dB vs exact sampling, same noise (peak: the exact latents' range)"})
+        if math.isinf(psnr):
+            row["psnr"]["note"] = "bit-equal to exact sampling"
+    return rows
+
+
 def _one_line(error: Exception) -> str:
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
@@ -158,8 +240,10 @@ def run(args):
     peak = {"gemm": measure_gemm_tflops(device, dtype), "copy_bandwidth": measure_copy_bandwidth(device)}
     peak["datasheet"] = bench_report.datasheet_peak(device, dtype)
     configurations = [(name, batch) for name in settings["models"] for batch in settings["batch_sizes"]]
-    total = len(configurations) * len(settings["workloads"]) * len(settings["implementations"])
-    results = []
+    cache = settings["cache"]
+    total = len(configurations) * (len(settings["workloads"]) * len(settings["implementations"])
+                                   + (len(cache["implementations"]) if cache else 0))
+    results, cache_results = [], []
     with true_fp32(), tqdm(total=total, desc="fastdit bench", disable=args.no_progress, dynamic_ncols=True) as bar:
         for name, batch in configurations:
             torch._dynamo.reset()  # a fresh compile cache: no recompile limit hit across configurations
@@ -176,14 +260,21 @@ def run(args):
                     results.append({"model": name, "image_size": settings["image_size"], "batch_size": batch,
                                     **result})
                     bar.update()
+            for implementation in cache["implementations"] if cache else ():
+                bar.set_postfix_str(f"{name} x{batch} cached sampling {implementation}")
+                for row in _measure_cached(models, inputs, implementation, settings):
+                    cache_results.append({"model": name, "image_size": settings["image_size"], "batch_size": batch,
+                                          **row})
+                bar.update()
             del models, inputs, expected
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    report = bench_report.build(settings, peak, _with_speedups(results), argv=sys.argv)
+    report = bench_report.build(settings, peak, _with_speedups(results), argv=sys.argv, cache_results=cache_results)
     bench_report.write(args.out, report)
-    failed = [r for r in results if r["status"] in ("parity-failed", "error")]
+    failed = [r for r in results + cache_results if r["status"] in ("parity-failed", "error")]
     print(f"fastdit bench: wrote report.json, report.md and throughput.png to {args.out}")
     for result in failed:
-        print(f"fastdit bench: {result['model']} x{result['batch_size']} {result['workload']} "
+        what = result.get("workload") or f"cached sampling ({result['cache']})"
+        print(f"fastdit bench: {result['model']} x{result['batch_size']} {what} "
               f"{result['implementation']}: {result['reason']}", file=sys.stderr)
     return 1 if failed else 0
