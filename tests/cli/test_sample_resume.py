@@ -212,7 +212,9 @@ def test_peak_rss_does_not_grow_with_the_number_of_images(tmp_path_factory, tmp_
 
     small, large = peak_kib(2_000), peak_kib(20_000)
     images_kib = 18_000 * 64 * 64 * 3 // 1024  # 216,000 KiB more images in the larger run
-    assert large - small < 0.1 * images_kib, (small, large)
+    # Holding them would add at least that (twice, with np.savez's copy). Measured on 2 CPU cores: 789,504 KiB
+    # at 2,000, 837,120 at 20,000 and 825,272 at 40,000 images: the allocator's noise, not growth.
+    assert large - small < 0.3 * images_kib, (small, large)
 
 
 RESUME_COMMAND = ["sample", "--sampler", "ddim", "--steps", "2", "--num-samples", "400", "--batch-size", "10",
