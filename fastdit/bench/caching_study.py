@@ -89,7 +89,8 @@ def run(model, labels, config, cfg_scale, steps, batch):
     return np.concatenate(images), seconds, len(counts) / math.ceil(len(labels) / batch)
 
 
-def study(samples=1000, batch=500, settings=SETTINGS):
+def study(samples=1000, batch=500, settings=SETTINGS, cfg_scales=None):
+    """The rows; ``cfg_scales``: the guidance scales measured (default: the model's, then 1, no guidance)."""
     from sklearn.datasets import load_digits
 
     model = fastdit.load(DIGITS)
@@ -100,31 +101,39 @@ def study(samples=1000, batch=500, settings=SETTINGS):
     rows, exact = [], {}
     for config in settings:
         row = {"setting": describe(config)}
-        for cfg_scale in (sampling["cfg_scale"], 1.0):
+        for cfg_scale in cfg_scales or (sampling["cfg_scale"], 1.0):
             images, seconds, blocks = run(model, labels, config, cfg_scale, sampling["steps"], batch)
             if config is None:
                 exact[cfg_scale] = images, seconds
             key = f"cfg{cfg_scale:g}"
-            row.update({"blocks_per_image": blocks, f"{key}_time_ratio": seconds / exact[cfg_scale][1],
+            row.update({f"{key}_blocks_per_image": blocks, f"{key}_time_ratio": seconds / exact[cfg_scale][1],
                         f"{key}_accuracy": conditioned_class_accuracy(images, np.array(labels)),
                         f"{key}_psnr": psnr(images, exact[cfg_scale][0]),
                         f"{key}_frechet": frechet_distance(to_digit_features(images), real)})
         rows.append(row)
         print(json.dumps(row), flush=True)
-    return {"samples": samples, "batch": batch, "sampling": sampling, "torch_threads": torch.get_num_threads(),
+    return {"samples": samples, "batch": batch, "sampling": sampling, "cfg_scales": cfg_scales, "torch_threads": torch.get_num_threads(),
             "rows": rows}
 
 
 def markdown(result) -> str:
-    guided = f"cfg{result['sampling']['cfg_scale']:g}"
-    header = (f"| setting | blocks per image | time vs exact ({guided}) | accuracy {guided} | accuracy cfg1 | "
-              f"Fréchet {guided} | Fréchet cfg1 | PSNR {guided} (dB) | PSNR cfg1 (dB) | time vs exact (cfg1) |")
-    lines = [header, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    """The table: per guidance scale measured (the guided first), time vs exact, accuracy, Fréchet distance, PSNR."""
+    keys = [key[:-len("_accuracy")] for key in result["rows"][0] if key.endswith("_accuracy")]
+    keys.sort(key=lambda key: key == "cfg1")  # the guided scale first, as in docs/caching.md
+    header = ["setting", "blocks per image" + (f" ({' / '.join(keys)})" if len(keys) > 1 else "")]
+    for what in ("time vs exact ({})", "accuracy {}", "Fréchet {}", "PSNR {} (dB)"):
+        header += [what.format(key) for key in keys]
+    lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
     for row in result["rows"]:
-        lines.append(f"| {row['setting']} | {row['blocks_per_image']:g} | {row[guided + '_time_ratio']:.2f} | "
-                     f"{100 * row[guided + '_accuracy']:.1f}% | {100 * row['cfg1_accuracy']:.1f}% | "
-                     f"{row[guided + '_frechet']:.2f} | {row['cfg1_frechet']:.2f} | {row[guided + '_psnr']:.1f} | "
-                     f"{row['cfg1_psnr']:.1f} | {row['cfg1_time_ratio']:.2f} |")
+        # FirstBlockCache's count depends on the guidance; "blocks_per_image": the rows logged before the
+        # count was kept per scale, which held the last scale's (cfg1) count.
+        blocks = [row.get(f"{key}_blocks_per_image", row.get("blocks_per_image")) for key in keys]
+        cells = [row["setting"], " / ".join(f"{count:g}" for count in dict.fromkeys(blocks))]
+        cells += [f"{row[key + '_time_ratio']:.2f}" for key in keys]
+        cells += [f"{100 * row[key + '_accuracy']:.1f}%" for key in keys]
+        cells += [f"{row[key + '_frechet']:.2f}" for key in keys]
+        cells += ["∞" if math.isinf(row[key + "_psnr"]) else f"{row[key + '_psnr']:.1f}" for key in keys]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -138,6 +147,8 @@ def main(argv=None):
     parser.add_argument("--settings", nargs="+", type=_setting_argument, metavar="METHOD:NAME=VALUE,...",
                         help="measure these settings instead of the study's list (with --methods: those of the "
                         "methods named), e.g. taylorseer:interval=5,order=2 fbcache:threshold=0.1")
+    parser.add_argument("--cfg-scales", nargs="+", type=float, metavar="S",
+                        help="guidance scales to measure (default: the model's, 4, then 1: no guidance)")
     parser.add_argument("--json", help="also write the measurements here")
     args = parser.parse_args(argv)
     if args.samples < 2 or args.batch < 1 or args.threads < 1:
@@ -146,7 +157,9 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     chosen = [None] + args.settings if args.settings else SETTINGS
     settings = [config for config in chosen if config is None or config.method in args.methods]
-    result = study(args.samples, args.batch, settings)
+    if args.cfg_scales and min(args.cfg_scales) < 1:
+        raise SystemExit(f"caching_study: --cfg-scales must be >= 1, got {args.cfg_scales}")
+    result = study(args.samples, args.batch, settings, args.cfg_scales)
     if args.json:
         with open(args.json, "w") as file:
             json.dump(result, file, indent=1)
