@@ -26,13 +26,16 @@ from tqdm.auto import tqdm
 
 import fastdit
 from fastdit.cli import options
+from fastdit.cli.cache_flags import add_cache_arguments, cache_from_args
 from fastdit.cli.options import BUNDLED_MODEL
-from fastdit.cli.sample_output import Staging, locked_output, staging_folder
-from fastdit.diffusion.samplers import SAMPLERS
+from fastdit.cli.sample_output import Staging, locked_output, recorded, staging_folder, weights_digest
+from fastdit.diffusion.samplers import DPM_FINAL_STEPS, SAMPLERS, SPACINGS
 from fastdit.diffusion.sampling import default_guidance_channels, sample
 from fastdit.io import write_bytes_atomic, write_npz_streamed, write_text_atomic
 from fastdit.kernels import kernel_path
+from fastdit.models.checkpoint import model_config
 from fastdit.models.validation import check_class_ids
+from fastdit.parallel import cli as parallel_cli
 from fastdit.train import distributed, images
 
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 25, "dpm++": 20}
@@ -62,6 +65,12 @@ def add_arguments(parser):
                         + ", ".join(f"{steps} for {name}" for name, steps in DEFAULT_STEPS.items()))
     parser.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1: none; default 4, as the "
                         "release's sample.py; the bundled model: its recommended one)")
+    parser.add_argument("--guidance-channels", type=int, metavar="G", help="guide the first G eps channels "
+                        "(default: the release's 3 of 4 latent channels, all of a pixel model's; 4: as DiTPipeline)")
+    parser.add_argument("--ddim-spacing", choices=SPACINGS, default="release", help="ddim's timesteps: the "
+                        "release's (default) or diffusers' DDIMScheduler timestep_spacing (docs/diffusers.md)")
+    parser.add_argument("--dpm-final", choices=DPM_FINAL_STEPS, default="release", help="dpm++'s last step: to t = 0 "
+                        "(the release's, default) or to sigma 0 (diffusers' final_sigmas_type='zero')")
     parser.add_argument("--seed", type=int, default=0, help="image k's noise depends only on (seed, k)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per model call, per process (default 32)")
     options.add_device_arguments(parser, "default: cuda if there is one, else cpu (under torchrun: cuda:LOCAL_RANK)")
@@ -69,6 +78,8 @@ def add_arguments(parser):
                         help="run the model through torch.compile")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                         help="replay each denoising step as a CUDA graph (default: on CUDA)")
+    parallel_cli.add_arguments(parser)
+    add_cache_arguments(parser)
     parser.add_argument("--out", default="samples", help="output directory (default: ./samples)")
     parser.add_argument("--save-images", action="store_true", help="also write one PNG per image to OUT/images/")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -90,6 +101,7 @@ class Plan:
     out_path: str | None  # --out, resolved (rank 0's)
     staging: Staging | None  # rank 0's until every rank has it (run)
     resumed: int = 0  # images a killed run of the same command had finished
+    split: parallel_cli.Split | None = None  # how this rank shares the work (--parallel), made after prepare
 
     @property
     def writes_images(self):
@@ -108,6 +120,8 @@ def run(args):
     check_flags(args)
     with distributed.launch(args.device) as process, contextlib.ExitStack() as held:
         plan = distributed.fail_together(lambda: prepare(args, process, held), process)
+        # Outside prepare: the mesh is a collective, which a rank that failed in prepare would never join.
+        plan.split = distributed.fail_together(lambda: parallel_cli.setup(args, process, plan.model), process)
         plan.staging = distributed.broadcast_from_main(plan.staging, process)
         distributed.fail_together(lambda: plan.staging.check_visible(process.rank), process)
         batches = plan.batches(args.batch_size)
@@ -150,6 +164,13 @@ def check_flags(args):
                          "DiT-XL-2-256x256.pt) or --model NAME (random weights, e.g. DiT-XL/2)")
     options.check_model_flags(args)
     options.check_sampling_flags(args)
+    parallel_cli.check_flags(args)
+    args.cache_policy = cache_from_args(args)
+    if args.guidance_channels is not None and args.guidance_channels < 1:
+        raise ValueError(f"--guidance-channels: expected an integer >= 1, got {args.guidance_channels}")
+    for flag, value, sampler in (("--ddim-spacing", args.ddim_spacing, "ddim"), ("--dpm-final", args.dpm_final, "dpm++")):
+        if value != "release" and args.sampler != sampler:
+            raise ValueError(f"{flag} {value}: applies to --sampler {sampler}, got --sampler {args.sampler}")
     for flag, value, low in (("--num-samples", args.num_samples, 1), ("--num-per-class", args.num_per_class, 1)):
         if value is not None and value < low:
             raise ValueError(f"{flag}: expected an integer >= {low}, got {value}")
@@ -190,6 +211,8 @@ def prepare(args, process, held):
     image_size, pixels = options.image_size_of(model, args.image_size)
     if args.vae is not None and pixels:
         raise ValueError(f"--vae: this model samples pixels (in_channels={model.in_channels}), it needs no VAE")
+    if (args.guidance_channels or 0) > model.in_channels:
+        raise ValueError(f"--guidance-channels: this model has {model.in_channels} channels, got {args.guidance_channels}")
     labels = class_labels(args, model.num_classes)
     vae_path = args.vae if args.vae is not None or pixels or args.ckpt is None else pipeline_vae(args.ckpt)
     vae = None
@@ -226,17 +249,14 @@ def run_identity(args, plan, process) -> dict:
     model, device = plan.model, process.device
     return {
         "weights": weights_digest(model),
-        "config": _model_config(model),
+        "config": model_config(model),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "vae": None if plan.vae is None else weights_digest(plan.vae.autoencoder),
         "labels": hashlib.sha256(np.ascontiguousarray(plan.labels, np.int64).data).hexdigest(),
         "num_samples": len(plan.labels),
-        "sampler": args.sampler,
-        "steps": args.steps or DEFAULT_STEPS[args.sampler],
-        "cfg_scale": args.cfg_scale,
-        "guidance_channels": default_guidance_channels(model.in_channels),
-        "seed": args.seed,
+        **recorded(sampling_settings(args, model)),
         "batch_size": args.batch_size,
+        "parallel": args.parallel,
         "device_type": device.type,
         "kernels": kernel_path(device),
         "attn_backend": model.attn_backend,
@@ -247,19 +267,12 @@ def run_identity(args, plan, process) -> dict:
     }
 
 
-def weights_digest(module) -> str:
-    """sha256 of a module's tensors (names, dtypes, shapes and bytes) as loaded."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-    return digest.hexdigest()
-
-
-def _model_config(model):
-    from fastdit.models.checkpoint import model_config
-
-    return model_config(model)
+def sampling_settings(args, model) -> dict:
+    """The keywords of ``fastdit.sample`` that the flags set and that change the images."""
+    return {"sampler": args.sampler, "steps": args.steps or DEFAULT_STEPS[args.sampler], "cfg_scale": args.cfg_scale,
+            "guidance_channels": args.guidance_channels or default_guidance_channels(model.in_channels)
+            or model.in_channels, "seed": args.seed, "spacing": args.ddim_spacing, "final": args.dpm_final,
+            "cache": args.cache_policy}
 
 
 def decoded(plan, latents):
@@ -273,18 +286,18 @@ def decoded(plan, latents):
 
 def sample_batches(plan, args, process, missing):
     """Sample this rank's share of the missing batches, each written to the staging folder as it finishes."""
-    share = distributed.shard(len(missing), process.rank, process.world_size)
+    split = plan.split
+    share = distributed.shard(len(missing), split.dp_rank, split.dp_size)
     mine = missing[share.start:share.stop]
     show = process.is_main and not args.no_progress
-    in_channels = plan.model.in_channels
+    settings = sampling_settings(args, plan.model)
     with tqdm(total=sum(map(len, mine)), unit="img", desc="fastdit sample", disable=not show) as bar:
         for batch in mine:
-            latents = sample(plan.model, torch.from_numpy(plan.labels[batch.start:batch.stop]),
-                             sampler=args.sampler, steps=args.steps or DEFAULT_STEPS[args.sampler],
-                             cfg_scale=args.cfg_scale, guidance_channels=default_guidance_channels(in_channels),
-                             seed=args.seed, first_index=batch.start, progress=show, compile=args.compile,
-                             cuda_graphs="auto" if args.cuda_graphs is None else args.cuda_graphs)
-            plan.staging.write_batch(batch.start, decoded(plan, latents))
+            latents = sample(split.model, torch.from_numpy(plan.labels[batch.start:batch.stop]), **settings,
+                             first_index=batch.start, progress=show, compile=args.compile,
+                             cuda_graphs=split.cuda_graphs(args.cuda_graphs))
+            if split.writes:  # the ranks of a cfg x sp slice hold the same images: one writes them
+                plan.staging.write_batch(batch.start, decoded(plan, latents))
             bar.update(len(batch))
 
 
@@ -338,13 +351,13 @@ def run_record(args, plan, process, arrays, started, sampling_seconds):
     sampled = count - plan.resumed
     return {
         "command": "fastdit sample",
-        "arguments": {key: value for key, value in vars(args).items() if key != "command"},
+        "arguments": {key: value for key, value in vars(args).items() if key not in ("command", "cache_policy")},
         "identity": plan.staging.key,
         "model": {
             "name": args.model,
             "checkpoint": os.path.abspath(args.ckpt) if args.ckpt else None,
             "weights": "random init" if args.ckpt is None else "checkpoint",
-            "config": _model_config(model),
+            "config": model_config(model),
             "parameters": sum(parameter.numel() for parameter in model.parameters()),
             "samples": "pixels" if plan.pixels else "latents",
         },
@@ -352,12 +365,9 @@ def run_record(args, plan, process, arrays, started, sampling_seconds):
         "sampling": {
             "num_samples": count,
             "image_size": plan.image_size,
-            "sampler": args.sampler,
-            "steps": args.steps or DEFAULT_STEPS[args.sampler],
-            "cfg_scale": args.cfg_scale,
-            "guidance_channels": default_guidance_channels(model.in_channels) or model.in_channels,
-            "seed": args.seed,
+            **recorded(sampling_settings(args, model)),
             "batch_size": args.batch_size,
+            "parallel": args.parallel,
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "device": str(device),
             "world_size": process.world_size,

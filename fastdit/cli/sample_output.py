@@ -8,8 +8,9 @@ previous output whole:
   once, naming the holder's pid;
 - it works in a staging folder beside --out, ``.<name>.staging-<key>``, where ``<key>`` is a digest of
   the run's identity: everything that changes the images (the weights as loaded, the VAE's weights, the
-  labels, sampler, steps, guidance, seed, batch size, dtype, device type, kernels, attention backend,
-  compile and CUDA graphs, fastdit's and torch's versions), recorded in full in its ``resume.json``;
+  labels, sampler, steps, guidance, seed, the sampler conventions, the feature cache, batch size, the
+  parallel mode, dtype, device type, kernels, attention backend, compile and CUDA graphs, fastdit's and
+  torch's versions), recorded in full in its ``resume.json``;
 - every batch goes to disk as soon as it is sampled, as ``batches/<first image index>.npy``, written by
   the rank that sampled it (atomic: a batch file is whole or absent), so memory does not grow with
   --num-samples and no images travel between ranks;
@@ -41,6 +42,7 @@ import shutil
 import tempfile
 
 import numpy as np
+import torch
 
 from fastdit.io import (
     atomic_path,
@@ -107,6 +109,21 @@ def locked_output(out):
 
 def identity_key(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def recorded(settings) -> dict:
+    """``sampling_settings`` as JSON: the cache policy as its method and settings (None: off)."""
+    cache = settings["cache"]
+    return {**settings, "cache": None if cache is None else {"method": cache.method, **dataclasses.asdict(cache)}}
+
+
+def weights_digest(module) -> str:
+    """sha256 of a module's tensors (names, dtypes, shapes and bytes) as loaded."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ from fastdit.train.data import class_folder_files
 
 CLI = pathlib.Path(fastdit.__file__).parent / "cli"
 SHARED = {"fastdit.cli.options"}
-PARTS = {"sample.py": {"fastdit.cli.sample_output"}}  # a subcommand's own modules (a file past 400 lines is two)
+PARTS = {"sample.py": {"fastdit.cli.sample_output", "fastdit.cli.cache_flags"}}  # a subcommand's own modules
 
 
 def cli_imports(path):

@@ -18,6 +18,7 @@ import fastdit
 import fastdit.io
 from fastdit.cli import main, options
 from fastdit.cli import sample as sample_cli
+from fastdit.diffusion import caching
 from fastdit.diffusion.sampling import sample
 from fastdit.train import images
 from fastdit.train.digits import conditioned_class_accuracy
@@ -130,6 +131,26 @@ def test_same_seed_same_images_whatever_the_batch_size(pixel_ckpt, tmp_path, cap
     assert not np.array_equal(whole["images"], other_seed["images"])
 
 
+@pytest.mark.parametrize("flags, options", [
+    (["--sampler", "ddim", "--ddim-spacing", "trailing", "--guidance-channels", "2"],
+     dict(sampler="ddim", spacing="trailing", guidance_channels=2)),
+    (["--sampler", "dpm++", "--dpm-final", "zero"], dict(sampler="dpm++", final="zero")),
+    (["--sampler", "ddim", "--cache", "taylorseer", "--cache-interval", "2", "--cache-order", "2"],
+     dict(sampler="ddim", cache=caching.TaylorSeer(interval=2, order=2))),
+])
+def test_sampler_conventions_and_cache_flags_are_the_librarys(pixel_ckpt, tmp_path, capsys, flags, options):
+    out = tmp_path / "out"
+    code, err = run_cli(["sample", "--ckpt", pixel_ckpt, "--classes", "1", "2", "--steps", "4", "--no-progress",
+                         "--out", str(out), *flags], capsys)
+    assert (code, err) == (0, [])
+    latents = sample(fastdit.load(pixel_ckpt), torch.tensor([1, 2]), steps=4, cfg_scale=4.0, seed=0, **options)
+    np.testing.assert_array_equal(npz(out)["images"], images.to_uint8(latents))
+    recorded = json.loads((out / "run.json").read_text())["sampling"]
+    for name, value in options.items():
+        expected = value if name != "cache" else {"method": "taylorseer", "interval": 2, "order": 2, "warmup": 0}
+        assert recorded[name] == expected, name
+
+
 def test_latent_model_with_vae_writes_decoded_images(latent_ckpt, vae_dir, tmp_path, capsys):
     out = tmp_path / "out"
     code, err = run_cli(["sample", "--ckpt", latent_ckpt, "--vae", vae_dir, "--classes", "4", "7", "--out", str(out),
@@ -176,6 +197,13 @@ BAD_INPUT = [  # (case, argv from the fixture's paths, what the one stderr line 
     ("vae for a pixel model", lambda p: [*p.ckpt, "--vae", p.missing], "--vae: this model samples pixels"),
     ("per class without classes", lambda p: [*p.ckpt, "--num-per-class", "2"], "--num-per-class: needs --classes"),
     ("bad integer", lambda p: [*p.ckpt, "--steps", "ten"], "invalid int value: 'ten'"),
+    ("spacing for ddpm", lambda p: [*p.ckpt, "--sampler", "ddpm", "--ddim-spacing", "leading"],
+     "--ddim-spacing leading: applies to --sampler ddim, got --sampler ddpm"),
+    ("dpm final for ddim", lambda p: [*p.ckpt, "--dpm-final", "zero"], "--dpm-final zero: applies to --sampler dpm++"),
+    ("too many guided channels", lambda p: [*p.ckpt, "--guidance-channels", "4"],
+     "--guidance-channels: this model has 3 channels, got 4"),
+    ("cache setting without cache", lambda p: [*p.ckpt, "--cache-interval", "2"], "--cache-interval needs --cache"),
+    ("cache interval 0", lambda p: [*p.ckpt, "--cache", "fora", "--cache-interval", "0"], "interval must be an int >= 1"),
 ]
 
 
