@@ -21,7 +21,13 @@ import scipy.linalg
 import torch
 
 import fastdit
-from fastdit.diffusion.caching import FORA, METHODS, FirstBlockCache, TaylorSeer, make_config
+from fastdit.diffusion.caching import (
+    FORA,
+    METHODS,
+    FirstBlockCache,
+    TaylorSeer,
+    make_config,
+)
 from fastdit.train.digits import conditioned_class_accuracy, to_digit_features
 from fastdit.train.images import to_uint8
 

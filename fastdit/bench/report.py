@@ -185,12 +185,12 @@ def markdown(report: dict) -> str:
 
 
 def _cache_section(cache: dict, rows: list[dict]) -> list[str]:
-    lines = ["", "## cached vs exact sampling", "",
-             f"One guided {cache['sampler'].upper()} run of {cache['steps']} steps per row, from the same noise as "
+    about = (f"One guided {cache['sampler'].upper()} run of {cache['steps']} steps per row, from the same noise as "
              f"the exact run; time: the median of {cache['repeats']} runs, against the exact run of the same "
              "implementation in this bench run. Error and PSNR are against the exact samples (PSNR of the latents, "
              f"peak their range), the check in place of the reference's tolerance: below {cache['min_psnr']:g} dB "
-             "a row fails. Each cache runs its defaults (docs/caching.md).", ""]
+             "a row fails. Each cache runs its defaults (docs/caching.md).")
+    lines = ["", "## cached vs exact sampling", "", about, ""]
     table = []
     for row in rows:
         if row["status"] != "ok":

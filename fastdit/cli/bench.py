@@ -127,12 +127,12 @@ def _settings(args) -> dict:
     implementations = [BASELINE] + [name for name in implementations if name != BASELINE]
     cache = None
     if args.cache:
-        cache = dict(methods=list(dict.fromkeys(args.cache)), steps=args.cache_steps, repeats=args.cache_repeats,
-                     min_psnr=args.cache_min_psnr, sampler=CACHE_SAMPLER,
-                     implementations=[name for name in implementations if name in CACHE_IMPLEMENTATIONS])
-    return dict(device=device, dtype=options.resolve_dtype(args.dtype, device),
-                models=models, image_size=image_size, batch_sizes=batch_sizes, workloads=args.workloads,
-                implementations=implementations, repeats=args.repeats, warmup=args.warmup, cache=cache)
+        cache = {"methods": list(dict.fromkeys(args.cache)), "steps": args.cache_steps,
+                 "repeats": args.cache_repeats, "min_psnr": args.cache_min_psnr, "sampler": CACHE_SAMPLER,
+                 "implementations": [name for name in implementations if name in CACHE_IMPLEMENTATIONS]}
+    return {"device": device, "dtype": options.resolve_dtype(args.dtype, device), "models": models,
+            "image_size": image_size, "batch_sizes": batch_sizes, "workloads": args.workloads,
+            "implementations": implementations, "repeats": args.repeats, "warmup": args.warmup, "cache": cache}
 
 
 def _measure(models, inputs, workload, implementation, expected, settings, peak) -> dict:
