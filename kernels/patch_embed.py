@@ -306,7 +306,9 @@ def patch_embed_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     """Conv2d(kernel = stride = p), flatten to (B, T, D), add pos_embed; fp32 math, one rounding."""
     patch = weight.shape[-1]
     tokens = F.conv2d(x.float(), weight.float(), bias.float(), stride=patch).flatten(2).transpose(1, 2)
-    return (tokens + pos_embed.float()).to(pos_embed.dtype)
+    # Contiguous (B, T, D), as the kernel writes it and the op's fake promises: the transposed conv output
+    # would otherwise carry its (B, D, T) strides into compiled graphs, which check them.
+    return (tokens + pos_embed.float()).to(pos_embed.dtype).contiguous()
 
 
 def patch_embed_backward_reference(grad_out, x, weight, bias, pos_embed):

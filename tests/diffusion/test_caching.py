@@ -227,10 +227,6 @@ def test_graph_loop_with_a_static_cache_equals_eager(policy, kinds, sampler, ste
         assert fake.captures == fake.warm_ups == kinds
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "kernels/patch_embed.py: on the CPU the op's torch path returns a non-contiguous (B, T, D) tensor while its "
-    "fake kernel promises a contiguous one, so inductor's stride assert fails; with the path's output made "
-    "contiguous this test passes (28 s under load). Remove the mark with that fix."))
 def test_compiled_cached_steps_equal_eager_on_the_cpu():
     """compile=True compiles each step kind (full, cached) on its own: same blocks run, same samples."""
     model, labels = fast_tiny_dit(), [3, 8]
