@@ -34,7 +34,10 @@ def run_workers(tmp_path, nproc, cases, device_type="cpu"):
     result = subprocess.run([*TORCHRUN, "--nproc_per_node", str(nproc), worker, json.dumps(cases), device_type],
                             check=False, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    reports = [json.loads(line[len("RESULT "):]) for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    reports = []
+    for path in sorted(tmp_path.glob("report-*.json")):
+        with open(path) as file:
+            reports.append(json.load(file))
     assert sorted(report["rank"] for report in reports) == list(range(nproc))
     return reports
 

@@ -1,5 +1,6 @@
 """Run under torchrun by tests/parallel/test_parallel.py: every case's parallel samples against this process's
-own single-process ``fastdit.sample``, and the errors that need a process group. Prints one RESULT line per rank."""
+own single-process ``fastdit.sample``, and the errors that need a process group. Each rank writes its report to report-<rank>.json in the working directory (printed lines of several ranks can
+interleave on torchrun's merged stdout)."""
 import json
 import os
 import sys
@@ -103,7 +104,8 @@ def main():
     try:
         results = {json.dumps(case): run_case(case, device) for case in cases}
         results["errors"] = run_errors(device)
-        print("RESULT " + json.dumps({"rank": dist.get_rank(), "results": results}), flush=True)
+        with open(f"report-{dist.get_rank()}.json", "w") as file:
+            json.dump({"rank": dist.get_rank(), "results": results}, file)
     finally:
         dist.destroy_process_group()
 
