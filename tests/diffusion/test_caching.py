@@ -16,6 +16,7 @@ from fastdit.diffusion import caching, sampling
 from fastdit.diffusion.caching import FORA, FeatureCache, FirstBlockCache, TaylorSeer
 from fastdit.diffusion.samplers import make_solver
 from fastdit.diffusion.sampling import GuidedDenoiser, ImageNoise, _run_eager, sample
+from fastdit.kernels import runtime
 from fastdit.reference import ADAPTIVE_DESIGNS, CONDITION_TOKENS
 
 DIGITS = os.path.join(os.path.dirname(fastdit.__file__), "assets", "digits")
@@ -177,8 +178,12 @@ def test_taylor_forecasts_a_residual_linear_in_the_step_exactly(policy, exact):
 
 @pytest.mark.parametrize("policy", [FORA(interval=2), TaylorSeer(interval=2, order=1), TaylorSeer(interval=3, order=2),
                                     FirstBlockCache(threshold=0.05)])
-def test_conservative_settings_stay_close_to_exact_on_the_digits_model(policy):
-    """The bundled digits model (trained), its sampling settings: ddim, 50 steps, guidance 4."""
+def test_conservative_settings_stay_close_to_exact_on_the_digits_model(policy, monkeypatch):
+    """The bundled digits model (trained), its sampling settings: ddim, 50 steps, guidance 4. A check of the trained
+    model's samples, not of the kernels: on the fused ops' torch path, since 100 interpreted steps per setting
+    (TRITON_INTERPRET, as in CI) take many minutes; the cache's equality with exact sampling on the kernels is
+    checked above on a tiny model."""
+    monkeypatch.setattr(runtime, "TRITON_INTERPRET", False)
     model, labels = fastdit.load(DIGITS), list(range(10))
     kwargs = {"sampler": "ddim", "steps": 50, "cfg_scale": 4.0, "seed": 3}
     exact = sample(model, labels, **kwargs)
