@@ -23,6 +23,14 @@ DIGITS = os.path.join(os.path.dirname(fastdit.__file__), "assets", "digits")
 SAMPLERS = [("ddpm", 8, 0.0), ("ddim", 7, 0.0), ("ddim", 6, 0.5), ("dpm++", 7, 0.0)]
 
 
+@pytest.fixture(autouse=True)
+def _torch_path(monkeypatch):
+    """These tests check which blocks run and what the cache computes from them, through the fused ops' plain
+    torch path: the kernels are checked on their own (tests/kernels, tests/models), and under CI's
+    TRITON_INTERPRET the hundreds of sampling steps here would take many minutes to interpret."""
+    monkeypatch.setattr(runtime, "TRITON_INTERPRET", False)
+
+
 def fast_tiny_dit(block="adaln-zero", depth=3):
     """A tiny fast DiT with tiny_dit's recipe of weights (the adaLN-Zero init would make eps 0 everywhere):
     N(0, 1/fan_in) matrices, N(0, 0.02^2) vectors, LayerNorm weights 1 + N(0, 0.02^2)."""
@@ -178,12 +186,8 @@ def test_taylor_forecasts_a_residual_linear_in_the_step_exactly(policy, exact):
 
 @pytest.mark.parametrize("policy", [FORA(interval=2), TaylorSeer(interval=2, order=1), TaylorSeer(interval=3, order=2),
                                     FirstBlockCache(threshold=0.05)])
-def test_conservative_settings_stay_close_to_exact_on_the_digits_model(policy, monkeypatch):
-    """The bundled digits model (trained), its sampling settings: ddim, 50 steps, guidance 4. A check of the trained
-    model's samples, not of the kernels: on the fused ops' torch path, since 100 interpreted steps per setting
-    (TRITON_INTERPRET, as in CI) take many minutes; the cache's equality with exact sampling on the kernels is
-    checked above on a tiny model."""
-    monkeypatch.setattr(runtime, "TRITON_INTERPRET", False)
+def test_conservative_settings_stay_close_to_exact_on_the_digits_model(policy):
+    """The bundled digits model (trained), its sampling settings: ddim, 50 steps, guidance 4."""
     model, labels = fastdit.load(DIGITS), list(range(10))
     kwargs = {"sampler": "ddim", "steps": 50, "cfg_scale": 4.0, "seed": 3}
     exact = sample(model, labels, **kwargs)
