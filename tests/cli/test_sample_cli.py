@@ -28,13 +28,6 @@ FAST = ["--sampler", "ddim", "--steps", "2", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
-def pixel_ckpt(tmp_path_factory):
-    """RGB pixel-space model: 8x8 images, written without a VAE."""
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "pixel.pt", in_channels=3, input_size=8,
-                                patch_size=4)
-
-
-@pytest.fixture(scope="module")
 def latent_ckpt(tmp_path_factory):
     """Latent model: 4x4 latents of 32x32 images."""
     return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "latent.pt", in_channels=4, input_size=4,

@@ -12,7 +12,6 @@ import time
 import numpy as np
 import pytest
 import torch
-from parity import save_tiny_checkpoint
 from PIL import Image
 
 import fastdit
@@ -23,12 +22,6 @@ from fastdit.diffusion.sampling import sample
 from fastdit.train import images
 
 FAST = ["--sampler", "ddim", "--steps", "2", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def pixel_ckpt(tmp_path_factory):
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "pixel.pt", in_channels=3, input_size=8,
-                                patch_size=4)
 
 
 def run_cli(argv, capsys):

@@ -22,12 +22,6 @@ FAST = ["--sampler", "ddim", "--steps", "1", "--no-progress"]
 REAL_SAMPLE = sample_cli.sample
 
 
-@pytest.fixture(scope="module")
-def pixel_ckpt(tmp_path_factory):
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "pixel.pt", in_channels=3, input_size=8,
-                                patch_size=4)
-
-
 def run_cli(argv, capsys):
     try:
         code = main(argv)
