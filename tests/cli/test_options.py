@@ -127,14 +127,9 @@ def test_class_folders_sorted_names_are_class_ids(tmp_path):
         class_folder_files(str(tmp_path / "c_empty"), "--data")
 
 
-def run_cli(argv, capsys):
-    code = main(argv)
-    return code, capsys.readouterr().err.strip().splitlines()
-
-
-def test_encode_checks_the_folder_before_loading_a_vae(tmp_path, capsys):
+def test_encode_checks_the_folder_before_loading_a_vae(tmp_path, run_cli):
     code, err = run_cli(["encode", "--data", str(tmp_path / "missing"), "--vae", str(tmp_path / "no-vae"),
-                         "--out", str(tmp_path / "out")], capsys)
+                         "--out", str(tmp_path / "out")])
     assert code == 2 and len(err) == 1
     assert err[0].startswith("fastdit encode: error: --data: ") and "not a directory of class folders" in err[0]
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 import fastdit
 import fastdit.io
-from fastdit.cli import main, options
+from fastdit.cli import options
 from fastdit.cli import sample as sample_cli
 from fastdit.diffusion import caching
 from fastdit.diffusion.sampling import sample
@@ -47,15 +47,6 @@ def vae_dir(tmp_path_factory):
     return str(path)
 
 
-def run_cli(argv, capsys):
-    """(exit code, stderr lines) of ``fastdit`` run in this process."""
-    try:
-        code = main(argv)
-    except SystemExit as exit:  # argparse's usage errors
-        code = exit.code
-    return code, capsys.readouterr().err.splitlines()
-
-
 def npz(directory):
     with np.load(os.path.join(directory, "samples.npz")) as data:
         return dict(data)
@@ -67,10 +58,10 @@ def assert_no_temporary_files(directory):
         assert not leftovers, (root, leftovers)
 
 
-def test_pixel_model_end_to_end(pixel_ckpt, tmp_path, capsys):
+def test_pixel_model_end_to_end(pixel_ckpt, tmp_path, run_cli):
     out = tmp_path / "out"
     code, err = run_cli(["sample", "--ckpt", pixel_ckpt, "--classes", "1", "2", "3", "--num-per-class", "2",
-                         "--batch-size", "4", "--save-images", "--out", str(out), *FAST], capsys)
+                         "--batch-size", "4", "--save-images", "--out", str(out), *FAST])
     assert (code, err) == (0, [])
     assert sorted(os.listdir(out)) == ["grid.png", "images", "run.json", "samples.npz"]
     assert_no_temporary_files(out)
@@ -110,9 +101,9 @@ def test_pixel_model_end_to_end(pixel_ckpt, tmp_path, capsys):
     assert timings["total_seconds"] >= timings["sampling_seconds"] > 0 and timings["images_per_second"] > 0
 
 
-def test_same_seed_same_images_whatever_the_batch_size(pixel_ckpt, tmp_path, capsys):
+def test_same_seed_same_images_whatever_the_batch_size(pixel_ckpt, tmp_path, run_cli):
     def images_of(name, *extra):
-        code, _ = run_cli(["sample", "--ckpt", pixel_ckpt, "--out", str(tmp_path / name), *FAST, *extra], capsys)
+        code, _ = run_cli(["sample", "--ckpt", pixel_ckpt, "--out", str(tmp_path / name), *FAST, *extra])
         assert code == 0
         return npz(tmp_path / name)
 
@@ -131,10 +122,10 @@ def test_same_seed_same_images_whatever_the_batch_size(pixel_ckpt, tmp_path, cap
     (["--sampler", "ddim", "--cache", "taylorseer", "--cache-interval", "2", "--cache-order", "2"],
      dict(sampler="ddim", cache=caching.TaylorSeer(interval=2, order=2))),
 ])
-def test_sampler_conventions_and_cache_flags_are_the_librarys(pixel_ckpt, tmp_path, capsys, flags, options):
+def test_sampler_conventions_and_cache_flags_are_the_librarys(pixel_ckpt, tmp_path, run_cli, flags, options):
     out = tmp_path / "out"
     code, err = run_cli(["sample", "--ckpt", pixel_ckpt, "--classes", "1", "2", "--steps", "4", "--no-progress",
-                         "--out", str(out), *flags], capsys)
+                         "--out", str(out), *flags])
     assert (code, err) == (0, [])
     latents = sample(fastdit.load(pixel_ckpt), torch.tensor([1, 2]), steps=4, cfg_scale=4.0, seed=0, **options)
     np.testing.assert_array_equal(npz(out)["images"], images.to_uint8(latents))
@@ -144,10 +135,10 @@ def test_sampler_conventions_and_cache_flags_are_the_librarys(pixel_ckpt, tmp_pa
         assert recorded[name] == expected, name
 
 
-def test_latent_model_with_vae_writes_decoded_images(latent_ckpt, vae_dir, tmp_path, capsys):
+def test_latent_model_with_vae_writes_decoded_images(latent_ckpt, vae_dir, tmp_path, run_cli):
     out = tmp_path / "out"
     code, err = run_cli(["sample", "--ckpt", latent_ckpt, "--vae", vae_dir, "--classes", "4", "7", "--out", str(out),
-                         *FAST], capsys)
+                         *FAST])
     assert code == 0, err
     data = npz(out)
     assert data["images"].dtype == np.uint8 and data["images"].shape == (2, 32, 32, 3)
@@ -157,11 +148,11 @@ def test_latent_model_with_vae_writes_decoded_images(latent_ckpt, vae_dir, tmp_p
     assert grid.shape == unlabelled.shape and not np.array_equal(grid, unlabelled)  # 32 px tiles carry class ids
 
 
-def test_latent_model_without_vae_writes_latents(tmp_path, capsys):
+def test_latent_model_without_vae_writes_latents(tmp_path, run_cli):
     """--model: random weights, which run.json and a warning say; no VAE: latents only, with a note."""
     out = tmp_path / "out"
     code, err = run_cli(["sample", "--model", "DiT-S/8", "--image-size", "64", "--num-samples", "2",
-                         "--out", str(out), *FAST, "--steps", "1"], capsys)
+                         "--out", str(out), *FAST, "--steps", "1"])
     assert code == 0
     assert len(err) == 2 and all(line.startswith("fastdit sample: warning:") for line in err)
     assert "random weights" in err[0] and "no --vae" in err[1]
@@ -210,22 +201,22 @@ def paths(tmp_path, pixel_ckpt):
 
 
 @pytest.mark.parametrize("argv, words", [pytest.param(argv, words, id=case) for case, argv, words in BAD_INPUT])
-def test_bad_input_is_one_line_and_exit_2_before_sampling(argv, words, paths, capsys, monkeypatch):
+def test_bad_input_is_one_line_and_exit_2_before_sampling(argv, words, paths, run_cli, monkeypatch):
     def no_sampling(*args, **kwargs):
         raise AssertionError("sampling began before the input was checked")
 
     monkeypatch.setattr(sample_cli, "sample", no_sampling)
     argv = argv(paths)
-    code, err = run_cli(["sample", *FAST, *argv] + ([] if "--out" in argv else ["--out", str(paths.out)]), capsys)
+    code, err = run_cli(["sample", *FAST, *argv] + ([] if "--out" in argv else ["--out", str(paths.out)]))
     assert code == 2
     assert len(err) == 1 and err[0].startswith("fastdit sample: error: ") and words in err[0], err
     assert not paths.out.exists()
 
 
-def test_failed_write_leaves_the_previous_output_whole_and_the_same_command_resumes(pixel_ckpt, tmp_path, capsys,
+def test_failed_write_leaves_the_previous_output_whole_and_the_same_command_resumes(pixel_ckpt, tmp_path, run_cli,
                                                                                      monkeypatch):
     out = tmp_path / "out"
-    code, _ = run_cli(["sample", "--ckpt", pixel_ckpt, "--num-samples", "3", "--out", str(out), *FAST], capsys)
+    code, _ = run_cli(["sample", "--ckpt", pixel_ckpt, "--num-samples", "3", "--out", str(out), *FAST])
     assert code == 0
     before = {name: (out / name).read_bytes() for name in os.listdir(out)}
     write_member = fastdit.io._write_npy_member
@@ -237,7 +228,7 @@ def test_failed_write_leaves_the_previous_output_whole_and_the_same_command_resu
 
     monkeypatch.setattr(fastdit.io, "_write_npy_member", disk_full)
     argv = ["sample", "--ckpt", pixel_ckpt, "--num-samples", "5", "--batch-size", "2", "--out", str(out), *FAST]
-    code, err = run_cli(argv, capsys)
+    code, err = run_cli(argv)
     assert code == 2 and len(err) == 1 and "No space left on device" in err[0]
     staging = [name for name in os.listdir(tmp_path) if name.startswith(".out.staging-")]
     assert len(staging) == 1 and f"{tmp_path / staging[0] / 'output' / 'samples.npz'}" in err[0]  # names the file
@@ -246,7 +237,7 @@ def test_failed_write_leaves_the_previous_output_whole_and_the_same_command_resu
     # The sampled batches are kept: the same command, with room on the disk, samples nothing again.
     monkeypatch.setattr(fastdit.io, "_write_npy_member", write_member)
     monkeypatch.setattr(sample_cli, "sample", lambda *args, **kwargs: pytest.fail("a finished batch was sampled"))
-    assert run_cli(argv, capsys) == (0, [])
+    assert run_cli(argv) == (0, [])
     record = json.loads((out / "run.json").read_text())
     assert record["timings"]["resumed_images"] == 5 and npz(out)["images"].shape[0] == 5
     assert sorted(os.listdir(tmp_path)) == [".out.lock", "out"]  # the staging folder is gone

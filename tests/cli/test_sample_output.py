@@ -16,20 +16,12 @@ from PIL import Image
 
 import fastdit
 import fastdit.io
-from fastdit.cli import main, sample_output
+from fastdit.cli import sample_output
 from fastdit.cli import sample as sample_cli
 from fastdit.diffusion.sampling import sample
 from fastdit.train import images
 
 FAST = ["--sampler", "ddim", "--steps", "2", "--no-progress"]
-
-
-def run_cli(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as exit:
-        code = exit.code
-    return code, capsys.readouterr().err.splitlines()
 
 
 def assert_complete_output(out):
@@ -48,25 +40,25 @@ def assert_complete_output(out):
     return record
 
 
-def test_a_run_replaces_the_previous_output_whole(pixel_ckpt, tmp_path, capsys):
+def test_a_run_replaces_the_previous_output_whole(pixel_ckpt, tmp_path, run_cli):
     out = tmp_path / "out"
     argv = ["sample", "--ckpt", pixel_ckpt, "--save-images", "--out", str(out), *FAST]
-    assert run_cli([*argv, "--num-samples", "10"], capsys)[0] == 0
+    assert run_cli([*argv, "--num-samples", "10"])[0] == 0
     assert len(os.listdir(out / "images")) == 10
-    assert run_cli([*argv, "--num-samples", "2", "--seed", "1"], capsys) == (0, [])
+    assert run_cli([*argv, "--num-samples", "2", "--seed", "1"]) == (0, [])
     assert assert_complete_output(out)["sampling"]["num_samples"] == 2  # 2 PNGs, none of the first run's 10
-    assert run_cli(["sample", "--ckpt", pixel_ckpt, "--out", str(out), "--num-samples", "3", *FAST], capsys)[0] == 0
+    assert run_cli(["sample", "--ckpt", pixel_ckpt, "--out", str(out), "--num-samples", "3", *FAST])[0] == 0
     assert not (out / "images").exists()  # this run wrote no PNGs, so --out holds none
     assert sorted(os.listdir(tmp_path)) == [".out.lock", "out"]
 
 
-def test_the_swap_without_renameat2_and_recovery_from_a_kill_between_its_renames(pixel_ckpt, tmp_path, capsys,
+def test_the_swap_without_renameat2_and_recovery_from_a_kill_between_its_renames(pixel_ckpt, tmp_path, run_cli,
                                                                                     monkeypatch):
     monkeypatch.setattr(fastdit.io, "exchange", lambda first, second: False)
     out = tmp_path / "out"
     argv = ["sample", "--ckpt", pixel_ckpt, "--save-images", "--out", str(out), *FAST]
-    assert run_cli([*argv, "--num-samples", "4"], capsys)[0] == 0
-    assert run_cli([*argv, "--num-samples", "2"], capsys)[0] == 0
+    assert run_cli([*argv, "--num-samples", "4"])[0] == 0
+    assert run_cli([*argv, "--num-samples", "2"])[0] == 0
     assert assert_complete_output(out)["sampling"]["num_samples"] == 2
     # A kill between the two renames: --out moved aside, the new output never renamed in.
     os.rename(out, tmp_path / ".out.previous-abc_123")
@@ -77,12 +69,11 @@ def test_the_swap_without_renameat2_and_recovery_from_a_kill_between_its_renames
     assert sorted(os.listdir(tmp_path)) == [".out.lock", "out"]
 
 
-def test_a_killed_runs_leftovers_are_removed_and_other_folders_left_alone(pixel_ckpt, tmp_path, capsys):
+def test_a_killed_runs_leftovers_are_removed_and_other_folders_left_alone(pixel_ckpt, tmp_path, run_cli):
     (tmp_path / ".out.staging-k1ll3d_").mkdir()
     (tmp_path / ".out.staging-k1ll3d_" / "samples.npz").write_bytes(b"half")
     (tmp_path / ".out.b.staging-other").mkdir()  # another --out's (out.b) staging: not ours to remove
-    assert run_cli(["sample", "--ckpt", pixel_ckpt, "--out", str(tmp_path / "out"), "--num-samples", "1", *FAST],
-                   capsys)[0] == 0
+    assert run_cli(["sample", "--ckpt", pixel_ckpt, "--out", str(tmp_path / "out"), "--num-samples", "1", *FAST])[0] == 0
     assert sorted(os.listdir(tmp_path)) == [".out.b.staging-other", ".out.lock", "out"]
 
 
@@ -95,7 +86,7 @@ def test_a_killed_runs_leftovers_are_removed_and_other_folders_left_alone(pixel_
     ("a foreign folder", lambda tmp: str(tmp / "mine"), "holds files a sample run does not write (notes.txt)"),
     ("foreign images", lambda tmp: str(tmp / "old"), "holds files a sample run does not write (images/x.jpg)"),
 ])
-def test_bad_output_paths_fail_before_any_work(case, out, words, pixel_ckpt, tmp_path, capsys, monkeypatch):
+def test_bad_output_paths_fail_before_any_work(case, out, words, pixel_ckpt, tmp_path, run_cli, monkeypatch):
     def no_work(*args, **kwargs):
         raise AssertionError("the model was loaded before --out was checked")
 
@@ -106,20 +97,20 @@ def test_bad_output_paths_fail_before_any_work(case, out, words, pixel_ckpt, tmp
     (tmp_path / "old" / "images").mkdir(parents=True)
     (tmp_path / "old" / "images" / "x.jpg").write_bytes(b"")
     before = sorted(os.listdir(tmp_path))
-    code, err = run_cli(["sample", "--ckpt", pixel_ckpt, "--save-images", "--out", out(tmp_path), *FAST], capsys)
+    code, err = run_cli(["sample", "--ckpt", pixel_ckpt, "--save-images", "--out", out(tmp_path), *FAST])
     assert code == 2 and len(err) == 1 and err[0].startswith("fastdit sample: error: ") and words in err[0], err
     assert sorted(os.listdir(tmp_path)) == before and (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
-def test_a_huge_run_is_refused_before_allocating(pixel_ckpt, tmp_path, capsys):
+def test_a_huge_run_is_refused_before_allocating(pixel_ckpt, tmp_path, run_cli):
     started = time.perf_counter()
     code, err = run_cli(["sample", "--ckpt", pixel_ckpt, "--classes", "1", "2", "--num-per-class", "1000000000000",
-                         "--out", str(tmp_path / "out"), *FAST], capsys)
+                         "--out", str(tmp_path / "out"), *FAST])
     assert code == 2 and err == [("fastdit sample: error: --num-per-class: 2 classes x 1000000000000 = 2000000000000 "
                                   f"images; a run makes at most {sample_cli.MAX_NUM_SAMPLES}: split it into runs "
                                   "with different --seed")]
     code, err = run_cli(["sample", "--ckpt", pixel_ckpt, "--num-samples", str(10**12), "--out", str(tmp_path / "o"),
-                         *FAST], capsys)
+                         *FAST])
     assert code == 2 and len(err) == 1 and "--num-samples: a run makes at most" in err[0]
     assert time.perf_counter() - started < 5 and os.listdir(tmp_path) == []
 
@@ -176,11 +167,11 @@ def training_checkpoint(tmp_path_factory):
 
 
 @pytest.mark.parametrize("weights", [None, "ema", "model"])
-def test_fastdits_own_training_checkpoint(training_checkpoint, weights, tmp_path, capsys):
+def test_fastdits_own_training_checkpoint(training_checkpoint, weights, tmp_path, run_cli):
     out = tmp_path / "out"
     flags = [] if weights is None else ["--weights", weights]
     code, err = run_cli(["sample", "--ckpt", training_checkpoint, *flags, "--classes", "3", "5", "--out", str(out),
-                         *FAST], capsys)
+                         *FAST])
     assert (code, err) == (0, [])
     model = fastdit.load(training_checkpoint, weights=weights or "ema")
     expected = sample(model, [3, 5], sampler="ddim", steps=2, cfg_scale=4.0, seed=0)
@@ -189,11 +180,11 @@ def test_fastdits_own_training_checkpoint(training_checkpoint, weights, tmp_path
     assert json.loads((out / "run.json").read_text())["arguments"]["weights"] == weights
 
 
-def test_nonfinite_weights_fail_in_one_line(pixel_ckpt, tmp_path, capsys):
+def test_nonfinite_weights_fail_in_one_line(pixel_ckpt, tmp_path, run_cli):
     state_dict = torch.load(pixel_ckpt)
     state_dict["final_layer.linear.weight"][0, 0] = float("nan")
     torch.save(state_dict, tmp_path / "nan.pt")
-    code, err = run_cli(["sample", "--ckpt", str(tmp_path / "nan.pt"), "--out", str(tmp_path / "out"), *FAST], capsys)
+    code, err = run_cli(["sample", "--ckpt", str(tmp_path / "nan.pt"), "--out", str(tmp_path / "out"), *FAST])
     assert code == 2 and len(err) == 1
     assert re.search(r"the weights are not finite: final_layer\.linear\.weight holds 1 NaN", err[0]), err
     assert "allow_nonfinite" not in err[0] and "pass an earlier checkpoint" in err[0]  # the CLI user's options

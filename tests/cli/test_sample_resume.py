@@ -22,14 +22,6 @@ FAST = ["--sampler", "ddim", "--steps", "1", "--no-progress"]
 REAL_SAMPLE = sample_cli.sample
 
 
-def run_cli(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as exit:
-        code = exit.code
-    return code, capsys.readouterr().err.splitlines()
-
-
 def staging_folders(parent):
     return sorted(name for name in os.listdir(parent) if ".staging-" in name)
 
@@ -50,10 +42,10 @@ def interrupted_after(monkeypatch, batches):
 
 
 @pytest.mark.parametrize("extra", [[], ["--save-images"]], ids=["npz", "npz and PNGs"])
-def test_an_interrupted_run_resumed_by_the_same_command_gives_the_same_bytes(extra, pixel_ckpt, tmp_path, capsys,
+def test_an_interrupted_run_resumed_by_the_same_command_gives_the_same_bytes(extra, pixel_ckpt, tmp_path, run_cli,
                                                                             monkeypatch):
     command = ["sample", "--ckpt", pixel_ckpt, "--num-samples", "11", "--batch-size", "3", *FAST, *extra]
-    assert run_cli([*command, "--out", str(tmp_path / "whole")], capsys) == (0, [])
+    assert run_cli([*command, "--out", str(tmp_path / "whole")]) == (0, [])
 
     resumed = tmp_path / "resumed"
     first = interrupted_after(monkeypatch, 2)
@@ -63,7 +55,7 @@ def test_an_interrupted_run_resumed_by_the_same_command_gives_the_same_bytes(ext
     [staging] = staging_folders(tmp_path)  # kept: it holds two finished batches
     assert sorted(os.listdir(tmp_path / staging / "batches")) == ["0000000.npy", "0000003.npy"]
     second = interrupted_after(monkeypatch, 100)
-    assert run_cli([*command, "--out", str(resumed)], capsys) == (0, [])
+    assert run_cli([*command, "--out", str(resumed)]) == (0, [])
     assert second == [6, 9]  # only the missing batches
     assert staging_folders(tmp_path) == []
 
@@ -75,7 +67,7 @@ def test_an_interrupted_run_resumed_by_the_same_command_gives_the_same_bytes(ext
     assert sorted(os.listdir(resumed)) == sorted(os.listdir(tmp_path / "whole"))
 
 
-def test_another_command_does_not_discard_a_partial_run_unless_restart(pixel_ckpt, tmp_path, capsys, monkeypatch):
+def test_another_command_does_not_discard_a_partial_run_unless_restart(pixel_ckpt, tmp_path, run_cli, monkeypatch):
     out = tmp_path / "out"
     command = ["sample", "--ckpt", pixel_ckpt, "--batch-size", "2", "--out", str(out), *FAST]
     interrupted_after(monkeypatch, 1)
@@ -83,7 +75,7 @@ def test_another_command_does_not_discard_a_partial_run_unless_restart(pixel_ckp
         main([*command, "--num-samples", "6"])
     [staging] = staging_folders(tmp_path)
     sampled = interrupted_after(monkeypatch, 100)
-    code, err = run_cli([*command, "--num-samples", "4", "--seed", "1"], capsys)
+    code, err = run_cli([*command, "--num-samples", "4", "--seed", "1"])
     assert code == 2 and len(err) == 1 and sampled == [], err
     assert err[0].startswith(f"fastdit sample: error: --out {out}: {tmp_path / staging} holds the partial output of "
                              "a killed run of another command (1 of 3 batches done; it differs in labels ")
@@ -91,21 +83,21 @@ def test_another_command_does_not_discard_a_partial_run_unless_restart(pixel_ckp
     assert err[0].endswith("rerun that command to finish it, or pass --restart to discard it")
     assert staging_folders(tmp_path) == [staging] and not out.exists()
 
-    assert run_cli([*command, "--num-samples", "4", "--seed", "1", "--restart"], capsys) == (0, [])
+    assert run_cli([*command, "--num-samples", "4", "--seed", "1", "--restart"]) == (0, [])
     assert sampled == [0, 2] and staging_folders(tmp_path) == []
     # --restart discards this command's own partial run too: everything is sampled again.
     interrupted_after(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         main([*command, "--num-samples", "4"])
     sampled = interrupted_after(monkeypatch, 100)
-    assert run_cli([*command, "--num-samples", "4", "--restart"], capsys) == (0, [])
+    assert run_cli([*command, "--num-samples", "4", "--restart"]) == (0, [])
     assert sampled == [0, 2]
 
 
-def test_leftovers_that_cannot_or_need_not_resume_are_removed(pixel_ckpt, tmp_path, capsys):
+def test_leftovers_that_cannot_or_need_not_resume_are_removed(pixel_ckpt, tmp_path, run_cli):
     out = tmp_path / "out"
     command = ["sample", "--ckpt", pixel_ckpt, "--num-samples", "2", "--out", str(out), *FAST]
-    assert run_cli(command, capsys) == (0, [])
+    assert run_cli(command) == (0, [])
     key = json.loads((out / "run.json").read_text())["identity"]
     # This run's folder after its swap (killed before removing it), an older fastdit's (no resume.json), a
     # folder killed before its first batch, and one whose resume.json is damaged.
@@ -119,7 +111,7 @@ def test_leftovers_that_cannot_or_need_not_resume_are_removed(pixel_ckpt, tmp_pa
     (tmp_path / ".out.staging-torn" / "batches").mkdir(parents=True)
     (tmp_path / ".out.staging-torn" / "batches" / "0000000.npy").write_bytes(b"")
     (tmp_path / ".out.staging-torn" / "resume.json").write_text("{half")
-    assert run_cli([*command, "--seed", "1"], capsys) == (0, [])
+    assert run_cli([*command, "--seed", "1"]) == (0, [])
     assert sorted(os.listdir(tmp_path)) == [".out.lock", "out"]
 
 
@@ -129,7 +121,7 @@ def test_a_rank_that_cannot_see_the_staging_folder_says_why(tmp_path):
         staging.check_visible(3)
 
 
-def test_a_damaged_batch_file_is_named(pixel_ckpt, tmp_path, capsys, monkeypatch):
+def test_a_damaged_batch_file_is_named(pixel_ckpt, tmp_path, run_cli, monkeypatch):
     out = tmp_path / "out"
     command = ["sample", "--ckpt", pixel_ckpt, "--num-samples", "4", "--batch-size", "2", "--out", str(out), *FAST]
     interrupted_after(monkeypatch, 1)
@@ -139,7 +131,7 @@ def test_a_damaged_batch_file_is_named(pixel_ckpt, tmp_path, capsys, monkeypatch
     damaged = tmp_path / staging / "batches" / "0000000.npy"
     damaged.write_bytes(damaged.read_bytes()[:100])
     interrupted_after(monkeypatch, 100)
-    code, err = run_cli(command, capsys)
+    code, err = run_cli(command)
     assert code == 2 and len(err) == 1 and f"cannot read the batch file {damaged}" in err[0], err
     assert "pass --restart" in err[0] and not out.exists()
 
@@ -211,7 +203,9 @@ def test_peak_rss_does_not_grow_with_the_number_of_images(tmp_path_factory, tmp_
     assert large - small < 0.3 * images_kib, (small, large)
 
 
-RESUME_COMMAND = ["sample", "--sampler", "ddim", "--steps", "2", "--num-samples", "400", "--batch-size", "10",
+# 10 steps make a batch take ~0.2 s on one thread: the kill, polled from this process, lands between the 15th
+# and the 40th batch even on a loaded machine (at 2 steps that window was ~1 s, and a busy CI runner missed it).
+RESUME_COMMAND = ["sample", "--sampler", "ddim", "--steps", "10", "--num-samples", "400", "--batch-size", "10",
                   "--save-images", "--no-progress"]
 
 
@@ -232,7 +226,8 @@ def test_a_sigkilled_run_resumed_equals_an_uninterrupted_run(tmp_path):
 
     def finished_batches():
         folders = [tmp_path / name / "batches" for name in staging_folders(tmp_path)]
-        return sum(len(os.listdir(folder)) for folder in folders if folder.is_dir())
+        # finished batches only: a batch being written is a temporary beside them
+        return sum(name.endswith(".npy") for folder in folders if folder.is_dir() for name in os.listdir(folder))
 
     while run.poll() is None and finished_batches() < 15 and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -271,7 +266,7 @@ def test_two_torchrun_processes_write_what_one_process_writes(pixel_ckpt, tmp_pa
     assert record["identity"] == json.loads((tmp_path / "one" / "run.json").read_text())["identity"]
 
 
-def test_a_diffusers_pipeline_root_brings_its_vae(tmp_path, capsys):
+def test_a_diffusers_pipeline_root_brings_its_vae(tmp_path, run_cli):
     """--ckpt <pipeline root>: the transformer is the model, and vae/ decodes its samples (no --vae)."""
     diffusers = pytest.importorskip("diffusers")
 
@@ -291,7 +286,7 @@ def test_a_diffusers_pipeline_root_brings_its_vae(tmp_path, capsys):
     (root / "model_index.json").write_text(json.dumps({"_class_name": "DiTPipeline", "transformer": [
         "diffusers", "DiTTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}))
     out = tmp_path / "out"
-    code, err = run_cli(["sample", "--ckpt", str(root), "--classes", "1", "2", "--out", str(out), *FAST], capsys)
+    code, err = run_cli(["sample", "--ckpt", str(root), "--classes", "1", "2", "--out", str(out), *FAST])
     assert (code, err) == (0, [])
     record = json.loads((out / "run.json").read_text())
     assert record["vae"] == {"path": str(root / "vae"), "scale": 0.5}  # the scale from vae/config.json
