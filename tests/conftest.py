@@ -7,7 +7,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))  # tests import the shared tolerance table as `parity`
 
 import parity  # noqa: E402 (needs the path above)
-from fastdit.kernels import kernel_path  # noqa: E402
+from fastdit.kernels import kernel_path, runtime  # noqa: E402
 
 # One intra-op thread: the tests' tiny ops gain nothing from threads, and on a busy CPU (two
 # xdist workers on two cores) spinning OpenMP threads make each op many times slower.
@@ -32,6 +32,15 @@ def _true_fp32():
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = allowed
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    """The fused ops on their plain torch path even under TRITON_INTERPRET, for tests of what runs around the
+    kernels (caches, samplers, training runs and their faults) that run a model for hundreds of steps: the
+    kernels are checked on their own (tests/kernels, tests/models), and interpreted these would take minutes.
+    On a GPU it changes nothing."""
+    monkeypatch.setattr(runtime, "TRITON_INTERPRET", False)
 
 
 def _must_launch(item) -> bool:

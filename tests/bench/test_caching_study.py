@@ -7,14 +7,9 @@ import pytest
 
 from fastdit.bench import caching_study
 from fastdit.diffusion.caching import FORA, FirstBlockCache, TaylorSeer
-from fastdit.kernels import runtime
 
 
-@pytest.fixture(autouse=True)
-def _torch_path(monkeypatch):
-    """The study samples the digits model many times: on the fused ops' plain torch path (the kernels are checked
-    in tests/kernels; interpreted under CI's TRITON_INTERPRET it would take many minutes)."""
-    monkeypatch.setattr(runtime, "TRITON_INTERPRET", False)
+pytestmark = pytest.mark.usefixtures("torch_path")  # the cache logic, not the kernels: see conftest
 
 
 def test_settings_parse_as_the_table_names_them():

@@ -16,19 +16,13 @@ from fastdit.diffusion import caching, sampling
 from fastdit.diffusion.caching import FORA, FeatureCache, FirstBlockCache, TaylorSeer
 from fastdit.diffusion.samplers import make_solver
 from fastdit.diffusion.sampling import GuidedDenoiser, ImageNoise, _run_eager, sample
-from fastdit.kernels import runtime
 from fastdit.reference import ADAPTIVE_DESIGNS, CONDITION_TOKENS
 
 DIGITS = os.path.join(os.path.dirname(fastdit.__file__), "assets", "digits")
 SAMPLERS = [("ddpm", 8, 0.0), ("ddim", 7, 0.0), ("ddim", 6, 0.5), ("dpm++", 7, 0.0)]
 
 
-@pytest.fixture(autouse=True)
-def _torch_path(monkeypatch):
-    """These tests check which blocks run and what the cache computes from them, through the fused ops' plain
-    torch path: the kernels are checked on their own (tests/kernels, tests/models), and under CI's
-    TRITON_INTERPRET the hundreds of sampling steps here would take many minutes to interpret."""
-    monkeypatch.setattr(runtime, "TRITON_INTERPRET", False)
+pytestmark = pytest.mark.usefixtures("torch_path")  # the cache logic, not the kernels: see conftest
 
 
 def fast_tiny_dit(block="adaln-zero", depth=3):

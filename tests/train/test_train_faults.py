@@ -16,6 +16,8 @@ from fastdit.io import FolderInUseError, exclusive_lock
 from fastdit.train import distributed, run_folder
 from fastdit.train.trainer import Trainer, TrainingDiverged
 
+pytestmark = pytest.mark.usefixtures("torch_path")  # runs and their faults, not the kernels: see conftest
+
 ISSUE_COMMAND = ["train", "--preset", "digits", "--lr", "1e6", "--steps", "10", "--log-every", "2", "--no-progress"]
 
 
