@@ -52,7 +52,7 @@ def test_exclusive_lock_names_the_holder_and_is_released(tmp_path):
         with exclusive_lock({str(lock)!r}, "run"):
             print("held", flush=True)
             time.sleep(60)
-    """)], cwd=tmp_path, stdout=subprocess.PIPE, text=True)  # outside the checkout: import the installed fastdit
+    """)], cwd=tmp_path, stdout=subprocess.PIPE, text=True)  # outside the checkout: the installed fastdit
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(FolderInUseError, match=rf"--out R is in use by another fastdit process \(pid {holder.pid}\)"):

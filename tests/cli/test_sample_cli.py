@@ -13,6 +13,7 @@ import pytest
 import torch
 from parity import save_tiny_checkpoint
 from PIL import Image
+from processes import torch_path_environment
 
 import fastdit
 import fastdit.io
@@ -261,7 +262,7 @@ def test_console_script_exit_code_and_stderr(argv, words, tmp_path):
 def test_no_arguments_samples_recognisable_digits_from_the_bundled_model(tmp_path):
     """The main job, as a user runs it (the torch path: the Triton interpreter would take
     minutes over 100 images and 50 steps)."""
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env = torch_path_environment()
     result = subprocess.run([sys.executable, "-m", "fastdit", "sample", "--no-progress"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

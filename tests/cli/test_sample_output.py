@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from processes import torch_path_environment
 
 import fastdit
 import fastdit.io
@@ -218,8 +219,7 @@ KILL_POINTS = {
 @pytest.mark.slow  # about a dozen runs of the bundled model in subprocesses
 @pytest.mark.parametrize("signal_number", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
 def test_a_run_killed_at_any_point_leaves_the_old_output_or_the_new_one(signal_number, tmp_path):
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["OMP_NUM_THREADS"] = "1"
+    env = torch_path_environment(OMP_NUM_THREADS="1")
     out = tmp_path / "out"
 
     def command(seed):  # the bundled model, 100 images and their PNGs: a write phase long enough to land in;

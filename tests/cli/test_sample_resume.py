@@ -13,6 +13,7 @@ import pytest
 import torch
 from parity import save_tiny_checkpoint
 from PIL import Image
+from processes import torch_path_environment
 
 import fastdit
 from fastdit.cli import main, sample_output
@@ -145,25 +146,19 @@ print(tracemalloc.get_traced_memory()[1])
 """
 
 
-def torch_path_environment():
-    """The plain-torch path: the Triton interpreter's numpy buffers would fill tracemalloc's record (and take
-    minutes over a thousand images)."""
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 def test_memory_does_not_grow_with_the_number_of_images(tmp_path_factory, tmp_path):
     """numpy's buffers are traced by tracemalloc: the images a run holds show in its peak. 32x32 RGB images,
     3 KB each: 1,024 of them would add 2.8 MB to the peak (twice that with np.savez's copy)."""
     ckpt = save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "pixel32.pt", in_channels=3, input_size=32,
                                 patch_size=8)
 
+    # On the torch path: the Triton interpreter's numpy buffers would fill tracemalloc's record.
+    env = torch_path_environment(OMP_NUM_THREADS="1")
+
     def peak_bytes(count):
         result = subprocess.run([sys.executable, "-c", PEAK_TRACED, "sample", "--ckpt", ckpt, "--batch-size", "64",
                                  "--num-samples", str(count), "--out", str(tmp_path / str(count)), *FAST],
-                                cwd=tmp_path, env=torch_path_environment(), capture_output=True, text=True,
-                                timeout=300, check=False)
+                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
         assert result.returncode == 0, result.stderr
         return int(result.stdout.split()[-1])
 
@@ -187,7 +182,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 def test_peak_rss_does_not_grow_with_the_number_of_images(tmp_path_factory, tmp_path):
     ckpt = save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "pixel64.pt", in_channels=3, input_size=64,
                                 patch_size=16)
-    env = torch_path_environment()
+    env = torch_path_environment(OMP_NUM_THREADS="1")
 
     def peak_kib(count):
         result = subprocess.run([sys.executable, "-c", PEAK_RSS, "sample", "--ckpt", ckpt, "--num-samples", str(count),
@@ -211,8 +206,7 @@ RESUME_COMMAND = ["sample", "--sampler", "ddim", "--steps", "10", "--num-samples
 
 @pytest.mark.slow  # the bundled model, 400 images three times in subprocesses
 def test_a_sigkilled_run_resumed_equals_an_uninterrupted_run(tmp_path):
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["OMP_NUM_THREADS"] = "1"
+    env = torch_path_environment(OMP_NUM_THREADS="1")
 
     def command(out):
         return [sys.executable, "-m", "fastdit", *RESUME_COMMAND, "--out", str(out)]
@@ -248,8 +242,7 @@ TORCHRUN_PORT = 29517
 
 @pytest.mark.slow  # torchrun with two gloo processes: process-group start-up dominates
 def test_two_torchrun_processes_write_what_one_process_writes(pixel_ckpt, tmp_path):
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["OMP_NUM_THREADS"] = "1"
+    env = torch_path_environment(OMP_NUM_THREADS="1")
     argv = ["sample", "--ckpt", pixel_ckpt, "--num-samples", "13", "--batch-size", "2", "--save-images",
             "--device", "cpu", *FAST]
     one = subprocess.run([sys.executable, "-m", "fastdit", *argv, "--out", str(tmp_path / "one")], cwd=tmp_path,

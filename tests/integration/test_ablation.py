@@ -1,10 +1,10 @@
 """The block-design ablation script (python -m fastdit.ablation), end to end on a tiny budget."""
 import json
-import os
 import subprocess
 import sys
 
 import pytest
+from processes import torch_path_environment
 
 from fastdit.cli import ablation
 from fastdit.reference import BLOCK_DESIGNS
@@ -15,7 +15,7 @@ def test_trains_every_design_and_writes_the_table_and_plot(tmp_path):
     # On the torch path: training and 800 sampling steps would take many minutes in Triton's
     # interpreter, and the kernels' parity is tested elsewhere. Outside the checkout, so that
     # `-m fastdit` is the installed package.
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env = torch_path_environment()
     command = [sys.executable, "-m", "fastdit.ablation", "--out", "docs", "--runs", "runs", "--steps", "3"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr

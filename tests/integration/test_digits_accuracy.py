@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from processes import torch_path_environment
 
 from fastdit.train.digits import conditioned_class_accuracy
 
@@ -21,7 +22,7 @@ from fastdit.train.digits import conditioned_class_accuracy
 def test_bundled_model_accuracy_is_the_readmes(flags, recognised, tmp_path):
     # The torch path (the Triton interpreter would take minutes per run), outside the checkout so that
     # `-m fastdit` is the installed package.
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env = torch_path_environment()
     result = subprocess.run([sys.executable, "-m", "fastdit", "sample", "--no-progress", "--seed", "0", *flags],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr

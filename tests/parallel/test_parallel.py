@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from processes import torch_path_environment
 
 from fastdit import DiT
 from fastdit.parallel import cli, mesh, ulysses
@@ -30,7 +31,7 @@ def run_workers(tmp_path, nproc, cases, device_type="cpu"):
     # The workers check the splitting and the communication, on the fused ops' plain torch path on the CPU: the
     # kernels are checked on their own (tests/kernels), and under CI's TRITON_INTERPRET, 4 processes interpreting
     # every kernel would take many minutes on 2 cores.
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env = torch_path_environment()
     result = subprocess.run([*TORCHRUN, "--nproc_per_node", str(nproc), worker, json.dumps(cases), device_type],
                             check=False, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

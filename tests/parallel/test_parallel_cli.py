@@ -1,12 +1,12 @@
 """`torchrun ... fastdit sample --parallel cfg|sp|cfg+sp` writes the single-process run's samples; bad --parallel
 values are one line before any work."""
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from processes import torch_path_environment
 
 from fastdit.cli import main
 
@@ -16,7 +16,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 def torchrun(nproc, argv, cwd):
     # The fused ops' plain torch path in the workers: 4 processes interpreting every kernel (CI's TRITON_INTERPRET)
     # would take many minutes on 2 cores, and the kernels are checked on their own.
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env = torch_path_environment()
     return subprocess.run([*TORCHRUN, "--nproc_per_node", str(nproc), "-m", "fastdit", *argv], check=False, cwd=cwd,
                           capture_output=True, text=True, timeout=300, env=env)
 

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from processes import torch_path_environment
 
 from fastdit.train import distributed, run_folder, shards
 from fastdit.train import trainer as train
@@ -53,8 +54,7 @@ def run_script(args, cwd):
     installed package), one thread, on the fused ops' torch path: these are tests of processes, files and
     signals (the kernels are checked in tests/kernels and tests/models), and interpreted, a digits run takes
     minutes."""
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["OMP_NUM_THREADS"] = "1"
+    env = torch_path_environment(OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, *args], env=env, cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
