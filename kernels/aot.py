@@ -354,14 +354,15 @@ def main(argv=None) -> int:
                     for block in args.block:
                         record_model(recorder, name, image_size, dtype_name, block, args.batch)
         recorders.append(recorder)
-    rows = sorted(compile_all(recorders, args.workers, args.record_only, args.defaults_only), key=lambda r: (-r["arch"], r["kernel"], r["shape"],
-                                                                         not r["default"], r["candidate"]))
+    rows = sorted(compile_all(recorders, args.workers, args.record_only, args.defaults_only),
+                  key=lambda r: (-r["arch"], r["kernel"], r["shape"], not r["default"], r["candidate"]))
     command = "python -m fastdit.kernels.aot " + " ".join(argv if argv is not None else sys.argv[1:])
     print("\n".join(table(rows)))
     facts = summary(rows)
     if args.json:
+        # Compact: the file is for tools (a thousand rows), the markdown for people.
         write_atomic(args.json, json.dumps({"triton": triton.__version__, "command": command.strip(),
-                                             "launches": rows}, indent=1))
+                                             "launches": rows}, separators=(",", ":")))
     if args.markdown:
         write_atomic(args.markdown, markdown(rows, command.strip()))
     for row in facts["failing"]:
