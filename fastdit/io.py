@@ -6,6 +6,8 @@ file or the new one, never a part. A crash between the two can leave the tempora
 folder ours: an advisory ``flock`` that the kernel drops when its process dies, however it dies.
 ``replace_directory`` does for a folder what ``atomic_path`` does for a file: a complete new folder takes
 the old one's place in one step (``restore_replaced`` undoes what a kill leaves where that takes two).
+``atomic_directory`` builds a new folder beside a path that must not exist and renames it there, never
+over anything.
 """
 import contextlib
 import ctypes
@@ -45,10 +47,8 @@ def atomic_path(path):
     os.close(handle)
     try:
         yield temporary
-        umask = os.umask(0)
-        os.umask(umask)
         # mkstemp (and writers that recreate the file) leave 0600: give it the usual permissions.
-        os.chmod(temporary, 0o666 & ~umask)
+        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
@@ -159,22 +159,67 @@ def fsync_directory(path) -> None:
         os.close(descriptor)
 
 
-def exchange(first, second) -> bool:
-    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the OS or filesystem
-    cannot."""
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2  # from <linux/fs.h>
+
+
+def _renameat2(first, second, flags: int) -> bool:
+    """Linux renameat2(first, second, flags); False where the OS, libc or filesystem cannot."""
     if not sys.platform.startswith("linux"):
         return False
     renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc >= 2.28
     if renameat2 is None:
         return False
     renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2  # from <fcntl.h> and <linux/fs.h>
-    if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0:
+    at_fdcwd = -100  # from <fcntl.h>
+    if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), flags) == 0:
         return True
     code = ctypes.get_errno()
     if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
         return False
     raise OSError(code, os.strerror(code), second)
+
+
+def exchange(first, second) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the OS or filesystem
+    cannot."""
+    return _renameat2(first, second, _RENAME_EXCHANGE)
+
+
+def _rename_no_replace(source, destination) -> None:
+    """Rename ``source`` to ``destination``, or raise FileExistsError if ``destination`` exists. rename(2)
+    would replace an empty folder or a file made meanwhile; RENAME_NOREPLACE checks and renames in one step
+    (elsewhere the check comes just before the rename)."""
+    if _renameat2(source, destination, _RENAME_NOREPLACE):
+        return
+    if os.path.lexists(destination):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), destination)
+    os.rename(source, destination)
+
+
+@contextlib.contextmanager
+def atomic_directory(path):
+    """Yield a new empty folder beside ``path``; when the block succeeds the folder becomes ``path``, which
+    must not exist then (it is never replaced: FileExistsError), and when it fails the folder is removed.
+    A reader (or a crash) sees no ``path`` or the complete one."""
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    temporary = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=TEMPORARY_SUFFIX)
+    try:
+        yield temporary
+        os.chmod(temporary, 0o777 & ~_umask())  # mkdtemp's 0700 -> the usual permissions
+        fsync_directory(temporary)
+        _rename_no_replace(temporary, path)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    fsync_directory(parent)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def _aside_prefix(path) -> str:

@@ -10,6 +10,7 @@ import pytest
 import fastdit.io
 from fastdit.io import (
     FolderInUseError,
+    atomic_directory,
     atomic_path,
     exchange,
     exclusive_lock,
@@ -107,6 +108,31 @@ def test_restore_replaced_puts_back_what_a_kill_between_the_two_renames_moved_as
     (tmp_path / ".out.previous-later").mkdir()  # the old folder, after the new one was renamed in
     restore_replaced(tmp_path / "out")
     assert sorted(os.listdir(tmp_path)) == [".other.previous-x", "out"]
+
+
+@pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "check then rename"])
+def test_atomic_directory_appears_whole_or_not_at_all_and_never_replaces(renameat2, tmp_path, monkeypatch):
+    if not renameat2:
+        monkeypatch.setattr(fastdit.io, "_renameat2", lambda first, second, flags: False)
+    out = tmp_path / "parent" / "out"
+    with atomic_directory(out) as folder:
+        (tmp_path / "parent" / folder / "weights").write_text("w")
+        assert not out.exists()
+    assert os.listdir(tmp_path / "parent") == ["out"] and (out / "weights").read_text() == "w"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+    with pytest.raises(RuntimeError, match="killed"), atomic_directory(tmp_path / "failed") as folder:
+        raise RuntimeError("killed")
+    assert sorted(os.listdir(tmp_path)) == ["parent"]
+    # A folder (even an empty one) or a file that appears at the path meanwhile is never replaced.
+    for made, make in [("empty folder", os.mkdir), ("file", lambda path: open(path, "w").close())]:
+        late = tmp_path / made
+        with pytest.raises(FileExistsError), atomic_directory(late) as folder:
+            (tmp_path / folder / "weights").write_text("w")
+            make(late)
+        assert not late.is_dir() or os.listdir(late) == [], made
+    assert sorted(os.listdir(tmp_path)) == ["empty folder", "file", "parent"]  # and no temporary
 
 
 def test_write_npz_streamed_equals_savez_and_holds_one_piece_at_a_time(tmp_path):

@@ -5,17 +5,14 @@ folder, a diffusers pipeline root or transformer folder, or a Hugging Face repo 
 DST is written whole or not at all (a folder is built beside it and renamed into place; a file is
 renamed over a temporary) and is never overwritten. The weights keep their dtype.
 """
-import contextlib
 import os
-import shutil
-import tempfile
 
 import torch
 
 from fastdit import reference
 from fastdit.integrations.diffusers_folders import is_diffusers_folder, read_diffusers, write_diffusers
 from fastdit.integrations.hub import is_repo_id, resolve_repo_id
-from fastdit.io import atomic_path
+from fastdit.io import atomic_directory, atomic_path
 from fastdit.models import checkpoint
 
 FORMATS = {
@@ -49,7 +46,7 @@ def run(args):
             torch.save(model.state_dict(), temporary)
     else:
         write = write_diffusers if args.to == "diffusers" else checkpoint.save_pretrained
-        with _folder_in_place(destination) as folder:
+        with atomic_directory(destination) as folder:
             write(model, folder)
     print(f"wrote {args.dst}: {FORMATS[args.to]}")
     return 0
@@ -69,24 +66,3 @@ def load_reference(source, num_heads: int | None = None) -> reference.DiT:
         model = reference.DiT(**config)
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.eval()
-
-
-@contextlib.contextmanager
-def _folder_in_place(destination):
-    """A new folder beside ``destination``, renamed to it when the block succeeds and removed when it fails."""
-    parent, name = os.path.split(destination)
-    os.makedirs(parent, exist_ok=True)
-    temporary = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".tmp")
-    try:
-        yield temporary
-        os.chmod(temporary, 0o777 & ~_umask())  # mkdtemp's 0700 -> the usual permissions
-        os.rename(temporary, destination)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-
-
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
