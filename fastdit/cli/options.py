@@ -9,7 +9,7 @@ import torch
 
 import fastdit
 from fastdit.models import DTYPES
-from fastdit.models.checkpoint import WEIGHTS
+from fastdit.models.checkpoint import WEIGHTS, NonFiniteWeightsError
 
 DEFAULT_IMAGE_SIZE = 256
 VAE_DOWNSAMPLING = 8  # the Stable Diffusion VAE's latents are 1/8 of the image's size
@@ -100,28 +100,18 @@ def check_sampling_flags(args):
 def load_model(args, device, dtype):
     """The fast model from --ckpt, or --model's architecture with random weights drawn from --seed."""
     if args.ckpt is not None:
-        # Checked here rather than by fastdit.load, whose error suggests its keyword: a CLI user needs other words.
-        model = fastdit.load(args.ckpt, device=device, dtype=dtype, weights=args.weights, allow_nonfinite=True)
-        check_finite_weights(model, args)
-        return model
+        try:
+            return fastdit.load(args.ckpt, device=device, dtype=dtype, weights=args.weights)
+        except NonFiniteWeightsError as error:  # its advice is the library's keyword: a CLI user needs other words
+            other = {"ema": "model", "model": "ema"}[args.weights or "ema"]
+            raise ValueError(f"--ckpt {args.ckpt}: the weights are not finite: {error.name} holds {error.count} NaN "
+                             "or inf values (first bad tensor; e.g. a diverged training run): pass an earlier "
+                             "checkpoint (fastdit train keeps the last finite one in OUT/checkpoints), or for a "
+                             f"training checkpoint try --weights {other}") from None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)  # every rank, and every command, builds the same random weights
         model = fastdit.DiT_models[args.model](input_size=(args.image_size or DEFAULT_IMAGE_SIZE) // VAE_DOWNSAMPLING)
     return model.to(device=device, dtype=dtype).eval()
-
-
-def check_finite_weights(model, args) -> None:
-    """Raise, naming the first tensor holding NaN or inf and what the user can do, unless every weight is
-    finite (one device sync)."""
-    tensors = list(model.state_dict().items())
-    if bool(torch.stack([torch.isfinite(tensor).all() for _, tensor in tensors]).all()):
-        return
-    name, tensor = next((name, tensor) for name, tensor in tensors if not bool(torch.isfinite(tensor).all()))
-    count = int((~torch.isfinite(tensor)).sum())
-    other = {"ema": "model", "model": "ema"}[args.weights or "ema"]
-    raise ValueError(f"--ckpt {args.ckpt}: the weights are not finite: {name} holds {count} NaN or inf values "
-                     "(first bad tensor; e.g. a diverged training run): pass an earlier checkpoint (fastdit train "
-                     f"keeps the last finite one in OUT/checkpoints), or for a training checkpoint try --weights {other}")
 
 
 def image_size_of(model, requested) -> tuple[int, bool]:

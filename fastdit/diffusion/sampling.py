@@ -22,7 +22,7 @@ import torch
 
 from fastdit.diffusion import caching
 from fastdit.diffusion.samplers import SAMPLERS, make_solver
-from fastdit.models.validation import check_class_ids
+from fastdit.models.validation import check_class_ids, first_nonfinite
 from fastdit.reference import classifier_free_guidance
 
 
@@ -113,9 +113,8 @@ class NonFiniteSampleError(ValueError):
 def _nonfinite_cause(model, denoiser, solver, start, cache=None) -> str:
     """Why a call's samples are not finite: non-finite weights, else the first step that went wrong, found by
     running the steps again eagerly with a check after each (only on this failure path)."""
-    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
-        if not bool(torch.isfinite(tensor).all()):
-            return f"the model's weights are not finite ({name} holds NaN or inf)"
+    if (name := first_nonfinite(itertools.chain(model.named_parameters(), model.named_buffers()))) is not None:
+        return f"the model's weights are not finite ({name} holds NaN or inf)"
     image_noise, x_T = start()
     if not bool(torch.isfinite(x_T).all()):
         return "the initial noise is not finite (the noise argument holds NaN or inf)"

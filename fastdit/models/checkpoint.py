@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from fastdit import reference
 from fastdit._version import __version__
 from fastdit.io import atomic_path, write_text_atomic
+from fastdit.models.validation import first_nonfinite
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -49,6 +50,15 @@ RELEASE_HINT = (
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or not the weights of a DiT."""
+
+
+class NonFiniteWeightsError(CheckpointError):
+    """Weights holding NaN or inf: ``name`` is the first such tensor, ``count`` its NaN and inf values."""
+
+    def __init__(self, path, name: str, count: int):
+        self.name, self.count = name, count
+        super().__init__(f"{path}: the weights are not finite: {name} holds {count} NaN or inf values (first bad "
+                         "tensor; e.g. a diverged training run); pass allow_nonfinite=True to load them")
 
 
 def build(model_class, path, *, config: dict | None = None, device="cpu", dtype=None, weights=None,
@@ -341,11 +351,9 @@ def _check_matches(model, state_dict, path, arguments) -> None:
 
 
 def _check_finite(model, path) -> None:
-    for name, tensor in model.state_dict().items():
-        if not bool(torch.isfinite(tensor).all()):
-            count = int((~torch.isfinite(tensor)).sum())
-            raise CheckpointError(f"{path}: the weights are not finite: {name} holds {count} NaN or inf values (first "
-                                  "bad tensor; e.g. a diverged training run); pass allow_nonfinite=True to load them")
+    state_dict = model.state_dict()
+    if (name := first_nonfinite(state_dict.items())) is not None:
+        raise NonFiniteWeightsError(path, name, int((~torch.isfinite(state_dict[name])).sum()))
 
 
 def _shape(state_dict, key, dims) -> tuple:

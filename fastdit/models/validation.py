@@ -87,3 +87,17 @@ def check_devices(weights: torch.device, **inputs) -> None:
         if isinstance(tensor, torch.Tensor) and tensor.device != weights:
             raise ValueError(f"{name}: expected a tensor on the model's device {weights}, got one on {tensor.device} "
                              f"(move the inputs with .to({str(weights)!r}), or the model)")
+
+
+def first_nonfinite(named_tensors) -> str | None:
+    """The name of the first floating-point tensor of ``(name, tensor)`` pairs holding a NaN or an infinity,
+    or None; one host sync."""
+    named_tensors = [(name, tensor) for name, tensor in named_tensors if tensor.is_floating_point()]
+    if not named_tensors:
+        return None
+    # AdamW keeps its step counters on the CPU beside moments on the GPU: one device for the stack.
+    device = named_tensors[0][1].device
+    finite = torch.stack([tensor.isfinite().all().to(device) for _, tensor in named_tensors])
+    if bool(finite.all()):
+        return None
+    return named_tensors[int((~finite).nonzero()[0])][0]

@@ -32,6 +32,7 @@ from fastdit.diffusion.gaussian import create_diffusion
 from fastdit.io import exclusive_lock, remove_stale_temporaries, write_text_atomic
 from fastdit.models import checkpoint as checkpoints
 from fastdit.models.dit import DiT, DiT_models
+from fastdit.models.validation import first_nonfinite
 from fastdit.train import data as datasets
 from fastdit.train import distributed, run_folder, shards
 from fastdit.train.shards import RE_ENCODE, LatentShards
@@ -120,19 +121,6 @@ class TrainingDiverged(ValueError):
 
 # The first-non-finite-step flag's value while every loss has been finite.
 NO_STEP = 2**62
-
-
-def _first_nonfinite(named_tensors):
-    """The name of the first tensor holding a NaN or an infinity, or None; one host sync."""
-    named_tensors = [(name, tensor) for name, tensor in named_tensors if tensor.is_floating_point()]
-    if not named_tensors:
-        return None
-    # AdamW keeps its step counters on the CPU beside moments on the GPU: one device for the stack.
-    device = named_tensors[0][1].device
-    finite = torch.stack([tensor.isfinite().all().to(device) for _, tensor in named_tensors])
-    if bool(finite.all()):
-        return None
-    return named_tensors[int((~finite).nonzero()[0])][0]
 
 
 def _mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
@@ -289,7 +277,7 @@ class Trainer:
                        *(("ema." + name, value) for name, value in self.ema.state_dict().items()),
                        *((f"optimizer state {name}", value) for adam in self.optimizer.state.values()
                          for name, value in adam.items())]
-            bad = _first_nonfinite(tensors)
+            bad = first_nonfinite(tensors)
             if bad is not None:
                 raise TrainingDiverged(self._diverged(f"{bad} is not finite at step {self.step}"))
 
