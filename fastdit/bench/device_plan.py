@@ -5,10 +5,12 @@ compiled baselines, the timed runs). The CPU mode (``cpu=True``) runs the same s
 models, so the tests can stop and resume a whole run in seconds; it leaves out what only a GPU runs (the
 compiled baselines, which take minutes to compile on a CPU, and CUDA graphs, which bench skips itself)."""
 import dataclasses
+import importlib.util
 import os
 import pathlib
 
 import fastdit
+from fastdit.bench.workloads import BASELINE, RELEASE
 
 MODEL = "DiT-XL/2"
 # The CUDA tests (kernel and model parity on the GPU): tests/kernels without the AOT check, which compiles
@@ -16,6 +18,7 @@ MODEL = "DiT-XL/2"
 GPU_TESTS = ("tests/kernels", "tests/models/test_gpu.py", "tests/models/test_dit.py", "tests/models/test_dit_grad.py",
              "tests/models/test_block_designs.py", "tests/diffusion/test_sampling.py")
 CPU_TESTS = ("tests/bench/test_timing.py",)
+CPU_IMPLEMENTATIONS = (BASELINE, RELEASE, "fastdit-eager")
 # Issue 28's switches, each timed off against the same run's fastdit-eager (on): (step, variable).
 SWITCH_STEPS = (("no-fused-gelu", "FASTDIT_FUSED_GELU"), ("no-one-adaln-gemm", "FASTDIT_ONE_ADALN_GEMM"))
 
@@ -48,12 +51,12 @@ def python_files(root: pathlib.Path) -> list[pathlib.Path]:
 
 def plan(python: str, cpu: bool, scratch: str) -> list[Step]:
     model, small = ("DiT-S/2", (32, 64)) if cpu else (MODEL, (256, 512))
-    batch = (lambda n: min(n, 2)) if cpu else (lambda n: n)
+    batch = (lambda n: 1) if cpu else (lambda n: n)
     repeats = ["--repeats", "1", "--warmup", "0"] if cpu else ["--repeats", "5", "--warmup", "1"]
 
     def bench(name, budget, size, batches, workloads, implementations, env=None):
-        if cpu:  # compiling on a CPU takes minutes: the rows of a compiled baseline are a GPU's
-            implementations = [i for i in implementations if not i.endswith("-compiled")]
+        if cpu:  # the fewest rows that exercise every writer; compiling on a CPU takes minutes
+            implementations = [i for i in implementations if i in CPU_IMPLEMENTATIONS] or [BASELINE]
         folder = f"bench/{name}"
         argv = [python, "-m", "fastdit", "bench", "--models", model, "--image-size", str(size), "--dtype", "bf16",
                 "--batch-sizes", *map(str, map(batch, batches)), "--workloads", *workloads,
@@ -78,8 +81,11 @@ def plan(python: str, cpu: bool, scratch: str) -> list[Step]:
             step.skip = f"{variable} is not read by this checkout's fastdit (issue 28's switch is not in it)"
         steps.append(step)
     tests = CPU_TESTS if cpu else GPU_TESTS
+    # pytest.ini asks for xdist: 4 workers compile the kernels side by side where it is installed; without it,
+    # the ini's xdist options are dropped.
+    workers = ["-n", "4"] if importlib.util.find_spec("xdist") and not cpu else ["-n", "0"] if cpu else ["-o", "addopts="]
     steps += [
-        Step("tests", 180, [python, "-m", "pytest", *tests, "-rfE", "-m", "not slow", "-p", "no:cacheprovider",
+        Step("tests", 180, [python, "-m", "pytest", *tests, *workers, "-rfE", "-m", "not slow", "-p", "no:cacheprovider",
                             "--ignore=tests/kernels/test_aot.py", f"--junitxml={scratch}/tests/junit.xml"],
              "tests", {"FASTDIT_AUTOTUNE": "0"}),
         bench("512", 120, small[1], [16], ["forward", "sampling-step"], eager),
