@@ -96,7 +96,14 @@ class Run:
         command = ["timeout", "-s", "INT", "-k", str(self.args.grace), str(budget), *step.argv]
         self.process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         start_new_session=True, text=True, errors="replace")
-        reader = threading.Thread(target=lambda: [self.say("  " + line.rstrip("\n")) for line in self.process.stdout])
+        self.last_line = ""
+
+        def copy_output():
+            for line in self.process.stdout:
+                self.say("  " + line.rstrip("\n"))
+                self.last_line = line.strip() or self.last_line
+
+        reader = threading.Thread(target=copy_output)
         reader.start()
         asked = None
         while True:
@@ -186,10 +193,11 @@ def _run(args, python, scratch, identity, previous) -> int:
             return 2
         run.say(f"=== {step.name}: {status} in {manifest['steps'][step.name]['seconds']}s")
         run.save()
-        if step.name == "probe" and status != "ok":
-            run.say(f"device_check: the probe {status}: no device to measure; the archive holds the log")
+        if step.name == "probe" and status != "ok":  # no device to measure: the probe's own line, as ours
+            run.say(f"device_check: the probe {status}; nothing was measured")
             run.save()
-            return 1
+            print(f"{PROG}: error: {run.last_line.split('error: ', 1)[-1]}", file=sys.stderr)
+            return 2
     for signum, handler in handlers.items():
         signal.signal(signum, handler)
     if run.stopped:

@@ -70,7 +70,7 @@ def plan(python: str, cpu: bool, scratch: str) -> list[Step]:
         Step("probe", 30, [python, "-m", "fastdit.bench.probe", f"{scratch}/probe.json"] + (["--cpu"] if cpu else [])),
         bench("256", 150, small[0], [64], ["forward", "sampling-step", "training-step"], eager + ["fastdit-fp8"]),
         bench("256-compiled-forward", 180, small[0], [64], ["forward"], ["reference-compiled"]),
-        bench("batch-1", 120, small[0], [1], ["sampling-step", "sampling-run"], ["fastdit-compiled", "fastdit-cudagraphs"]),
+        bench("batch-1", 150, small[0], [1], ["sampling-step", "sampling-run"], ["fastdit-compiled", "fastdit-cudagraphs"]),
         Step("attention-512", 40, [python, "-m", "fastdit.bench.attention", "--image-size", str(small[1]),
                                    "--batch", str(batch(16)), *repeats, "--resume", "--out", f"{scratch}/attention"],
              "attention"),
