@@ -50,14 +50,17 @@ def arguments(argv):
                              "than its budget")
     parser.add_argument("--grace", type=int, default=20,
                         help="seconds a step has after SIGINT to write its report before it is killed (default 20)")
+    parser.add_argument("--budget-scale", type=float, default=1.0,
+                        help="multiply every step's budget (a busy CPU running the CPU mode needs more; default 1)")
     parser.add_argument("--cpu", action="store_true", help="the CPU mode: the same steps and writers on small "
                                                            "models, for the tests")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (steps, budgets, commands); no GPU")
     args = parser.parse_args(argv)
     if args.out is None and not args.dry_run:
         parser.error("--out: no directory given and $OUT is not set")
-    if args.time_limit < 60 or args.grace < 1:
-        parser.error(f"--time-limit: expected >= 60 and --grace >= 1, got {args.time_limit} and {args.grace}")
+    if args.time_limit < 60 or args.grace < 1 or not args.budget_scale > 0:
+        parser.error(f"--time-limit: expected >= 60, --grace >= 1 and --budget-scale > 0, got {args.time_limit}, "
+                     f"{args.grace} and {args.budget_scale}")
     return args
 
 
@@ -181,7 +184,7 @@ def _run(args, python, scratch, identity, previous) -> int:
             run.say(f"=== {step.name}: {status}")
             run.save()
             continue
-        budget = min(step.budget, left)
+        budget = min(round(step.budget * args.budget_scale), left)
         run.current = step.name
         run.say(f"=== {step.name} (budget {budget}s of {step.budget}s): " + " ".join(
             [f"{k}={v}" for k, v in step.env.items()] + step.argv))
