@@ -27,8 +27,8 @@ from fastdit import reference
 from fastdit.cli import main
 from fastdit.cli.export import FORMAT_VERSION, schedule_paths
 from fastdit.cli.sample import BUNDLED_MODEL
+from fastdit.diffusion.denoising import ImageNoise
 from fastdit.diffusion.samplers import make_solver
-from fastdit.diffusion.sampling import ImageNoise
 from fastdit.models.checkpoint import model_config
 from fastdit.models.parity import relative_max_error
 
