@@ -30,7 +30,7 @@ from fastdit.diffusion.denoising import GuidedDenoiser
 from fastdit.diffusion.samplers import make_solver
 from fastdit.diffusion.sampling import default_guidance_channels, has_null_class
 from fastdit.io import TEMPORARY_SUFFIX, atomic_path
-from fastdit.models.checkpoint import model_config
+from fastdit.models.config import model_config
 
 FORMAT = "fastdit-export"
 FORMAT_VERSION = 2  # native/fastdit_run.cpp's FORMAT_VERSION; 1 wrote the constants as JSON

@@ -9,7 +9,8 @@ import torch
 
 import fastdit
 from fastdit.models import DTYPES
-from fastdit.models.checkpoint import WEIGHTS, NonFiniteWeightsError
+from fastdit.models.checkpoint import WEIGHTS
+from fastdit.models.config import NonFiniteWeightsError
 
 DEFAULT_IMAGE_SIZE = 256
 VAE_DOWNSAMPLING = 8  # the Stable Diffusion VAE's latents are 1/8 of the image's size

@@ -35,7 +35,7 @@ from fastdit.diffusion.samplers import DPM_FINAL_STEPS, SAMPLERS, SPACINGS
 from fastdit.diffusion.sampling import default_guidance_channels, sample
 from fastdit.io import write_bytes_atomic, write_npz_streamed, write_text_atomic
 from fastdit.kernels import kernel_path
-from fastdit.models.checkpoint import model_config
+from fastdit.models.config import model_config
 from fastdit.models.validation import check_class_ids
 
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 25, "dpm++": 20}

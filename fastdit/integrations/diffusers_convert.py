@@ -12,7 +12,7 @@ reads a diffusers folder without diffusers installed.
 import torch
 
 from fastdit import reference
-from fastdit.models.checkpoint import RELEASE_CLASS_DROPOUT, CheckpointError
+from fastdit.models.config import RELEASE_CLASS_DROPOUT, CheckpointError
 
 # The class names a diffusers DiT's config.json carries: DiTPipeline's own class, and the generic
 # one that facebook/DiT-XL-2-256 and -512 were first published with (diffusers remaps it).
@@ -62,7 +62,7 @@ PARAMETERS = ("weight", "bias")
 
 
 def diffusers_config_to_release(config: dict, source="config") -> dict:
-    """fastdit's constructor arguments (``fastdit.models.checkpoint.CONFIG_KEYS``) for a diffusers DiT config."""
+    """fastdit's constructor arguments (``fastdit.models.config.CONFIG_KEYS``) for a diffusers DiT config."""
     if not isinstance(config, dict):
         raise TypeError(f"{source}: expected a dict (a diffusers config.json), got {type(config).__name__}")
     config = {**DIFFUSERS_DEFAULTS, **{key: value for key, value in config.items() if not key.startswith("_")}}
