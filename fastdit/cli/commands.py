@@ -2,7 +2,7 @@
 import argparse
 import sys
 
-from fastdit.cli import ablation, bench, convert, demo, digits, encode, export
+from fastdit.cli import ablation, bench, convert, demo, digits, encode, evaluate, export
 from fastdit.cli import sample as sample_cli
 from fastdit.cli import train as train_cli
 from fastdit.train import distributed
@@ -23,6 +23,8 @@ def main(argv=None):
     train_cli.add_arguments(commands.add_parser("train", help="train a DiT (torchrun: many GPUs)"))
     encode.add_arguments(commands.add_parser("encode", help="precompute VAE latents of an image folder for training"))
     digits.add_arguments(commands.add_parser("digits-accuracy", help="how recognisable sampled digits are"))
+    evaluate.add_arguments(commands.add_parser("evaluate", help="FID, sFID, Inception Score, precision and recall "
+                                                               "as the ADM suite (torchrun: many GPUs)"))
     bench.add_arguments(commands.add_parser("bench", help="images/s and MFU against the baselines; writes "
                                                          "report.json/.md/.png"))
     export.add_arguments(commands.add_parser("export", help="compile the guided denoiser into an AOTInductor .pt2 "
@@ -33,7 +35,7 @@ def main(argv=None):
                                                               "and compare them (docs/ablation)"))
     args = parser.parse_args(argv)
     runs = {"demo": demo.run, "sample": sample_cli.run, "train": train_cli.run, "encode": encode.run,
-            "digits-accuracy": digits.run, "bench": bench.run, "export": export.run, "convert": convert.run,
+            "digits-accuracy": digits.run, "evaluate": evaluate.run, "bench": bench.run, "export": export.run, "convert": convert.run,
             "ablation": ablation.run}
     try:
         return runs[args.command](args)

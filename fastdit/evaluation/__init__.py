@@ -4,7 +4,7 @@ classifier's (``digits_features``), streamed from disk, split over torchrun rank
 
 It stands above the models and the shared io: it reads sample files, never the sampler.
 """
-from fastdit.evaluation.evaluate import digits_reference, evaluate
+from fastdit.evaluation.pipeline import digits_reference, evaluate
 from fastdit.evaluation.extractors import digits_features, load_inception
 from fastdit.evaluation.inputs import InputError
 from fastdit.evaluation.metrics import MetricError, frechet_distance, precision_recall

@@ -71,7 +71,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6) -> float:
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise MetricError(f"Fréchet distance: the two Gaussians differ in dimension: means {mu1.shape} and "
                           f"{mu2.shape}, covariances {sigma1.shape} and {sigma2.shape}")
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    with warnings.catch_warnings():
+        # scipy warns of a singular product (dead features, fewer images than dimensions); the suite goes on and
+        # checks the result's finiteness and imaginary part, as below.
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         warnings.warn(f"Fréchet distance: the covariances' product is singular; adding {eps} to their diagonals",
                       stacklevel=2)
