@@ -7,6 +7,7 @@ import numpy as np
 
 from fastdit.evaluation.pipeline import digits_reference, evaluate
 from fastdit.evaluation.extractors import digits_features, load_inception
+from fastdit.evaluation.inputs import open_reference
 from fastdit.io import write_text_atomic
 from fastdit.train.digits import conditioned_class_accuracy
 
@@ -25,6 +26,13 @@ def _accuracy(samples_path) -> float | None:
             return None
         images = samples["arr_0" if "arr_0" in samples.files else "images"]
         return conditioned_class_accuracy(images, samples["labels"])
+
+
+def check_evaluation(ref, inception=None) -> None:
+    """What can fail before samples exist (`fastdit sample --evaluate`): REF readable, the Inception file there."""
+    if ref != DIGITS:
+        open_reference(ref)
+        load_inception(inception)
 
 
 def run_evaluation(samples_path, ref, process, inception=None, out=None, **options) -> dict | None:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from processes import torch_path_environment
 
+from fastdit.cli import main
 from fastdit.evaluation.extractors import digit_images
 from fastdit.io import write_npz_streamed
 
@@ -60,3 +61,27 @@ def test_torchrun_ranks_give_the_numbers_of_one_process(digit_samples, tmp_path)
         assert result.returncode == 0, result.stderr[-2000:]
         reports[nproc] = json.loads(out.read_text())
     assert reports[1] == reports[2]
+
+
+def test_sample_evaluate_chains_the_two(tmp_path, capsys, monkeypatch):
+    from parity import save_tiny_checkpoint
+
+    monkeypatch.setenv("FASTDIT_CACHE", str(tmp_path / "cache"))
+    ckpt = save_tiny_checkpoint(tmp_path / "grey.pt", in_channels=1, input_size=8, patch_size=4)
+    out = tmp_path / "out"
+    assert main(["sample", "--ckpt", str(ckpt), "--num-samples", "6", "--sampler", "ddim", "--steps", "2", "--device",
+                 "cpu", "--no-progress", "--out", str(out), "--evaluate", "digits"]) == 0
+    chained = capsys.readouterr().out.splitlines()
+    assert main(["evaluate", str(out), "--digits"]) == 0
+    alone = capsys.readouterr().out.splitlines()
+    assert [line for line in chained if line.startswith("FID: ")] == [line for line in alone if line.startswith("FID")]
+    assert not [path.name for path in tmp_path.iterdir() if ".features-" in path.name]  # removed once summarised
+
+
+def test_sample_evaluate_checks_ref_before_sampling(tmp_path, run_cli):
+    code, errors = run_cli(["sample", "--model", "DiT-S/8", "--evaluate", str(tmp_path / "ref.npz"), "--out",
+                            str(tmp_path / "out")])
+    assert code == 2 and errors == [f"fastdit sample: error: REF {tmp_path / 'ref.npz'}: no such file; expected an "
+                                    ".npz reference batch (ADM's VIRTUAL_imagenet256_labeled.npz and the like) or a "
+                                    "samples.npz"]
+    assert not (tmp_path / "out").exists()
