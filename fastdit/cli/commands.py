@@ -2,10 +2,11 @@
 import argparse
 import sys
 
-from fastdit.cli import ablation, bench, convert, demo, digits, encode, evaluate, export
+from fastdit import distributed
+from fastdit.bench import ablation
+from fastdit.cli import bench, convert, demo, digits, encode, evaluate, export
 from fastdit.cli import sample as sample_cli
 from fastdit.cli import train as train_cli
-from fastdit.train import distributed
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -3,11 +3,11 @@
 import os
 import sys
 
-from fastdit.train import distributed
+from fastdit import distributed
+from fastdit.models.vae import VAE
 from fastdit.train.data import class_folder_files
 from fastdit.train.encode import encode_files
 from fastdit.train.shards import LATENT_DTYPES
-from fastdit.train.vae import VAE
 
 
 def add_arguments(parser):

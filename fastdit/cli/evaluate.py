@@ -2,7 +2,7 @@
 (``fastdit.evaluation``); `--digits`: the same on a digits classifier's features, with the digits accuracy."""
 from fastdit.cli import options
 from fastdit.evaluation.report import DIGITS, run_evaluation
-from fastdit.train import distributed
+from fastdit import distributed
 
 
 def add_arguments(parser):

@@ -1,7 +1,7 @@
 """`fastdit export`: a DiT's guided denoiser as an AOTInductor package, for the C++ runner `fastdit-run`.
 
 The package (``model.pt2``) holds one denoising forward with classifier-free guidance, exactly as
-``fastdit.sample`` calls the model (``fastdit.diffusion.sampling.GuidedDenoiser``): inputs x (B, C, H, W) fp32,
+``fastdit.sample`` calls the model (``fastdit.diffusion.denoising.GuidedDenoiser``): inputs x (B, C, H, W) fp32,
 t (B,) int64 (the model's timestep), y (B,) int64 (class ids); output the guided eps (B, C, H, W) fp32,
 from one forward over [cond; null class]. Shapes are static: B is --batch-size.
 
@@ -26,12 +26,9 @@ import torch
 import fastdit
 from fastdit import reference
 from fastdit.cli import options
+from fastdit.diffusion.denoising import GuidedDenoiser
 from fastdit.diffusion.samplers import make_solver
-from fastdit.diffusion.sampling import (
-    GuidedDenoiser,
-    default_guidance_channels,
-    has_null_class,
-)
+from fastdit.diffusion.sampling import default_guidance_channels, has_null_class
 from fastdit.io import TEMPORARY_SUFFIX, atomic_path
 from fastdit.models.checkpoint import model_config
 

@@ -25,7 +25,9 @@ import torch
 from tqdm.auto import tqdm
 
 import fastdit
+from fastdit import distributed, images
 from fastdit.cli import options
+from fastdit.cli import parallel_flags as parallel_cli
 from fastdit.cli.cache_flags import add_cache_arguments, cache_from_args
 from fastdit.cli.options import BUNDLED_MODEL
 from fastdit.cli.sample_output import Staging, locked_output, recorded, staging_folder, weights_digest
@@ -36,8 +38,6 @@ from fastdit.io import write_bytes_atomic, write_npz_streamed, write_text_atomic
 from fastdit.kernels import kernel_path
 from fastdit.models.checkpoint import model_config
 from fastdit.models.validation import check_class_ids
-from fastdit.parallel import cli as parallel_cli
-from fastdit.train import distributed, images
 
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 25, "dpm++": 20}
 DEFAULT_NUM_SAMPLES = 8
@@ -226,7 +226,7 @@ def prepare(args, process, held):
     vae_path = args.vae if args.vae is not None or pixels or args.ckpt is None else pipeline_vae(args.ckpt)
     vae = None
     if vae_path is not None:
-        from fastdit.train.vae import VAE
+        from fastdit.models.vae import VAE
 
         vae = VAE.load(vae_path, process.device, dtype)
         if (vae.latent_channels, vae.downsampling) != (model.in_channels, options.VAE_DOWNSAMPLING):

@@ -3,8 +3,8 @@ import dataclasses
 
 import torch
 
+from fastdit import distributed
 from fastdit.reference import BLOCK_DESIGNS
-from fastdit.train import distributed
 from fastdit.train.trainer import PRESETS, TrainConfig, Trainer
 
 PRECISIONS = ("auto", "bf16", "fp32")

@@ -133,7 +133,7 @@ DIGITS_FILE = f"digits-features-s{DIGITS_SEED}-n{DIGITS_STEPS}-w{DIGITS_WIDTH}.p
 
 class DigitsFeatures(FeatureExtractor):
     """A two-layer classifier of scikit-learn's 8x8 digits: ``pool`` is its hidden layer (64 features), ``logits``
-    its 10 class scores. Images of any size are area-averaged to 8x8 (``fastdit.train.digits``'s judge does the
+    its 10 class scores. Images of any size are area-averaged to 8x8 (``fastdit.digits``'s judge does the
     same)."""
 
     channels = 1

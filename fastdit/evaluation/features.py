@@ -25,7 +25,7 @@ import torch
 from fastdit.evaluation.inputs import ImageSource, InputError
 from fastdit.evaluation.metrics import InceptionScore, Moments
 from fastdit.io import atomic_path, exclusive_lock, remove_stale_temporaries
-from fastdit.train import distributed
+from fastdit import distributed
 
 CHUNK = 1024
 LOCK = ".lock"

@@ -18,7 +18,7 @@ from fastdit.evaluation.extractors import cache_dir, digit_images, sha256_of
 from fastdit.evaluation.inputs import ImageSource, InputError, open_images, open_reference
 from fastdit.evaluation.metrics import NEIGHBOURHOOD, frechet_distance, precision_recall
 from fastdit.io import write_npz_streamed
-from fastdit.train.distributed import broadcast_from_main
+from fastdit.distributed import broadcast_from_main
 
 DIGITS_REFERENCE = "digits-reference.npz"
 

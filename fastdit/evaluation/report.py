@@ -9,7 +9,7 @@ from fastdit.evaluation.pipeline import digits_reference, evaluate
 from fastdit.evaluation.extractors import digits_features, load_inception
 from fastdit.evaluation.inputs import open_reference
 from fastdit.io import write_text_atomic
-from fastdit.train.digits import conditioned_class_accuracy
+from fastdit.digits import conditioned_class_accuracy
 
 DIGITS = "digits"  # REF's name for the digits reference (`--evaluate digits`, `fastdit evaluate --digits`)
 _NAMES = {"inception_score": "Inception Score", "fid": "FID", "sfid": "sFID", "precision": "Precision",

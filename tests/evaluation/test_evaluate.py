@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import TinyFeatures, random_images, write_samples
+from evaluation_data import TinyFeatures, random_images, write_samples
 
 from fastdit.evaluation import pipeline as evaluation
 from fastdit.evaluation import features as shards

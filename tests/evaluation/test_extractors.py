@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import random_images, write_samples
+from evaluation_data import random_images, write_samples
 
 from fastdit.evaluation import extractors, pipeline
 from fastdit.evaluation.inputs import InputError

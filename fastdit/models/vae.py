@@ -47,7 +47,7 @@ class VAE:
         try:
             from diffusers import AutoencoderKL
         except ImportError as error:
-            raise ImportError('fastdit.train.vae needs diffusers: pip install "fastdit[vae]"') from error
+            raise ImportError('fastdit.models.vae needs diffusers: pip install "fastdit[vae]"') from error
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path: expected a directory path, got {type(path).__name__}")
         path = os.fspath(path)

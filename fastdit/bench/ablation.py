@@ -21,14 +21,14 @@ import sys
 import numpy as np
 import torch
 
+from fastdit import images
 from fastdit.bench.report import check_plotting, markdown_table
 from fastdit.diffusion.sampling import default_guidance_channels, sample
+from fastdit.digits import conditioned_class_accuracy
 from fastdit.io import atomic_path, write_bytes_atomic, write_text_atomic
 from fastdit.models.dit import load
 from fastdit.models.flops import forward_macs, shape_of
 from fastdit.reference import BLOCK_DESIGNS
-from fastdit.train import images
-from fastdit.train.digits import conditioned_class_accuracy
 from fastdit.train.trainer import PRESETS
 
 PRESET = "digits"
