@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import tempfile
 
 import numpy as np
 import torch
@@ -74,6 +75,24 @@ def inception_class():
     finally:
         if sys.modules.get("torch_fidelity") is package:
             del sys.modules["torch_fidelity"]
+
+
+def inception_architecture():
+    """torch-fidelity's Inception network randomly initialised, for FLOP counts and for tests where its weights
+    cannot be fetched: its constructor loads a weights file strictly, so a subclass takes the empty one it is
+    given without loading it."""
+    network_class = inception_class()
+
+    class Unloaded(network_class):
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            return None
+
+    with tempfile.TemporaryDirectory() as folder:
+        torch.save({}, os.path.join(folder, "empty.pth"))
+        network = Unloaded("random", ["2048", "logits_unbiased"],
+                           feature_extractor_weights_path=os.path.join(folder, "empty.pth"))
+    network.__class__ = network_class
+    return network
 
 
 class FeatureExtractor(torch.nn.Module):

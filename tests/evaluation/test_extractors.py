@@ -16,16 +16,12 @@ from fastdit.evaluation.inputs import InputError
 def random_inception(tmp_path_factory):
     """torch-fidelity's FeatureExtractorInceptionV3, randomly initialised, saved as a weights file."""
     try:
-        network_class = extractors.inception_class()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            network = extractors.inception_architecture()
     except ImportError as error:
         pytest.skip(f"torch-fidelity cannot be imported here ({error})")
     folder = tmp_path_factory.mktemp("inception")
-    torch.save({}, folder / "empty.pth")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(network_class, "load_state_dict", lambda self, state_dict: None)  # keep the random init
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            network = network_class("random", ["2048"], feature_extractor_weights_path=str(folder / "empty.pth"))
     path = folder / "random-inception.pth"
     torch.save(network.state_dict(), path)
     return str(path)
