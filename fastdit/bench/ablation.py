@@ -149,33 +149,3 @@ def ablate(out: str, steps: int, jobs: int, runs: str | None = None) -> list[dic
     write_text_atomic(os.path.join(out, "blocks.md"), markdown(results, PRESETS[PRESET]))
     plot(results, os.path.join(out, "blocks_loss.png"))
     return results
-
-
-def add_arguments(parser):
-    parser.description = __doc__.split("\n\n")[0]
-    parser.add_argument("--out", required=True, help="output directory (docs/ablation for the committed results)")
-    parser.add_argument("--steps", type=int, default=PRESETS[PRESET]["steps"], help="training steps per design")
-    parser.add_argument("--jobs", type=int, default=2, help="designs trained at once (one CPU thread each)")
-    parser.add_argument("--runs", help="where the training runs go (checkpoints: tens of MB each); default OUT/runs")
-
-
-def run(args) -> int:
-    if args.steps <= 0 or args.jobs <= 0:
-        raise ValueError(f"--steps and --jobs: expected positive integers, got {args.steps} and {args.jobs}")
-    for result in ablate(args.out, args.steps, args.jobs, args.runs):
-        print(f"{NAMES[result['block']]:>16}: final loss {result['final_loss']:.4f}, accuracy "
-              f"{result['accuracy_unguided']:.0%} unguided, {result['accuracy_guided']:.0%} guided")
-    return 0
-
-
-def main(argv=None) -> int:
-    """``python -m fastdit.ablation``: the same flags and errors as ``fastdit ablation``."""
-    # Imported here: fastdit.cli.commands imports this module.
-    from fastdit.cli.commands import main as fastdit_main
-
-
-    return fastdit_main(["ablation", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

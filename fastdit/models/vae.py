@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from fastdit.models.checkpoint import CheckpointError
+from fastdit.models.config import CheckpointError
 
 VAE_HINT = (
     "DiT decodes with Stability AI's sd-vae-ft-ema or sd-vae-ft-mse (diffusers format, "

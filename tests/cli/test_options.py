@@ -147,6 +147,6 @@ def test_ablation_bad_input_is_one_line_and_exit_2(argv, tmp_path, capsys):
 
 def module_entry(argv):
     """``python -m fastdit.ablation``'s entry, in-process."""
-    from fastdit.bench.ablation import main as ablation_main
+    from fastdit.ablation import main as ablation_main
 
     return ablation_main(argv)

@@ -26,7 +26,7 @@ from fastdit import images
 from fastdit import reference
 from fastdit.cli import main
 from fastdit.cli.export import FORMAT_VERSION, schedule_paths
-from fastdit.cli.sample import BUNDLED_MODEL
+from fastdit.cli.options import BUNDLED_MODEL
 from fastdit.diffusion.denoising import ImageNoise
 from fastdit.diffusion.samplers import make_solver
 from fastdit.models.checkpoint import model_config
