@@ -10,6 +10,7 @@ call: finished steps are kept, and a stopped bench step measures only what its r
 ``python -m fastdit.bench.unpack ARCHIVE`` turns an archive into docs/benchmarks/<gpu>.* and the roofline."""
 import argparse
 import datetime
+import json
 import os
 import shutil
 import signal
@@ -22,15 +23,17 @@ import time
 from fastdit.bench import archive
 from fastdit.bench.device_plan import plan
 from fastdit.bench.progress import STOP_SIGNALS
+from fastdit.io import atomic_path
 
 PROG = "benchmarks/device_check.sh"
 ARCHIVE = "device_check.tar.gz"
 LOG = "device_check.log"
-FINISHED = ("ok", "skipped")  # statuses a --resume keeps; "failed (N)" too: rerunning would fail the same way
 
 
 def finished(status: str) -> bool:
-    return status in FINISHED or status.startswith(("failed", "skipped"))
+    """Whether a --resume keeps a step of this status: ok, skipped, or failed (it would fail the same way again);
+    a step that was stopped, timed out, killed or not run runs again."""
+    return status == "ok" or status.startswith(("failed", "skipped"))
 
 
 class Parser(argparse.ArgumentParser):
@@ -82,8 +85,6 @@ class Run:
         """The archive and the log copy in --out, each replaced atomically."""
         self.log_file.flush()
         archive.write(self.scratch, self.out_archive, self.manifest)
-        from fastdit.io import atomic_path
-
         with atomic_path(self.out_log) as temporary:
             shutil.copyfile(os.path.join(self.scratch, LOG), temporary)
 
@@ -220,8 +221,6 @@ def _run(args, python, scratch, identity, previous) -> int:
 
 def _check_device(run, args, previous) -> bool:
     """Record the probed device in the identity; refuse a resumed archive of another device (one line)."""
-    import json
-
     with open(os.path.join(run.scratch, "probe.json")) as file:
         device = json.load(file)
     if previous is not None and previous["identity"].get("device") not in (None, device["name"]):
