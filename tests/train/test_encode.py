@@ -195,15 +195,16 @@ def test_a_full_disk_names_the_file_and_leaves_no_finished_looking_shard(vae_dir
 
     assert main(encode_command(folder, vae_dir, tmp_path / "whole")) == 0
     failing = shards.field_path(tmp_path / "out", 1, "flipped")
+    write_bytes_atomic = io.write_bytes_atomic
 
     def full_disk(path, data):
         if path != failing:
-            return io.write_bytes_atomic(path, data)
+            return write_bytes_atomic(path, data)
         with io.atomic_path(path) as temporary, open(temporary, "wb") as file:
             file.write(data[:len(data) // 2])
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as write(2) fails: naming no file
 
-    monkeypatch.setattr(shards, "write_bytes_atomic", full_disk)
+    monkeypatch.setattr(io, "write_bytes_atomic", full_disk)  # under io.write_npy_atomic
     capsys.readouterr()
     assert main(encode_command(folder, vae_dir, tmp_path / "out")) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # not the progress bar
