@@ -115,7 +115,10 @@ class Plan:
 
 def run(args):
     started = time.perf_counter()
-    options.use_bundled_model(args)
+    bundled = options.use_bundled_model(args)
+    if bundled is not None and args.classes is None and args.num_samples is None:  # ten of each digit
+        args.classes = list(range(bundled["num_classes"]))
+        args.num_per_class = args.num_per_class or bundled["num_per_class"]
     args.sampler = args.sampler or "ddpm"
     args.cfg_scale = options.DEFAULT_CFG_SCALE if args.cfg_scale is None else args.cfg_scale
     check_flags(args)
