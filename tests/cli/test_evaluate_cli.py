@@ -74,7 +74,8 @@ def test_sample_evaluate_chains_the_two(tmp_path, capsys, monkeypatch):
     chained = capsys.readouterr().out.splitlines()
     assert main(["evaluate", str(out), "--digits"]) == 0
     alone = capsys.readouterr().out.splitlines()
-    assert [line for line in chained if line.startswith("FID: ")] == [line for line in alone if line.startswith("FID")]
+    fid = [line for line in chained if line.startswith("FID (digits features): ")]
+    assert len(fid) == 1 and fid == [line for line in alone if line.startswith("FID")]
     assert not [path.name for path in tmp_path.iterdir() if ".features-" in path.name]  # removed once summarised
 
 
