@@ -2,12 +2,15 @@
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 from parity import MODEL_TOLERANCE
+
+import fastdit
 
 from fastdit.bench import workloads as bench_workloads
 from fastdit.bench.report import datasheet_tflops
@@ -52,7 +55,9 @@ def test_cpu_run_writes_the_three_reports(tmp_path):
     # On the CPU the default is every eager implementation, over every workload.
     assert {(r["workload"], r["implementation"]) for r in results} == {
         (workload, implementation) for workload in bench_workloads.WORKLOADS
-        for implementation in ("reference-eager-fp32", "reference-eager-bf16", "fastdit-eager")}
+        for implementation in ("reference-eager-fp32", "reference-eager-bf16", "fastdit-eager", "reference-sdpa-fp32",
+                               "reference-sdpa-bf16")} | ({("forward", "fastdit-fp8"), ("sampling-step", "fastdit-fp8")}
+                                                          if hasattr(fastdit.DiT, "quantize") else set())
     for result in results:
         assert result["status"] == "ok", result
         assert result["max_error"]["value"] <= MODEL_TOLERANCE[DTYPES[result["dtype"]]]
@@ -145,3 +150,32 @@ def test_gpu_run_with_cuda_graphs(tmp_path):
     statuses = {(r["workload"], r["implementation"]): r["status"] for r in report["results"]}
     assert statuses.pop(("training-step", "fastdit-cudagraphs")) == "skipped"
     assert set(statuses.values()) == {"ok"}
+
+
+def test_the_report_is_kept_after_each_measurement_and_a_resume_measures_only_the_rest(tmp_path, monkeypatch):
+    """SIGTERM during the second measurement: report.json holds the first and says what was stopped, the exit
+    status is 143; --resume then measures only what the report lacks, and keeps the rows it had as they were."""
+    measured, measure = [], bench._measure
+
+    def measure_then_stop(models, inputs, workload, implementation, *rest):
+        measured.append((workload, implementation))
+        if len(measured) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a time limit's timeout would, mid-measurement
+        return measure(models, inputs, workload, implementation, *rest)
+
+    monkeypatch.setattr(bench, "_measure", measure_then_stop)
+    rows = ["--workloads", "forward", "--implementations", "reference-eager-fp32", "fastdit-eager", "--no-plot",
+            "--device", "cpu"]
+    assert run_bench(tmp_path, *TINY, *rows) == 128 + signal.SIGTERM
+    stopped = json.loads((tmp_path / "report.json").read_text())
+    assert [r["implementation"] for r in stopped["results"]] == ["reference-eager-fp32"]
+    assert stopped["stopped"] == {"signal": "SIGTERM", "during": "DiT-S/8 x1 forward fastdit-eager"}
+    measured.clear()
+    assert run_bench(tmp_path, *TINY, *rows, "--resume") == 0
+    assert measured == [("forward", "fastdit-eager")]
+    resumed = json.loads((tmp_path / "report.json").read_text())
+    assert resumed["results"][0] == {**stopped["results"][0], "speedup": resumed["results"][0]["speedup"]}
+    assert [r["implementation"] for r in resumed["results"]] == ["reference-eager-fp32", "fastdit-eager"]
+    assert "stopped" not in resumed and resumed["peak"] == stopped["peak"]
+    with pytest.raises(ValueError, match=r"--resume: .*report.json was measured with repeats=1, this run has repeats=2"):
+        run_bench(tmp_path, *TINY, *rows, "--resume", "--repeats", "2")
