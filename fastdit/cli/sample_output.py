@@ -57,6 +57,20 @@ SAMPLE_OUTPUTS = ("grid.png", "images", "run.json", "samples.npz")  # what a run
 RESUME_FILE = "resume.json"
 STAGING_FORMAT = 1  # resume.json's layout: a staging folder of another format is not resumed
 _BATCH_NAME = re.compile(r"^(\d{7,})\.npy$")
+_PNG_NAME = re.compile(r"^\d{6,}_class\d+\.png$")  # sample.png_path's names
+
+
+def _foreign_files(path) -> list[str]:
+    """What the existing --out ``path`` holds that no sample run wrote: anything but ``SAMPLE_OUTPUTS``, PNGs
+    in images/ not named as a run names them, and every file of a folder without a sample run's run.json."""
+    names = sorted(os.listdir(path))
+    foreign = [name for name in names if name not in SAMPLE_OUTPUTS]
+    images_dir = os.path.join(path, "images")
+    if os.path.isdir(images_dir):
+        foreign += [f"images/{name}" for name in sorted(os.listdir(images_dir)) if not _PNG_NAME.match(name)]
+    if names and not foreign and "identity" not in _read_json(os.path.join(path, "run.json")):
+        foreign = [name if name != "run.json" else "run.json (not a sample run's)" for name in names]
+    return foreign
 
 
 def output_path(out) -> str:
@@ -70,18 +84,20 @@ def output_path(out) -> str:
 
 
 def check_output(out) -> str:
-    """Raise unless ``out`` can be this run's output folder: a new folder, or one holding only an earlier
-    sample run's files, whose parent this process can write in. Returns its path; creates nothing."""
+    """Raise unless ``out`` can be this run's output folder: a new or empty folder, or one holding only an
+    earlier sample run's files (its run.json, and images named as a run names them), whose parent this process
+    can write in, and not a mount point (a run swaps its --out whole, which a mount point cannot be). Returns
+    its path; creates nothing."""
     path = output_path(out)
     if os.path.exists(path):
         if not os.path.isdir(path):
             raise OSError(f"--out {out}: {path} is a file, not a directory")
-        foreign = [name for name in sorted(os.listdir(path)) if name not in SAMPLE_OUTPUTS]
-        images_dir = os.path.join(path, "images")
-        if os.path.isdir(images_dir):
-            foreign += [f"images/{name}" for name in sorted(os.listdir(images_dir)) if not name.endswith(".png")]
+        if os.path.ismount(path):
+            raise ValueError(f"--out {out}: is a mount point, and a run replaces its --out as a whole by renaming a "
+                             "folder onto it: pass a folder inside it")
+        foreign = _foreign_files(path)
         if foreign:
-            raise ValueError(f"--out {out}: holds files a sample run does not write ({', '.join(foreign[:3])}"
+            raise ValueError(f"--out {out}: holds files that no sample run wrote ({', '.join(foreign[:3])}"
                              f"{', ...' if len(foreign) > 3 else ''}), and a run replaces its --out as a whole: "
                              "choose a new or empty folder")
     existing = os.path.dirname(path)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fastdit.io import exclusive_lock, remove_stale_temporaries
+from fastdit.io import check_owned_folder, exclusive_lock, mark_owned_folder, remove_stale_temporaries
 from fastdit.train import distributed, shards
 from fastdit.train.preprocess import center_crop_arr
 from fastdit.train.vae import VAE
@@ -104,8 +104,10 @@ def encode_files(files, num_classes, vae: VAE, out, image_size, batch_size, shar
     with contextlib.ExitStack() as stack:
         def claim():
             if process.is_main:
+                check_owned_folder(out, "encode", ignore=(LOCK,), legacy=shards.is_shard_folder)
                 os.makedirs(out, exist_ok=True)
                 stack.enter_context(exclusive_lock(os.path.join(out, LOCK), f"--out {out}"))
+                mark_owned_folder(out, "encode")
                 remove_stale_temporaries(out)
                 _check_folder(out, settings, num_shards)
 

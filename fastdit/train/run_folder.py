@@ -18,7 +18,21 @@ import torch
 from fastdit.io import atomic_path, write_text_atomic
 
 LOG_FILE = "log.jsonl"
+CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
+
+
+def is_legacy_run_folder(path, names) -> bool:
+    """Whether the unmarked folder ``path``, holding ``names``, is a training run folder of a fastdit from
+    before run folders were marked: nothing but what a run writes, and a config.json of a training run."""
+    if not set(names) <= {CONFIG_FILE, LOG_FILE, CHECKPOINTS, "model"} or CONFIG_FILE not in names:
+        return False
+    try:
+        with open(os.path.join(path, CONFIG_FILE)) as file:
+            config = json.load(file)
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"global_batch_size", "ema_decay", "ckpt_every"} <= set(config)
 
 
 class DamagedCheckpoint(ValueError):

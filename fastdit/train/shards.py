@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import zipfile
 
 import numpy as np
@@ -33,6 +34,15 @@ LATENT_FIELDS = ("latents", "flipped")
 # --latent-dtype: the numpy dtype each is stored as. bf16 is kept as its upper 16 float32 bits.
 LATENT_DTYPES = {"fp16": np.dtype("<f2"), "bf16": np.dtype("<u2"), "fp32": np.dtype("<f4")}
 RE_ENCODE = "re-create them with `fastdit encode`"
+
+
+_SHARD_FILE = re.compile(r"^shard-\d{5}\.(latents\.npy|flipped\.npy|labels\.npy|json|npz)$")
+
+
+def is_shard_folder(directory, names) -> bool:
+    """Whether ``names`` (the files of ``directory``, unmarked) are a shard folder's only: written by a
+    `fastdit encode` from before encode folders were marked."""
+    return all(name == MANIFEST or _SHARD_FILE.match(name) for name in names)
 
 
 def field_path(directory, index: int, field: str) -> str:

@@ -29,7 +29,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from fastdit.diffusion.gaussian import create_diffusion
-from fastdit.io import exclusive_lock, remove_stale_temporaries, write_text_atomic
+from fastdit.io import (
+    check_owned_folder,
+    exclusive_lock,
+    mark_owned_folder,
+    remove_stale_temporaries,
+    write_text_atomic,
+)
 from fastdit.models import checkpoint as checkpoints
 from fastdit.models.dit import DiT, DiT_models
 from fastdit.models.validation import first_nonfinite
@@ -349,8 +355,10 @@ class Trainer:
         if self.rank != 0:
             return
         out = self.config.out
+        check_owned_folder(out, "train", ignore=(".lock",), legacy=run_folder.is_legacy_run_folder)
         os.makedirs(out, exist_ok=True)
         stack.enter_context(exclusive_lock(os.path.join(out, ".lock"), f"--out {out}"))
+        mark_owned_folder(out, "train")
         for directory in (out, self.checkpoint_dir, os.path.join(out, "model")):  # the folders the run writes
             remove_stale_temporaries(directory)
 
@@ -372,7 +380,7 @@ class Trainer:
         if self.rank == 0:
             # Also with no checkpoint: a run killed before its first save logged steps it will log again.
             run_folder.drop_log_after(log_path, self.step)
-            write_text_atomic(os.path.join(config.out, "config.json"), json.dumps(dataclasses.asdict(config), indent=2))
+            write_text_atomic(os.path.join(config.out, run_folder.CONFIG_FILE), json.dumps(dataclasses.asdict(config), indent=2))
         bar = tqdm(range(self.step, config.steps), desc="training", initial=self.step, total=config.steps,
                    disable=not (progress and self.rank == 0), dynamic_ncols=True)
         started, started_step = time.perf_counter(), self.step
