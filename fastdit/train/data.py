@@ -155,35 +155,40 @@ def load_digits(image_size: int = 16) -> TensorData:
 
 def class_folder_files(directory: str, flag: str = "data") -> tuple[list[tuple[str, int]], int]:
     """An ImageFolder layout (one sub-directory per class, sorted names = class ids): its files as
-    [(path, label)] in order, and the number of classes. ``flag`` names the argument in errors."""
+    [(path, label)] in order, and the number of classes. A class folder without files is an error naming it
+    (it would be a class without images, whose id still counts). ``flag`` names the argument in errors."""
     if not os.path.isdir(directory):
         raise ValueError(f"{flag}: {directory!r} is not a directory of class folders")
     classes = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir())
-    files = [(path, label) for label, name in enumerate(classes)
-             for path in sorted(glob.glob(os.path.join(directory, name, "*"))) if os.path.isfile(path)]
-    if not files:
+    per_class = [[path for path in sorted(glob.glob(os.path.join(directory, name, "*"))) if os.path.isfile(path)]
+                 for name in classes]
+    if not any(per_class):
         raise ValueError(f"{flag}: found no files in class folders under {directory!r}")
-    return files, len(classes)
+    empty = [name for name, paths in zip(classes, per_class) if not paths]
+    if empty:
+        raise ValueError(f"{flag}: class folder{'s' if len(empty) > 1 else ''} {', '.join(empty[:3])}"
+                         f"{', ...' if len(empty) > 3 else ''} under {directory!r} hold{'' if len(empty) > 1 else 's'} "
+                         "no files: every class needs images (remove the empty folder or add its images)")
+    return [(path, label) for label, paths in enumerate(per_class) for path in paths], len(classes)
 
 
 def load_image_folder(directory: str, image_size: int) -> TensorData:
-    """``class_folder_files``' images, preprocessed as the release does (``center_crop_arr``), in [-1, 1]."""
+    """``class_folder_files``' images, preprocessed as the release does (``center_crop_arr``), in [-1, 1]. A
+    file that is not a readable image is an error naming it: skipping it would train on another data set."""
     from PIL import Image
 
     files, num_classes = class_folder_files(directory)
-    images, labels = [], []
-    for path, label in files:
+    images = []
+    for path, _ in files:
         try:
             with Image.open(path) as image:
                 images.append(center_crop_arr(image, image_size))
-        except OSError:
-            continue  # not an image
-        labels.append(label)
-    if not images:
-        raise ValueError(f"data: found no images in class folders under {directory!r}")
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            raise ValueError(f"data: {path}: cannot read it as an image ({error}); remove it from the class "
+                             "folder") from None
     # From uint8 pixels: always finite, unlike latent shards (check_finite scans those).
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return TensorData(pixels, torch.tensor(labels), num_classes, f"images in {directory}")
+    return TensorData(pixels, torch.tensor([label for _, label in files]), num_classes, f"images in {directory}")
 
 
 # Two epochs' orders: a batch no larger than the set spans at most two. Each is N int64 (8 bytes a

@@ -119,12 +119,16 @@ def test_class_folders_sorted_names_are_class_ids(tmp_path):
         for file in files:
             (tmp_path / name / file).write_bytes(b"")
     (tmp_path / "stray.png").write_bytes(b"")  # not in a class folder
+    # An empty class folder became a class without images, silently (issue 27).
+    with pytest.raises(ValueError, match=r"^--data: class folder c_empty under \S+ holds no files: every class needs"):
+        class_folder_files(str(tmp_path), "--data")
+    (tmp_path / "c_empty" / "y.png").write_bytes(b"")
     files, num_classes = class_folder_files(str(tmp_path), "--data")
     assert num_classes == 3
     assert [(pathlib.Path(path).relative_to(tmp_path).as_posix(), label) for path, label in files] == [
-        ("a_cat/x.png", 0), ("b_dog/1.png", 1), ("b_dog/2.png", 1)]
+        ("a_cat/x.png", 0), ("b_dog/1.png", 1), ("b_dog/2.png", 1), ("c_empty/y.png", 2)]
     with pytest.raises(ValueError, match=r"^--data: found no files in class folders"):
-        class_folder_files(str(tmp_path / "c_empty"), "--data")
+        class_folder_files(str(tmp_path / "a_cat"), "--data")
 
 
 def test_encode_checks_the_folder_before_loading_a_vae(tmp_path, run_cli):
