@@ -11,6 +11,8 @@ step's batch by its number and draw nothing of their own, so they cannot change 
 """
 import functools
 import glob
+import hashlib
+import json
 import os
 
 import numpy as np
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdit.train.preprocess import center_crop_arr
-from fastdit.train.shards import LatentShards
+from fastdit.train.shards import LatentShards, file_sha256
 
 
 class TensorData:
@@ -120,6 +122,23 @@ class StepBatches(torch.utils.data.Dataset):
             x = torch.where(flips[:, None, None, None], mirrored, x)
         y[drops] = self.data.num_classes  # class dropout for guidance: the null class
         return x, y, t[self.rows], noise[self.rows]
+
+
+def identity(source: str, data) -> dict:
+    """What a resumed run must find again at --data ``source``: the folder it resolves to and a digest of what
+    it holds (a shard folder's manifest, an image folder's names, labels and sizes), with the class and sample
+    counts."""
+    if source == "digits":
+        return {"path": "digits", "num_classes": data.num_classes, "samples": len(data)}
+    path = os.path.realpath(source)
+    if isinstance(data, LatentShards):
+        manifest = os.path.join(path, "manifest.json")
+        digest = file_sha256(manifest) if os.path.exists(manifest) else None  # the old .npz format has none
+    else:
+        listing = [[os.path.relpath(file, path), label, os.path.getsize(file)]
+                   for file, label in class_folder_files(path)[0]]
+        digest = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+    return {"path": path, "sha256": digest, "num_classes": data.num_classes, "samples": len(data)}
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:

@@ -296,6 +296,17 @@ class LatentShards:
         batch = self.gather([index])
         return batch["latents"][0], batch["flipped"][0], int(batch["labels"][0])
 
+    def check_labels(self) -> None:
+        """Raise naming the first label outside [0, num_classes): the training run would take such a class for
+        the null class of guidance, or fail in the embedding. Reads every labels file (8 bytes a sample)."""
+        for shard in range(len(self.paths)):
+            labels = self.shard(shard)["labels"]
+            bad = np.flatnonzero((labels < 0) | (labels >= self.num_classes))
+            if len(bad):
+                raise ValueError(f"data: {self.paths[shard]['labels']}: labels[{bad[0]}] is {labels[bad[0]]}, outside "
+                                 f"the {self.num_classes} classes (0 to {self.num_classes - 1}) of "
+                                 f"{os.path.join(self.directory, MANIFEST)}; {RE_ENCODE}")
+
     def verify_checksums(self, shards=None) -> None:
         """Compare every file's sha256 (of all shards, or of the indices ``shards``) with the manifest's (a full
         read); raise naming the first that differs."""

@@ -116,6 +116,7 @@ def load_data(config: TrainConfig, rank: int = 0, world_size: int = 1):
     if config.pixel:
         return datasets.load_image_folder(config.data, config.image_size)
     data = LatentShards(config.data)
+    data.check_labels()
     if config.check_data:
         datasets.check_finite(data, rank, world_size)
     return data
@@ -150,6 +151,7 @@ class Trainer:
                              f"processes ({self.world_size})")
         self.local_batch = config.global_batch_size // self.world_size
         self.data = distributed.fail_together(lambda: load_data(config, self.rank, self.world_size), process)
+        self.data_identity = datasets.identity(config.data, self.data)
         distributed.fail_together(self._same_data_as_main, process)
         channels, height, _ = self.data.latent_shape
         with torch.random.fork_rng(devices=[]):
@@ -295,6 +297,7 @@ class Trainer:
             "step": self.step, "data_position": self.step * self.config.global_batch_size,
             "skipped_nonfinite": self.skipped_nonfinite,
             "config": dataclasses.asdict(self.config), "model_config": checkpoints.model_config(self.model),
+            "data_identity": self.data_identity,
             "rng": self._gathered_rng_states(),
         }
 
@@ -332,10 +335,23 @@ class Trainer:
         state = run_folder.read_checkpoint(path) if state is None else state
         # A key missing from an older checkpoint had its field's default.
         saved = {**{field.name: field.default for field in dataclasses.fields(TrainConfig)}, **state["config"]}
-        for key in TrainConfig.RESUME_KEYS:
+        recorded = state.get("data_identity")
+        # With an identity, --data is compared as what it resolves to and what it holds, not as typed.
+        for key in (key for key in TrainConfig.RESUME_KEYS if not (recorded and key == "data")):
             if saved[key] != getattr(self.config, key):
                 raise ValueError(f"resume: {path} was trained with {key}={saved[key]!r}, this run asks for "
                                  f"{key}={getattr(self.config, key)!r}; use another --out to start a new run")
+        if recorded and recorded != self.data_identity:
+            differences = ", ".join(f"{name} {recorded.get(name)!r} then, {value!r} now"
+                                    for name, value in self.data_identity.items() if recorded.get(name) != value)
+            raise ValueError(f"resume: {path} was trained on other data than --data {self.config.data} holds now "
+                             f"({differences}); use another --out to start a new run, or restore the data")
+        built = checkpoints.model_config(self.model)
+        if state.get("model_config", built) != built:
+            differences = ", ".join(f"{name} {state['model_config'].get(name)!r} then, {value!r} now"
+                                    for name, value in built.items() if state["model_config"].get(name) != value)
+            raise ValueError(f"resume: {path} holds another model than this run builds ({differences}); use another "
+                             "--out to start a new run")
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
