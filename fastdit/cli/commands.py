@@ -1,9 +1,13 @@
 """The `fastdit` command."""
 import argparse
+import contextlib
+import shlex
+import signal
 import sys
 
 from fastdit.cli import ablation, bench, convert, demo, digits, encode, export
 from fastdit.cli import sample as sample_cli
+from fastdit.cli import sample_output
 from fastdit.cli import train as train_cli
 from fastdit.train import distributed
 
@@ -13,6 +17,50 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM: raised in the main thread, so that the command unwinds as from Ctrl-C (its loaders
+    stop their workers, its staging keeps the finished work) and ends with one line."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    # Later signals are ignored while the command unwinds: it only stops its workers and keeps what is done.
+    for other in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(other, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def _signals_stop():
+    """SIGINT and SIGTERM raise ``Stopped`` for the block (in the main thread; elsewhere nothing changes)."""
+    try:
+        previous = {number: signal.signal(number, _stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+# What a stopped run of each command that resumes has kept, described for the line that says so.
+KEPT = {"train": train_cli.kept, "encode": encode.kept, "sample": sample_output.kept}
+
+
+def _stopped_line(command, argv, args, signum) -> str:
+    """One line: which signal stopped the command and, for the commands that resume, what it kept and how."""
+    line = f"fastdit {command}: stopped by {signal.Signals(signum).name}"
+    kept = KEPT.get(command)
+    if kept is None:
+        return line
+    return f"{line}; kept {kept(args)}; to resume, run the same command again: fastdit {shlex.join(argv)}"
 
 
 def main(argv=None):
@@ -31,12 +79,19 @@ def main(argv=None):
                                                              "fastdit's and diffusers' formats"))
     ablation.add_arguments(commands.add_parser("ablation", help="train the paper's four block designs on the digits "
                                                               "and compare them (docs/ablation)"))
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     runs = {"demo": demo.run, "sample": sample_cli.run, "train": train_cli.run, "encode": encode.run,
             "digits-accuracy": digits.run, "bench": bench.run, "export": export.run, "convert": convert.run,
             "ablation": ablation.run}
     try:
-        return runs[args.command](args)
+        with _signals_stop():
+            return runs[args.command](args)
+    except KeyboardInterrupt as stop:  # Stopped, or a KeyboardInterrupt raised before the handlers were in place
+        signum = getattr(stop, "signum", signal.SIGINT)
+        if distributed.is_main_process():
+            print(_stopped_line(args.command, argv, args, signum), file=sys.stderr, flush=True)
+        return 128 + signum  # the shells' convention: 130 for SIGINT, 143 for SIGTERM
     # CheckpointError is a ValueError; OSError: an unwritable --out, a full disk.
     except (ValueError, TypeError, KeyError, ImportError, OSError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error  # KeyError's str() quotes it

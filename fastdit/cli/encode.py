@@ -1,6 +1,7 @@
 """`fastdit encode`: precompute VAE latents of an image folder for training (``fastdit.train.encode``);
 ``torchrun --nproc_per_node N -m fastdit encode ...`` splits the shards between N processes."""
 import os
+import re
 import sys
 
 from fastdit.train import distributed
@@ -8,6 +9,8 @@ from fastdit.train.data import class_folder_files
 from fastdit.train.encode import encode_files
 from fastdit.train.shards import LATENT_DTYPES
 from fastdit.train.vae import VAE
+
+SHARD_RECORD = re.compile(r"^shard-\d{5}\.json$")  # written after its shard's files
 
 
 def add_arguments(parser):
@@ -27,6 +30,13 @@ def add_arguments(parser):
     parser.add_argument("--prefetch", type=int, default=2, help="batches each worker prepares ahead")
     parser.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK under torchrun) if there is "
                                                        "one, else cpu")
+
+
+def kept(args) -> str:
+    """What a stopped encode kept, for the line that says so: its finished shards (each has its record)."""
+    names = os.listdir(args.out) if os.path.isdir(args.out) else []
+    done = sum(bool(SHARD_RECORD.match(name)) for name in names)
+    return f"{done} finished shard{'' if done == 1 else 's'} in {args.out}"
 
 
 def run(args):

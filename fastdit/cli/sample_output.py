@@ -226,6 +226,18 @@ def staging_folder(path, identity: dict, restart=False):
             shutil.rmtree(staging.path, ignore_errors=True)
 
 
+def kept(args) -> str:
+    """What a stopped run into ``args.out`` kept, for the line that says so: its finished batches."""
+    path = output_path(args.out)
+    parent, name = os.path.split(path)
+    staging = re.compile(rf"^\.{re.escape(name)}\.staging-[a-z0-9_]+$")
+    folders = [os.path.join(parent, entry) for entry in sorted(os.listdir(parent)) if staging.match(entry)]
+    done = sum(len(Staging(folder, "").finished_batches()) for folder in folders)
+    if not done:
+        return "no finished batch"
+    return f"{done} finished batch{'es' if done > 1 else ''} in {', '.join(folders)}"
+
+
 def _clear_leftover(folder, path, key, identity, restart):
     """Remove a staging folder that cannot or need not be resumed; keep this command's partial run;
     refuse to remove another command's unless ``restart``."""

@@ -1,10 +1,11 @@
 """`fastdit train`: train a DiT (one process, or many under torchrun)."""
 import dataclasses
+import os
 
 import torch
 
 from fastdit.reference import BLOCK_DESIGNS
-from fastdit.train import distributed
+from fastdit.train import distributed, run_folder
 from fastdit.train.trainer import PRESETS, TrainConfig, Trainer
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -63,6 +64,14 @@ def config_from_args(args) -> TrainConfig:
     if not 0 <= values.get("ema_decay", 0.0) < 1:
         raise ValueError(f"--ema-decay: expected a value in [0, 1), got {values['ema_decay']}")
     return TrainConfig(**values)
+
+
+def kept(args) -> str:
+    """What a stopped run kept, for the line that says so: its newest checkpoint."""
+    paths = run_folder.checkpoint_paths(os.path.join(args.out, run_folder.CHECKPOINTS))
+    if not paths:
+        return f"no checkpoint yet in {args.out}"
+    return f"the checkpoint of step {int(os.path.basename(paths[-1])[:-3])}, {paths[-1]}"
 
 
 def run(args):

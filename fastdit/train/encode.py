@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from fastdit.io import check_owned_folder, exclusive_lock, mark_owned_folder, remove_stale_temporaries
 from fastdit.train import distributed, shards
+from fastdit.train.data import worker_options
 from fastdit.train.preprocess import center_crop_arr
 from fastdit.train.vae import VAE
 
@@ -155,13 +156,10 @@ def _encode_shards(files, todo, vae, out, settings, workers, prefetch, progress)
     # Batches never cross a shard's start: the same batches, so the same bytes, however the run is split.
     batches = [list(part[start:start + batch_size]) for part in ranges.values()
                for start in range(0, len(part), batch_size)]
-    # Workers from a fork server, not forked from this process: a forked worker inherits the folder lock's
-    # descriptor and, when this process is killed, holds the lock until it notices (seconds), refusing the
-    # rerun that would resume. (Forking after CUDA is initialised is unsafe as well.)
+    # Workers from a fork server, that die with this process (forking after CUDA is initialised is unsafe too).
     loader = torch.utils.data.DataLoader(
-        ImageFiles(files, image_size), batch_sampler=batches, num_workers=workers, collate_fn=collate,
-        pin_memory=vae.device.type == "cuda", prefetch_factor=prefetch if workers else None,
-        multiprocessing_context="forkserver" if workers else None)
+        ImageFiles(files, image_size), batch_sampler=batches, collate_fn=collate,
+        pin_memory=vae.device.type == "cuda", **worker_options(workers, prefetch))
     pending = {field: [] for field in shards.FIELDS}
     with tqdm(total=sum(map(len, ranges.values())), desc="encoding", unit="img", dynamic_ncols=True,
               disable=not progress) as bar:
