@@ -16,6 +16,7 @@ import sys
 import torch
 
 from fastdit.io import atomic_path, write_text_atomic
+from fastdit.models.checkpoint import load_failure
 
 LOG_FILE = "log.jsonl"
 CONFIG_FILE = "config.json"
@@ -143,8 +144,7 @@ def read_checkpoint(path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a damaged file fails as RuntimeError, EOFError, UnpicklingError, ...
-        reason = str(error).splitlines()[0] if str(error) else ""
-        raise DamagedCheckpoint(f"checkpoint {path} cannot be read ({type(error).__name__}: {reason})") from None
+        raise DamagedCheckpoint(f"checkpoint {path} cannot be read ({load_failure(error)})") from None
 
 
 def checkpoint_paths(directory):
