@@ -4,12 +4,14 @@ import os
 import re
 import sys
 
+from fastdit.cli.options import MAX_BATCH, MAX_IMAGE_SIZE, MAX_WORKERS, check_range
 from fastdit.train import distributed
 from fastdit.train.data import class_folder_files
 from fastdit.train.encode import encode_files
 from fastdit.train.shards import LATENT_DTYPES
 from fastdit.train.vae import VAE
 
+MAX_SHARD_SIZE = 10**7  # images per shard: a shard is encoded in memory before it is written
 SHARD_RECORD = re.compile(r"^shard-\d{5}\.json$")  # written after its shard's files
 
 
@@ -40,11 +42,10 @@ def kept(args) -> str:
 
 
 def run(args):
-    for flag in ("image_size", "batch_size", "shard_size", "prefetch"):
-        if getattr(args, flag) <= 0:
-            raise ValueError(f"--{flag.replace('_', '-')}: expected a positive integer, got {getattr(args, flag)}")
-    if args.workers < 0:
-        raise ValueError(f"--workers: expected 0 or more, got {args.workers}")
+    ranges = {"image_size": (1, MAX_IMAGE_SIZE), "batch_size": (1, MAX_BATCH), "shard_size": (1, MAX_SHARD_SIZE),
+              "prefetch": (1, 1024), "workers": (0, MAX_WORKERS)}
+    for name, (low, high) in ranges.items():
+        check_range(f"--{name.replace('_', '-')}", getattr(args, name), low, high)
     files, num_classes = class_folder_files(args.data, "--data")
     with distributed.launch(args.device) as process:
         vae = distributed.fail_together(lambda: VAE.load(args.vae, device=process.device), process)

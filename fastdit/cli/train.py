@@ -1,9 +1,11 @@
 """`fastdit train`: train a DiT (one process, or many under torchrun)."""
 import dataclasses
+import math
 import os
 
 import torch
 
+from fastdit.cli.options import MAX_BATCH, MAX_IMAGE_SIZE, MAX_STEPS, MAX_WORKERS, SEED_RANGE, check_range
 from fastdit.reference import BLOCK_DESIGNS
 from fastdit.train import distributed, run_folder
 from fastdit.train.trainer import PRESETS, TrainConfig, Trainer
@@ -54,13 +56,13 @@ def config_from_args(args) -> TrainConfig:
         raise ValueError("--model: pass a model name (DiT-S/2 ... DiT-XL/8) or --preset digits")
     if args.model is not None:
         values["model_config"] = None
-    for name in ("global_batch_size", "steps", "ckpt_every", "log_every", "image_size"):
-        if name in values and values[name] <= 0:
-            raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {values[name]}")
-    if values.get("workers", 0) < 0:
-        raise ValueError(f"--workers: expected a count >= 0, got {values['workers']}")
-    if values.get("skip_nonfinite", 0) < 0:
-        raise ValueError(f"--skip-nonfinite: expected a count >= 0, got {values['skip_nonfinite']}")
+    ranges = {"image_size": (1, MAX_IMAGE_SIZE), "global_batch_size": (1, MAX_BATCH), "steps": (1, MAX_STEPS),
+              "ckpt_every": (1, MAX_STEPS), "log_every": (1, MAX_STEPS), "seed": SEED_RANGE,
+              "workers": (0, MAX_WORKERS), "skip_nonfinite": (0, MAX_STEPS)}
+    for name, (low, high) in ranges.items():
+        check_range(f"--{name.replace('_', '-')}", values.get(name), low, high)
+    if not (math.isfinite(values.get("lr", 1.0)) and values.get("lr", 1.0) > 0):
+        raise ValueError(f"--lr: expected a finite number > 0, got {values['lr']}")
     if not 0 <= values.get("ema_decay", 0.0) < 1:
         raise ValueError(f"--ema-decay: expected a value in [0, 1), got {values['ema_decay']}")
     return TrainConfig(**values)
