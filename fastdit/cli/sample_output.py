@@ -35,27 +35,30 @@ filesystem every rank sees (a shared one for several machines; each rank checks 
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 
 import numpy as np
 import torch
 
 from fastdit.io import (
-    atomic_path,
     exclusive_lock,
     remove_stale_temporaries,
     replace_directory,
     restore_replaced,
+    write_bytes_atomic,
     write_text_atomic,
 )
 
 SAMPLE_OUTPUTS = ("grid.png", "images", "run.json", "samples.npz")  # what a run writes in --out
 RESUME_FILE = "resume.json"
-STAGING_FORMAT = 1  # resume.json's layout: a staging folder of another format is not resumed
+STAGING_FORMAT = 2  # resume.json's layout (2: batch checksums): a staging folder of another format is not resumed
+CHECKSUM_SUFFIX = ".sha256"  # beside each batch file: the sha256 of its bytes, recorded when it was written
 _BATCH_NAME = re.compile(r"^(\d{7,})\.npy$")
 _PNG_NAME = re.compile(r"^\d{6,}_class\d+\.png$")  # sample.png_path's names
 
@@ -167,22 +170,47 @@ class Staging:
         return {int(match[1]) for match in map(_BATCH_NAME.match, os.listdir(self.batches)) if match}
 
     def write_batch(self, start, samples: np.ndarray) -> None:
-        with atomic_path(self.batch_path(start)) as temporary, open(temporary, "wb") as file:
-            np.save(file, samples)
-            file.flush()
-            os.fsync(file.fileno())
+        """The batch file, and before it the sha256 it is read back against (a kill between the two leaves a
+        record without its batch, which the batch's next write replaces)."""
+        buffer = io.BytesIO()
+        np.save(buffer, samples, allow_pickle=False)
+        data = buffer.getvalue()
+        write_text_atomic(self.batch_path(start) + CHECKSUM_SUFFIX, hashlib.sha256(data).hexdigest() + "\n")
+        write_bytes_atomic(self.batch_path(start), data)
+
+    def batch_problem(self, start) -> tuple[str | None, bytes]:
+        """(why the batch file of ``start`` is not what was written, or None; its bytes)."""
+        path = self.batch_path(start)
+        try:
+            with open(path, "rb") as file:
+                data = file.read()
+            with open(path + CHECKSUM_SUFFIX) as file:
+                recorded = file.read().strip()
+        except OSError as error:
+            return f"cannot read {error.filename} ({error.strerror})", b""
+        if hashlib.sha256(data).hexdigest() != recorded:
+            return f"the batch file {path} is damaged (its sha256 differs from the one recorded when it was written)", data
+        return None, data
 
     def read_batch(self, batch: range) -> np.ndarray:
         path = self.batch_path(batch.start)
-        try:
-            samples = np.load(path)
-        except (OSError, ValueError) as error:
-            raise ValueError(f"cannot read the batch file {path} ({error}); pass --restart to sample the run "
-                             "again from scratch") from None
+        problem, data = self.batch_problem(batch.start)
+        if problem is not None:
+            raise ValueError(f"{problem}; pass --restart to sample the run again from scratch")
+        samples = np.load(io.BytesIO(data), allow_pickle=False)
         if len(samples) != len(batch):
             raise ValueError(f"the batch file {path} holds {len(samples)} samples, expected {len(batch)}; pass "
                              "--restart to sample the run again from scratch")
         return samples
+
+    def drop_damaged_batches(self) -> None:
+        """Remove, with a warning each, the finished batches that differ from what was written: they are
+        sampled again."""
+        for start in sorted(self.finished_batches()):
+            problem, _ = self.batch_problem(start)
+            if problem is not None:
+                print(f"warning: {problem}; sampling it again", file=sys.stderr, flush=True)
+                os.remove(self.batch_path(start))
 
     def swap_in(self, path) -> None:
         """Make the complete ``output/`` --out (``path``) in one atomic step, then remove the folder."""
@@ -214,6 +242,7 @@ def staging_folder(path, identity: dict, restart=False):
         if os.path.isdir(staging.path):
             for folder in (staging.batches, staging.output, os.path.join(staging.output, "images")):
                 remove_stale_temporaries(folder)
+            staging.drop_damaged_batches()
         else:
             os.mkdir(staging.path)
             os.makedirs(staging.batches)
