@@ -10,7 +10,7 @@ setup(
     # kernels/ lives at the top of the repository but installs as fastdit.kernels: a
     # top-level `kernels` module would shadow the PyPI package of that name.
     packages=["fastdit", "fastdit.bench", "fastdit.cli", "fastdit.diffusion", "fastdit.models", "fastdit.train",
-              "fastdit.integrations", "fastdit.parallel", "fastdit.kernels"],
+              "fastdit.integrations", "fastdit.parallel", "fastdit.tools", "fastdit.kernels"],
     package_dir={"fastdit": "fastdit", "fastdit.kernels": "kernels"},
     package_data={"fastdit": ["assets/digits/*.json", "assets/digits/*.safetensors"]},
     install_requires=["torch>=2.5", "triton>=3.6", "numpy", "safetensors>=0.4", "pillow", "tqdm", "scikit-learn"],

@@ -7,7 +7,10 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))  # tests import the shared tolerance table as `parity`
 
 import parity  # noqa: E402 (needs the path above)
+from image_data import save_tiny_vae  # noqa: E402
+
 from fastdit.kernels import kernel_path, runtime  # noqa: E402
+from fastdit.models.vae import VAE  # noqa: E402
 
 # One intra-op thread: the tests' tiny ops gain nothing from threads, and on a busy CPU (two
 # xdist workers on two cores) spinning OpenMP threads make each op many times slower.
@@ -69,3 +72,13 @@ def pytest_report_header(config):
     return f"fastdit kernels: {kernel_path('cpu')} on cpu" + (
         f", {kernel_path('cuda')} on cuda" if torch.cuda.is_available() else ""
     )
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    return save_tiny_vae(tmp_path_factory.mktemp("vae"))
+
+
+@pytest.fixture(scope="module")
+def vae(vae_dir):
+    return VAE.load(vae_dir)

@@ -1,15 +1,26 @@
 """The `fastdit` command."""
 import argparse
 import contextlib
+import importlib
 import shlex
 import signal
 import sys
 
-from fastdit.cli import ablation, bench, convert, demo, digits, encode, export
-from fastdit.cli import sample as sample_cli
-from fastdit.cli import sample_output
-from fastdit.cli import train as train_cli
-from fastdit.train import distributed
+from fastdit import distributed
+
+# name -> (module in fastdit.cli, help). A subcommand's module is imported only when it runs or shows its --help,
+# so `fastdit sample` loads neither the trainer nor the benchmarks.
+COMMANDS = {
+    "demo": ("demo", "check a model against the reference and time it"),
+    "sample": ("sample", "sample images from a DiT (torchrun: many GPUs)"),
+    "train": ("train", "train a DiT (torchrun: many GPUs)"),
+    "encode": ("encode", "precompute VAE latents of an image folder for training"),
+    "digits-accuracy": ("digits", "how recognisable sampled digits are"),
+    "bench": ("bench", "images/s and MFU against the baselines; writes report.json/.md/.png"),
+    "export": ("export", "compile the guided denoiser into an AOTInductor .pt2 package for the C++ runner fastdit-run"),
+    "convert": ("convert", "convert a DiT's weights between the release's, fastdit's and diffusers' formats"),
+    "ablation": ("ablation", "train the paper's four block designs on the digits and compare them (docs/ablation)"),
+}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -50,43 +61,43 @@ def _signals_stop():
             signal.signal(number, handler)
 
 
-# What a stopped run of each command that resumes has kept, described for the line that says so.
-KEPT = {"train": train_cli.kept, "encode": encode.kept, "sample": sample_output.kept}
+# Where each command that resumes says what a stopped run kept: (module in fastdit.cli, its function of args).
+KEPT = {"train": ("train", "kept"), "encode": ("encode", "kept"), "sample": ("sample_output", "kept")}
 
 
 def _stopped_line(command, argv, args, signum) -> str:
     """One line: which signal stopped the command and, for the commands that resume, what it kept and how."""
     line = f"fastdit {command}: stopped by {signal.Signals(signum).name}"
-    kept = KEPT.get(command)
-    if kept is None:
+    if command not in KEPT:
         return line
-    return f"{line}; kept {kept(args)}; to resume, run the same command again: fastdit {shlex.join(argv)}"
+    module, function = KEPT[command]
+    kept = getattr(importlib.import_module(f"fastdit.cli.{module}"), function)(args)
+    return f"{line}; kept {kept}; to resume, run the same command again: fastdit {shlex.join(argv)}"
+
+
+def subcommand(name):
+    """The module of subcommand ``name``: its ``add_arguments(parser)`` and ``run(args)``."""
+    return importlib.import_module(f"fastdit.cli.{COMMANDS[name][0]}")
+
+
+def build_parser(names=tuple(COMMANDS)) -> ArgumentParser:
+    """The `fastdit` parser, with the flags of the subcommands in ``names`` (every one listed, with its help)."""
+    parser = ArgumentParser(prog="fastdit", description="Fast, checked DiT (Peebles & Xie, 2023).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, (_, help) in COMMANDS.items():
+        subparser = commands.add_parser(name, help=help)
+        if name in names:
+            subcommand(name).add_arguments(subparser)
+    return parser
 
 
 def main(argv=None):
-    parser = ArgumentParser(prog="fastdit", description="Fast, checked DiT (Peebles & Xie, 2023).")
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo.add_arguments(commands.add_parser("demo", help="check a model against the reference and time it"))
-    sample_cli.add_arguments(commands.add_parser("sample", help="sample images from a DiT (torchrun: many GPUs)"))
-    train_cli.add_arguments(commands.add_parser("train", help="train a DiT (torchrun: many GPUs)"))
-    encode.add_arguments(commands.add_parser("encode", help="precompute VAE latents of an image folder for training"))
-    digits.add_arguments(commands.add_parser("digits-accuracy", help="how recognisable sampled digits are"))
-    bench.add_arguments(commands.add_parser("bench", help="images/s and MFU against the baselines; writes "
-                                                         "report.json/.md/.png"))
-    export.add_arguments(commands.add_parser("export", help="compile the guided denoiser into an AOTInductor .pt2 "
-                                                           "package for the C++ runner fastdit-run"))
-    convert.add_arguments(commands.add_parser("convert", help="convert a DiT's weights between the release's, "
-                                                             "fastdit's and diffusers' formats"))
-    ablation.add_arguments(commands.add_parser("ablation", help="train the paper's four block designs on the digits "
-                                                              "and compare them (docs/ablation)"))
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    runs = {"demo": demo.run, "sample": sample_cli.run, "train": train_cli.run, "encode": encode.run,
-            "digits-accuracy": digits.run, "bench": bench.run, "export": export.run, "convert": convert.run,
-            "ablation": ablation.run}
+    # The subcommand is the first argument: `fastdit` itself takes no flags but --help.
+    args = build_parser(argv[:1]).parse_args(argv)
     try:
         with _signals_stop():
-            return runs[args.command](args)
+            return subcommand(args.command).run(args)
     except KeyboardInterrupt as stop:  # Stopped, or a KeyboardInterrupt raised before the handlers were in place
         signum = getattr(stop, "signum", signal.SIGINT)
         if distributed.is_main_process():

@@ -4,12 +4,12 @@ import os
 import re
 import sys
 
-from fastdit.cli.options import MAX_BATCH, MAX_IMAGE_SIZE, MAX_WORKERS, check_range
-from fastdit.train import distributed
+from fastdit import distributed
+from fastdit.cli import options
+from fastdit.models.vae import VAE
 from fastdit.train.data import class_folder_files
 from fastdit.train.encode import encode_files
 from fastdit.train.shards import LATENT_DTYPES
-from fastdit.train.vae import VAE
 
 MAX_SHARD_SIZE = 10**7  # images per shard: a shard is encoded in memory before it is written
 SHARD_RECORD = re.compile(r"^shard-\d{5}\.json$")  # written after its shard's files
@@ -30,8 +30,7 @@ def add_arguments(parser):
                         help="DataLoader processes decoding and preprocessing the images per encode process "
                              "(0: in the main process); default min(8, CPU count)")
     parser.add_argument("--prefetch", type=int, default=2, help="batches each worker prepares ahead")
-    parser.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK under torchrun) if there is "
-                                                       "one, else cpu")
+    options.add_device_argument(parser, options.TORCHRUN_DEVICE_HELP)
 
 
 def kept(args) -> str:
@@ -42,10 +41,10 @@ def kept(args) -> str:
 
 
 def run(args):
-    ranges = {"image_size": (1, MAX_IMAGE_SIZE), "batch_size": (1, MAX_BATCH), "shard_size": (1, MAX_SHARD_SIZE),
-              "prefetch": (1, 1024), "workers": (0, MAX_WORKERS)}
+    ranges = {"image_size": (1, options.MAX_IMAGE_SIZE), "batch_size": (1, options.MAX_BATCH),
+              "shard_size": (1, MAX_SHARD_SIZE), "prefetch": (1, 1024), "workers": (0, options.MAX_WORKERS)}
     for name, (low, high) in ranges.items():
-        check_range(f"--{name.replace('_', '-')}", getattr(args, name), low, high)
+        options.check_range(f"--{name.replace('_', '-')}", getattr(args, name), low, high)
     files, num_classes = class_folder_files(args.data, "--data")
     with distributed.launch(args.device) as process:
         vae = distributed.fail_together(lambda: VAE.load(args.vae, device=process.device), process)

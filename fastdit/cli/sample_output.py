@@ -51,7 +51,7 @@ from fastdit.io import (
     remove_stale_temporaries,
     replace_directory,
     restore_replaced,
-    write_bytes_atomic,
+    write_npy_atomic,
     write_text_atomic,
 )
 
@@ -59,7 +59,7 @@ SAMPLE_OUTPUTS = ("grid.png", "images", "run.json", "samples.npz")  # what a run
 RESUME_FILE = "resume.json"
 STAGING_FORMAT = 2  # resume.json's layout (2: batch checksums): a staging folder of another format is not resumed
 CHECKSUM_SUFFIX = ".sha256"  # beside each batch file: the sha256 of its bytes, recorded when it was written
-_BATCH_NAME = re.compile(r"^(\d{7,})\.npy$")
+_BATCH_RECORD = re.compile(r"^(\d{7,})\.npy\.sha256$")  # a finished batch's record (CHECKSUM_SUFFIX)
 _PNG_NAME = re.compile(r"^\d{6,}_class\d+\.png$")  # sample.png_path's names
 
 
@@ -164,19 +164,16 @@ class Staging:
         return os.path.join(self.batches, f"{start:07d}.npy")
 
     def finished_batches(self) -> set[int]:
-        """The first image index of every batch on disk."""
+        """The first image index of every finished batch (its file and its record on disk)."""
         if not os.path.isdir(self.batches):
             return set()
-        return {int(match[1]) for match in map(_BATCH_NAME.match, os.listdir(self.batches)) if match}
+        return {int(match[1]) for match in map(_BATCH_RECORD.match, os.listdir(self.batches)) if match}
 
     def write_batch(self, start, samples: np.ndarray) -> None:
-        """The batch file, and before it the sha256 it is read back against (a kill between the two leaves a
-        record without its batch, which the batch's next write replaces)."""
-        buffer = io.BytesIO()
-        np.save(buffer, samples, allow_pickle=False)
-        data = buffer.getvalue()
+        """The batch file, then the sha256 it is read back against: the record makes the batch finished (a kill
+        between the two leaves a batch without one, which is sampled again)."""
+        data = write_npy_atomic(self.batch_path(start), samples)
         write_text_atomic(self.batch_path(start) + CHECKSUM_SUFFIX, hashlib.sha256(data).hexdigest() + "\n")
-        write_bytes_atomic(self.batch_path(start), data)
 
     def batch_problem(self, start) -> tuple[str | None, bytes]:
         """(why the batch file of ``start`` is not what was written, or None; its bytes)."""
@@ -210,7 +207,9 @@ class Staging:
             problem, _ = self.batch_problem(start)
             if problem is not None:
                 print(f"warning: {problem}; sampling it again", file=sys.stderr, flush=True)
-                os.remove(self.batch_path(start))
+                for path in (self.batch_path(start) + CHECKSUM_SUFFIX, self.batch_path(start)):  # record first
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)
 
     def swap_in(self, path) -> None:
         """Make the complete ``output/`` --out (``path``) in one atomic step, then remove the folder."""

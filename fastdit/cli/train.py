@@ -5,9 +5,10 @@ import os
 
 import torch
 
-from fastdit.cli.options import MAX_BATCH, MAX_IMAGE_SIZE, MAX_STEPS, MAX_WORKERS, SEED_RANGE, check_range
+from fastdit import distributed
+from fastdit.cli import options
 from fastdit.reference import BLOCK_DESIGNS
-from fastdit.train import distributed, run_folder
+from fastdit.train import run_folder
 from fastdit.train.trainer import PRESETS, TrainConfig, Trainer
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -43,7 +44,7 @@ def add_arguments(parser):
                         help="do not check the latent shards at start (their sha256 against the manifest, then NaN "
                              "and infinity: a full read of the set, shared by the ranks); a loss that goes "
                              "non-finite still names the bad samples of its batch")
-    parser.add_argument("--device", help="default: cuda when available (cuda:LOCAL_RANK under torchrun)")
+    options.add_device_argument(parser, options.TORCHRUN_DEVICE_HELP)
     parser.add_argument("--deterministic", action="store_true", help="deterministic kernels (exact reruns on CPU)")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -56,11 +57,12 @@ def config_from_args(args) -> TrainConfig:
         raise ValueError("--model: pass a model name (DiT-S/2 ... DiT-XL/8) or --preset digits")
     if args.model is not None:
         values["model_config"] = None
-    ranges = {"image_size": (1, MAX_IMAGE_SIZE), "global_batch_size": (1, MAX_BATCH), "steps": (1, MAX_STEPS),
-              "ckpt_every": (1, MAX_STEPS), "log_every": (1, MAX_STEPS), "seed": SEED_RANGE,
-              "workers": (0, MAX_WORKERS), "skip_nonfinite": (0, MAX_STEPS)}
+    steps = (1, options.MAX_STEPS)
+    ranges = {"image_size": (1, options.MAX_IMAGE_SIZE), "global_batch_size": (1, options.MAX_BATCH), "steps": steps,
+              "ckpt_every": steps, "log_every": steps, "seed": options.SEED_RANGE, "workers": (0, options.MAX_WORKERS),
+              "skip_nonfinite": (0, options.MAX_STEPS)}
     for name, (low, high) in ranges.items():
-        check_range(f"--{name.replace('_', '-')}", values.get(name), low, high)
+        options.check_range(f"--{name.replace('_', '-')}", values.get(name), low, high)
     if not (math.isfinite(values.get("lr", 1.0)) and values.get("lr", 1.0) > 0):
         raise ValueError(f"--lr: expected a finite number > 0, got {values['lr']}")
     if not 0 <= values.get("ema_decay", 0.0) < 1:

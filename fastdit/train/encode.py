@@ -21,11 +21,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fastdit import distributed
 from fastdit.io import check_owned_folder, exclusive_lock, mark_owned_folder, remove_stale_temporaries
-from fastdit.train import distributed, shards
+from fastdit.models.vae import VAE
+from fastdit.train import shards
 from fastdit.train.data import worker_options
 from fastdit.train.preprocess import center_crop_arr
-from fastdit.train.vae import VAE
 
 LOCK = ".encode.lock"
 

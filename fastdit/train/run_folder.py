@@ -16,7 +16,7 @@ import sys
 import torch
 
 from fastdit.io import atomic_path, write_text_atomic
-from fastdit.models.checkpoint import load_failure
+from fastdit.models.config import load_failure
 
 LOG_FILE = "log.jsonl"
 CONFIG_FILE = "config.json"

@@ -17,10 +17,10 @@ from processes import torch_path_environment
 
 import fastdit
 import fastdit.io
-from fastdit.cli import sample_output
+from fastdit import images
 from fastdit.cli import sample as sample_cli
+from fastdit.cli import sample_output
 from fastdit.diffusion.sampling import sample
-from fastdit.train import images
 
 FAST = ["--sampler", "ddim", "--steps", "2", "--no-progress"]
 
@@ -169,7 +169,7 @@ def training_checkpoint(tmp_path_factory):
     """A checkpoint as fastdit's trainer writes it (OUT/checkpoints/00000000.pt), EMA and raw weights apart."""
     from parity import perturb_
 
-    from fastdit.train import distributed
+    from fastdit import distributed
     from fastdit.train.trainer import TrainConfig, Trainer
 
     config = TrainConfig(out=str(tmp_path_factory.mktemp("run")), model=None, data="digits", image_size=8,
