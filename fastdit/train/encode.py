@@ -61,9 +61,10 @@ def collate(items):
 
 def encode_settings(files, num_classes, vae: VAE, image_size, batch_size, shard_size, latent_dtype) -> dict:
     """What a shard's bytes depend on; a resumed run must match it. Files are named relative to the
-    folder (class/name), so the same folder under another path resumes."""
+    folder (class/name), so the same folder under another path resumes; their sizes are part of it, so that
+    other images under the same names (a folder replaced meanwhile) do not."""
     listing = hashlib.sha256(json.dumps(
-        [[os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path)), label]
+        [[os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path)), label, os.path.getsize(path)]
          for path, label in files]).encode()).hexdigest()
     weights = hashlib.sha256(f"{vae.scale} {vae.shift}".encode())
     for name, tensor in sorted(vae.autoencoder.state_dict().items()):
