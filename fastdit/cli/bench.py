@@ -44,6 +44,7 @@ from fastdit.bench.workloads import (
 from fastdit.cli import options
 from fastdit.cli.options import VAE_DOWNSAMPLING
 from fastdit.diffusion.caching import METHODS
+from fastdit.io import check_owned_folder, mark_owned_folder
 from fastdit.kernels import kernel_path
 from fastdit.models.flops import named_shape, workload_flops
 from fastdit.models.parity import relative_max_error
@@ -236,7 +237,10 @@ def run(args):
     settings = _settings(args)
     bench_report.check_plotting()
     device, dtype = settings["device"], settings["dtype"]
+    # A folder of a bench run (marked, or holding only its reports) or a new one: a user's report.md is not ours.
+    check_owned_folder(args.out, "bench", legacy=lambda path, names: set(names) <= set(bench_report.REPORT_FILES))
     os.makedirs(args.out, exist_ok=True)
+    mark_owned_folder(args.out, "bench")
     peak = {"gemm": measure_gemm_tflops(device, dtype), "copy_bandwidth": measure_copy_bandwidth(device)}
     peak["datasheet"] = bench_report.datasheet_peak(device, dtype)
     configurations = [(name, batch) for name in settings["models"] for batch in settings["batch_sizes"]]
