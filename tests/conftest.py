@@ -82,3 +82,26 @@ def vae_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vae(vae_dir):
     return VAE.load(vae_dir)
+
+
+def _refuse(monkeypatch, what, targets):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{what} before the arguments were checked")
+
+    for owner, name in targets:
+        monkeypatch.setattr(owner, name, refuse)
+
+
+@pytest.fixture
+def no_compiling(monkeypatch):
+    """Argument errors must come before a model is traced or compiled (fastdit export: about a minute)."""
+    _refuse(monkeypatch, "a model was traced or compiled",
+            [(torch.export, "export"), (torch._inductor, "aoti_compile_and_package")])
+
+
+@pytest.fixture
+def no_work(monkeypatch, no_compiling):
+    """Argument errors must come before any model is loaded, built, traced or compiled."""
+    import fastdit
+
+    _refuse(monkeypatch, "a model was loaded or built", [(fastdit, "load"), (fastdit.reference.DiT, "__init__")])

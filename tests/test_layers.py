@@ -31,8 +31,8 @@ FLOORS = [
     # 2: the fast model and its files (fastdit.load's dispatch stands above the format readers)
     ("fastdit.models.checkpoint", "fastdit.models.attention", "fastdit.models.dit", "fastdit.models.vae",
      "fastdit.integrations.diffusers"),
-    # 3: sampling and training, side by side, each on the model and the shared floor 0
-    ("fastdit.diffusion", "fastdit.train", "fastdit.parallel"),
+    # 3: sampling, training and evaluation, side by side, each on the model and the shared floor 0
+    ("fastdit.diffusion", "fastdit.train", "fastdit.parallel", "fastdit.evaluation"),
     # 4: what drives the library: the public names, benchmarks, tools, the command line
     ("fastdit", "fastdit.bench", "fastdit.tools", "fastdit.cli", "fastdit.ablation", "fastdit.roofline",
      "fastdit.__main__"),

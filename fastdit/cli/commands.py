@@ -16,6 +16,7 @@ COMMANDS = {
     "train": ("train", "train a DiT (torchrun: many GPUs)"),
     "encode": ("encode", "precompute VAE latents of an image folder for training"),
     "digits-accuracy": ("digits", "how recognisable sampled digits are"),
+    "evaluate": ("evaluate", "FID, sFID, Inception Score, precision and recall as the ADM suite (torchrun: many GPUs)"),
     "bench": ("bench", "images/s and MFU against the baselines; writes report.json/.md/.png"),
     "export": ("export", "compile the guided denoiser into an AOTInductor .pt2 package for the C++ runner fastdit-run"),
     "convert": ("convert", "convert a DiT's weights between the release's, fastdit's and diffusers' formats"),

@@ -32,6 +32,7 @@ from fastdit.cli.cache_flags import add_cache_arguments, cache_from_args
 from fastdit.cli.sample_output import Staging, locked_output, recorded, staging_folder, weights_digest
 from fastdit.diffusion.samplers import DPM_FINAL_STEPS, SAMPLERS, SPACINGS
 from fastdit.diffusion.sampling import default_guidance_channels, sample
+from fastdit.evaluation.report import check_evaluation, run_evaluation
 from fastdit.io import write_bytes_atomic, write_npz_streamed, write_text_atomic
 from fastdit.kernels import kernel_path
 from fastdit.models.config import model_config
@@ -82,6 +83,9 @@ def add_arguments(parser):
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--restart", action="store_true", help="discard the finished batches that a killed run left "
                         "for --out (by default the same command resumes them, and another command stops)")
+    parser.add_argument("--evaluate", metavar="REF", help="then evaluate the samples against REF as `fastdit evaluate "
+                        "OUT REF` does (digits: against scikit-learn's digits, as --digits)")
+    parser.add_argument("--inception", metavar="PATH", help="--evaluate's Inception weights (as fastdit evaluate's)")
 
 
 @dataclasses.dataclass
@@ -111,10 +115,15 @@ class Plan:
 
 def run(args):
     started = time.perf_counter()
-    options.use_bundled_model(args)
+    bundled = options.use_bundled_model(args)
+    if bundled is not None and args.classes is None and args.num_samples is None:  # ten of each digit
+        args.classes = list(range(bundled["num_classes"]))
+        args.num_per_class = args.num_per_class or bundled["num_per_class"]
     args.sampler = args.sampler or "ddpm"
     args.cfg_scale = options.DEFAULT_CFG_SCALE if args.cfg_scale is None else args.cfg_scale
     check_flags(args)
+    if args.evaluate:
+        check_evaluation(args.evaluate, args.inception)
     with distributed.launch(args.device) as process, contextlib.ExitStack() as held:
         plan = distributed.fail_together(lambda: prepare(args, process, held), process)
         # Outside prepare: the mesh is a collective, which a rank that failed in prepare would never join.
@@ -136,6 +145,9 @@ def run(args):
         if process.is_main:
             write_outputs(args, plan, process, batches, started, sampling_seconds)
             plan.staging.swap_in(plan.out_path)
+        if args.evaluate:  # every rank extracts features; the broadcast also waits for the swap
+            run_evaluation(distributed.broadcast_from_main(plan.out_path, process), args.evaluate, process,
+                           inception=args.inception)
     return 0
 
 

@@ -223,16 +223,6 @@ def test_runner_errors(runner, package, bad_inputs, arguments, message):
     assert not (bad_inputs / "o.npy").exists()
 
 
-@pytest.fixture
-def no_compiling(monkeypatch):
-    """Export's argument errors must come before the model is traced or compiled (about a minute)."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("fastdit export traced or compiled the model before rejecting its arguments")
-
-    monkeypatch.setattr(torch.export, "export", refuse)
-    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", refuse)
-
-
 @pytest.mark.parametrize("arguments, message", [
     (["--out", "model.onnx"], "--out: expected a package path ending in .pt2"),
     (["--model", "DiT-Q/2", "--out", "m.pt2"], "--model: unknown model 'DiT-Q/2'"),
