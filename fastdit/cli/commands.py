@@ -63,7 +63,8 @@ def _signals_stop():
 
 
 # Where each command that resumes says what a stopped run kept: (module in fastdit.cli, its function of args).
-KEPT = {"train": ("train", "kept"), "encode": ("encode", "kept"), "sample": ("sample_output", "kept")}
+KEPT = {"train": ("train", "kept"), "encode": ("encode", "kept"), "sample": ("sample_output", "kept"),
+        "evaluate": ("evaluate", "kept")}
 
 
 def _stopped_line(command, argv, args, signum) -> str:
