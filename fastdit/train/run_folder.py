@@ -147,6 +147,23 @@ def read_checkpoint(path) -> dict:
         raise DamagedCheckpoint(f"checkpoint {path} cannot be read ({load_failure(error)})") from None
 
 
+def check_same_inputs(path, state, data, data_identity: dict, model_config: dict) -> None:
+    """Raise unless the checkpoint ``state`` (read from ``path``) was trained on the data that --data ``data``
+    holds now (``data_identity``: what it resolved to and held) and saved the model this run builds, naming
+    what differs. Older checkpoints record neither: they are not checked."""
+    for what, recorded, now in (("data", state.get("data_identity"), data_identity),
+                                ("model", state.get("model_config"), model_config)):
+        if recorded is None or recorded == now:
+            continue
+        differences = ", ".join(f"{name} {recorded.get(name)!r} then, {value!r} now"
+                                for name, value in now.items() if recorded.get(name) != value)
+        if what == "data":
+            raise ValueError(f"resume: {path} was trained on other data than --data {data} holds now ({differences}); "
+                             "use another --out to start a new run, or restore the data")
+        raise ValueError(f"resume: {path} holds another model than this run builds ({differences}); use another "
+                         "--out to start a new run")
+
+
 def checkpoint_paths(directory):
     """The checkpoints (``<step>.pt``) in ``directory``, oldest first."""
     if not os.path.isdir(directory):

@@ -30,13 +30,7 @@ from tqdm.auto import tqdm
 
 from fastdit import distributed
 from fastdit.diffusion.gaussian import create_diffusion
-from fastdit.io import (
-    check_owned_folder,
-    exclusive_lock,
-    mark_owned_folder,
-    remove_stale_temporaries,
-    write_text_atomic,
-)
+from fastdit.io import check_owned_folder, exclusive_lock, mark_owned_folder, remove_stale_temporaries, write_text_atomic
 from fastdit.models import checkpoint as checkpoints
 from fastdit.models.dit import DiT, DiT_models
 from fastdit.models.validation import first_nonfinite
@@ -336,23 +330,14 @@ class Trainer:
         state = run_folder.read_checkpoint(path) if state is None else state
         # A key missing from an older checkpoint had its field's default.
         saved = {**{field.name: field.default for field in dataclasses.fields(TrainConfig)}, **state["config"]}
-        recorded = state.get("data_identity")
-        # With an identity, --data is compared as what it resolves to and what it holds, not as typed.
-        for key in (key for key in TrainConfig.RESUME_KEYS if not (recorded and key == "data")):
+        # With a data identity, --data is compared as what it resolves to and holds, not as typed.
+        keys = [key for key in TrainConfig.RESUME_KEYS if not (state.get("data_identity") and key == "data")]
+        for key in keys:
             if saved[key] != getattr(self.config, key):
                 raise ValueError(f"resume: {path} was trained with {key}={saved[key]!r}, this run asks for "
                                  f"{key}={getattr(self.config, key)!r}; use another --out to start a new run")
-        if recorded and recorded != self.data_identity:
-            differences = ", ".join(f"{name} {recorded.get(name)!r} then, {value!r} now"
-                                    for name, value in self.data_identity.items() if recorded.get(name) != value)
-            raise ValueError(f"resume: {path} was trained on other data than --data {self.config.data} holds now "
-                             f"({differences}); use another --out to start a new run, or restore the data")
-        built = checkpoints.model_config(self.model)
-        if state.get("model_config", built) != built:
-            differences = ", ".join(f"{name} {state['model_config'].get(name)!r} then, {value!r} now"
-                                    for name, value in built.items() if state["model_config"].get(name) != value)
-            raise ValueError(f"resume: {path} holds another model than this run builds ({differences}); use another "
-                             "--out to start a new run")
+        run_folder.check_same_inputs(path, state, self.config.data, self.data_identity,
+                                     checkpoints.model_config(self.model))
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
