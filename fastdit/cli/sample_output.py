@@ -186,7 +186,8 @@ class Staging:
         except OSError as error:
             return f"cannot read {error.filename} ({error.strerror})", b""
         if hashlib.sha256(data).hexdigest() != recorded:
-            return f"the batch file {path} is damaged (its sha256 differs from the one recorded when it was written)", data
+            return (f"the batch file {path} is damaged (its sha256 differs from the one recorded when it was "
+                    "written)"), data
         return None, data
 
     def read_batch(self, batch: range) -> np.ndarray:

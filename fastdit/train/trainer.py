@@ -382,7 +382,8 @@ class Trainer:
         if self.rank == 0:
             # Also with no checkpoint: a run killed before its first save logged steps it will log again.
             run_folder.drop_log_after(log_path, self.step)
-            write_text_atomic(os.path.join(config.out, run_folder.CONFIG_FILE), json.dumps(dataclasses.asdict(config), indent=2))
+            config_path = os.path.join(config.out, run_folder.CONFIG_FILE)
+            write_text_atomic(config_path, json.dumps(dataclasses.asdict(config), indent=2))
         bar = tqdm(range(self.step, config.steps), desc="training", initial=self.step, total=config.steps,
                    disable=not (progress and self.rank == 0), dynamic_ncols=True)
         started, started_step = time.perf_counter(), self.step
