@@ -52,6 +52,7 @@ from fastdit.bench.workloads import (
 from fastdit.cli import options
 from fastdit.cli.options import VAE_DOWNSAMPLING
 from fastdit.diffusion.caching import METHODS
+from fastdit.io import check_owned_folder, mark_owned_folder
 from fastdit.kernels import kernel_path
 from fastdit.models.flops import named_shape, workload_flops
 from fastdit.models.parity import relative_max_error
@@ -286,7 +287,10 @@ def run(args):
     if not args.no_plot:
         bench_report.check_plotting()
     device, dtype = settings["device"], settings["dtype"]
+    # A folder of a bench run (marked, or holding only its reports) or a new one: a user's report.md is not ours.
+    check_owned_folder(args.out, "bench", legacy=lambda path, names: set(names) <= set(bench_report.REPORT_FILES))
     os.makedirs(args.out, exist_ok=True)
+    mark_owned_folder(args.out, "bench")
     previous, rows = (previous_rows(os.path.join(args.out, "report.json"), _resume_view(settings), "fastdit bench")
                       if args.resume else (None, []))
     done = {_row_key(row): row for row in rows}

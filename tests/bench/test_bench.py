@@ -43,7 +43,8 @@ def figures(value):
 def test_cpu_run_writes_the_three_reports(tmp_path):
     out = tmp_path / "report"
     assert run_bench(out, *TINY, "--device", "cpu") == 0
-    assert sorted(os.listdir(out)) == ["report.json", "report.md", "throughput.png"]  # no temporaries left
+    # No temporaries left; the marker of a bench run's folder
+    assert sorted(os.listdir(out)) == [".fastdit-run.json", "report.json", "report.md", "throughput.png"]
     report = json.loads((out / "report.json").read_text())
     assert report["device"]["type"] == "cpu" and report["device"]["name"]
     assert report["device"]["torch"] == torch.__version__ and report["device"]["triton"]
@@ -115,6 +116,18 @@ def test_unavailable_implementations_are_reported_as_skipped(tmp_path):
 def test_bad_arguments_name_the_option(tmp_path, arguments, message):
     with pytest.raises(ValueError, match=message):
         run_bench(tmp_path, "--device", "cpu", *arguments)
+
+
+def test_a_folder_of_other_files_is_refused_before_measuring(tmp_path, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("measured before --out was checked")
+
+    monkeypatch.setattr(bench, "measure_gemm_tflops", no_work)
+    (tmp_path / "report.md").write_text("my notes")
+    (tmp_path / "thesis.tex").write_text("")
+    with pytest.raises(ValueError, match=r"holds files that no `fastdit bench` run wrote \(report.md, thesis.tex\)"):
+        run_bench(tmp_path, *TINY, "--device", "cpu")
+    assert (tmp_path / "report.md").read_text() == "my notes"
 
 
 def test_time_median_warms_up_then_takes_the_median():
