@@ -5,7 +5,7 @@ import pytest
 
 import fastdit
 
-README_NAMES = ["ATTENTION_BACKENDS", "CheckpointError", "DiT", "DiT_models", "kernel_path", "kernels", "load",
+README_NAMES = ["ATTENTION_BACKENDS", "CheckpointError", "DiT", "DiT_models", "kernel_path", "kernels", "load", "NAMED_MODELS",
                 "NonFiniteSampleError", "reference", "sample", "save_pretrained"]
 
 

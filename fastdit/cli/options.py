@@ -87,10 +87,10 @@ def check_model_flags(args):
 
 
 def check_sampling_flags(args):
-    """--steps (None: the sampler's default), --cfg-scale, --seed and --batch-size."""
+    """--steps and --cfg-scale (None: the model's recommended ones), --seed and --batch-size."""
     if args.steps is not None and not 1 <= args.steps <= 1000:
         raise ValueError(f"--steps: expected an integer in [1, 1000], got {args.steps}")
-    if not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
+    if args.cfg_scale is not None and not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
         raise ValueError(f"--cfg-scale: expected a finite number >= 0 (1: no guidance), got {args.cfg_scale}")
     for flag, value, low in (("--seed", args.seed, 0), ("--batch-size", args.batch_size, 1)):
         if value < low:

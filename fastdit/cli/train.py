@@ -1,5 +1,6 @@
 """`fastdit train`: train a DiT (one process, or many under torchrun)."""
 import dataclasses
+import os
 
 import torch
 
@@ -70,5 +71,14 @@ def run(args):
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
     with distributed.launch(args.device) as process:
-        Trainer(config, process).run(progress=not args.no_progress)
+        trainer = Trainer(config, process)
+        trainer.run(progress=not args.no_progress)
+        if process.is_main:
+            model = os.path.join(config.out, "model")
+            if trainer.first_step == config.steps:
+                print(f"fastdit train: {config.out} had already finished its {config.steps} steps; the EMA model is "
+                      f"in {model}")
+            else:
+                print(f"fastdit train: trained steps {trainer.first_step + 1} to {config.steps}; wrote the EMA model to "
+                      f"{model} and checkpoints to {trainer.checkpoint_dir}")
     return 0

@@ -1,7 +1,8 @@
 """DiT weights on disk: the release's ``.pt`` files, ``.safetensors`` files, and the directories
 ``save_pretrained`` writes (``config.json`` + ``model.safetensors``).
 
-fastdit never downloads: a checkpoint is a local path. The release publishes plain state dicts
+fastdit never downloads: a checkpoint is a local path, or the name of a model that ships inside the package
+(``NAMED_MODELS``: ``fastdit.load("digits")``). The release publishes plain state dicts
 (DiT-XL-2-256x256.pt) and its training script saves ``{"model", "ema", "opt", "args"}``; fastdit's
 trainer saves ``{"model", "ema", "optimizer", "config", "model_config", ...}``. All load with
 ``torch.load(weights_only=True)``, which unpickles tensors and containers only. Where no config is
@@ -40,11 +41,19 @@ PAPER_NUM_HEADS = {config["hidden_size"]: config["num_heads"] for config in refe
 RELEASE_CLASS_DROPOUT = 0.1
 
 WEIGHTS = ("ema", "model")  # the two sets of weights a training checkpoint holds
+# A checkpoint folder's recommended sampling settings (``fastdit.diffusion.settings``), kept with the model as
+# ``model.sampling_defaults`` and written back by save_pretrained.
+SAMPLING_FILE = "sampling.json"
+# The names ``fastdit.load`` understands besides paths (a path with a separator, ./digits, is always a path).
+NAMED_MODELS = {
+    "digits": os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "digits"),
+}
 
 RELEASE_HINT = (
     "the release's checkpoints (DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt) are published by "
     "facebookresearch/DiT at https://dl.fbaipublicfiles.com/DiT/models/; download one and pass its "
-    "local path (fastdit never downloads at run time)"
+    "local path (fastdit never downloads at run time); the models that ship inside fastdit load by name: "
+    + ", ".join(NAMED_MODELS)
 )
 
 
@@ -75,6 +84,7 @@ def build(model_class, path, *, config: dict | None = None, device="cpu", dtype=
     device = _checked_device(device)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype: expected a floating-point torch.dtype or None, got {dtype!r}")
+    path = NAMED_MODELS.get(path, path) if isinstance(path, str) else path
     state_dict, stored = read(path, weights)
     model_arguments = {**stored, **given} if stored is not None else infer_config(state_dict, given)
     # Built on the meta device: no time spent initialising weights that are replaced at once.
@@ -85,6 +95,8 @@ def build(model_class, path, *, config: dict | None = None, device="cpu", dtype=
     model.to(dtype=dtype)  # on the CPU, so that the check below costs no device syncs
     if not allow_nonfinite:
         _check_finite(model, path)
+    if os.path.isfile(os.path.join(path, SAMPLING_FILE)):
+        model.sampling_defaults = _read_json(os.path.join(path, SAMPLING_FILE))
     return model.to(device=device).eval()
 
 
@@ -206,6 +218,8 @@ def save_pretrained(model, directory, format="fastdit") -> None:
         save_file(tensors, temporary, metadata={"format": "pt", CONFIG_METADATA_KEY: json.dumps(config)})
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "fastdit_version": __version__}
     write_text_atomic(os.path.join(directory, CONFIG_FILE), json.dumps({**header, **config}, indent=2) + "\n")
+    if getattr(model, "sampling_defaults", None) is not None:
+        write_text_atomic(os.path.join(directory, SAMPLING_FILE), json.dumps(model.sampling_defaults, indent=2) + "\n")
 
 
 # --- readers --------------------------------------------------------------------------------
@@ -257,11 +271,7 @@ def _read_directory(path) -> tuple[dict, dict]:
                 f"{path} is not a fastdit checkpoint directory: it has no {os.path.basename(required)} "
                 f"(save_pretrained writes {CONFIG_FILE} and {WEIGHTS_FILE})"
             )
-    try:
-        with open(config_path) as file:
-            stored = json.load(file)
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"cannot read {config_path}: {error}") from error
+    stored = _read_json(config_path)
     if not isinstance(stored, dict) or stored.pop("format", None) != FORMAT:
         raise CheckpointError(f"{config_path} is not a fastdit config (no \"format\": \"{FORMAT}\")")
     version = stored.pop("format_version", None)
@@ -274,13 +284,21 @@ def _read_directory(path) -> tuple[dict, dict]:
     return state_dict, _checked_config(stored, config_path)
 
 
+def _read_json(path):
+    try:
+        with open(path) as file:
+            return json.load(file)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"cannot read {path}: {error}") from error
+
+
 # --- checks ---------------------------------------------------------------------------------
 
 
 def _checked_path(path) -> str:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path: expected a file or directory path, got {type(path).__name__}")
-    path = os.fspath(path)
+    path = NAMED_MODELS.get(os.fspath(path), os.fspath(path))
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}; {RELEASE_HINT}")
     return path
