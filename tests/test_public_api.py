@@ -5,8 +5,8 @@ import pytest
 
 import fastdit
 
-README_NAMES = ["ATTENTION_BACKENDS", "CheckpointError", "DiT", "DiT_models", "kernel_path", "kernels", "load", "NAMED_MODELS",
-                "NonFiniteSampleError", "reference", "sample", "save_pretrained"]
+README_NAMES = ["ATTENTION_BACKENDS", "CheckpointError", "DiT", "DiT_models", "kernel_path", "kernels", "load",
+                "NAMED_MODELS", "NonFiniteSampleError", "reference", "sample", "save_pretrained"]
 
 
 @pytest.mark.parametrize("name", README_NAMES)

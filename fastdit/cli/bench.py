@@ -87,17 +87,21 @@ def add_arguments(parser):
                              f"only on a GPU). {BASELINE} always runs: it is the oracle and the baseline")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS, metavar="NAME",
                         help=f"of {', '.join(WORKLOADS)} (default: all)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (the median is kept)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (the median "
+                        "is kept; default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs before timing (default: "
+                        "%(default)s)")
     parser.add_argument("--cache", nargs="+", default=[], choices=METHODS, metavar="METHOD",
                         help=f"also time whole sampling runs under these feature caches (of {', '.join(METHODS)}; "
                              "their defaults) against exact sampling, per fastdit implementation (docs/caching.md)")
-    parser.add_argument("--cache-steps", type=int, default=50, help="DDIM steps of a --cache sampling run")
+    parser.add_argument("--cache-steps", type=int, default=50, help="DDIM steps of a --cache sampling run "
+                        "(default: %(default)s)")
     parser.add_argument("--cache-repeats", type=int, default=3,
-                        help="timed --cache sampling runs (median; the checked run before them is the warm-up)")
+                        help="timed --cache sampling runs (median; the checked run before them is the warm-up; default: "
+                             "%(default)s)")
     parser.add_argument("--cache-min-psnr", type=float, default=20.0,
                         help="dB: a cache whose samples are further than this from exact sampling's (PSNR of the "
-                             "latents, peak their range) fails its row")
+                             "latents, peak their range) fails its row (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -15,23 +15,32 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def main(argv=None):
+def build_parser() -> ArgumentParser:
+    """The `fastdit` parser, a subparser per command."""
     parser = ArgumentParser(prog="fastdit", description="Fast, checked DiT (Peebles & Xie, 2023).")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo.add_arguments(commands.add_parser("demo", help="check a model against the reference and time it"))
-    sample_cli.add_arguments(commands.add_parser("sample", help="sample images from a DiT (torchrun: many GPUs)"))
-    train_cli.add_arguments(commands.add_parser("train", help="train a DiT (torchrun: many GPUs)"))
-    encode.add_arguments(commands.add_parser("encode", help="precompute VAE latents of an image folder for training"))
-    digits.add_arguments(commands.add_parser("digits-accuracy", help="how recognisable sampled digits are"))
-    bench.add_arguments(commands.add_parser("bench", help="images/s and MFU against the baselines; writes "
-                                                         "report.json/.md/.png"))
-    export.add_arguments(commands.add_parser("export", help="compile the guided denoiser into an AOTInductor .pt2 "
-                                                           "package for the C++ runner fastdit-run"))
-    convert.add_arguments(commands.add_parser("convert", help="convert a DiT's weights between the release's, "
-                                                             "fastdit's and diffusers' formats"))
-    ablation.add_arguments(commands.add_parser("ablation", help="train the paper's four block designs on the digits "
-                                                              "and compare them (docs/ablation)"))
-    args = parser.parse_args(argv)
+
+    def command(name, summary):
+        """A subparser whose description is its one-line summary (a command's module may set a longer one)."""
+        return commands.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
+
+    demo.add_arguments(command("demo", "check a model against the reference and time it"))
+    sample_cli.add_arguments(command("sample", "sample images from a DiT (torchrun: many GPUs)"))
+    train_cli.add_arguments(command("train", "train a DiT (torchrun: many GPUs)"))
+    encode.add_arguments(command("encode", "precompute VAE latents of an image folder for training"))
+    digits.add_arguments(command("digits-accuracy", "how recognisable sampled digits are"))
+    bench.add_arguments(command("bench", "images/s and MFU against the baselines; writes report.json/.md/.png"))
+    export.add_arguments(command("export", "compile the guided denoiser into an AOTInductor .pt2 package for the "
+                                           "C++ runner fastdit-run"))
+    convert.add_arguments(command("convert", "convert a DiT's weights between the release's, fastdit's and "
+                                             "diffusers' formats"))
+    ablation.add_arguments(command("ablation", "train the paper's four block designs on the digits and compare them "
+                                               "(docs/ablation)"))
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     runs = {"demo": demo.run, "sample": sample_cli.run, "train": train_cli.run, "encode": encode.run,
             "digits-accuracy": digits.run, "bench": bench.run, "export": export.run, "convert": convert.run,
             "ablation": ablation.run}

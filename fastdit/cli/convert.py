@@ -58,7 +58,14 @@ def load_reference(source, num_heads: int | None = None) -> reference.DiT:
     if is_repo_id(source):
         source = resolve_repo_id(source)
     if not is_diffusers_folder(source):
-        return checkpoint.build(reference.DiT, source, config=None if num_heads is None else {"num_heads": num_heads})
+        try:
+            return checkpoint.build(reference.DiT, source,
+                                    config=None if num_heads is None else {"num_heads": num_heads})
+        except checkpoint.MissingNumHeadsError as error:  # the library's advice is a keyword: here it is a flag
+            raise checkpoint.CheckpointError(
+                f"--num-heads: {source} stores no config, and its width {error.hidden_size} is not one of the "
+                f"paper's ({', '.join(map(str, checkpoint.PAPER_NUM_HEADS))}), whose heads are known: pass "
+                "--num-heads N") from None
     state_dict, config = read_diffusers(source)  # already converted strictly: the keys are the model's
     if num_heads not in (None, config["num_heads"]):
         raise ValueError(f"--num-heads: {source} stores num_heads {config['num_heads']}, got {num_heads}")

@@ -29,9 +29,9 @@ def load_samples(path) -> tuple[np.ndarray, np.ndarray]:
     missing = [name for name in ("arr_0", "labels") if name not in arrays]
     if missing:
         latents = " (a latent model's samples: digits-accuracy scores pixels)" if "latents" in names else ""
-        raise ValueError(f"{path}: expected arrays arr_0 (the images) and labels, a pixel model's samples.npz of `fastdit "
-                         f"sample`, but it has no {' and no '.join(missing)}; it has {', '.join(names) or 'no arrays'}"
-                         f"{latents}")
+        raise ValueError(f"{path}: expected arrays arr_0 (the images) and labels, a pixel model's samples.npz of "
+                         f"`fastdit sample`, but it has no {' and no '.join(missing)}; it has "
+                         f"{', '.join(names) or 'no arrays'}{latents}")
     return arrays["arr_0"], arrays["labels"]
 
 

@@ -9,7 +9,7 @@ import torch
 
 import fastdit
 from fastdit.models import DTYPES
-from fastdit.models.checkpoint import WEIGHTS, NonFiniteWeightsError
+from fastdit.models.checkpoint import WEIGHTS, MissingNumHeadsError, NonFiniteWeightsError
 
 DEFAULT_IMAGE_SIZE = 256
 VAE_DOWNSAMPLING = 8  # the Stable Diffusion VAE's latents are 1/8 of the image's size
@@ -108,6 +108,10 @@ def load_model(args, device, dtype):
                              "or inf values (first bad tensor; e.g. a diverged training run): pass an earlier "
                              "checkpoint (fastdit train keeps the last finite one in OUT/checkpoints), or for a "
                              f"training checkpoint try --weights {other}") from None
+        except MissingNumHeadsError as error:  # the library's advice is a keyword argument: a CLI user needs a command
+            raise ValueError(f"--ckpt {args.ckpt}: stores no config, and its width {error.hidden_size} is not one of "
+                             "the paper's, whose heads are known: write one that stores it with fastdit convert "
+                             f"{args.ckpt} DST --to fastdit --num-heads N, and pass --ckpt DST") from None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)  # every rank, and every command, builds the same random weights
         model = fastdit.DiT_models[args.model](input_size=(args.image_size or DEFAULT_IMAGE_SIZE) // VAE_DOWNSAMPLING)

@@ -196,7 +196,8 @@ def check_flags(args):
 
 def check_sampler_flags(args, source):
     """The flags that apply to one sampler: before loading with --sampler given, else once the model's is known."""
-    for flag, value, sampler in (("--ddim-spacing", args.ddim_spacing, "ddim"), ("--dpm-final", args.dpm_final, "dpm++")):
+    for flag, value, sampler in (("--ddim-spacing", args.ddim_spacing, "ddim"),
+                                 ("--dpm-final", args.dpm_final, "dpm++")):
         if value != "release" and args.sampler != sampler:
             raise ValueError(f"{flag} {value}: applies to --sampler {sampler}, got {source} {args.sampler}")
 

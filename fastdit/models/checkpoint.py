@@ -61,6 +61,16 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or not the weights of a DiT."""
 
 
+class MissingNumHeadsError(CheckpointError):
+    """Weights that store no config, of a width (``hidden_size``) whose number of heads the paper does not give."""
+
+    def __init__(self, hidden_size: int):
+        self.hidden_size = hidden_size
+        super().__init__(f"num_heads cannot be read from the tensors and hidden_size {hidden_size} is not one of the "
+                         f"paper's widths ({', '.join(map(str, PAPER_NUM_HEADS))}): pass it, e.g. "
+                         "config={'num_heads': ...}")
+
+
 class NonFiniteWeightsError(CheckpointError):
     """Weights holding NaN or inf: ``name`` is the first such tensor, ``count`` its NaN and inf values."""
 
@@ -153,10 +163,7 @@ def infer_config(state_dict: dict, config: dict | None = None) -> dict:
         )
     num_heads = given.get("num_heads", PAPER_NUM_HEADS.get(hidden_size))
     if num_heads is None:
-        raise CheckpointError(
-            f"num_heads cannot be read from the tensors and hidden_size {hidden_size} is not one of the paper's "
-            f"widths ({', '.join(map(str, PAPER_NUM_HEADS))}): pass it, e.g. config={{'num_heads': ...}}"
-        )
+        raise MissingNumHeadsError(hidden_size)
     inferred = dict(
         input_size=grid * patch_size,
         patch_size=patch_size,

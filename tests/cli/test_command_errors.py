@@ -52,11 +52,11 @@ CASES = [
     (["digits-accuracy", "missing.npz"], None, "missing.npz: no such file"),
     (["digits-accuracy", "."], None, ".: is a directory"),
     (["digits-accuracy", "x.npz"], write_npz("x.npz", x=np.zeros(3)),
-     "x.npz: expected arrays arr_0 (the images) and labels, a pixel model's samples.npz of `fastdit sample`, but it has no "
-     "arr_0 and no labels; it has x"),
+     "x.npz: expected arrays arr_0 (the images) and labels, a pixel model's samples.npz of `fastdit sample`, but "
+     "it has no arr_0 and no labels; it has x"),
     (["digits-accuracy", "l.npz"], write_npz("l.npz", latents=np.zeros((2, 4, 4, 4)), labels=DIGITS),
-     "l.npz: expected arrays arr_0 (the images) and labels, a pixel model's samples.npz of `fastdit sample`, but it has no "
-     "arr_0; it has latents, labels (a latent model's samples: digits-accuracy scores pixels)"),
+     "l.npz: expected arrays arr_0 (the images) and labels, a pixel model's samples.npz of `fastdit sample`, but "
+     "it has no arr_0; it has latents, labels (a latent model's samples: digits-accuracy scores pixels)"),
     (["digits-accuracy", "o.npz"], write_npz("o.npz", arr_0=np.array([None, 1], dtype=object), labels=DIGITS),
      "o.npz: cannot read it as a NumPy .npz archive (Object arrays cannot be loaded"),
     (["digits-accuracy", "f.npz"], write_npz("f.npz", arr_0=GREY.astype(np.float32), labels=DIGITS),
