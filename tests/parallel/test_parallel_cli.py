@@ -45,6 +45,7 @@ def test_parallel_sample_equals_single_process(nproc, mode, tmp_path):
 @pytest.mark.parametrize("nproc, flags, message", [
     (3, ["--parallel", "cfg"], "parallel cfg: the cfg degree 2 must divide the world size, got 3 processes"),
     (2, ["--parallel", "sp", "--cuda-graphs"], "--parallel sp: --cuda-graphs is not supported with cfg or sp"),
+    (2, ["--parallel", "sp", "--cache", "fora"], "--parallel sp: --cache is not supported with cfg or sp"),
     (4, ["--parallel", "sp"], "the sp degree must divide the model's attention heads, got degree 4 for 6 heads"),
 ])
 def test_bad_parallel_one_line(nproc, flags, message, tmp_path):
