@@ -154,8 +154,8 @@ def ablate(out: str, steps: int, jobs: int, runs: str | None = None) -> list[dic
 def add_arguments(parser):
     parser.description = __doc__.split("\n\n")[0]
     parser.add_argument("--out", required=True, help="output directory (docs/ablation for the committed results)")
-    parser.add_argument("--steps", type=int, default=PRESETS[PRESET]["steps"], help="training steps per design (default: "
-                        "%(default)s, the digits preset's)")
+    parser.add_argument("--steps", type=int, default=PRESETS[PRESET]["steps"],
+                        help="training steps per design (default: %(default)s, the digits preset's)")
     parser.add_argument("--jobs", type=int, default=2, help="designs trained at once (one CPU thread "
                         "each; default: %(default)s)")
     parser.add_argument("--runs", help="where the training runs go (checkpoints: tens of MB each); default OUT/runs")

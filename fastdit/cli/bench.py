@@ -15,6 +15,7 @@ of the reference's tolerance, the relative max error and PSNR against the exact 
 """
 import math
 import os
+import statistics
 import sys
 
 import torch
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 
 import fastdit
 from fastdit.bench import report as bench_report
-from fastdit.bench.timing import time_median
+from fastdit.bench.timing import noise_warnings, spread, time_median, time_runs
 from fastdit.bench.workloads import (
     BASELINE,
     CACHE_IMPLEMENTATIONS,
@@ -97,8 +98,8 @@ def add_arguments(parser):
     parser.add_argument("--cache-steps", type=int, default=50, help="DDIM steps of a --cache sampling run "
                         "(default: %(default)s)")
     parser.add_argument("--cache-repeats", type=int, default=3,
-                        help="timed --cache sampling runs (median; the checked run before them is the warm-up; default: "
-                             "%(default)s)")
+                        help="timed --cache sampling runs (median; the checked run before them is the warm-up; "
+                             "default: %(default)s)")
     parser.add_argument("--cache-min-psnr", type=float, default=20.0,
                         help="dB: a cache whose samples are further than this from exact sampling's (PSNR of the "
                              "latents, peak their range) fails its row (default: %(default)s)")
@@ -151,7 +152,8 @@ def _measure(models, inputs, workload, implementation, expected, settings, peak)
             raise expected
         run = WORKLOAD_BUILDERS[workload](models, implementation, inputs)
         error = check_parity(run.output(), expected, dtype, f"{implementation} {workload}")
-        seconds = time_median(run.step, device, settings["repeats"], settings["warmup"])
+        times = time_runs(run.step, device, settings["repeats"], settings["warmup"])
+        seconds = statistics.median(times)
     except ParityError as failure:
         return {**result, "status": "parity-failed", "reason": str(failure)}
     except Exception as failure:  # out of memory, a compiler error, a capture error: noted, and the sweep goes on
@@ -160,6 +162,7 @@ def _measure(models, inputs, workload, implementation, expected, settings, peak)
     tflops = images_per_s * workload_flops(named_shape(models.name, models.input_size), workload) / 1e12
     result.update(status="ok", max_error={"value": error, "unit": f"relative max error vs {BASELINE}"},
                   time={"value": seconds, "unit": "s per step (median)"},
+                  spread={"value": spread(times), "unit": "slowest / fastest timed step"},
                   throughput={"value": images_per_s, "unit": "images/s"},
                   achieved={"value": tflops, "unit": "TFLOP/s"},
                   mfu={"value": tflops / peak["gemm"]["value"], "unit": "fraction of the measured GEMM peak"})
@@ -198,7 +201,8 @@ def _measure_cached(models, inputs, implementation, settings) -> list[dict]:
                 if not (torch.isfinite(output).all() and psnr >= cache["min_psnr"]):
                     raise ParityError(f"{method} sampling is {psnr:.1f} dB from exact sampling (PSNR of the "
                                       f"latents), below --cache-min-psnr {cache['min_psnr']:g}")
-            seconds = time_median(run.run, device, cache["repeats"], warmup=0)
+            times = time_runs(run.run, device, cache["repeats"], warmup=0)
+            seconds = statistics.median(times)
         except ParityError as failure:
             row.update(status="parity-failed", reason=str(failure))
             continue
@@ -207,6 +211,7 @@ def _measure_cached(models, inputs, implementation, settings) -> list[dict]:
             continue
         row.update(status="ok", blocks_per_image={"value": blocks, "unit": "block evaluations per image per run"},
                    time={"value": seconds, "unit": "s per sampling run (median)"},
+                   spread={"value": spread(times), "unit": "slowest / fastest timed run"},
                    throughput={"value": run.images / seconds, "unit": "images/s"})
         if method is None:
             exact = {"output": output, "seconds": seconds, "blocks": blocks}
@@ -277,6 +282,11 @@ def run(args):
     bench_report.write(args.out, report)
     failed = [r for r in results + cache_results if r["status"] in ("parity-failed", "error")]
     print(f"fastdit bench: wrote report.json, report.md and throughput.png to {args.out}")
+    names = ("model", "batch_size", "workload", "cache", "implementation")
+    spreads = {" ".join(str(row[key]) for key in names if key in row): row["spread"]["value"]
+               for row in results + cache_results if "spread" in row}
+    for line in noise_warnings(spreads):
+        print(f"fastdit bench: warning: {line}", file=sys.stderr)
     for result in failed:
         what = result.get("workload") or f"cached sampling ({result['cache']})"
         print(f"fastdit bench: {result['model']} x{result['batch_size']} {what} "

@@ -26,7 +26,8 @@ def add_arguments(parser):
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="DataLoader processes decoding and preprocessing the images per encode process "
                              "(0: in the main process); default min(8, CPU count)")
-    parser.add_argument("--prefetch", type=int, default=2, help="batches each worker prepares ahead (default: %(default)s)")
+    parser.add_argument("--prefetch", type=int, default=2,
+                        help="batches each worker prepares ahead (default: %(default)s)")
     parser.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK under torchrun) if there is "
                                                        "one, else cpu")
 

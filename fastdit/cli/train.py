@@ -19,7 +19,8 @@ def add_arguments(parser):
                         "values replace the defaults below)")
     parser.add_argument("--out", required=True, help="run directory: checkpoints, log.jsonl, model/ (resumed if present)")
     parser.add_argument("--model", help=f"DiT-S/2 ... DiT-XL/8 (default {DEFAULTS['model']})")
-    parser.add_argument("--block", choices=BLOCK_DESIGNS, help=f"the paper's block design (default {DEFAULTS['block']})")
+    parser.add_argument("--block", choices=BLOCK_DESIGNS,
+                        help=f"the paper's block design (default {DEFAULTS['block']})")
     parser.add_argument("--data", help="'digits', a directory of latent shards (fastdit encode), or with --pixel an "
                                        f"image folder (default {DEFAULTS['data']})")
     parser.add_argument("--pixel", action="store_true", default=None, help="train on images, not latents")
