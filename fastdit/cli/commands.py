@@ -1,11 +1,24 @@
 """The `fastdit` command."""
 import argparse
+import importlib
 import sys
 
-from fastdit.cli import ablation, bench, convert, demo, digits, encode, export
-from fastdit.cli import sample as sample_cli
-from fastdit.cli import train as train_cli
-from fastdit.train import distributed
+from fastdit import distributed
+
+# name -> (module in fastdit.cli, help). A subcommand's module is imported only when it runs or shows its --help,
+# so `fastdit sample` loads neither the trainer nor the benchmarks.
+COMMANDS = {
+    "demo": ("demo", "check a model against the reference and time it"),
+    "sample": ("sample", "sample images from a DiT (torchrun: many GPUs)"),
+    "train": ("train", "train a DiT (torchrun: many GPUs)"),
+    "encode": ("encode", "precompute VAE latents of an image folder for training"),
+    "digits-accuracy": ("digits", "how recognisable sampled digits are"),
+    "evaluate": ("evaluate", "FID, sFID, Inception Score, precision and recall as the ADM suite (torchrun: many GPUs)"),
+    "bench": ("bench", "images/s and MFU against the baselines; writes report.json/.md/.png"),
+    "export": ("export", "compile the guided denoiser into an AOTInductor .pt2 package for the C++ runner fastdit-run"),
+    "convert": ("convert", "convert a DiT's weights between the release's, fastdit's and diffusers' formats"),
+    "ablation": ("ablation", "train the paper's four block designs on the digits and compare them (docs/ablation)"),
+}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -15,37 +28,29 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> ArgumentParser:
-    """The `fastdit` parser, a subparser per command."""
+def subcommand(name):
+    """The module of subcommand ``name``: its ``add_arguments(parser)`` and ``run(args)``."""
+    return importlib.import_module(f"fastdit.cli.{COMMANDS[name][0]}")
+
+
+def build_parser(names=tuple(COMMANDS)) -> ArgumentParser:
+    """The `fastdit` parser, with the flags of the subcommands in ``names`` (every one listed, with its help). A
+    subcommand's description is its help as a sentence, unless its module sets a longer one."""
     parser = ArgumentParser(prog="fastdit", description="Fast, checked DiT (Peebles & Xie, 2023).")
     commands = parser.add_subparsers(dest="command", required=True)
-
-    def command(name, summary):
-        """A subparser whose description is its one-line summary (a command's module may set a longer one)."""
-        return commands.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
-
-    demo.add_arguments(command("demo", "check a model against the reference and time it"))
-    sample_cli.add_arguments(command("sample", "sample images from a DiT (torchrun: many GPUs)"))
-    train_cli.add_arguments(command("train", "train a DiT (torchrun: many GPUs)"))
-    encode.add_arguments(command("encode", "precompute VAE latents of an image folder for training"))
-    digits.add_arguments(command("digits-accuracy", "how recognisable sampled digits are"))
-    bench.add_arguments(command("bench", "images/s and MFU against the baselines; writes report.json/.md/.png"))
-    export.add_arguments(command("export", "compile the guided denoiser into an AOTInductor .pt2 package for the "
-                                           "C++ runner fastdit-run"))
-    convert.add_arguments(command("convert", "convert a DiT's weights between the release's, fastdit's and "
-                                             "diffusers' formats"))
-    ablation.add_arguments(command("ablation", "train the paper's four block designs on the digits and compare them "
-                                               "(docs/ablation)"))
+    for name, (_, help) in COMMANDS.items():
+        subparser = commands.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
+        if name in names:
+            subcommand(name).add_arguments(subparser)
     return parser
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    runs = {"demo": demo.run, "sample": sample_cli.run, "train": train_cli.run, "encode": encode.run,
-            "digits-accuracy": digits.run, "bench": bench.run, "export": export.run, "convert": convert.run,
-            "ablation": ablation.run}
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The subcommand is the first argument: `fastdit` itself takes no flags but --help.
+    args = build_parser(argv[:1]).parse_args(argv)
     try:
-        return runs[args.command](args)
+        return subcommand(args.command).run(args)
     # CheckpointError is a ValueError; OSError: an unwritable --out, a full disk.
     except (ValueError, TypeError, KeyError, ImportError, OSError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error  # KeyError's str() quotes it

@@ -19,9 +19,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fastdit import reference
 from fastdit._version import __version__
+from fastdit.integrations import diffusers_folders, hub
 from fastdit.io import atomic_path, write_text_atomic
+from fastdit.models.config import (
+    CONFIG_KEYS,
+    PAPER_NUM_HEADS,
+    RELEASE_CLASS_DROPOUT,
+    CheckpointError,
+    MissingNumHeadsError,
+    NonFiniteWeightsError,
+    model_config,
+)
 from fastdit.models.validation import first_nonfinite
 
 CONFIG_FILE = "config.json"
@@ -31,14 +40,6 @@ FORMAT_VERSION = 1
 # The config also rides in the safetensors header, so a weights file moved out of its
 # directory still says what model it is (num_heads cannot be read off the shapes).
 CONFIG_METADATA_KEY = "fastdit_config"
-
-CONFIG_KEYS = (
-    "input_size", "patch_size", "in_channels", "hidden_size", "depth",
-    "num_heads", "mlp_ratio", "class_dropout_prob", "num_classes", "learn_sigma", "block",
-)
-PAPER_NUM_HEADS = {config["hidden_size"]: config["num_heads"] for config in reference.DIT_CONFIGS.values()}
-# Every model trained with the release's code has class dropout 0.1, hence a null-class row.
-RELEASE_CLASS_DROPOUT = 0.1
 
 WEIGHTS = ("ema", "model")  # the two sets of weights a training checkpoint holds
 # A checkpoint folder's recommended sampling settings (``fastdit.diffusion.settings``), kept with the model as
@@ -55,29 +56,6 @@ RELEASE_HINT = (
     "local path (fastdit never downloads at run time); the models that ship inside fastdit load by name: "
     + ", ".join(NAMED_MODELS)
 )
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, or not the weights of a DiT."""
-
-
-class MissingNumHeadsError(CheckpointError):
-    """Weights that store no config, of a width (``hidden_size``) whose number of heads the paper does not give."""
-
-    def __init__(self, hidden_size: int):
-        self.hidden_size = hidden_size
-        super().__init__(f"num_heads cannot be read from the tensors and hidden_size {hidden_size} is not one of the "
-                         f"paper's widths ({', '.join(map(str, PAPER_NUM_HEADS))}): pass it, e.g. "
-                         "config={'num_heads': ...}")
-
-
-class NonFiniteWeightsError(CheckpointError):
-    """Weights holding NaN or inf: ``name`` is the first such tensor, ``count`` its NaN and inf values."""
-
-    def __init__(self, path, name: str, count: int):
-        self.name, self.count = name, count
-        super().__init__(f"{path}: the weights are not finite: {name} holds {count} NaN or inf values (first bad "
-                         "tensor; e.g. a diverged training run); pass allow_nonfinite=True to load them")
 
 
 def build(model_class, path, *, config: dict | None = None, device="cpu", dtype=None, weights=None,
@@ -115,8 +93,6 @@ def read(path, weights=None) -> tuple[dict, dict | None]:
     a training checkpoint's "ema" or "model" (None: "ema" where there are both). Besides fastdit's and the
     release's files: a diffusers pipeline root or DiT transformer folder, and a Hugging Face repo id
     ("facebook/DiT-XL-2-256") found in the local cache."""
-    from fastdit.integrations import diffusers_folders, hub  # they build on this module: imported here
-
     if hub.is_repo_id(path):
         path = hub.resolve_repo_id(path)
     path = _checked_path(path)
@@ -179,28 +155,6 @@ def infer_config(state_dict: dict, config: dict | None = None) -> dict:
     return {**inferred, **given}
 
 
-def model_config(model) -> dict:
-    """The constructor arguments of a DiT (fast or reference), without ``attn_backend``: that is
-    a choice of the machine that runs the model, not a property of its weights."""
-    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model
-    if not isinstance(model, reference.DiT):  # fastdit.DiT is one too
-        raise TypeError(f"model: expected a fastdit.DiT or fastdit.reference.DiT, got {type(model).__name__}")
-    hidden_size = model.pos_embed.shape[-1]
-    return dict(
-        input_size=model.input_size,
-        patch_size=model.patch_size,
-        in_channels=model.in_channels,
-        hidden_size=hidden_size,
-        depth=len(model.blocks),
-        num_heads=model.num_heads,
-        mlp_ratio=model.blocks[0].mlp.fc1.out_features / hidden_size if len(model.blocks) else 4.0,
-        class_dropout_prob=model.y_embedder.dropout_prob,
-        num_classes=model.num_classes,
-        learn_sigma=model.learn_sigma,
-        block=model.block,
-    )
-
-
 SAVE_FORMATS = ("fastdit", "diffusers")
 
 
@@ -212,9 +166,7 @@ def save_pretrained(model, directory, format="fastdit") -> None:
     if format not in SAVE_FORMATS:
         raise ValueError(f"format: expected one of {', '.join(map(repr, SAVE_FORMATS))}, got {format!r}")
     if format == "diffusers":
-        from fastdit.integrations.diffusers_folders import write_diffusers  # it builds on this module
-
-        write_diffusers(model, directory)
+        diffusers_folders.write_diffusers(model, directory)
         return
     config = model_config(model)
     model = getattr(model, "_orig_mod", model)
