@@ -83,11 +83,12 @@ def subcommand(name):
 
 
 def build_parser(names=tuple(COMMANDS)) -> ArgumentParser:
-    """The `fastdit` parser, with the flags of the subcommands in ``names`` (every one listed, with its help)."""
+    """The `fastdit` parser, with the flags of the subcommands in ``names`` (every one listed, with its help). A
+    subcommand's description is its help as a sentence, unless its module sets a longer one."""
     parser = ArgumentParser(prog="fastdit", description="Fast, checked DiT (Peebles & Xie, 2023).")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (_, help) in COMMANDS.items():
-        subparser = commands.add_parser(name, help=help)
+        subparser = commands.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
         if name in names:
             subcommand(name).add_arguments(subparser)
     return parser

@@ -20,16 +20,19 @@ def add_arguments(parser):
     parser.add_argument("--vae", required=True, help="local directory of a diffusers AutoencoderKL")
     parser.add_argument("--out", required=True, help="directory for the latent shards; rerunning the same command "
                                                      "on it resumes an unfinished encode")
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=32, help="images per VAE call (it encodes both flips)")
-    parser.add_argument("--shard-size", type=int, default=10_000, help="images per shard")
+    parser.add_argument("--image-size", type=int, default=256, help="images are resized and center-cropped to this "
+                        "many pixels, as the release (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per VAE call (it encodes both flips; "
+                        "default: %(default)s)")
+    parser.add_argument("--shard-size", type=int, default=10_000, help="images per shard (default: %(default)s)")
     parser.add_argument("--latent-dtype", choices=list(LATENT_DTYPES), default="fp16",
                         help="how latents are stored (default fp16: half of fp32's disk and page cache; "
                              "docs/data.md measures what it changes)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="DataLoader processes decoding and preprocessing the images per encode process "
                              "(0: in the main process); default min(8, CPU count)")
-    parser.add_argument("--prefetch", type=int, default=2, help="batches each worker prepares ahead")
+    parser.add_argument("--prefetch", type=int, default=2,
+                        help="batches each worker prepares ahead (default: %(default)s)")
     options.add_device_argument(parser, options.TORCHRUN_DEVICE_HELP)
 
 

@@ -10,7 +10,7 @@ import torch
 import fastdit
 from fastdit.models import DTYPES
 from fastdit.models.checkpoint import WEIGHTS
-from fastdit.models.config import NonFiniteWeightsError
+from fastdit.models.config import MissingNumHeadsError, NonFiniteWeightsError
 
 DEFAULT_IMAGE_SIZE = 256
 MAX_IMAGE_SIZE = 4096  # px: 16 times DiT's 256; a larger image is a slip of the keyboard, not a run
@@ -143,14 +143,14 @@ def add_sampling_arguments(parser, steps_help, seed_help, batch_size_help="image
     parser.add_argument("--steps", type=int, help=steps_help)
     parser.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1: none; default "
                         f"{DEFAULT_CFG_SCALE:g}, as the release's sample.py; the bundled model: its recommended one)")
-    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument("--seed", type=int, default=0, help=seed_help + " (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, help=batch_size_help)
 
 
 def check_sampling_flags(args):
-    """--steps (None: the sampler's default), --cfg-scale, --seed and --batch-size."""
+    """--steps and --cfg-scale (None: the model's recommended ones), --seed and --batch-size."""
     check_range("--steps", args.steps, 1, 1000)
-    if not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
+    if args.cfg_scale is not None and not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
         raise ValueError(f"--cfg-scale: expected a finite number >= 0 (1: no guidance), got {args.cfg_scale}")
     check_range("--seed", args.seed, *SEED_RANGE)
     check_range("--batch-size", args.batch_size, 1, MAX_BATCH)
@@ -167,6 +167,10 @@ def load_model(args, device, dtype):
                              "or inf values (first bad tensor; e.g. a diverged training run): pass an earlier "
                              "checkpoint (fastdit train keeps the last finite one in OUT/checkpoints), or for a "
                              f"training checkpoint try --weights {other}") from None
+        except MissingNumHeadsError as error:  # the library's advice is a keyword argument: a CLI user needs a command
+            raise ValueError(f"--ckpt {args.ckpt}: stores no config, and its width {error.hidden_size} is not one of "
+                             "the paper's, whose heads are known: write one that stores it with fastdit convert "
+                             f"{args.ckpt} DST --to fastdit --num-heads N, and pass --ckpt DST") from None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)  # every rank, and every command, builds the same random weights
         model = fastdit.DiT_models[args.model](input_size=(args.image_size or DEFAULT_IMAGE_SIZE) // VAE_DOWNSAMPLING)

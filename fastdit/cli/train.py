@@ -12,27 +12,41 @@ from fastdit.train import run_folder
 from fastdit.train.trainer import PRESETS, TrainConfig, Trainer
 
 PRECISIONS = ("auto", "bf16", "fp32")
+# The flags default to None, so that a --preset's values stand unless a flag is given; their help states
+# TrainConfig's defaults, which apply without a preset.
+DEFAULTS = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
 
 
 def add_arguments(parser):
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="a ready configuration (flags override it)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="a ready configuration (flags override it; its "
+                        "values replace the defaults below)")
     parser.add_argument("--out", required=True, help="run directory: checkpoints, log.jsonl, model/ (resumed if present)")
-    parser.add_argument("--model", help="DiT-S/2 ... DiT-XL/8")
-    parser.add_argument("--block", choices=BLOCK_DESIGNS, help="the paper's block design (default adaln-zero)")
+    parser.add_argument("--model", help=f"DiT-S/2 ... DiT-XL/8 (default {DEFAULTS['model']})")
+    parser.add_argument("--block", choices=BLOCK_DESIGNS,
+                        help=f"the paper's block design (default {DEFAULTS['block']})")
     parser.add_argument("--data", help="'digits', a directory of latent shards (fastdit encode), or with --pixel an "
-                                       "image folder")
+                                       f"image folder (default {DEFAULTS['data']})")
     parser.add_argument("--pixel", action="store_true", default=None, help="train on images, not latents")
-    parser.add_argument("--image-size", type=int)
-    parser.add_argument("--global-batch-size", type=int)
-    parser.add_argument("--lr", type=float)
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--ema-decay", type=float)
-    parser.add_argument("--precision", choices=PRECISIONS)
-    parser.add_argument("--gradient-checkpointing", action="store_true", default=None)
-    parser.add_argument("--compile", action="store_true", default=None)
-    parser.add_argument("--ckpt-every", type=int)
-    parser.add_argument("--log-every", type=int)
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--image-size", type=int, help="image size in pixels (a latent model's inputs are 1/8 of it; "
+                        f"default {DEFAULTS['image_size']})")
+    parser.add_argument("--global-batch-size", type=int, help="images per optimizer step over all processes "
+                        f"(default {DEFAULTS['global_batch_size']})")
+    parser.add_argument("--lr", type=float, help=f"AdamW's constant learning rate (default {DEFAULTS['lr']:g})")
+    parser.add_argument("--steps", type=int, help="optimizer steps of the whole run; a finished run rerun with more "
+                        f"continues (default {DEFAULTS['steps']})")
+    parser.add_argument("--ema-decay", type=float, help="decay of the exponential moving average of the weights, "
+                        f"which is the model sampled from (default {DEFAULTS['ema_decay']})")
+    parser.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 autocast on GPU, fp32 elsewhere "
+                        f"(default {DEFAULTS['precision']})")
+    parser.add_argument("--gradient-checkpointing", action="store_true", default=None, help="recompute each block's "
+                        "activations in the backward pass: less memory, one more forward per step (default: off)")
+    parser.add_argument("--compile", action="store_true", default=None, help="run the model through torch.compile "
+                        "(default: off)")
+    parser.add_argument("--ckpt-every", type=int, help=f"steps between checkpoints (default {DEFAULTS['ckpt_every']})")
+    parser.add_argument("--log-every", type=int, help="steps between the records of OUT/log.jsonl (default "
+                        f"{DEFAULTS['log_every']})")
+    parser.add_argument("--seed", type=int, help="draws the initial weights, the data order, the timesteps and the "
+                        f"noise (default {DEFAULTS['seed']})")
     parser.add_argument("--skip-nonfinite", type=int, metavar="N",
                         help="skip up to N updates whose loss or gradients are not finite (counted in log.jsonl) "
                              "and stop at the next; costs one host sync per step. Default: stop at the first "
@@ -46,7 +60,7 @@ def add_arguments(parser):
                              "non-finite still names the bad samples of its batch")
     options.add_device_argument(parser, options.TORCHRUN_DEVICE_HELP)
     parser.add_argument("--deterministic", action="store_true", help="deterministic kernels (exact reruns on CPU)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (the success line is printed)")
 
 
 def config_from_args(args) -> TrainConfig:
@@ -83,5 +97,14 @@ def run(args):
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
     with distributed.launch(args.device) as process:
-        Trainer(config, process).run(progress=not args.no_progress)
+        trainer = Trainer(config, process)
+        trainer.run(progress=not args.no_progress)
+        if process.is_main:
+            model = os.path.join(config.out, "model")
+            if trainer.first_step == config.steps:
+                print(f"fastdit train: {config.out} had already finished its {config.steps} steps; the EMA model is "
+                      f"in {model}")
+            else:
+                print(f"fastdit train: trained steps {trainer.first_step + 1} to {config.steps}; wrote the EMA model "
+                      f"to {model} and checkpoints to {trainer.checkpoint_dir}")
     return 0

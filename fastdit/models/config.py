@@ -18,6 +18,16 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or not the weights of a DiT."""
 
 
+class MissingNumHeadsError(CheckpointError):
+    """Weights that store no config, of a width (``hidden_size``) whose number of heads the paper does not give."""
+
+    def __init__(self, hidden_size: int):
+        self.hidden_size = hidden_size
+        super().__init__(f"num_heads cannot be read from the tensors and hidden_size {hidden_size} is not one of the "
+                         f"paper's widths ({', '.join(map(str, PAPER_NUM_HEADS))}): pass it, e.g. "
+                         "config={'num_heads': ...}")
+
+
 class NonFiniteWeightsError(CheckpointError):
     """Weights holding NaN or inf: ``name`` is the first such tensor, ``count`` its NaN and inf values."""
 

@@ -387,6 +387,7 @@ class Trainer:
         bar = tqdm(range(self.step, config.steps), desc="training", initial=self.step, total=config.steps,
                    disable=not (progress and self.rank == 0), dynamic_ncols=True)
         started, started_step = time.perf_counter(), self.step
+        self.first_step = started_step  # where this process started: config.steps when the run was finished
         for _ in bar:
             terms = self.train_step()
             if self.step % config.log_every == 0 or self.step == config.steps:

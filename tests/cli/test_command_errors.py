@@ -51,21 +51,21 @@ CASES = [
     (["digits-accuracy", "missing.npz"], None, "missing.npz: no such file"),
     (["digits-accuracy", "."], None, ".: is a directory"),
     (["digits-accuracy", "x.npz"], write_npz("x.npz", x=np.zeros(3)),
-     "x.npz: expected arrays images and labels, a pixel model's samples.npz of `fastdit sample`, but it has no "
-     "images and no labels; it has x"),
+     "x.npz: expected arrays arr_0 (the images) and labels, a pixel model's samples.npz of `fastdit sample`, but "
+     "it has no arr_0 and no labels; it has x"),
     (["digits-accuracy", "l.npz"], write_npz("l.npz", latents=np.zeros((2, 4, 4, 4)), labels=DIGITS),
-     "l.npz: expected arrays images and labels, a pixel model's samples.npz of `fastdit sample`, but it has no "
-     "images; it has latents, labels (a latent model's samples: digits-accuracy scores pixels)"),
-    (["digits-accuracy", "o.npz"], write_npz("o.npz", images=np.array([None, 1], dtype=object), labels=DIGITS),
+     "l.npz: expected arrays arr_0 (the images) and labels, a pixel model's samples.npz of `fastdit sample`, but "
+     "it has no arr_0; it has latents, labels (a latent model's samples: digits-accuracy scores pixels)"),
+    (["digits-accuracy", "o.npz"], write_npz("o.npz", arr_0=np.array([None, 1], dtype=object), labels=DIGITS),
      "o.npz: cannot read it as a NumPy .npz archive (Object arrays cannot be loaded"),
-    (["digits-accuracy", "f.npz"], write_npz("f.npz", images=GREY.astype(np.float32), labels=DIGITS),
+    (["digits-accuracy", "f.npz"], write_npz("f.npz", arr_0=GREY.astype(np.float32), labels=DIGITS),
      "f.npz: images: expected grey uint8 images of shape (N, H, W) or (N, H, W, 1), N >= 1 (a 1-channel pixel "
      "model's samples), got float32 of shape (2, 16, 16, 1)"),
-    (["digits-accuracy", "rgb.npz"], write_npz("rgb.npz", images=np.zeros((2, 16, 16, 3), np.uint8), labels=DIGITS),
+    (["digits-accuracy", "rgb.npz"], write_npz("rgb.npz", arr_0=np.zeros((2, 16, 16, 3), np.uint8), labels=DIGITS),
      "rgb.npz: images: expected grey uint8 images"),
-    (["digits-accuracy", "n.npz"], write_npz("n.npz", images=GREY, labels=np.array([3, 4, 5])),
+    (["digits-accuracy", "n.npz"], write_npz("n.npz", arr_0=GREY, labels=np.array([3, 4, 5])),
      "n.npz: labels: expected 2 integer labels, one per image, got int64 of shape (3,)"),
-    (["digits-accuracy", "c.npz"], write_npz("c.npz", images=GREY, labels=np.array([3, 12])),
+    (["digits-accuracy", "c.npz"], write_npz("c.npz", arr_0=GREY, labels=np.array([3, 12])),
      "c.npz: labels: expected digits in [0, 9], got [12]"),
 ]
 

@@ -29,7 +29,7 @@ def assert_complete_output(out):
     """run.json, samples.npz and the PNGs are one run's: counts, labels and pixels agree. Returns run.json."""
     record = json.loads((out / "run.json").read_text())
     with np.load(out / "samples.npz") as data:
-        labels, samples = data["labels"], data["images"]
+        labels, samples = data["labels"], data["arr_0"]
     count = record["sampling"]["num_samples"]
     assert len(labels) == len(samples) == count
     names = sorted(os.listdir(out / "images")) if (out / "images").exists() else []
@@ -188,7 +188,7 @@ def test_fastdits_own_training_checkpoint(training_checkpoint, weights, tmp_path
     model = fastdit.load(training_checkpoint, weights=weights or "ema")
     expected = sample(model, [3, 5], sampler="ddim", steps=2, cfg_scale=4.0, seed=0)
     with np.load(out / "samples.npz") as data:
-        np.testing.assert_array_equal(data["images"], images.to_uint8(expected))
+        np.testing.assert_array_equal(data["arr_0"], images.to_uint8(expected))
     assert json.loads((out / "run.json").read_text())["arguments"]["weights"] == weights
 
 
