@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from fastdit.models import checkpoint as checkpoints  # `checkpoint` is torch's activation checkpointing
+from fastdit.models import fp8
 from fastdit.models.attention import attention, check_backend
 from fastdit.models.modulation import modulations as adaln_modulations, stack_modulations
 from fastdit.kernels.gated_residual import gated_residual_modulate_layernorm
@@ -80,7 +81,7 @@ class Mlp(reference.Mlp):
     def forward(self, x):
         fc1 = self.fc1
         recorded = torch.is_grad_enabled() and (x.requires_grad or fc1.weight.requires_grad)
-        if not fused_gelu.FUSED or recorded:
+        if not fused_gelu.FUSED or recorded or not isinstance(fc1, nn.Linear):  # an FP8Linear: its own GEMM
             return super().forward(x)
         dtype = linear_dtype(fc1.weight)  # autocast does not cast a custom op's inputs
         return self.fc2(fused_gelu.linear_gelu(x.to(dtype), fc1.weight.to(dtype), fc1.bias.to(dtype)))
@@ -221,6 +222,8 @@ class DiT(reference.DiT):
         "in-context": LayerNormFinalLayer,
     }
 
+    quantization = None  # "fp8" once ``quantize("fp8")`` has run
+
     def __init__(self, *args, attn_backend="auto", **kwargs):
         """The release's arguments (see ``fastdit.reference.DiT``), plus ``attn_backend``."""
         super().__init__(*args, **kwargs)
@@ -231,11 +234,31 @@ class DiT(reference.DiT):
 
     @classmethod
     def from_pretrained(cls, path, *, config=None, device="cpu", dtype=None, weights=None, allow_nonfinite=False,
-                        attn_backend="auto"):
+                        attn_backend="auto", quantize=None):
         """A model in eval mode from a checkpoint file or directory; ``weights``: a training checkpoint's
-        "ema" (the default) or "model". See ``fastdit.models.checkpoint.build``."""
-        return checkpoints.build(cls, path, config=config, device=device, dtype=dtype, weights=weights,
-                                 allow_nonfinite=allow_nonfinite, attn_backend=attn_backend)
+        "ema" (the default) or "model". See ``fastdit.models.checkpoint.build``. ``quantize="fp8"``: the
+        blocks' GEMMs in FP8 (``quantize``), the rest in bf16 (``dtype`` None or bfloat16)."""
+        fp8.check_quantize(quantize)
+        if quantize is not None:
+            if dtype not in (None, torch.bfloat16):
+                raise ValueError(f"dtype: quantize={quantize!r} runs the model in torch.bfloat16, got {dtype}")
+            dtype = torch.bfloat16
+        model = checkpoints.build(cls, path, config=config, device=device, dtype=dtype, weights=weights,
+                                  allow_nonfinite=allow_nonfinite, attn_backend=attn_backend)
+        return model if quantize is None else model.quantize(quantize)
+
+    def quantize(self, quantize):
+        """Quantize the blocks' qkv, attention projection, fc1 and fc2 for inference: ``"fp8"`` (E4M3 weights
+        with a scale per output channel, inputs with a scale per token; see ``fastdit.models.fp8``). The model
+        must be bf16, on the CPU or a CUDA GPU of compute capability 8.9 or newer; it is then eval-only."""
+        fp8.quantize_(self, quantize)
+        return self
+
+    def train(self, mode=True):
+        if mode and self.quantization is not None:
+            raise ValueError(f"train: the model is quantized to {self.quantization}, for inference only; load the "
+                             "checkpoint again without quantize to train it")
+        return super().train(mode)
 
     def save_pretrained(self, directory, format="fastdit"):
         """Write ``config.json`` and ``model.safetensors`` to ``directory`` (``format="diffusers"``: a diffusers
