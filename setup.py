@@ -10,10 +10,10 @@ setup(
     # kernels/ lives at the top of the repository but installs as fastdit.kernels: a
     # top-level `kernels` module would shadow the PyPI package of that name.
     packages=["fastdit", "fastdit.bench", "fastdit.cli", "fastdit.diffusion", "fastdit.models", "fastdit.train",
-              "fastdit.integrations", "fastdit.parallel", "fastdit.kernels"],
+              "fastdit.integrations", "fastdit.parallel", "fastdit.tools", "fastdit.evaluation", "fastdit.kernels"],
     package_dir={"fastdit": "fastdit", "fastdit.kernels": "kernels"},
     package_data={"fastdit": ["assets/digits/*.json", "assets/digits/*.safetensors"]},
-    install_requires=["torch>=2.5", "triton>=3.6", "numpy", "safetensors>=0.4", "pillow", "tqdm", "scikit-learn"],
+    install_requires=["torch>=2.5", "triton>=3.6", "numpy", "scipy", "safetensors>=0.4", "pillow", "tqdm", "scikit-learn"],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "matplotlib>=3.7"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
@@ -23,6 +23,9 @@ setup(
         "flash-attn": ["flash-attn>=2.5"],
         "xformers": ["xformers"],
         "native": ["cmake>=3.18", "ninja"],  # builds the C++ runner fastdit-run (CMakeLists.txt)
+        # fastdit evaluate's Inception (FID, sFID, IS, precision/recall); not in "test": it pulls PyPI's torchvision,
+        # which does not import beside a CPU torch (docs/evaluation.md). --digits needs nothing more.
+        "eval": ["torch-fidelity>=0.3"],
     },
     entry_points={"console_scripts": ["fastdit=fastdit.cli:main"]},
 )

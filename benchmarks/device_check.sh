@@ -136,8 +136,8 @@ if ((!REPORT_ONLY)); then
     plan bench-512 60 40 "${BENCH[*]} --image-size 512 --batch-sizes 16 ${EAGER[*]} --out $OUT_DIR/bench/512"
     plan bench-256-compiled 80 0 "${BENCH[*]} --image-size 256 --batch-sizes 64 --implementations reference-compiled \
 fastdit-compiled --workloads forward sampling-step --out $OUT_DIR/bench/256-compiled"
-    plan tuning 30 20 "$PYTHON -m fastdit.kernels.tune --json $OUT_DIR/tuning.json"
-    plan aot 60 40 "$PYTHON -m fastdit.kernels.aot --arch \$ARCH --model DiT-XL/2 --image-size 256 512 \
+    plan tuning 30 20 "$PYTHON -m fastdit.tools.tune --json $OUT_DIR/tuning.json"
+    plan aot 60 40 "$PYTHON -m fastdit.tools.aot --arch \$ARCH --model DiT-XL/2 --image-size 256 512 \
 --dtype bf16 amp --block adaln-zero --json $OUT_DIR/kernels.json"
 fi
 plan report 15 15 "$PYTHON -c \"\$REPORT_PY\" $OUT_DIR docs/benchmarks"

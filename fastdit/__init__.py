@@ -8,7 +8,8 @@ from fastdit._version import __version__
 from fastdit.diffusion.sampling import NonFiniteSampleError, sample
 from fastdit.kernels import kernel_path
 from fastdit.models.attention import ATTENTION_BACKENDS
-from fastdit.models.checkpoint import CheckpointError, save_pretrained
+from fastdit.models.checkpoint import save_pretrained
+from fastdit.models.config import CheckpointError
 from fastdit.models.dit import DiT, DiT_models, load
 
 __all__ = [

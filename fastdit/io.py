@@ -70,6 +70,16 @@ def write_text_atomic(path, text: str) -> None:
     write_bytes_atomic(path, text.encode())
 
 
+def write_npy_atomic(path, array: np.ndarray) -> bytes:
+    """Write ``array`` as a ``.npy`` file (no pickled objects), atomically and fsynced; returns the file's bytes,
+    for a record of their size and checksum."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    data = buffer.getvalue()
+    write_bytes_atomic(path, data)
+    return data
+
+
 def write_npz_streamed(path, arrays) -> None:
     """Write ``path`` as ``np.savez`` does (an uncompressed zip64 archive of ``.npy`` members, which
     ``np.load`` and the ADM evaluator's streaming reader read), each member written piece by piece, so that

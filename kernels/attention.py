@@ -23,8 +23,8 @@ import triton.language as tl
 
 from .attention_backward import attention_backward
 from . import tuning
-from .attention_tiles import (_LOG2E, _as_vector_aligned, _check_inputs, _load_tile, _program_qkv, _split_head_dim,
-                              _store_tile, _vector_strides, check_grid, tile_shared_bytes, tuning_key)
+from .attention_tiles import (LOG2E, as_vector_aligned, check_grid, check_inputs, load_tile, program_qkv,
+                              split_head_dim, store_tile, tile_shared_bytes, tuning_key, vector_strides)
 from .interpreter import dot, to_storage
 from .launch import ATTENTION_FP_FUSION, Config, config, dot_precision, offer, warpgroup_mma
 from .runtime import device_guard, use_triton
@@ -43,17 +43,17 @@ def _attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_KEYS: tl.constexpr, VECTOR: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    query_block, _, _, row_base, q_base, k_base, v_base, out_base = _program_qkv(
+    query_block, _, _, row_base, q_base, k_base, v_base, out_base = program_qkv(
         q_ptr, k_ptr, v_ptr, out_ptr, tokens, heads,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_ob, stride_oh, VECTOR)
 
     queries = query_block * BLOCK_M + tl.arange(0, BLOCK_M)
     cols_main = tl.arange(0, HEAD_MAIN)
-    q_main = _load_tile(q_base, queries, stride_qt, tokens, cols_main, HEAD_DIM, VECTOR)
+    q_main = load_tile(q_base, queries, stride_qt, tokens, cols_main, HEAD_DIM, VECTOR)
     out_main = tl.zeros([BLOCK_M, HEAD_MAIN], dtype=tl.float32)
     if HEAD_TAIL > 0:
         cols_tail = HEAD_MAIN + tl.arange(0, HEAD_TAIL)
-        q_tail = _load_tile(q_base, queries, stride_qt, tokens, cols_tail, HEAD_DIM, VECTOR)
+        q_tail = load_tile(q_base, queries, stride_qt, tokens, cols_tail, HEAD_DIM, VECTOR)
         out_tail = tl.zeros([BLOCK_M, HEAD_TAIL], dtype=tl.float32)
     # Row max in log2 units (scores * scale * log2(e)) and row sum of exp2(score - max).
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -61,10 +61,10 @@ def _attention_fwd_kernel(
 
     for key_start in range(0, tokens, BLOCK_N):
         keys = key_start + tl.arange(0, BLOCK_N)
-        k_main = _load_tile(k_base, keys, stride_kt, tokens, cols_main, HEAD_DIM, VECTOR)
+        k_main = load_tile(k_base, keys, stride_kt, tokens, cols_main, HEAD_DIM, VECTOR)
         scores = dot(q_main, tl.trans(k_main), None, DOT_PRECISION)
         if HEAD_TAIL > 0:
-            k_tail = _load_tile(k_base, keys, stride_kt, tokens, cols_tail, HEAD_DIM, VECTOR)
+            k_tail = load_tile(k_base, keys, stride_kt, tokens, cols_tail, HEAD_DIM, VECTOR)
             scores = dot(q_tail, tl.trans(k_tail), scores, DOT_PRECISION)
         if not EVEN_KEYS:
             # Padding keys read as zeros would score 0, not -inf: mask them before the max.
@@ -77,20 +77,20 @@ def _attention_fwd_kernel(
         row_sum = row_sum * rescale + tl.sum(probs, 1)
         row_max = new_max
 
-        v_main = _load_tile(v_base, keys, stride_vt, tokens, cols_main, HEAD_DIM, VECTOR)
+        v_main = load_tile(v_base, keys, stride_vt, tokens, cols_main, HEAD_DIM, VECTOR)
         # fp16/bf16: P is rounded to the input dtype for the tensor-core dot, as
         # FlashAttention does; fp32 keeps fp32 (and ieee dots) throughout.
         probs = to_storage(probs, v_main.dtype)
         out_main = dot(probs, v_main, out_main * rescale[:, None], DOT_PRECISION)
         if HEAD_TAIL > 0:
-            v_tail = _load_tile(v_base, keys, stride_vt, tokens, cols_tail, HEAD_DIM, VECTOR)
+            v_tail = load_tile(v_base, keys, stride_vt, tokens, cols_tail, HEAD_DIM, VECTOR)
             out_tail = dot(probs, v_tail, out_tail * rescale[:, None], DOT_PRECISION)
 
-    _store_tile(out_base, queries, stride_ot, tokens, cols_main, HEAD_DIM, VECTOR, out_main / row_sum[:, None])
+    store_tile(out_base, queries, stride_ot, tokens, cols_main, HEAD_DIM, VECTOR, out_main / row_sum[:, None])
     if HEAD_TAIL > 0:
-        _store_tile(out_base, queries, stride_ot, tokens, cols_tail, HEAD_DIM, VECTOR, out_tail / row_sum[:, None])
+        store_tile(out_base, queries, stride_ot, tokens, cols_tail, HEAD_DIM, VECTOR, out_tail / row_sum[:, None])
     # Back from log2 units to the natural logsumexp that the op returns.
-    lse = (row_max + tl.log2(row_sum)) / _LOG2E
+    lse = (row_max + tl.log2(row_sum)) / LOG2E
     tl.store(lse_ptr + row_base + queries, lse, mask=queries < tokens)
 
 
@@ -135,7 +135,7 @@ def _attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     batch, tokens, heads, head_dim = q.shape
     out = torch.empty((batch, tokens, heads, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, tokens), dtype=torch.float32, device=q.device)
-    head_main, head_tail = _split_head_dim(head_dim)
+    head_main, head_tail = split_head_dim(head_dim)
     check_grid("attention", batch, heads)
     vector = 16 // q.element_size()  # elements per 16-byte load; the op made every stride a multiple
 
@@ -143,7 +143,7 @@ def _attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return _attention_fwd_kernel[(triton.cdiv(tokens, config["BLOCK_M"]), batch * heads)](
             q, k, v, out, lse,
             tokens, heads, softmax_scale * math.log2(math.e),
-            *_vector_strides(q, k, v, out),
+            *vector_strides(q, k, v, out),
             HEAD_DIM=head_dim, HEAD_MAIN=head_main, HEAD_TAIL=head_tail,
             EVEN_KEYS=tokens % config["BLOCK_N"] == 0, VECTOR=vector,
             DOT_PRECISION=dot_precision(q.dtype),
@@ -179,11 +179,11 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """``(attention(q, k, v, softmax_scale), lse)``: lse is the fp32 logsumexp of each query
     row's scaled scores, (batch, heads, tokens), which the backward recomputes the
     probabilities from. Differentiable in q, k and v (not through lse)."""
-    _check_inputs(q, k, v, softmax_scale)
+    check_inputs(q, k, v, softmax_scale)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     if not use_triton(q) or q.numel() == 0:
         return attention_reference_with_lse(q, k, v, scale)
-    return _attention_triton(*(_as_vector_aligned(t) for t in (q, k, v)), scale)
+    return _attention_triton(*(as_vector_aligned(t) for t in (q, k, v)), scale)
 
 
 @attention_forward.register_fake

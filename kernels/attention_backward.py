@@ -19,9 +19,8 @@ import triton
 import triton.language as tl
 
 from . import tuning
-from .attention_tiles import (_LOG2E, _as_vector_aligned, _check_inputs, _head_base, _load_tile, _program_head,
-                              _program_qkv, _split_head_dim, _store_tile, _vector_strides, check_grid,
-                              tile_shared_bytes, tuning_key)
+from .attention_tiles import (LOG2E, as_vector_aligned, check_grid, check_inputs, head_base, load_tile, program_head,
+                              program_qkv, split_head_dim, store_tile, tile_shared_bytes, tuning_key, vector_strides)
 from .interpreter import dot, to_storage
 from .launch import ATTENTION_FP_FUSION, Config, config, dot_precision, input_error, offer
 from .runtime import device_guard, use_triton
@@ -34,18 +33,18 @@ def _attention_bwd_delta_kernel(
     HEAD_DIM: tl.constexpr, HEAD_MAIN: tl.constexpr, HEAD_TAIL: tl.constexpr,
     BLOCK_M: tl.constexpr, VECTOR: tl.constexpr,
 ):
-    query_block, batch, head, row_base = _program_head(tokens, heads)
-    out_base = _head_base(out_ptr, batch, head, stride_ob, stride_oh, VECTOR)
-    grad_base = _head_base(grad_out_ptr, batch, head, stride_gb, stride_gh, VECTOR)
+    query_block, batch, head, row_base = program_head(tokens, heads)
+    out_base = head_base(out_ptr, batch, head, stride_ob, stride_oh, VECTOR)
+    grad_base = head_base(grad_out_ptr, batch, head, stride_gb, stride_gh, VECTOR)
     queries = query_block * BLOCK_M + tl.arange(0, BLOCK_M)
     cols_main = tl.arange(0, HEAD_MAIN)
-    out_main = _load_tile(out_base, queries, stride_ot, tokens, cols_main, HEAD_DIM, VECTOR).to(tl.float32)
-    grad_main = _load_tile(grad_base, queries, stride_gt, tokens, cols_main, HEAD_DIM, VECTOR).to(tl.float32)
+    out_main = load_tile(out_base, queries, stride_ot, tokens, cols_main, HEAD_DIM, VECTOR).to(tl.float32)
+    grad_main = load_tile(grad_base, queries, stride_gt, tokens, cols_main, HEAD_DIM, VECTOR).to(tl.float32)
     delta = tl.sum(out_main * grad_main, 1)
     if HEAD_TAIL > 0:
         cols_tail = HEAD_MAIN + tl.arange(0, HEAD_TAIL)
-        out_tail = _load_tile(out_base, queries, stride_ot, tokens, cols_tail, HEAD_DIM, VECTOR).to(tl.float32)
-        grad_tail = _load_tile(grad_base, queries, stride_gt, tokens, cols_tail, HEAD_DIM, VECTOR).to(tl.float32)
+        out_tail = load_tile(out_base, queries, stride_ot, tokens, cols_tail, HEAD_DIM, VECTOR).to(tl.float32)
+        grad_tail = load_tile(grad_base, queries, stride_gt, tokens, cols_tail, HEAD_DIM, VECTOR).to(tl.float32)
         delta += tl.sum(out_tail * grad_tail, 1)
     tl.store(delta_ptr + row_base + queries, delta, mask=queries < tokens)
 
@@ -63,36 +62,36 @@ def _attention_bwd_key_kernel(
     HEAD_DIM: tl.constexpr, HEAD_MAIN: tl.constexpr, HEAD_TAIL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VECTOR: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    key_block, batch, head, row_base, q_base, k_base, v_base, grad_base = _program_qkv(
+    key_block, batch, head, row_base, q_base, k_base, v_base, grad_base = program_qkv(
         q_ptr, k_ptr, v_ptr, grad_out_ptr, tokens, heads,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_gb, stride_gh, VECTOR)
 
     keys = key_block * BLOCK_N + tl.arange(0, BLOCK_N)
     cols_main = tl.arange(0, HEAD_MAIN)
-    k_main = _load_tile(k_base, keys, stride_kt, tokens, cols_main, HEAD_DIM, VECTOR)
-    v_main = _load_tile(v_base, keys, stride_vt, tokens, cols_main, HEAD_DIM, VECTOR)
+    k_main = load_tile(k_base, keys, stride_kt, tokens, cols_main, HEAD_DIM, VECTOR)
+    v_main = load_tile(v_base, keys, stride_vt, tokens, cols_main, HEAD_DIM, VECTOR)
     grad_k_main = tl.zeros([BLOCK_N, HEAD_MAIN], dtype=tl.float32)
     grad_v_main = tl.zeros([BLOCK_N, HEAD_MAIN], dtype=tl.float32)
     if HEAD_TAIL > 0:
         cols_tail = HEAD_MAIN + tl.arange(0, HEAD_TAIL)
-        k_tail = _load_tile(k_base, keys, stride_kt, tokens, cols_tail, HEAD_DIM, VECTOR)
-        v_tail = _load_tile(v_base, keys, stride_vt, tokens, cols_tail, HEAD_DIM, VECTOR)
+        k_tail = load_tile(k_base, keys, stride_kt, tokens, cols_tail, HEAD_DIM, VECTOR)
+        v_tail = load_tile(v_base, keys, stride_vt, tokens, cols_tail, HEAD_DIM, VECTOR)
         grad_k_tail = tl.zeros([BLOCK_N, HEAD_TAIL], dtype=tl.float32)
         grad_v_tail = tl.zeros([BLOCK_N, HEAD_TAIL], dtype=tl.float32)
 
     for query_start in range(0, tokens, BLOCK_M):
         queries = query_start + tl.arange(0, BLOCK_M)
-        q_main = _load_tile(q_base, queries, stride_qt, tokens, cols_main, HEAD_DIM, VECTOR)
-        grad_main = _load_tile(grad_base, queries, stride_gt, tokens, cols_main, HEAD_DIM, VECTOR)
+        q_main = load_tile(q_base, queries, stride_qt, tokens, cols_main, HEAD_DIM, VECTOR)
+        grad_main = load_tile(grad_base, queries, stride_gt, tokens, cols_main, HEAD_DIM, VECTOR)
         # Padding queries read lse = +inf: their probabilities come out exactly 0.
-        lse_log2 = tl.load(lse_ptr + row_base + queries, mask=queries < tokens, other=float("inf")) * _LOG2E
+        lse_log2 = tl.load(lse_ptr + row_base + queries, mask=queries < tokens, other=float("inf")) * LOG2E
         delta = tl.load(delta_ptr + row_base + queries, mask=queries < tokens, other=0.0)
         # Transposed (keys x queries) blocks, so that dK and dV come out of plain dots.
         scores_t = dot(k_main, tl.trans(q_main), None, DOT_PRECISION)
         grad_probs_t = dot(v_main, tl.trans(grad_main), None, DOT_PRECISION)
         if HEAD_TAIL > 0:
-            q_tail = _load_tile(q_base, queries, stride_qt, tokens, cols_tail, HEAD_DIM, VECTOR)
-            grad_tail = _load_tile(grad_base, queries, stride_gt, tokens, cols_tail, HEAD_DIM, VECTOR)
+            q_tail = load_tile(q_base, queries, stride_qt, tokens, cols_tail, HEAD_DIM, VECTOR)
+            grad_tail = load_tile(grad_base, queries, stride_gt, tokens, cols_tail, HEAD_DIM, VECTOR)
             scores_t = dot(k_tail, tl.trans(q_tail), scores_t, DOT_PRECISION)
             grad_probs_t = dot(v_tail, tl.trans(grad_tail), grad_probs_t, DOT_PRECISION)
         probs_t = tl.exp2(scores_t * qk_scale_log2 - lse_log2[None, :])
@@ -106,13 +105,13 @@ def _attention_bwd_key_kernel(
             grad_v_tail = dot(probs_t, grad_tail, grad_v_tail, DOT_PRECISION)
             grad_k_tail = dot(grad_scores_t, q_tail, grad_k_tail, DOT_PRECISION)
 
-    grad_k_base = _head_base(grad_k_ptr, batch, head, stride_dkb, stride_dkh, VECTOR)
-    grad_v_base = _head_base(grad_v_ptr, batch, head, stride_dvb, stride_dvh, VECTOR)
-    _store_tile(grad_k_base, keys, stride_dkt, tokens, cols_main, HEAD_DIM, VECTOR, grad_k_main * softmax_scale)
-    _store_tile(grad_v_base, keys, stride_dvt, tokens, cols_main, HEAD_DIM, VECTOR, grad_v_main)
+    grad_k_base = head_base(grad_k_ptr, batch, head, stride_dkb, stride_dkh, VECTOR)
+    grad_v_base = head_base(grad_v_ptr, batch, head, stride_dvb, stride_dvh, VECTOR)
+    store_tile(grad_k_base, keys, stride_dkt, tokens, cols_main, HEAD_DIM, VECTOR, grad_k_main * softmax_scale)
+    store_tile(grad_v_base, keys, stride_dvt, tokens, cols_main, HEAD_DIM, VECTOR, grad_v_main)
     if HEAD_TAIL > 0:
-        _store_tile(grad_k_base, keys, stride_dkt, tokens, cols_tail, HEAD_DIM, VECTOR, grad_k_tail * softmax_scale)
-        _store_tile(grad_v_base, keys, stride_dvt, tokens, cols_tail, HEAD_DIM, VECTOR, grad_v_tail)
+        store_tile(grad_k_base, keys, stride_dkt, tokens, cols_tail, HEAD_DIM, VECTOR, grad_k_tail * softmax_scale)
+        store_tile(grad_v_base, keys, stride_dvt, tokens, cols_tail, HEAD_DIM, VECTOR, grad_v_tail)
 
 
 @triton.jit
@@ -128,32 +127,32 @@ def _attention_bwd_query_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_KEYS: tl.constexpr, VECTOR: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    query_block, batch, head, row_base, q_base, k_base, v_base, grad_base = _program_qkv(
+    query_block, batch, head, row_base, q_base, k_base, v_base, grad_base = program_qkv(
         q_ptr, k_ptr, v_ptr, grad_out_ptr, tokens, heads,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_gb, stride_gh, VECTOR)
 
     queries = query_block * BLOCK_M + tl.arange(0, BLOCK_M)
     cols_main = tl.arange(0, HEAD_MAIN)
-    q_main = _load_tile(q_base, queries, stride_qt, tokens, cols_main, HEAD_DIM, VECTOR)
-    grad_main = _load_tile(grad_base, queries, stride_gt, tokens, cols_main, HEAD_DIM, VECTOR)
+    q_main = load_tile(q_base, queries, stride_qt, tokens, cols_main, HEAD_DIM, VECTOR)
+    grad_main = load_tile(grad_base, queries, stride_gt, tokens, cols_main, HEAD_DIM, VECTOR)
     grad_q_main = tl.zeros([BLOCK_M, HEAD_MAIN], dtype=tl.float32)
     if HEAD_TAIL > 0:
         cols_tail = HEAD_MAIN + tl.arange(0, HEAD_TAIL)
-        q_tail = _load_tile(q_base, queries, stride_qt, tokens, cols_tail, HEAD_DIM, VECTOR)
-        grad_tail = _load_tile(grad_base, queries, stride_gt, tokens, cols_tail, HEAD_DIM, VECTOR)
+        q_tail = load_tile(q_base, queries, stride_qt, tokens, cols_tail, HEAD_DIM, VECTOR)
+        grad_tail = load_tile(grad_base, queries, stride_gt, tokens, cols_tail, HEAD_DIM, VECTOR)
         grad_q_tail = tl.zeros([BLOCK_M, HEAD_TAIL], dtype=tl.float32)
-    lse_log2 = tl.load(lse_ptr + row_base + queries, mask=queries < tokens, other=float("inf")) * _LOG2E
+    lse_log2 = tl.load(lse_ptr + row_base + queries, mask=queries < tokens, other=float("inf")) * LOG2E
     delta = tl.load(delta_ptr + row_base + queries, mask=queries < tokens, other=0.0)
 
     for key_start in range(0, tokens, BLOCK_N):
         keys = key_start + tl.arange(0, BLOCK_N)
-        k_main = _load_tile(k_base, keys, stride_kt, tokens, cols_main, HEAD_DIM, VECTOR)
-        v_main = _load_tile(v_base, keys, stride_vt, tokens, cols_main, HEAD_DIM, VECTOR)
+        k_main = load_tile(k_base, keys, stride_kt, tokens, cols_main, HEAD_DIM, VECTOR)
+        v_main = load_tile(v_base, keys, stride_vt, tokens, cols_main, HEAD_DIM, VECTOR)
         scores = dot(q_main, tl.trans(k_main), None, DOT_PRECISION)
         grad_probs = dot(grad_main, tl.trans(v_main), None, DOT_PRECISION)
         if HEAD_TAIL > 0:
-            k_tail = _load_tile(k_base, keys, stride_kt, tokens, cols_tail, HEAD_DIM, VECTOR)
-            v_tail = _load_tile(v_base, keys, stride_vt, tokens, cols_tail, HEAD_DIM, VECTOR)
+            k_tail = load_tile(k_base, keys, stride_kt, tokens, cols_tail, HEAD_DIM, VECTOR)
+            v_tail = load_tile(v_base, keys, stride_vt, tokens, cols_tail, HEAD_DIM, VECTOR)
             scores = dot(q_tail, tl.trans(k_tail), scores, DOT_PRECISION)
             grad_probs = dot(grad_tail, tl.trans(v_tail), grad_probs, DOT_PRECISION)
         if not EVEN_KEYS:
@@ -165,10 +164,10 @@ def _attention_bwd_query_kernel(
         if HEAD_TAIL > 0:
             grad_q_tail = dot(grad_scores, k_tail, grad_q_tail, DOT_PRECISION)
 
-    grad_q_base = _head_base(grad_q_ptr, batch, head, stride_dqb, stride_dqh, VECTOR)
-    _store_tile(grad_q_base, queries, stride_dqt, tokens, cols_main, HEAD_DIM, VECTOR, grad_q_main * softmax_scale)
+    grad_q_base = head_base(grad_q_ptr, batch, head, stride_dqb, stride_dqh, VECTOR)
+    store_tile(grad_q_base, queries, stride_dqt, tokens, cols_main, HEAD_DIM, VECTOR, grad_q_main * softmax_scale)
     if HEAD_TAIL > 0:
-        _store_tile(grad_q_base, queries, stride_dqt, tokens, cols_tail, HEAD_DIM, VECTOR, grad_q_tail * softmax_scale)
+        store_tile(grad_q_base, queries, stride_dqt, tokens, cols_tail, HEAD_DIM, VECTOR, grad_q_tail * softmax_scale)
 
 
 def _backward_candidates(tokens: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> list[Config]:
@@ -208,7 +207,7 @@ def _blocks(config: Config, owned: str, looped: str) -> Config:
 def _attention_backward_triton(grad_out, q, k, v, out, lse, softmax_scale):
     batch, tokens, heads, head_dim = q.shape
     check_grid("attention_backward", batch, heads)
-    head_main, head_tail = _split_head_dim(head_dim)
+    head_main, head_tail = split_head_dim(head_dim)
     grad_q, grad_k, grad_v = (torch.empty((batch, tokens, heads, head_dim), dtype=q.dtype, device=q.device)
                               for _ in range(3))
     delta = torch.empty((batch, heads, tokens), dtype=torch.float32, device=q.device)
@@ -226,18 +225,18 @@ def _attention_backward_triton(grad_out, q, k, v, out, lse, softmax_scale):
 
     def launch_delta(config):
         return _attention_bwd_delta_kernel[grid(config["BLOCK_M"])](
-            out, grad_out, delta, tokens, heads, *_vector_strides(out, grad_out), **head_args, **config)
+            out, grad_out, delta, tokens, heads, *vector_strides(out, grad_out), **head_args, **config)
 
     def launch_key(config):
         return _attention_bwd_key_kernel[grid(config["OUTER"])](
             q, k, v, grad_out, lse, delta, grad_k, grad_v, tokens, heads, *scales,
-            *_vector_strides(q, k, v, grad_out, grad_k, grad_v),
+            *vector_strides(q, k, v, grad_out, grad_k, grad_v),
             **_blocks(config, "BLOCK_N", "BLOCK_M"), **head_args, **dot_args)
 
     def launch_query(config):
         return _attention_bwd_query_kernel[grid(config["OUTER"])](
             q, k, v, grad_out, lse, delta, grad_q, tokens, heads, *scales,
-            *_vector_strides(q, k, v, grad_out, grad_q), **_blocks(config, "BLOCK_M", "BLOCK_N"),
+            *vector_strides(q, k, v, grad_out, grad_q), **_blocks(config, "BLOCK_M", "BLOCK_N"),
             EVEN_KEYS=tokens % config["INNER"] == 0, **head_args, **dot_args)
 
     with device_guard(q):
@@ -265,7 +264,7 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                        softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_q, grad_k, grad_v) of attention_forward(q, k, v, softmax_scale) = (out, lse) for
     the output gradient grad_out; new contiguous (batch, tokens, heads, head_dim) tensors in q's dtype."""
-    _check_inputs(q, k, v, softmax_scale)
+    check_inputs(q, k, v, softmax_scale)
     for name, t in (("grad_out", grad_out), ("out", out)):
         if t.shape != q.shape or t.dtype != q.dtype:
             raise input_error(ValueError, "attention_backward", name, f"have q's shape {tuple(q.shape)} and dtype "
@@ -276,7 +275,7 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                           f"{lse.dtype} {tuple(lse.shape)}")
     if not use_triton(q) or q.numel() == 0:
         return attention_backward_reference(grad_out, q, k, v, out, lse, softmax_scale)
-    grad_out, q, k, v, out = (_as_vector_aligned(t) for t in (grad_out, q, k, v, out))
+    grad_out, q, k, v, out = (as_vector_aligned(t) for t in (grad_out, q, k, v, out))
     return _attention_backward_triton(grad_out, q, k, v, out, lse.contiguous(), softmax_scale)
 
 

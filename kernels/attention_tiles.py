@@ -21,16 +21,16 @@ from .interpreter import to_storage
 from .launch import check_same_device, check_supported_dtype, input_error, size_bucket
 
 _MAX_HEAD_DIM = 256
-_LOG2E: tl.constexpr = tl.constexpr(math.log2(math.e))
+LOG2E: tl.constexpr = tl.constexpr(math.log2(math.e))
 
 
 @triton.jit
-def _head_base(ptr, batch, head, batch_vectors, head_vectors, VECTOR: tl.constexpr):
+def head_base(ptr, batch, head, batch_vectors, head_vectors, VECTOR: tl.constexpr):
     return ptr + (batch * batch_vectors + head * head_vectors) * VECTOR
 
 
 @triton.jit
-def _program_head(tokens, heads):
+def program_head(tokens, heads):
     """This program's (block, batch, head, row_base) on the grid (token blocks, batch * heads):
     its block of tokens, its batch and head (int64), and where its head's rows start in a
     (batch, heads, tokens) tensor such as lse."""
@@ -41,35 +41,35 @@ def _program_head(tokens, heads):
 
 
 @triton.jit
-def _program_qkv(
+def program_qkv(
     q_ptr, k_ptr, v_ptr, o_ptr, tokens, heads,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_ob, stride_oh,
     VECTOR: tl.constexpr,
 ):
-    """``_program_head``'s (block, batch, head, row_base), then the bases of its head in q, k, v
+    """``program_head``'s (block, batch, head, row_base), then the bases of its head in q, k, v
     and a fourth (batch, tokens, heads, head_dim) tensor o (the output, or its gradient)."""
-    block, batch, head, row_base = _program_head(tokens, heads)
+    block, batch, head, row_base = program_head(tokens, heads)
     return (block, batch, head, row_base,
-            _head_base(q_ptr, batch, head, stride_qb, stride_qh, VECTOR),
-            _head_base(k_ptr, batch, head, stride_kb, stride_kh, VECTOR),
-            _head_base(v_ptr, batch, head, stride_vb, stride_vh, VECTOR),
-            _head_base(o_ptr, batch, head, stride_ob, stride_oh, VECTOR))
+            head_base(q_ptr, batch, head, stride_qb, stride_qh, VECTOR),
+            head_base(k_ptr, batch, head, stride_kb, stride_kh, VECTOR),
+            head_base(v_ptr, batch, head, stride_vb, stride_vh, VECTOR),
+            head_base(o_ptr, batch, head, stride_ob, stride_oh, VECTOR))
 
 
 @triton.jit
-def _load_tile(base, rows, row_vectors, row_limit, cols, COL_LIMIT: tl.constexpr, VECTOR: tl.constexpr):
+def load_tile(base, rows, row_vectors, row_limit, cols, COL_LIMIT: tl.constexpr, VECTOR: tl.constexpr):
     mask = (rows[:, None] < row_limit) & (cols[None, :] < COL_LIMIT)
     return tl.load(base + rows[:, None] * row_vectors * VECTOR + cols[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
-def _store_tile(base, rows, row_vectors, row_limit, cols, COL_LIMIT: tl.constexpr, VECTOR: tl.constexpr, tile):
+def store_tile(base, rows, row_vectors, row_limit, cols, COL_LIMIT: tl.constexpr, VECTOR: tl.constexpr, tile):
     mask = (rows[:, None] < row_limit) & (cols[None, :] < COL_LIMIT)
     tl.store(base + rows[:, None] * row_vectors * VECTOR + cols[None, :], to_storage(tile, base.dtype.element_ty),
              mask=mask)
 
 
-def _split_head_dim(head_dim: int) -> tuple[int, int]:
+def split_head_dim(head_dim: int) -> tuple[int, int]:
     """(main, tail) column widths: main is the largest power of two <= head_dim (at least
     the 16 that tl.dot needs), tail covers the rest padded to a power of two >= 16, or 0."""
     main = max(16, 1 << (head_dim.bit_length() - 1))
@@ -81,7 +81,7 @@ def tile_shared_bytes(block_m: int, block_n: int, stages: int, head_dim: int, dt
     """Shared memory that a program streaming (block_n, head_dim) tiles of two tensors over
     ``stages`` pipeline stages, against a resident (block_m, head_dim) tile, needs (the
     head dim as padded for the dots): the estimate that sizes tiles and stages to a GPU."""
-    main, tail = _split_head_dim(head_dim)
+    main, tail = split_head_dim(head_dim)
     return (block_m + 2 * stages * block_n) * (main + tail) * dtype.itemsize
 
 
@@ -98,7 +98,7 @@ def tuning_key(q: torch.Tensor) -> tuple:
     return q.dtype, head_dim, size_bucket(tokens)
 
 
-def _vector_strides(*tensors: torch.Tensor) -> list[int]:
+def vector_strides(*tensors: torch.Tensor) -> list[int]:
     """Each tensor's (batch, token, head) strides in its 16-byte vector units, as the kernels take them."""
     return [stride // (16 // t.element_size()) for t in tensors for stride in t.stride()[:3]]
 
@@ -111,14 +111,14 @@ def _is_vector_aligned(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and strides_aligned
 
 
-def _as_vector_aligned(t: torch.Tensor) -> torch.Tensor:
+def as_vector_aligned(t: torch.Tensor) -> torch.Tensor:
     """t itself when the kernels' 16-byte loads can read it in place (qkv.unbind views,
     transposes, contiguous tensors), else a contiguous copy (head_dim not unit stride, or a
     view starting mid-vector)."""
     return t if _is_vector_aligned(t) else t.clone(memory_format=torch.contiguous_format)
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None) -> None:
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None) -> None:
     op = "attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):

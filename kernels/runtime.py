@@ -8,7 +8,7 @@ rounding at the end).
 
 Launch configurations depend on the GPU (its shared memory above all), so launchers ask
 ``gpu_spec`` rather than torch.cuda. ``simulate(spec)`` makes meta-device tensors take the
-Triton path as if on that GPU: ``python -m fastdit.kernels.aot`` records the launches a
+Triton path as if on that GPU: ``python -m fastdit.tools.aot`` records the launches a
 model really makes that way, without a GPU.
 """
 import contextlib

@@ -9,14 +9,14 @@ compiled kernel. ``choose`` picks among them:
   results are deterministic and tests see one configuration;
 - on a GPU, at the first launch of a (GPU, kernel, shape class) key: every candidate is
   compiled and run once, those that spill registers or do not fit the GPU's shared memory
-  are pruned (the static check of ``python -m fastdit.kernels.aot``, applied on the device),
+  are pruned (the static check of ``python -m fastdit.tools.aot``, applied on the device),
   the rest are timed with ``triton.testing.do_bench`` and the fastest is kept in a per-process
   cache (and in ``$FASTDIT_TUNING_CACHE``, a JSON file, when that is set). While a CUDA graph
   is being captured nothing is timed: a key seen for the first time there gets the default;
 - under ``runtime.simulate`` (the AOT check): every candidate is launched, so that the
   recorder compiles each, and the default's result is returned.
 
-``python -m fastdit.kernels.tune`` (tune.py) tunes the launches of a forward and backward of
+``python -m fastdit.tools.tune`` (tune.py) tunes the launches of a forward and backward of
 each fast model on this GPU and writes what it chose (docs/tuning.md).
 
 Launches are pure (they overwrite their outputs), so running a candidate more than once

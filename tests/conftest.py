@@ -7,7 +7,10 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))  # tests import the shared tolerance table as `parity`
 
 import parity  # noqa: E402 (needs the path above)
+from image_data import save_tiny_vae  # noqa: E402
+
 from fastdit.kernels import kernel_path, runtime  # noqa: E402
+from fastdit.models.vae import VAE  # noqa: E402
 
 # One intra-op thread: the tests' tiny ops gain nothing from threads, and on a busy CPU (two
 # xdist workers on two cores) spinning OpenMP threads make each op many times slower.
@@ -69,3 +72,36 @@ def pytest_report_header(config):
     return f"fastdit kernels: {kernel_path('cpu')} on cpu" + (
         f", {kernel_path('cuda')} on cuda" if torch.cuda.is_available() else ""
     )
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    return save_tiny_vae(tmp_path_factory.mktemp("vae"))
+
+
+@pytest.fixture(scope="module")
+def vae(vae_dir):
+    return VAE.load(vae_dir)
+
+
+def _refuse(monkeypatch, what, targets):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{what} before the arguments were checked")
+
+    for owner, name in targets:
+        monkeypatch.setattr(owner, name, refuse)
+
+
+@pytest.fixture
+def no_compiling(monkeypatch):
+    """Argument errors must come before a model is traced or compiled (fastdit export: about a minute)."""
+    _refuse(monkeypatch, "a model was traced or compiled",
+            [(torch.export, "export"), (torch._inductor, "aoti_compile_and_package")])
+
+
+@pytest.fixture
+def no_work(monkeypatch, no_compiling):
+    """Argument errors must come before any model is loaded, built, traced or compiled."""
+    import fastdit
+
+    _refuse(monkeypatch, "a model was loaded or built", [(fastdit, "load"), (fastdit.reference.DiT, "__init__")])

@@ -1,5 +1,5 @@
 """What `fastdit encode` reads, made here: a tiny random AutoencoderKL saved locally (no download) and a
-folder of JPEG class folders. Shared by tests/train/ and tests/integration/test_multinode.py."""
+folder of JPEG class folders. Shared by tests/train/, tests/models/test_vae.py and tests/system/test_multinode.py."""
 import os
 
 import numpy as np

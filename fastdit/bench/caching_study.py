@@ -6,7 +6,7 @@
 For exact sampling and each cache setting, with the model's sampling settings (fastdit/assets/digits/sampling.json:
 DDIM, 50 steps) at guidance 4 and without guidance (1), from the same per-image noise (seed 0, 100 images per
 class): the blocks run per image (a guided forward's two halves count once), the wall time against exact
-sampling in the same run, the digits SVC's accuracy (``fastdit.train.digits``), the Fréchet distance between the
+sampling in the same run, the digits SVC's accuracy (``fastdit.digits``), the Fréchet distance between the
 samples and the 1,797 real digits in the SVC's feature space (the 8x8 area-averaged image on the 0..16 scale,
 64 numbers) and the PSNR of the uint8 images against exact sampling's from the same noise.
 """
@@ -28,8 +28,8 @@ from fastdit.diffusion.caching import (
     TaylorSeer,
     make_config,
 )
-from fastdit.train.digits import conditioned_class_accuracy, to_digit_features
-from fastdit.train.images import to_uint8
+from fastdit.digits import conditioned_class_accuracy, to_digit_features
+from fastdit.images import to_uint8
 
 DIGITS = os.path.join(os.path.dirname(fastdit.__file__), "assets", "digits")
 SETTINGS = [None, FORA(interval=2), FORA(interval=3), FORA(interval=4), TaylorSeer(interval=3, order=1),

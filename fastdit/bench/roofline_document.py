@@ -25,7 +25,7 @@ from fastdit.bench.roofline import (
 from fastdit.models.flops import TRAINING_FORWARDS, named_shape
 from fastdit.reference import DiT_models
 
-# --- inputs: the static compile facts (python -m fastdit.kernels.aot --json) and a GPU report ---
+# --- inputs: the static compile facts (python -m fastdit.tools.aot --json) and a GPU report ---
 
 
 class InputError(ValueError):
@@ -54,12 +54,12 @@ def _uses(row: dict) -> set[tuple]:
 
 
 def load_kernel_facts(path: str) -> dict:
-    """The JSON of ``python -m fastdit.kernels.aot --json``: {"triton", "command", "launches": [row, ...]}."""
+    """The JSON of ``python -m fastdit.tools.aot --json``: {"triton", "command", "launches": [row, ...]}."""
     facts = _read_json(path, "--kernels-json")
     launches = facts.get("launches") if isinstance(facts, dict) else None
     if not isinstance(launches, list):
         raise InputError(f"--kernels-json: expected an object with a list 'launches' "
-                         f"(python -m fastdit.kernels.aot --json), got {type(facts).__name__} in {path}")
+                         f"(python -m fastdit.tools.aot --json), got {type(facts).__name__} in {path}")
     for index, row in enumerate(launches):
         required = ("arch", "kernel") + (("uses",) if isinstance(row, dict) and "uses" in row
                                          else ("model", "image_size", "dtype", "pass"))
@@ -206,13 +206,13 @@ def document(model: str, batch: int, image_sizes: list[int], peaks: list[Peak], 
                             _op_rows(workload_ops(shape, workload, batch), peaks, column))
     lines += ["", "## Static compile facts", ""]
     if facts:
-        lines += [f"The kernel column: `{facts.get('command', 'python -m fastdit.kernels.aot')}` (Triton "
+        lines += [f"The kernel column: `{facts.get('command', 'python -m fastdit.tools.aot')}` (Triton "
                   f"{facts.get('triton', '?')}), the launches of {model} at sm_{arch} in the default launch "
                   "config: registers per thread, spilled bytes, shared memory and tensor-core instructions "
                   "(wgmma on sm_90, mma on sm_80), or the status when it is not ok. The training tables show the autocast (`amp`) compiles "
                   "where the JSON has them, else bf16."]
     else:
-        lines += ["No `--kernels-json` given, so the kernel column is left out: `python -m fastdit.kernels.aot "
+        lines += ["No `--kernels-json` given, so the kernel column is left out: `python -m fastdit.tools.aot "
                   "--arch 90 --json docs/kernels.json`, then regenerate with `--kernels-json docs/kernels.json`."]
     lines += ["", "## Measured", ""] + _measured(bench, model, peaks) + ["", "## What the count assumes", ""]
     lines += [
@@ -322,7 +322,7 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="python -m fastdit.roofline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="the markdown file to write (docs/performance.md)")
-    parser.add_argument("--kernels-json", help="static compile facts: python -m fastdit.kernels.aot --json FILE")
+    parser.add_argument("--kernels-json", help="static compile facts: python -m fastdit.tools.aot --json FILE")
     parser.add_argument("--bench-json", help="a fastdit bench report (docs/benchmarks/<gpu>.json): its measured "
                                              "peaks become one more GPU")
     parser.add_argument("--model", default="DiT-XL/2", choices=list(DiT_models), metavar="MODEL")

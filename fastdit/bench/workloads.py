@@ -26,9 +26,11 @@ import torch
 import fastdit
 from fastdit import reference
 from fastdit.diffusion import caching
+from fastdit.diffusion.cuda_graphs import capture, warm_up
+from fastdit.diffusion.denoising import GuidedDenoiser
 from fastdit.diffusion.gaussian import create_diffusion
 from fastdit.diffusion.samplers import make_solver
-from fastdit.diffusion.sampling import GuidedDenoiser, capture, sample, warm_up
+from fastdit.diffusion.sampling import sample
 from fastdit.models import DTYPES
 from fastdit.models.parity import MODEL_TOLERANCE, perturb_, relative_max_error
 

@@ -1,11 +1,24 @@
 """The `fastdit` command."""
 import argparse
+import importlib
 import sys
 
-from fastdit.cli import ablation, bench, convert, demo, digits, encode, export
-from fastdit.cli import sample as sample_cli
-from fastdit.cli import train as train_cli
-from fastdit.train import distributed
+from fastdit import distributed
+
+# name -> (module in fastdit.cli, help). A subcommand's module is imported only when it runs or shows its --help,
+# so `fastdit sample` loads neither the trainer nor the benchmarks.
+COMMANDS = {
+    "demo": ("demo", "check a model against the reference and time it"),
+    "sample": ("sample", "sample images from a DiT (torchrun: many GPUs)"),
+    "train": ("train", "train a DiT (torchrun: many GPUs)"),
+    "encode": ("encode", "precompute VAE latents of an image folder for training"),
+    "digits-accuracy": ("digits", "how recognisable sampled digits are"),
+    "evaluate": ("evaluate", "FID, sFID, Inception Score, precision and recall as the ADM suite (torchrun: many GPUs)"),
+    "bench": ("bench", "images/s and MFU against the baselines; writes report.json/.md/.png"),
+    "export": ("export", "compile the guided denoiser into an AOTInductor .pt2 package for the C++ runner fastdit-run"),
+    "convert": ("convert", "convert a DiT's weights between the release's, fastdit's and diffusers' formats"),
+    "ablation": ("ablation", "train the paper's four block designs on the digits and compare them (docs/ablation)"),
+}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -15,28 +28,28 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def main(argv=None):
+def subcommand(name):
+    """The module of subcommand ``name``: its ``add_arguments(parser)`` and ``run(args)``."""
+    return importlib.import_module(f"fastdit.cli.{COMMANDS[name][0]}")
+
+
+def build_parser(names=tuple(COMMANDS)) -> ArgumentParser:
+    """The `fastdit` parser, with the flags of the subcommands in ``names`` (every one listed, with its help)."""
     parser = ArgumentParser(prog="fastdit", description="Fast, checked DiT (Peebles & Xie, 2023).")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo.add_arguments(commands.add_parser("demo", help="check a model against the reference and time it"))
-    sample_cli.add_arguments(commands.add_parser("sample", help="sample images from a DiT (torchrun: many GPUs)"))
-    train_cli.add_arguments(commands.add_parser("train", help="train a DiT (torchrun: many GPUs)"))
-    encode.add_arguments(commands.add_parser("encode", help="precompute VAE latents of an image folder for training"))
-    digits.add_arguments(commands.add_parser("digits-accuracy", help="how recognisable sampled digits are"))
-    bench.add_arguments(commands.add_parser("bench", help="images/s and MFU against the baselines; writes "
-                                                         "report.json/.md/.png"))
-    export.add_arguments(commands.add_parser("export", help="compile the guided denoiser into an AOTInductor .pt2 "
-                                                           "package for the C++ runner fastdit-run"))
-    convert.add_arguments(commands.add_parser("convert", help="convert a DiT's weights between the release's, "
-                                                             "fastdit's and diffusers' formats"))
-    ablation.add_arguments(commands.add_parser("ablation", help="train the paper's four block designs on the digits "
-                                                              "and compare them (docs/ablation)"))
-    args = parser.parse_args(argv)
-    runs = {"demo": demo.run, "sample": sample_cli.run, "train": train_cli.run, "encode": encode.run,
-            "digits-accuracy": digits.run, "bench": bench.run, "export": export.run, "convert": convert.run,
-            "ablation": ablation.run}
+    for name, (_, help) in COMMANDS.items():
+        subparser = commands.add_parser(name, help=help)
+        if name in names:
+            subcommand(name).add_arguments(subparser)
+    return parser
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The subcommand is the first argument: `fastdit` itself takes no flags but --help.
+    args = build_parser(argv[:1]).parse_args(argv)
     try:
-        return runs[args.command](args)
+        return subcommand(args.command).run(args)
     # CheckpointError is a ValueError; OSError: an unwritable --out, a full disk.
     except (ValueError, TypeError, KeyError, ImportError, OSError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error  # KeyError's str() quotes it

@@ -1,10 +1,10 @@
-"""`fastdit digits-accuracy`: how recognisable the digits in a samples.npz are (``fastdit.train.digits``)."""
+"""`fastdit digits-accuracy`: how recognisable the digits in a samples.npz are (``fastdit.digits``)."""
 import os
 import zipfile
 
 import numpy as np
 
-from fastdit.train.digits import conditioned_class_accuracy
+from fastdit.digits import conditioned_class_accuracy
 
 
 def add_arguments(parser):

@@ -3,11 +3,12 @@
 import os
 import sys
 
-from fastdit.train import distributed
+from fastdit import distributed
+from fastdit.cli import options
+from fastdit.models.vae import VAE
 from fastdit.train.data import class_folder_files
 from fastdit.train.encode import encode_files
 from fastdit.train.shards import LATENT_DTYPES
-from fastdit.train.vae import VAE
 
 
 def add_arguments(parser):
@@ -25,8 +26,7 @@ def add_arguments(parser):
                         help="DataLoader processes decoding and preprocessing the images per encode process "
                              "(0: in the main process); default min(8, CPU count)")
     parser.add_argument("--prefetch", type=int, default=2, help="batches each worker prepares ahead")
-    parser.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK under torchrun) if there is "
-                                                       "one, else cpu")
+    options.add_device_argument(parser, options.TORCHRUN_DEVICE_HELP)
 
 
 def run(args):

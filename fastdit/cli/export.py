@@ -1,7 +1,7 @@
 """`fastdit export`: a DiT's guided denoiser as an AOTInductor package, for the C++ runner `fastdit-run`.
 
 The package (``model.pt2``) holds one denoising forward with classifier-free guidance, exactly as
-``fastdit.sample`` calls the model (``fastdit.diffusion.sampling.GuidedDenoiser``): inputs x (B, C, H, W) fp32,
+``fastdit.sample`` calls the model (``fastdit.diffusion.denoising.GuidedDenoiser``): inputs x (B, C, H, W) fp32,
 t (B,) int64 (the model's timestep), y (B,) int64 (class ids); output the guided eps (B, C, H, W) fp32,
 from one forward over [cond; null class]. Shapes are static: B is --batch-size.
 
@@ -26,19 +26,15 @@ import torch
 import fastdit
 from fastdit import reference
 from fastdit.cli import options
+from fastdit.diffusion.denoising import GuidedDenoiser
 from fastdit.diffusion.samplers import make_solver
-from fastdit.diffusion.sampling import (
-    GuidedDenoiser,
-    default_guidance_channels,
-    has_null_class,
-)
-from fastdit.io import TEMPORARY_SUFFIX, atomic_path
-from fastdit.models.checkpoint import model_config
+from fastdit.diffusion.sampling import default_guidance_channels, has_null_class
+from fastdit.io import TEMPORARY_SUFFIX, atomic_path, write_npy_atomic
+from fastdit.models.config import model_config
 
 FORMAT = "fastdit-export"
 FORMAT_VERSION = 2  # native/fastdit_run.cpp's FORMAT_VERSION; 1 wrote the constants as JSON
 DEFAULT_STEPS = 50
-DEFAULT_CFG_SCALE = 4.0
 TEMPORARY_NAME_EXTRA = len(".") + len(".12345678") + len(TEMPORARY_SUFFIX)
 
 
@@ -47,13 +43,11 @@ def add_arguments(parser):
                           "with the DDIM schedule as .npy files beside it, for the C++ runner fastdit-run. "
                           "Without --model or --ckpt: the bundled digits model with its sampling settings.")
     options.add_model_arguments(parser)
-    parser.add_argument("--steps", type=int, help=f"DDIM steps (default {DEFAULT_STEPS}; the bundled model: its "
-                        "recommended number)")
-    parser.add_argument("--cfg-scale", type=float, help=f"classifier-free guidance scale (1: none; default "
-                        f"{DEFAULT_CFG_SCALE}; the bundled model: its recommended one)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
+    options.add_sampling_arguments(
+        parser, steps_help=f"DDIM steps (default {DEFAULT_STEPS}; the bundled model: its recommended number)",
+        seed_help="the random weights of --model are drawn from it", batch_size_help="images per model call "
+        "(default 32)")
     options.add_device_arguments(parser)
-    parser.add_argument("--seed", type=int, default=0, help="the random weights of --model are drawn from it")
     parser.add_argument("--out", required=True, help="the package to write, e.g. model.pt2 (model.timesteps.npy "
                         "and model.ddim.npy go beside it)")
     parser.add_argument("--overwrite", action="store_true", help="replace the output files if they exist")
@@ -88,22 +82,6 @@ class GuidedEps(torch.nn.Module):
         return eps
 
 
-def use_bundled_model(args):
-    """Neither --model nor --ckpt: the bundled digits model, with the DDIM steps and guidance scale it was
-    measured with (flags given explicitly win)."""
-    if args.model is not None or args.ckpt is not None:
-        return
-    recommended = options.bundled_settings()
-    if recommended is None:
-        raise ValueError("no model given, and this installation has no bundled model: pass --ckpt PATH or "
-                         "--model NAME")
-    args.ckpt = options.BUNDLED_MODEL
-    if args.steps is None and recommended["sampler"] == "ddim":
-        args.steps = recommended["steps"]
-    if args.cfg_scale is None:
-        args.cfg_scale = recommended["cfg_scale"]
-
-
 def check_arguments(args):
     """Every check that needs no model, before anything is loaded or compiled."""
     options.check_model_flags(args)
@@ -132,9 +110,9 @@ def check_arguments(args):
 
 def run(args):
     started = time.perf_counter()
-    use_bundled_model(args)
+    options.use_bundled_model(args, sampler="ddim")
     args.steps = DEFAULT_STEPS if args.steps is None else args.steps
-    args.cfg_scale = DEFAULT_CFG_SCALE if args.cfg_scale is None else args.cfg_scale
+    args.cfg_scale = options.DEFAULT_CFG_SCALE if args.cfg_scale is None else args.cfg_scale
     check_arguments(args)
     device = options.resolve_device(args.device)
     dtype = options.resolve_dtype(args.dtype, device)
@@ -178,17 +156,11 @@ def run(args):
                 "aot_inductor.metadata": {key: str(value) for key, value in metadata.items()}})
             file.flush()
             os.fsync(file.fileno())
-            save_npy_atomic(timesteps_path, timesteps)
-            save_npy_atomic(coefficients_path, coefficients)
+            write_npy_atomic(timesteps_path, timesteps)
+            write_npy_atomic(coefficients_path, coefficients)
     megabytes = os.path.getsize(args.out) / 2**20
     print(f"fastdit export: wrote {args.out} ({megabytes:.1f} MB), {timesteps_path} and {coefficients_path}: ddim "
           f"{args.steps} steps, batch {batch}, cfg {args.cfg_scale}, {metadata['dtype']} on {device}, "
           f"in {time.perf_counter() - started:.0f} s")
     return 0
 
-
-def save_npy_atomic(path, array):
-    with atomic_path(path) as temporary, open(temporary, "wb") as file:
-        np.save(file, array)
-        file.flush()
-        os.fsync(file.fileno())

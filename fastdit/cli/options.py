@@ -9,11 +9,13 @@ import torch
 
 import fastdit
 from fastdit.models import DTYPES
-from fastdit.models.checkpoint import WEIGHTS, NonFiniteWeightsError
+from fastdit.models.checkpoint import WEIGHTS
+from fastdit.models.config import NonFiniteWeightsError
 
 DEFAULT_IMAGE_SIZE = 256
 VAE_DOWNSAMPLING = 8  # the Stable Diffusion VAE's latents are 1/8 of the image's size
 PIXEL_CHANNELS = (1, 3)  # models with these in_channels make grey / RGB pixels in [-1, 1], others VAE latents
+DEFAULT_CFG_SCALE = 4.0  # the release's sample.py
 # The model `fastdit sample` and `fastdit export` use when given none: a small DiT trained on scikit-learn's
 # digits (`fastdit train --preset digits`), with the sampling settings it was measured with (sampling.json).
 BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "digits")
@@ -36,10 +38,19 @@ def resolve_device(text) -> torch.device:
     return device
 
 
+# --device of the commands that run under torchrun: ``distributed.launch`` reads it.
+TORCHRUN_DEVICE_HELP = "default: cuda if there is one, else cpu (under torchrun: cuda:LOCAL_RANK)"
+
+
+def add_device_argument(parser, device_help="default: cuda if there is one, else cpu"):
+    """--device: ``resolve_device`` reads it, or ``distributed.launch`` under torchrun (``TORCHRUN_DEVICE_HELP``)."""
+    parser.add_argument("--device", help=device_help)
+
+
 def add_device_arguments(parser, device_help="default: cuda if there is one, else cpu"):
     """--dtype and --device, read by ``resolve_dtype`` and ``resolve_device``."""
     parser.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--device", help=device_help)
+    add_device_argument(parser, device_help)
 
 
 def resolve_dtype(name, device: torch.device) -> torch.dtype:
@@ -70,6 +81,27 @@ def bundled_settings() -> dict | None:
         return json.load(file)
 
 
+def use_bundled_model(args, sampler=None) -> dict | None:
+    """With neither --model nor --ckpt: the bundled digits model as --ckpt, and the sampling settings it was
+    measured with for the flags left unset (flags given explicitly win); returns those settings (None when a model
+    was given). ``sampler``: the one sampler of a command without --sampler (export: "ddim"), whose steps are taken
+    only when it is the recommended one; None: --sampler and the steps are both taken."""
+    if args.model is not None or args.ckpt is not None:
+        return None
+    recommended = bundled_settings()
+    if recommended is None:
+        raise ValueError("no model given, and this installation has no bundled model: pass --ckpt PATH (a trained "
+                         "checkpoint, e.g. the release's DiT-XL-2-256x256.pt) or --model NAME (random weights, "
+                         "e.g. DiT-XL/2)")
+    args.ckpt = BUNDLED_MODEL
+    names = ("sampler", "steps", "cfg_scale") if sampler is None else (
+        ("steps", "cfg_scale") if sampler == recommended["sampler"] else ("cfg_scale",))
+    for name in names:
+        if getattr(args, name) is None:
+            setattr(args, name, recommended[name])
+    return recommended
+
+
 def check_model_flags(args):
     """--model's name and --image-size against it, before anything is loaded."""
     if args.weights is not None and args.ckpt is None:
@@ -84,6 +116,17 @@ def check_model_flags(args):
         if args.image_size % multiple:
             raise ValueError(f"--image-size: {args.model} makes images of a multiple of {multiple} px (latents a "
                              f"multiple of its patch size, 1/{VAE_DOWNSAMPLING} of the image), got {args.image_size}")
+
+
+def add_sampling_arguments(parser, steps_help, seed_help, batch_size_help="images per model call, per process "
+                           "(default 32)"):
+    """--steps, --cfg-scale (None until ``use_bundled_model`` or the command's default), --seed and --batch-size,
+    read by ``check_sampling_flags``."""
+    parser.add_argument("--steps", type=int, help=steps_help)
+    parser.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1: none; default "
+                        f"{DEFAULT_CFG_SCALE:g}, as the release's sample.py; the bundled model: its recommended one)")
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument("--batch-size", type=int, default=32, help=batch_size_help)
 
 
 def check_sampling_flags(args):

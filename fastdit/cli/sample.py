@@ -25,19 +25,19 @@ import torch
 from tqdm.auto import tqdm
 
 import fastdit
+from fastdit import distributed, images
 from fastdit.cli import options
+from fastdit.cli import parallel_flags as parallel_cli
 from fastdit.cli.cache_flags import add_cache_arguments, cache_from_args
-from fastdit.cli.options import BUNDLED_MODEL
 from fastdit.cli.sample_output import Staging, locked_output, recorded, staging_folder, weights_digest
 from fastdit.diffusion.samplers import DPM_FINAL_STEPS, SAMPLERS, SPACINGS
 from fastdit.diffusion.sampling import default_guidance_channels, sample
+from fastdit.evaluation.report import check_evaluation, run_evaluation
 from fastdit.io import write_bytes_atomic, write_npz_streamed, write_text_atomic
 from fastdit.kernels import kernel_path
-from fastdit.models.checkpoint import model_config
+from fastdit.models.config import model_config
 from fastdit.models.fp8 import QUANTIZATIONS
 from fastdit.models.validation import check_class_ids
-from fastdit.parallel import cli as parallel_cli
-from fastdit.train import distributed, images
 
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 25, "dpm++": 20}
 DEFAULT_NUM_SAMPLES = 8
@@ -62,19 +62,17 @@ def add_arguments(parser):
     count.add_argument("--num-per-class", type=int, help="images per class of --classes (default 1)")
     count.add_argument("--num-samples", type=int, help=f"images of random classes (default {DEFAULT_NUM_SAMPLES})")
     parser.add_argument("--sampler", choices=SAMPLERS, help="default: ddpm (the bundled model: its recommended one)")
-    parser.add_argument("--steps", type=int, help="denoising steps; default: "
-                        + ", ".join(f"{steps} for {name}" for name, steps in DEFAULT_STEPS.items()))
-    parser.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1: none; default 4, as the "
-                        "release's sample.py; the bundled model: its recommended one)")
+    options.add_sampling_arguments(
+        parser, steps_help="denoising steps; default: " + ", ".join(f"{steps} for {name}"
+                                                                    for name, steps in DEFAULT_STEPS.items()),
+        seed_help="image k's noise depends only on (seed, k)")
     parser.add_argument("--guidance-channels", type=int, metavar="G", help="guide the first G eps channels "
                         "(default: the release's 3 of 4 latent channels, all of a pixel model's; 4: as DiTPipeline)")
     parser.add_argument("--ddim-spacing", choices=SPACINGS, default="release", help="ddim's timesteps: the "
                         "release's (default) or diffusers' DDIMScheduler timestep_spacing (docs/diffusers.md)")
     parser.add_argument("--dpm-final", choices=DPM_FINAL_STEPS, default="release", help="dpm++'s last step: to t = 0 "
                         "(the release's, default) or to sigma 0 (diffusers' final_sigmas_type='zero')")
-    parser.add_argument("--seed", type=int, default=0, help="image k's noise depends only on (seed, k)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per model call, per process (default 32)")
-    options.add_device_arguments(parser, "default: cuda if there is one, else cpu (under torchrun: cuda:LOCAL_RANK)")
+    options.add_device_arguments(parser, options.TORCHRUN_DEVICE_HELP)
     parser.add_argument("--quantize", choices=QUANTIZATIONS, help="fp8: the blocks' GEMMs in FP8 (E4M3 weights, "
                         "per-token scaled inputs; bf16 elsewhere), on the CPU or a GPU of compute capability 8.9+; "
                         "default: none")
@@ -89,6 +87,9 @@ def add_arguments(parser):
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--restart", action="store_true", help="discard the finished batches that a killed run left "
                         "for --out (by default the same command resumes them, and another command stops)")
+    parser.add_argument("--evaluate", metavar="REF", help="then evaluate the samples against REF as `fastdit evaluate "
+                        "OUT REF` does (digits: against scikit-learn's digits, as --digits)")
+    parser.add_argument("--inception", metavar="PATH", help="--evaluate's Inception weights (as fastdit evaluate's)")
 
 
 @dataclasses.dataclass
@@ -118,10 +119,15 @@ class Plan:
 
 def run(args):
     started = time.perf_counter()
-    use_bundled_model(args)
+    bundled = options.use_bundled_model(args)
+    if bundled is not None and args.classes is None and args.num_samples is None:  # ten of each digit
+        args.classes = list(range(bundled["num_classes"]))
+        args.num_per_class = args.num_per_class or bundled["num_per_class"]
     args.sampler = args.sampler or "ddpm"
-    args.cfg_scale = 4.0 if args.cfg_scale is None else args.cfg_scale
+    args.cfg_scale = options.DEFAULT_CFG_SCALE if args.cfg_scale is None else args.cfg_scale
     check_flags(args)
+    if args.evaluate:
+        check_evaluation(args.evaluate, args.inception)
     with distributed.launch(args.device) as process, contextlib.ExitStack() as held:
         plan = distributed.fail_together(lambda: prepare(args, process, held), process)
         # Outside prepare: the mesh is a collective, which a rank that failed in prepare would never join.
@@ -143,29 +149,14 @@ def run(args):
         if process.is_main:
             write_outputs(args, plan, process, batches, started, sampling_seconds)
             plan.staging.swap_in(plan.out_path)
+        if args.evaluate:  # every rank extracts features; the broadcast also waits for the swap
+            run_evaluation(distributed.broadcast_from_main(plan.out_path, process), args.evaluate, process,
+                           inception=args.inception)
     return 0
-
-
-def use_bundled_model(args):
-    """With neither --model nor --ckpt: the bundled digits model, ten images of each class, and the
-    sampler, steps and guidance it was measured with (flags given explicitly win)."""
-    recommended = options.bundled_settings()
-    if args.model is not None or args.ckpt is not None or recommended is None:
-        return
-    args.ckpt = BUNDLED_MODEL
-    if args.classes is None and args.num_samples is None:
-        args.classes = list(range(recommended["num_classes"]))
-        args.num_per_class = args.num_per_class or recommended["num_per_class"]
-    for name in ("sampler", "steps", "cfg_scale"):
-        if getattr(args, name) is None:
-            setattr(args, name, recommended[name])
 
 
 def check_flags(args):
     """The checks that need no model: everything here fails the same way on every rank."""
-    if args.model is None and args.ckpt is None:
-        raise ValueError("no model given: pass --ckpt PATH (a trained checkpoint, e.g. the release's "
-                         "DiT-XL-2-256x256.pt) or --model NAME (random weights, e.g. DiT-XL/2)")
     options.check_model_flags(args)
     options.check_sampling_flags(args)
     parallel_cli.check_flags(args)
@@ -225,7 +216,7 @@ def prepare(args, process, held):
     vae_path = args.vae if args.vae is not None or pixels or args.ckpt is None else pipeline_vae(args.ckpt)
     vae = None
     if vae_path is not None:
-        from fastdit.train.vae import VAE
+        from fastdit.models.vae import VAE
 
         vae = VAE.load(vae_path, process.device, dtype)
         if (vae.latent_channels, vae.downsampling) != (model.in_channels, options.VAE_DOWNSAMPLING):

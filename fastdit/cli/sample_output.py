@@ -45,11 +45,11 @@ import numpy as np
 import torch
 
 from fastdit.io import (
-    atomic_path,
     exclusive_lock,
     remove_stale_temporaries,
     replace_directory,
     restore_replaced,
+    write_npy_atomic,
     write_text_atomic,
 )
 
@@ -151,10 +151,7 @@ class Staging:
         return {int(match[1]) for match in map(_BATCH_NAME.match, os.listdir(self.batches)) if match}
 
     def write_batch(self, start, samples: np.ndarray) -> None:
-        with atomic_path(self.batch_path(start)) as temporary, open(temporary, "wb") as file:
-            np.save(file, samples)
-            file.flush()
-            os.fsync(file.fileno())
+        write_npy_atomic(self.batch_path(start), samples)
 
     def read_batch(self, batch: range) -> np.ndarray:
         path = self.batch_path(batch.start)

@@ -3,8 +3,9 @@ import dataclasses
 
 import torch
 
+from fastdit import distributed
+from fastdit.cli import options
 from fastdit.reference import BLOCK_DESIGNS
-from fastdit.train import distributed
 from fastdit.train.trainer import PRESETS, TrainConfig, Trainer
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -40,7 +41,7 @@ def add_arguments(parser):
                         help="do not check the latent shards at start (their sha256 against the manifest, then NaN "
                              "and infinity: a full read of the set, shared by the ranks); a loss that goes "
                              "non-finite still names the bad samples of its batch")
-    parser.add_argument("--device", help="default: cuda when available (cuda:LOCAL_RANK under torchrun)")
+    options.add_device_argument(parser, options.TORCHRUN_DEVICE_HELP)
     parser.add_argument("--deterministic", action="store_true", help="deterministic kernels (exact reruns on CPU)")
     parser.add_argument("--no-progress", action="store_true")
 

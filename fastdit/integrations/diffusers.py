@@ -22,7 +22,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-from fastdit.models.checkpoint import model_config
+from fastdit.models.config import model_config
 from fastdit.models.dit import DiT
 
 

@@ -12,7 +12,7 @@ reads a diffusers folder without diffusers installed.
 import torch
 
 from fastdit import reference
-from fastdit.models.checkpoint import RELEASE_CLASS_DROPOUT, CheckpointError
+from fastdit.models.config import RELEASE_CLASS_DROPOUT, CheckpointError
 
 # The class names a diffusers DiT's config.json carries: DiTPipeline's own class, and the generic
 # one that facebook/DiT-XL-2-256 and -512 were first published with (diffusers remaps it).
@@ -58,11 +58,18 @@ OUTER_KEYS = {  # outside the blocks
 PARAMETERS = ("weight", "bias")
 
 
+def renamed_keys(table: dict, diffusers_prefix: str = "", release_prefix: str = "") -> list[tuple[str, str]]:
+    """(diffusers key, release key) of every parameter of ``table``'s modules (OUTER_KEYS, or BLOCK_KEYS under a
+    block's prefixes): the tensors both sides hold under other names only. Both directions walk this list."""
+    return [(f"{diffusers_prefix}{diffusers_name}.{parameter}", f"{release_prefix}{release_name}.{parameter}")
+            for diffusers_name, release_name in table.items() for parameter in PARAMETERS]
+
+
 # --- configs --------------------------------------------------------------------------------
 
 
 def diffusers_config_to_release(config: dict, source="config") -> dict:
-    """fastdit's constructor arguments (``fastdit.models.checkpoint.CONFIG_KEYS``) for a diffusers DiT config."""
+    """fastdit's constructor arguments (``fastdit.models.config.CONFIG_KEYS``) for a diffusers DiT config."""
     if not isinstance(config, dict):
         raise TypeError(f"{source}: expected a dict (a diffusers config.json), got {type(config).__name__}")
     config = {**DIFFUSERS_DEFAULTS, **{key: value for key, value in config.items() if not key.startswith("_")}}
@@ -134,16 +141,11 @@ def diffusers_to_release(state_dict: dict, config: dict, source="the diffusers s
     """(the release's state dict, fastdit's config) for a diffusers DiT's state dict and config."""
     release_config = diffusers_config_to_release(config, source)
     tensors = _Keys(state_dict, source)
-    converted = {}
-    for diffusers_name, release_name in OUTER_KEYS.items():
-        for parameter in PARAMETERS:
-            converted[f"{release_name}.{parameter}"] = tensors.take(f"{diffusers_name}.{parameter}")
+    converted = {release_key: tensors.take(diffusers_key) for diffusers_key, release_key in renamed_keys(OUTER_KEYS)}
     for index in range(release_config["depth"]):
         block = f"transformer_blocks.{index}."
-        for diffusers_name, release_name in BLOCK_KEYS.items():
-            for parameter in PARAMETERS:
-                value = tensors.take(f"{block}{diffusers_name}.{parameter}")
-                converted[f"blocks.{index}.{release_name}.{parameter}"] = value
+        for diffusers_key, release_key in renamed_keys(BLOCK_KEYS, block, f"blocks.{index}."):
+            converted[release_key] = tensors.take(diffusers_key)
         for parameter in PARAMETERS:
             qkv = [tensors.take(f"{block}{name}.{parameter}") for name in QKV]
             converted[f"blocks.{index}.attn.qkv.{parameter}"] = torch.cat(qkv, dim=0)
@@ -175,17 +177,12 @@ def release_to_diffusers(state_dict: dict, config: dict, source="the model") -> 
     position = tensors.take("pos_embed")
     table = position_table(config["hidden_size"], grid_size, position.dtype)
     _check_position_table(position, table, f"{source}: pos_embed")
-    converted = {}
-    for diffusers_name, release_name in OUTER_KEYS.items():
-        for parameter in PARAMETERS:
-            converted[f"{diffusers_name}.{parameter}"] = tensors.take(f"{release_name}.{parameter}")
+    converted = {diffusers_key: tensors.take(release_key) for diffusers_key, release_key in renamed_keys(OUTER_KEYS)}
     embedders = {name: tensors.take(name) for name in EMBEDDER_KEYS.values()}
     for index in range(config["depth"]):
         block = f"transformer_blocks.{index}."
-        for diffusers_name, release_name in BLOCK_KEYS.items():
-            for parameter in PARAMETERS:
-                value = tensors.take(f"blocks.{index}.{release_name}.{parameter}")
-                converted[f"{block}{diffusers_name}.{parameter}"] = value
+        for diffusers_key, release_key in renamed_keys(BLOCK_KEYS, block, f"blocks.{index}."):
+            converted[diffusers_key] = tensors.take(release_key)
         for parameter in PARAMETERS:
             qkv = tensors.take(f"blocks.{index}.attn.qkv.{parameter}").chunk(3, dim=0)
             converted.update({f"{block}{name}.{parameter}": part.clone() for name, part in zip(QKV, qkv)})

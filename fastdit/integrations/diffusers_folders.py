@@ -22,7 +22,7 @@ from fastdit.integrations.diffusers_convert import (
     release_to_diffusers,
 )
 from fastdit.io import atomic_path, write_text_atomic
-from fastdit.models.checkpoint import CONFIG_KEYS, CheckpointError, model_config
+from fastdit.models.config import CONFIG_KEYS, CheckpointError, model_config
 
 MODEL_INDEX = "model_index.json"
 CONFIG_FILE = "config.json"

@@ -7,7 +7,7 @@ puts it (``HF_HUB_CACHE``, or ``HF_HOME``/hub, else ~/.cache/huggingface/hub).
 import os
 import re
 
-from fastdit.models.checkpoint import CheckpointError
+from fastdit.models.config import CheckpointError
 
 # Hugging Face's repo names: letters, digits, "-", "_", "."; no "--" or ".." (huggingface_hub's
 # validate_repo_id), owner and name each at most 96 characters.

@@ -18,9 +18,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fastdit import reference
 from fastdit._version import __version__
+from fastdit.integrations import diffusers_folders, hub
 from fastdit.io import atomic_path, write_text_atomic
+from fastdit.models.config import (
+    CONFIG_KEYS,
+    PAPER_NUM_HEADS,
+    RELEASE_CLASS_DROPOUT,
+    CheckpointError,
+    NonFiniteWeightsError,
+    model_config,
+)
 from fastdit.models.validation import first_nonfinite
 
 CONFIG_FILE = "config.json"
@@ -31,14 +39,6 @@ FORMAT_VERSION = 1
 # directory still says what model it is (num_heads cannot be read off the shapes).
 CONFIG_METADATA_KEY = "fastdit_config"
 
-CONFIG_KEYS = (
-    "input_size", "patch_size", "in_channels", "hidden_size", "depth",
-    "num_heads", "mlp_ratio", "class_dropout_prob", "num_classes", "learn_sigma", "block",
-)
-PAPER_NUM_HEADS = {config["hidden_size"]: config["num_heads"] for config in reference.DIT_CONFIGS.values()}
-# Every model trained with the release's code has class dropout 0.1, hence a null-class row.
-RELEASE_CLASS_DROPOUT = 0.1
-
 WEIGHTS = ("ema", "model")  # the two sets of weights a training checkpoint holds
 
 RELEASE_HINT = (
@@ -46,19 +46,6 @@ RELEASE_HINT = (
     "facebookresearch/DiT at https://dl.fbaipublicfiles.com/DiT/models/; download one and pass its "
     "local path (fastdit never downloads at run time)"
 )
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, or not the weights of a DiT."""
-
-
-class NonFiniteWeightsError(CheckpointError):
-    """Weights holding NaN or inf: ``name`` is the first such tensor, ``count`` its NaN and inf values."""
-
-    def __init__(self, path, name: str, count: int):
-        self.name, self.count = name, count
-        super().__init__(f"{path}: the weights are not finite: {name} holds {count} NaN or inf values (first bad "
-                         "tensor; e.g. a diverged training run); pass allow_nonfinite=True to load them")
 
 
 def build(model_class, path, *, config: dict | None = None, device="cpu", dtype=None, weights=None,
@@ -93,8 +80,6 @@ def read(path, weights=None) -> tuple[dict, dict | None]:
     a training checkpoint's "ema" or "model" (None: "ema" where there are both). Besides fastdit's and the
     release's files: a diffusers pipeline root or DiT transformer folder, and a Hugging Face repo id
     ("facebook/DiT-XL-2-256") found in the local cache."""
-    from fastdit.integrations import diffusers_folders, hub  # they build on this module: imported here
-
     if hub.is_repo_id(path):
         path = hub.resolve_repo_id(path)
     path = _checked_path(path)
@@ -160,28 +145,6 @@ def infer_config(state_dict: dict, config: dict | None = None) -> dict:
     return {**inferred, **given}
 
 
-def model_config(model) -> dict:
-    """The constructor arguments of a DiT (fast or reference), without ``attn_backend``: that is
-    a choice of the machine that runs the model, not a property of its weights."""
-    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model
-    if not isinstance(model, reference.DiT):  # fastdit.DiT is one too
-        raise TypeError(f"model: expected a fastdit.DiT or fastdit.reference.DiT, got {type(model).__name__}")
-    hidden_size = model.pos_embed.shape[-1]
-    return dict(
-        input_size=model.input_size,
-        patch_size=model.patch_size,
-        in_channels=model.in_channels,
-        hidden_size=hidden_size,
-        depth=len(model.blocks),
-        num_heads=model.num_heads,
-        mlp_ratio=model.blocks[0].mlp.fc1.out_features / hidden_size if len(model.blocks) else 4.0,
-        class_dropout_prob=model.y_embedder.dropout_prob,
-        num_classes=model.num_classes,
-        learn_sigma=model.learn_sigma,
-        block=model.block,
-    )
-
-
 SAVE_FORMATS = ("fastdit", "diffusers")
 
 
@@ -197,9 +160,7 @@ def save_pretrained(model, directory, format="fastdit") -> None:
         raise ValueError(f"save_pretrained: the model is quantized to {quantization}; save the bf16 model and load "
                          f"it with quantize={quantization!r}")
     if format == "diffusers":
-        from fastdit.integrations.diffusers_folders import write_diffusers  # it builds on this module
-
-        write_diffusers(model, directory)
+        diffusers_folders.write_diffusers(model, directory)
         return
     config = model_config(model)
     model = getattr(model, "_orig_mod", model)

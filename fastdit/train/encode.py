@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fastdit import distributed
 from fastdit.io import exclusive_lock, remove_stale_temporaries
-from fastdit.train import distributed, shards
+from fastdit.models.vae import VAE
+from fastdit.train import shards
 from fastdit.train.preprocess import center_crop_arr
-from fastdit.train.vae import VAE
 
 LOCK = ".encode.lock"
 

@@ -16,14 +16,13 @@ or ``fp32``; the reader hands out float32. Folders of the format before this one
 read too: memory-mapped where the zip stores its members uncompressed, as ``np.savez`` does.
 """
 import hashlib
-import io
 import json
 import os
 import zipfile
 
 import numpy as np
 
-from fastdit.io import write_bytes_atomic, write_text_atomic
+from fastdit.io import write_npy_atomic, write_text_atomic
 
 FORMAT = "fastdit-latent-shards"
 VERSION = 1
@@ -70,10 +69,7 @@ def write_shard(directory, index: int, arrays: dict, latent_dtype: str, settings
                  else np.ascontiguousarray(arrays[field], dtype=np.int64))
         if len(array) != count:
             raise ValueError(f"write_shard: {field} holds {len(array)} items, labels {count}")
-        buffer = io.BytesIO()
-        np.save(buffer, array, allow_pickle=False)
-        data = buffer.getvalue()
-        write_bytes_atomic(field_path(directory, index, field), data)
+        data = write_npy_atomic(field_path(directory, index, field), array)
         fields[field] = {"dtype": array.dtype.str, "shape": list(array.shape), "bytes": len(data),
                          "sha256": hashlib.sha256(data).hexdigest()}
     record = {"index": index, "count": count, "latent_dtype": latent_dtype, "fields": fields, "settings": settings}

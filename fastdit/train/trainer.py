@@ -28,13 +28,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from fastdit import distributed
 from fastdit.diffusion.gaussian import create_diffusion
 from fastdit.io import exclusive_lock, remove_stale_temporaries, write_text_atomic
 from fastdit.models import checkpoint as checkpoints
 from fastdit.models.dit import DiT, DiT_models
 from fastdit.models.validation import first_nonfinite
 from fastdit.train import data as datasets
-from fastdit.train import distributed, run_folder, shards
+from fastdit.train import run_folder, shards
 from fastdit.train.shards import RE_ENCODE, LatentShards
 
 

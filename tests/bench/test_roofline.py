@@ -129,13 +129,13 @@ def kernel_facts(tmp_path):
                 "default": default, "registers": registers, "spill_bytes": 0, "shared_bytes": 49152,
                 "tensor_core": 24, "status": "ok", **extra}
 
-    facts = {"triton": "3.9.0", "command": "python -m fastdit.kernels.aot --arch 90 --json k.json", "launches": [
+    facts = {"triton": "3.9.0", "command": "python -m fastdit.tools.aot --arch 90 --json k.json", "launches": [
         row("_attention_fwd_kernel", "forward", 168),
         row("_attention_fwd_kernel", "forward", 255, default=False),  # a tuning candidate: not shown
         row("_attention_fwd_kernel", "forward", 111, arch=80),
         row("_gated_residual_kernel", "forward", 40, image_size=512),
         row("_modulate_layernorm_backward_kernel", "backward", 64, dtype="amp", status="spills"),
-        # The form fastdit.kernels.aot writes: where the launch is used, tensor-core instructions by kind.
+        # The form fastdit.tools.aot writes: where the launch is used, tensor-core instructions by kind.
         {"arch": 90, "kernel": "_attention_bwd_query_kernel", "shape": "q=(64, 256, 16, 72)",
          "config": {"BLOCK_M": 64}, "default": True, "registers": 200, "spill_bytes": 0, "shared_bytes": 65536,
          "dots": 3, "wgmma": 12, "mma": 0, "status": "ok",
@@ -150,7 +150,7 @@ def kernel_facts(tmp_path):
 
 def test_kernel_column_from_the_aot_json(tmp_path):
     text = generate(tmp_path, "--kernels-json", str(kernel_facts(tmp_path)))
-    assert "(Triton 3.9.0)" in text and "python -m fastdit.kernels.aot --arch 90 --json k.json" in text
+    assert "(Triton 3.9.0)" in text and "python -m fastdit.tools.aot --arch 90 --json k.json" in text
     forward_256 = text.split("## 256 px")[1]
     attention_row = next(line for line in forward_256.splitlines() if line.startswith("| attention |"))
     assert attention_row.endswith("| attention_fwd: 168 reg · 0 B spill · 48 KiB smem · 24 TC "

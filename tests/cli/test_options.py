@@ -16,7 +16,7 @@ from fastdit.train.data import class_folder_files
 
 CLI = pathlib.Path(fastdit.__file__).parent / "cli"
 SHARED = {"fastdit.cli.options"}
-PARTS = {"sample.py": {"fastdit.cli.sample_output", "fastdit.cli.cache_flags"}}  # a subcommand's own modules
+PARTS = {"sample.py": {"fastdit.cli.sample_output", "fastdit.cli.cache_flags", "fastdit.cli.parallel_flags"}}  # a subcommand's own modules
 
 
 def cli_imports(path):
@@ -147,6 +147,6 @@ def test_ablation_bad_input_is_one_line_and_exit_2(argv, tmp_path, capsys):
 
 def module_entry(argv):
     """``python -m fastdit.ablation``'s entry, in-process."""
-    from fastdit.cli.ablation import main as ablation_main
+    from fastdit.ablation import main as ablation_main
 
     return ablation_main(argv)

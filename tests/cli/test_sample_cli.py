@@ -17,12 +17,12 @@ from processes import torch_path_environment
 
 import fastdit
 import fastdit.io
+from fastdit import images
 from fastdit.cli import options
 from fastdit.cli import sample as sample_cli
 from fastdit.diffusion import caching
 from fastdit.diffusion.sampling import sample
-from fastdit.train import images
-from fastdit.train.digits import conditioned_class_accuracy
+from fastdit.digits import conditioned_class_accuracy
 
 NUM_CLASSES = 10
 FAST = ["--sampler", "ddim", "--steps", "2", "--no-progress"]

@@ -264,7 +264,7 @@ def test_a_diffusers_pipeline_root_brings_its_vae(tmp_path, run_cli):
     diffusers = pytest.importorskip("diffusers")
 
     from fastdit.integrations.diffusers_folders import write_diffusers
-    from fastdit.train.vae import VAE
+    from fastdit.models.vae import VAE
 
     torch.manual_seed(0)
     root = tmp_path / "pipeline"

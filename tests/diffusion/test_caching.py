@@ -8,14 +8,15 @@ import os
 import pytest
 import torch
 from parity import relative_max_error
+from test_cuda_graphs import FakeCapture
 from test_gaussian import tiny_dit
-from test_sampling import FakeCapture
 
 import fastdit
-from fastdit.diffusion import caching, sampling
+from fastdit.diffusion import caching, cuda_graphs
 from fastdit.diffusion.caching import FORA, FeatureCache, FirstBlockCache, TaylorSeer
+from fastdit.diffusion.denoising import GuidedDenoiser, ImageNoise, run_eager
 from fastdit.diffusion.samplers import make_solver
-from fastdit.diffusion.sampling import GuidedDenoiser, ImageNoise, _run_eager, sample
+from fastdit.diffusion.sampling import sample
 from fastdit.reference import ADAPTIVE_DESIGNS, CONDITION_TOKENS
 
 DIGITS = os.path.join(os.path.dirname(fastdit.__file__), "assets", "digits")
@@ -94,7 +95,7 @@ def test_cache_off_and_exact_settings_are_bit_equal_to_exact_sampling(sampler, s
     denoiser = GuidedDenoiser(model, torch.tensor(labels), 10, cfg_scale, 3, 4, torch.float32)
     noise = ImageNoise(5, 0, len(labels), (4, 8, 8))
     with torch.no_grad():
-        loop = _run_eager(denoiser, make_solver(sampler, steps, eta), noise, noise.next(), iter)
+        loop = run_eager(denoiser, make_solver(sampler, steps, eta), noise, noise.next(), iter)
     exact = sample(model, labels, **kwargs)
     assert torch.equal(exact, loop)
     assert torch.equal(sample(model, labels, cache=None, **kwargs), exact)
@@ -222,8 +223,8 @@ def test_graph_loop_with_a_static_cache_equals_eager(policy, kinds, sampler, ste
         solver, noise = make_solver(sampler, steps, eta), ImageNoise(seed, 0, len(labels), (4, 8, 8))
         with torch.no_grad():
             if graphed:
-                return sampling._run_cuda_graph(model, denoiser, solver, noise, noise.next(), iter, False, cache)
-            return _run_eager(denoiser, solver, noise, noise.next(), iter, cache=cache)
+                return cuda_graphs.run_cuda_graph(model, denoiser, solver, noise, noise.next(), iter, False, cache)
+            return run_eager(denoiser, solver, noise, noise.next(), iter, cache=cache)
 
     for seed, call_steps in ((0, steps), (1, steps + 3)):
         assert torch.equal(run(True, seed, call_steps), run(False, seed, call_steps))

@@ -18,11 +18,15 @@ from fastdit.kernels.modulate import modulate_layernorm, modulate_layernorm_refe
 
 # The op's inputs in order; grads of a prefix of them (x, gate, y) take the first names.
 GRAD_NAMES = ("x", "gate", "y", "shift", "scale")
+# gate=None: the ungated residual ``x + y`` of the paper's adaLN, cross-attention and in-context blocks. The
+# tests that hold for both variants take ``gated``.
+GATED = pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
 
 
-def make_inputs(batch, tokens, hidden_size, dtype, strided, x_dtype=None):
+def make_inputs(batch, tokens, hidden_size, dtype, strided, x_dtype=None, gated=True):
     """x, gate, y, shift, scale; strided: x, y token-sliced views and gate/shift/scale chunks of a (B, 6D)
-    adaLN_modulation output, as the model passes them. x_dtype: x's dtype if not ``dtype`` (autocast)."""
+    adaLN_modulation output, as the model passes them. x_dtype: x's dtype if not ``dtype`` (autocast).
+    gated=False: gate is None."""
     def hidden_states(dtype):
         if strided:
             return torch.randn(batch, 2 * tokens, hidden_size, device=DEVICE).to(dtype)[:, ::2]
@@ -32,11 +36,34 @@ def make_inputs(batch, tokens, hidden_size, dtype, strided, x_dtype=None):
         shift, scale, gate, *_ = torch.randn(batch, 6 * hidden_size, device=DEVICE).to(dtype).chunk(6, dim=1)
     else:
         shift, scale, gate = (torch.randn(batch, hidden_size, device=DEVICE).to(dtype) for _ in range(3))
-    return hidden_states(x_dtype or dtype), gate, hidden_states(dtype), shift, scale
+    return hidden_states(x_dtype or dtype), gate if gated else None, hidden_states(dtype), shift, scale
+
+
+def present(*tensors):
+    """The inputs that exist (gate is None without one): those the grads are taken of, in order."""
+    return [tensor for tensor in tensors if tensor is not None]
+
+
+def grad_names(gate):
+    return tuple(name for name in GRAD_NAMES if gate is not None or name != "gate")
+
+
+def with_gate(inputs, gate):
+    """``present``'s list back in the op's order, None where the gate is missing."""
+    return inputs if gate is not None else [inputs[0], None, *inputs[1:]]
+
+
+def without_gate_grad(grads, gate):
+    """grads in the op's order, less grad_gate without a gate: the op returns an empty one then (a custom op
+    cannot return None), which is checked here."""
+    if gate is not None:
+        return tuple(grads)
+    assert grads[1].shape == (0,), f"grad of a missing gate: {tuple(grads[1].shape)}"
+    return (grads[0], *grads[2:])
 
 
 def expected_residual(x, gate, y):
-    return gated_residual_reference(x.float(), gate.float(), y.float())
+    return gated_residual_reference(x.float(), None if gate is None else gate.float(), y.float())
 
 
 def expected_normed(stored_residual, shift, scale):
@@ -44,8 +71,8 @@ def expected_normed(stored_residual, shift, scale):
 
 
 def leaves(*tensors):
-    """The tensors made leaves that require grad, in place: views keep their strides."""
-    return [tensor.requires_grad_() for tensor in tensors]
+    """The tensors made leaves that require grad, in place: views keep their strides (a missing gate stays None)."""
+    return [tensor if tensor is None else tensor.requires_grad_() for tensor in tensors]
 
 
 def upcast_leaves(*tensors):
@@ -53,23 +80,25 @@ def upcast_leaves(*tensors):
 
 
 def expected_gated_residual_grads(x, gate, y, grad_residual):
-    inputs = upcast_leaves(x, gate, y)
-    return torch.autograd.grad(gated_residual_reference(*inputs), inputs, grad_residual.float())
+    inputs = upcast_leaves(*present(x, gate, y))
+    return torch.autograd.grad(gated_residual_reference(*with_gate(inputs, gate)), inputs, grad_residual.float())
 
 
 def expected_fused_grads(x, gate, y, shift, scale, grad_residual, grad_normed):
     """Grads of the fp32 reference, inputs upcast. normed is taken from the residual rounded to x's dtype,
     as the op defines it; the rounding passes gradients straight through."""
-    inputs = upcast_leaves(x, gate, y, shift, scale)
-    residual = gated_residual_reference(*inputs[:3])
+    inputs = upcast_leaves(*present(x, gate, y, shift, scale))
+    ops_inputs = with_gate(inputs, gate)
+    residual = gated_residual_reference(*ops_inputs[:3])
     stored_residual = residual + (residual.to(x.dtype).float() - residual).detach()
-    normed = modulate_layernorm_reference(stored_residual, *inputs[3:])
+    normed = modulate_layernorm_reference(stored_residual, *ops_inputs[3:])
     return torch.autograd.grad((residual, normed), inputs, (grad_residual.float(), grad_normed.float()))
 
 
 def fused_grads(x, gate, y, shift, scale, grad_residual, grad_normed):
     inputs = leaves(x, gate, y, shift, scale)
-    return torch.autograd.grad(gated_residual_modulate_layernorm(*inputs), inputs, (grad_residual, grad_normed))
+    outputs = gated_residual_modulate_layernorm(*inputs)
+    return torch.autograd.grad(outputs, present(*inputs), (grad_residual, grad_normed))
 
 
 def output_grads(x, shift):
@@ -78,22 +107,24 @@ def output_grads(x, shift):
 
 
 @requires_triton
+@GATED
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", HIDDEN_STATE_SHAPES, ids=str)
-def test_gated_residual_matches_reference(shape, dtype, strided):
-    x, gate, y, _, _ = make_inputs(*shape, dtype, strided)
+def test_gated_residual_matches_reference(shape, dtype, strided, gated):
+    x, gate, y, _, _ = make_inputs(*shape, dtype, strided, gated=gated)
     residual = gated_residual(x, gate, y)
     assert residual.dtype == dtype and residual.shape == x.shape and residual.is_contiguous()
     assert_parity(residual, expected_residual(x, gate, y), KERNEL_TOLERANCE[dtype])
 
 
 @requires_triton
+@GATED
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", HIDDEN_STATE_SHAPES, ids=str)
-def test_fused_matches_reference(shape, dtype, strided):
-    x, gate, y, shift, scale = make_inputs(*shape, dtype, strided)
+def test_fused_matches_reference(shape, dtype, strided, gated):
+    x, gate, y, shift, scale = make_inputs(*shape, dtype, strided, gated=gated)
     residual, normed = gated_residual_modulate_layernorm(x, gate, y, shift, scale)
     for out in (residual, normed):
         assert out.dtype == dtype and out.shape == x.shape and out.is_contiguous()
@@ -165,31 +196,38 @@ def test_mixed_dtypes(dtype):
 # Gradient tests run on every kernel path: off Triton the backward ops compute the same formulas in
 # torch, not autograd through the reference, so the comparison is never the reference with itself.
 @launches_kernels
+@GATED
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", HIDDEN_STATE_SHAPES, ids=str)
-def test_backward_matches_reference(shape, dtype):
+def test_backward_matches_reference(shape, dtype, gated):
     # The backward ops called directly: through autograd the forward kernels would double the run time
     # under the interpreter; the autograd wiring is tested below, for every dtype.
-    x, gate, y, shift, scale = inputs = make_inputs(*shape, dtype, strided=True)
+    x, gate, y, shift, scale = inputs = make_inputs(*shape, dtype, strided=True, gated=gated)
+    names = grad_names(gate)
     grad_residual, grad_normed = output_grads(x, shift)
-    actual = (grad_residual, *gated_residual_backward(grad_residual, gate, y))
-    assert_grads_match(actual, expected_gated_residual_grads(x, gate, y, grad_residual), (x, gate, y), GRAD_NAMES)
+    actual = without_gate_grad((grad_residual, *gated_residual_backward(grad_residual, gate, y)), gate)
+    expected = expected_gated_residual_grads(x, gate, y, grad_residual)
+    assert_grads_match(actual, expected, present(x, gate, y), names)
     stored_residual = gated_residual_reference(x, gate, y)
     actual = gated_residual_modulate_layernorm_backward(
         grad_residual, grad_normed, stored_residual, gate, y, scale, 1e-6
     )
-    assert_grads_match(actual, expected_fused_grads(*inputs, grad_residual, grad_normed), inputs, GRAD_NAMES)
+    expected = expected_fused_grads(*inputs, grad_residual, grad_normed)
+    assert_grads_match(without_gate_grad(actual, gate), expected, present(*inputs), names)
 
 
 @launches_kernels
+@GATED
 @pytest.mark.parametrize("x_dtype, dtype", DTYPE_PAIRS, ids=str)
-def test_autograd_grads_match_reference(x_dtype, dtype):
-    inputs = make_inputs(2, 33, 384, dtype, strided=True, x_dtype=x_dtype)
-    grads = output_grads(inputs[0], inputs[3])
-    assert_grads_match(fused_grads(*inputs, *grads), expected_fused_grads(*inputs, *grads), inputs, GRAD_NAMES)
-    x, gate, y = inputs[:3]
-    actual = torch.autograd.grad(gated_residual(x, gate, y), (x, gate, y), grads[0])
-    assert_grads_match(actual, expected_gated_residual_grads(x, gate, y, grads[0]), (x, gate, y), GRAD_NAMES)
+def test_autograd_grads_match_reference(x_dtype, dtype, gated):
+    inputs = make_inputs(2, 33, 384, dtype, strided=True, x_dtype=x_dtype, gated=gated)
+    x, gate, y, shift, _ = inputs
+    names = grad_names(gate)
+    grads = output_grads(x, shift)
+    expected = expected_fused_grads(*inputs, *grads)
+    assert_grads_match(fused_grads(*inputs, *grads), expected, present(*inputs), names)
+    actual = torch.autograd.grad(gated_residual(x, gate, y), present(x, gate, y), grads[0])
+    assert_grads_match(actual, expected_gated_residual_grads(x, gate, y, grads[0]), present(x, gate, y), names)
 
 
 @launches_kernels
@@ -228,51 +266,14 @@ def test_backward_ignoring_the_normed_path_fails_tolerance(dtype):
 
 
 @requires_triton
+@GATED
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_a_wrong_kernel_fails_the_parity_tests(dtype):
+def test_a_wrong_kernel_fails_the_parity_tests(dtype, gated):
     """Kernels that write every output 10% off fail the forward's and the backward's parity tests, for
     the gated residual and the fused op."""
-    assert_fails_with_wrong_kernels(test_gated_residual_matches_reference, (2, 7, 72), dtype, strided=True)
-    assert_fails_with_wrong_kernels(test_fused_matches_reference, (2, 7, 72), dtype, strided=True)
-    assert_fails_with_wrong_kernels(test_backward_matches_reference, (2, 7, 72), dtype)
-
-
-# gate=None: the ungated residual ``x + y`` of the paper's adaLN, cross-attention and in-context blocks.
-UNGATED_GRAD_NAMES = ("x", "y", "shift", "scale")
-
-
-def expected_ungated_fused_grads(x, y, shift, scale, grad_residual, grad_normed):
-    """Grads of ``x + y`` and its modulated LayerNorm in fp32, taken from the residual rounded to x's dtype."""
-    inputs = upcast_leaves(x, y, shift, scale)
-    residual = inputs[0] + inputs[1]
-    stored_residual = residual + (residual.to(x.dtype).float() - residual).detach()
-    normed = modulate_layernorm_reference(stored_residual, *inputs[2:])
-    return torch.autograd.grad((residual, normed), inputs, (grad_residual.float(), grad_normed.float()))
-
-
-@requires_triton
-@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", HIDDEN_STATE_SHAPES, ids=str)
-def test_ungated_residual_matches_reference(shape, dtype, strided):
-    x, _, y, _, _ = make_inputs(*shape, dtype, strided)
-    residual = gated_residual(x, None, y)
-    assert residual.dtype == dtype and residual.shape == x.shape and residual.is_contiguous()
-    assert_parity(residual, x.float() + y.float(), KERNEL_TOLERANCE[dtype])
-
-
-@requires_triton
-@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", HIDDEN_STATE_SHAPES, ids=str)
-def test_ungated_fused_matches_reference(shape, dtype, strided):
-    x, _, y, shift, scale = make_inputs(*shape, dtype, strided)
-    residual, normed = gated_residual_modulate_layernorm(x, None, y, shift, scale)
-    for out in (residual, normed):
-        assert out.dtype == dtype and out.shape == x.shape and out.is_contiguous()
-    fp32_residual = x.float() + y.float()
-    assert_parity(residual, fp32_residual, KERNEL_TOLERANCE[dtype], "residual")
-    assert_parity(normed, expected_normed(fp32_residual.to(dtype), shift, scale), KERNEL_TOLERANCE[dtype], "normed")
+    for test in (test_gated_residual_matches_reference, test_fused_matches_reference):
+        assert_fails_with_wrong_kernels(test, (2, 7, 72), dtype, strided=True, gated=gated)
+    assert_fails_with_wrong_kernels(test_backward_matches_reference, (2, 7, 72), dtype, gated=gated)
 
 
 @requires_triton
@@ -285,46 +286,6 @@ def test_ungated_equals_a_gate_of_ones(x_dtype, dtype):
     for actual, expected in zip(gated_residual_modulate_layernorm(x, None, y, shift, scale),
                                 gated_residual_modulate_layernorm(x, ones, y, shift, scale)):
         assert torch.equal(actual, expected)
-
-
-@launches_kernels
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", HIDDEN_STATE_SHAPES, ids=str)
-def test_ungated_backward_matches_reference(shape, dtype):
-    x, _, y, shift, scale = make_inputs(*shape, dtype, strided=True)
-    grad_residual, grad_normed = output_grads(x, shift)
-    grad_gate, grad_y = gated_residual_backward(grad_residual, None, y)
-    assert grad_gate.shape == (0,)
-    assert_grads_match((grad_y,), (grad_residual.float(),), (y,), ("y",))
-    stored_residual = (x.float() + y.float()).to(dtype)
-    grad_x, grad_gate, *grads = gated_residual_modulate_layernorm_backward(
-        grad_residual, grad_normed, stored_residual, None, y, scale, 1e-6
-    )
-    assert grad_gate.shape == (0,)
-    expected = expected_ungated_fused_grads(x, y, shift, scale, grad_residual, grad_normed)
-    assert_grads_match((grad_x, *grads), expected, (x, y, shift, scale), UNGATED_GRAD_NAMES)
-
-
-@launches_kernels
-@pytest.mark.parametrize("x_dtype, dtype", DTYPE_PAIRS, ids=str)
-def test_ungated_autograd_grads_match_reference(x_dtype, dtype):
-    x, _, y, shift, scale = make_inputs(2, 33, 384, dtype, strided=True, x_dtype=x_dtype)
-    inputs = leaves(x, y, shift, scale)
-    grad_residual, grad_normed = output_grads(x, shift)
-    outputs = gated_residual_modulate_layernorm(x, None, y, shift, scale)
-    actual = torch.autograd.grad(outputs, inputs, (grad_residual, grad_normed))
-    expected = expected_ungated_fused_grads(x, y, shift, scale, grad_residual, grad_normed)
-    assert_grads_match(actual, expected, inputs, UNGATED_GRAD_NAMES)
-    actual = torch.autograd.grad(gated_residual(x, None, y), (x, y), grad_residual)
-    assert_grads_match(actual, (grad_residual.float(), grad_residual.float()), (x, y), ("x", "y"))
-
-
-@requires_triton
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_a_wrong_kernel_fails_the_ungated_parity_tests(dtype):
-    assert_fails_with_wrong_kernels(test_ungated_residual_matches_reference, (2, 7, 72), dtype, strided=True)
-    assert_fails_with_wrong_kernels(test_ungated_fused_matches_reference, (2, 7, 72), dtype, strided=True)
-    assert_fails_with_wrong_kernels(test_ungated_backward_matches_reference, (2, 7, 72), dtype)
 
 
 def _bad_inputs(case):
@@ -398,31 +359,20 @@ def test_torch_compile_fullgraph_matches_eager():
 
 
 @launches_kernels
-def test_opcheck():
+@GATED
+def test_opcheck(gated):
     # requires_grad inputs: opcheck then also checks the autograd registration and the backward ops' fakes
-    x, gate, y, shift, scale = leaves(*make_inputs(2, 3, 72, torch.bfloat16, strided=True))
+    x, gate, y, shift, scale = leaves(*make_inputs(2, 3, 72, torch.bfloat16, strided=True, gated=gated))
     torch.library.opcheck(gated_residual, (x, gate, y))
     torch.library.opcheck(gated_residual_modulate_layernorm, (x, gate, y, shift, scale), {"eps": 1e-5})
-    mixed = leaves(*make_inputs(2, 3, 72, torch.float16, strided=True, x_dtype=torch.float32))
+    mixed = leaves(*make_inputs(2, 3, 72, torch.float16, strided=True, x_dtype=torch.float32, gated=gated))
+    torch.library.opcheck(gated_residual, mixed[:3])
     torch.library.opcheck(gated_residual_modulate_layernorm, mixed)
-    x, gate, y, shift, scale = (tensor.detach() for tensor in mixed)
+    x, gate, y, shift, scale = (None if tensor is None else tensor.detach() for tensor in mixed)
     grad_residual, grad_normed = output_grads(x, shift)
     torch.library.opcheck(gated_residual_backward, (grad_residual, gate, y))
     torch.library.opcheck(
         gated_residual_modulate_layernorm_backward, (grad_residual, grad_normed, x, gate, y, scale, 1e-6)
-    )
-
-
-@launches_kernels
-def test_opcheck_ungated():
-    x, _, y, shift, scale = leaves(*make_inputs(2, 3, 72, torch.float16, strided=True, x_dtype=torch.float32))
-    torch.library.opcheck(gated_residual, (x, None, y))
-    torch.library.opcheck(gated_residual_modulate_layernorm, (x, None, y, shift, scale))
-    x, y, shift, scale = (tensor.detach() for tensor in (x, y, shift, scale))
-    grad_residual, grad_normed = output_grads(x, shift)
-    torch.library.opcheck(gated_residual_backward, (grad_residual, None, y))
-    torch.library.opcheck(
-        gated_residual_modulate_layernorm_backward, (grad_residual, grad_normed, x, None, y, scale, 1e-6)
     )
 
 

@@ -1,5 +1,5 @@
 """tuning.choose's logic with a fake launch and fake GPU state, and the CPU side of
-``python -m fastdit.kernels.tune`` (arguments, the no-GPU message, the report)."""
+``python -m fastdit.tools.tune`` (arguments, the no-GPU message, the report)."""
 import json
 import types
 

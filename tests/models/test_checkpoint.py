@@ -252,7 +252,7 @@ def test_bad_paths_and_models():
 def training_checkpoint(tmp_path_factory):
     """A checkpoint as fastdit's trainer saves it (Trainer.save), at a width whose heads the shapes cannot
     tell (hidden 32, 2 heads), with the raw weights moved away from the EMA's."""
-    from fastdit.train import distributed
+    from fastdit import distributed
     from fastdit.train.trainer import TrainConfig, Trainer
 
     out = tmp_path_factory.mktemp("run")

@@ -13,7 +13,8 @@ import torch
 from processes import torch_path_environment
 
 from fastdit import DiT
-from fastdit.parallel import cli, mesh, ulysses
+from fastdit.cli import parallel_flags
+from fastdit.parallel import mesh, ulysses
 from fastdit.parallel.sampling import resolve_layout
 from fastdit.reference import DiT as ReferenceDiT
 
@@ -161,11 +162,11 @@ def test_needs_a_process_group_or_mesh():
 def flags(argv, world_size, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
     parser = argparse.ArgumentParser()
-    cli.add_arguments(parser)
+    parallel_flags.add_arguments(parser)
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--compile", action="store_true")
     args = parser.parse_args(argv)
-    cli.check_flags(args)
+    parallel_flags.check_flags(args)
     return args
 
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 from test_trainer import tiny_config, train_in_process
 
+from fastdit import distributed
 from fastdit.train import data as datasets
-from fastdit.train import distributed, shards
+from fastdit.train import shards
 from fastdit.train.shards import LatentShards
 from fastdit.train.trainer import Trainer, TrainingDiverged
 

@@ -25,7 +25,7 @@ START_MB, STEPS_MB, LATER_STEPS_MB = 80, 16, 2
 SCRIPT_TEMPLATE = """
 import json, sys
 import torch
-from fastdit.train import distributed
+from fastdit import distributed
 from fastdit.train.trainer import TrainConfig, Trainer
 
 def rss_anon_mb():

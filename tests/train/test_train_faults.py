@@ -12,8 +12,9 @@ import torch
 from test_trainer import RUNNER, kill_when, read_log, run_script, tiny_config, train_in_process, wait_until
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fastdit import distributed
 from fastdit.io import FolderInUseError, exclusive_lock
-from fastdit.train import distributed, run_folder
+from fastdit.train import run_folder
 from fastdit.train.trainer import Trainer, TrainingDiverged
 
 pytestmark = pytest.mark.usefixtures("torch_path")  # runs and their faults, not the kernels: see conftest

@@ -12,7 +12,8 @@ import pytest
 import torch
 from processes import torch_path_environment
 
-from fastdit.train import distributed, run_folder, shards
+from fastdit import distributed
+from fastdit.train import run_folder, shards
 from fastdit.train import trainer as train
 from fastdit.train.trainer import TrainConfig, Trainer
 
@@ -22,7 +23,7 @@ TINY = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, 
 # Runs a TrainConfig given as JSON in argv[1], deterministically; under torchrun when launched so.
 RUNNER = """
 import json, sys, torch
-from fastdit.train import distributed
+from fastdit import distributed
 from fastdit.train import trainer as train
 from fastdit.train.trainer import TrainConfig, Trainer
 torch.use_deterministic_algorithms(True)

@@ -1,6 +1,6 @@
 """Compile every kernel launch of a real DiT forward and backward for a GPU, without a GPU.
 
-    python -m fastdit.kernels.aot [--arch 90 80] [--model DiT-S/2 DiT-XL/2] [--image-size 256 512]
+    python -m fastdit.tools.aot [--arch 90 80] [--model DiT-S/2 DiT-XL/2] [--image-size 256 512]
                                   [--dtype bf16 fp16 fp32 amp] [--block ...] [--json FILE] [--markdown FILE]
 
 The fast model runs on meta tensors under ``runtime.simulate(target)``: its launchers configure
@@ -33,8 +33,8 @@ import torch.utils._python_dispatch
 import triton
 from triton.runtime.jit import JITFunction
 
-from . import runtime, tuning
-from .aot_report import markdown, summary, table, write_atomic
+from fastdit.kernels import runtime, tuning
+from fastdit.tools.aot_report import markdown, summary, table, write_atomic
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "amp": torch.float32}
 MODELS = ("DiT-S/2", "DiT-S/4", "DiT-S/8", "DiT-B/2", "DiT-B/4", "DiT-B/8",
@@ -69,12 +69,12 @@ class Launch:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        sys.stderr.write(f"python -m fastdit.kernels.aot: error: {message}\n")
+        sys.stderr.write(f"python -m fastdit.tools.aot: error: {message}\n")
         sys.exit(2)
 
 
 def parse_args(argv=None):
-    parser = _Parser(prog="python -m fastdit.kernels.aot", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="python -m fastdit.tools.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", nargs="+", type=int, default=[90, 80], choices=sorted(runtime.TARGETS),
                         help="compute capabilities to compile for (default: 90 80)")
     parser.add_argument("--model", nargs="+", default=["DiT-S/2", "DiT-XL/2"], choices=MODELS, metavar="MODEL",
@@ -338,7 +338,7 @@ def compile_all(recorders: list[Recorder], workers: int, record_only: bool = Fal
 def _reexec_compiled() -> None:
     """The launchers choose interpreter configs when TRITON_INTERPRET=1 was set at import: run again without it."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    sys.exit(subprocess.run([sys.executable, "-m", "fastdit.kernels.aot", *sys.argv[1:]], env=env).returncode)
+    sys.exit(subprocess.run([sys.executable, "-m", "fastdit.tools.aot", *sys.argv[1:]], env=env).returncode)
 
 
 def main(argv=None) -> int:
@@ -356,7 +356,7 @@ def main(argv=None) -> int:
         recorders.append(recorder)
     rows = sorted(compile_all(recorders, args.workers, args.record_only, args.defaults_only),
                   key=lambda r: (-r["arch"], r["kernel"], r["shape"], not r["default"], r["candidate"]))
-    command = "python -m fastdit.kernels.aot " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m fastdit.tools.aot " + " ".join(argv if argv is not None else sys.argv[1:])
     print("\n".join(table(rows)))
     facts = summary(rows)
     if args.json:

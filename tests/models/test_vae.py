@@ -7,7 +7,7 @@ import torch
 from image_data import VAE_DOWNSAMPLING
 
 from fastdit.models.checkpoint import CheckpointError
-from fastdit.train.vae import VAE
+from fastdit.models.vae import VAE
 
 
 def images(batch=2, size=16):
@@ -118,6 +118,6 @@ def test_without_diffusers(monkeypatch, tmp_path):
 
 
 def test_importing_fastdit_does_not_import_diffusers(tmp_path):
-    code = "import sys, fastdit, fastdit.train.vae, fastdit.models.checkpoint; assert 'diffusers' not in sys.modules"
+    code = "import sys, fastdit, fastdit.models.vae, fastdit.models.checkpoint; assert 'diffusers' not in sys.modules"
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -1,4 +1,4 @@
-"""fastdit.train.distributed alone and in a gloo group of CPU processes started by torchrun, and `fastdit sample`
+"""fastdit.distributed alone and in a gloo group of CPU processes started by torchrun, and `fastdit sample`
 under torchrun giving the single-process run's samples exactly."""
 import json
 import os
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from fastdit import distributed
 from fastdit.cli import main
-from fastdit.train import distributed
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
@@ -60,7 +60,7 @@ def test_device_errors():
 WORKER = textwrap.dedent("""
     import json
     import numpy as np
-    from fastdit.train import distributed
+    from fastdit import distributed
 
     with distributed.launch("cpu") as process:
         rows = {0: 2, 1: 0, 2: 3}[process.rank]  # rank 1 has no work: its piece is empty, of any shape

@@ -22,15 +22,15 @@ import torch
 from filelock import FileLock
 
 import fastdit
+from fastdit import images
 from fastdit import reference
 from fastdit.cli import main
 from fastdit.cli.export import FORMAT_VERSION, schedule_paths
-from fastdit.cli.sample import BUNDLED_MODEL
+from fastdit.cli.options import BUNDLED_MODEL
+from fastdit.diffusion.denoising import ImageNoise
 from fastdit.diffusion.samplers import make_solver
-from fastdit.diffusion.sampling import ImageNoise
 from fastdit.models.checkpoint import model_config
 from fastdit.models.parity import relative_max_error
-from fastdit.train import images
 
 REPOSITORY = next(path for path in pathlib.Path(__file__).resolve().parents if (path / "CMakeLists.txt").exists())
 STEPS, BATCH, CFG_SCALE = 10, 4, 4.0
@@ -221,16 +221,6 @@ def test_runner_errors(runner, package, bad_inputs, arguments, message):
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("fastdit-run: error: ") and message in lines[0], result.stderr
     assert not (bad_inputs / "o.npy").exists()
-
-
-@pytest.fixture
-def no_compiling(monkeypatch):
-    """Export's argument errors must come before the model is traced or compiled (about a minute)."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("fastdit export traced or compiled the model before rejecting its arguments")
-
-    monkeypatch.setattr(torch.export, "export", refuse)
-    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", refuse)
 
 
 @pytest.mark.parametrize("arguments, message", [

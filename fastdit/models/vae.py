@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from fastdit.models.checkpoint import CheckpointError
+from fastdit.models.config import CheckpointError
 
 VAE_HINT = (
     "DiT decodes with Stability AI's sd-vae-ft-ema or sd-vae-ft-mse (diffusers format, "
@@ -47,7 +47,7 @@ class VAE:
         try:
             from diffusers import AutoencoderKL
         except ImportError as error:
-            raise ImportError('fastdit.train.vae needs diffusers: pip install "fastdit[vae]"') from error
+            raise ImportError('fastdit.models.vae needs diffusers: pip install "fastdit[vae]"') from error
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path: expected a directory path, got {type(path).__name__}")
         path = os.fspath(path)

@@ -46,8 +46,8 @@ def test_dry_run_prints_the_plan_within_8_minutes(tmp_path):
     assert steps["install"][1].endswith("-m pip install --no-build-isolation --no-deps -q -e .")
     assert "--image-size 256 --batch-sizes 1 64" in steps["bench-256"][1]
     assert "--image-size 512 --batch-sizes 16" in steps["bench-512"][1]
-    assert steps["tuning"][1].endswith(f"-m fastdit.kernels.tune --json {out}/tuning.json")
-    assert "-m fastdit.kernels.aot --arch $ARCH" in steps["aot"][1] and f"--json {out}/kernels.json" in steps["aot"][1]
+    assert steps["tuning"][1].endswith(f"-m fastdit.tools.tune --json {out}/tuning.json")
+    assert "-m fastdit.tools.aot --arch $ARCH" in steps["aot"][1] and f"--json {out}/kernels.json" in steps["aot"][1]
     assert "--bench-json docs/benchmarks/$GPU.json" in steps["roofline"][1]
     named = set()
     for name in ("bench-256", "bench-512", "bench-256-compiled"):

@@ -1,4 +1,4 @@
-"""``python -m fastdit.kernels.tune``: time every candidate launch configuration of a forward and
+"""``python -m fastdit.tools.tune``: time every candidate launch configuration of a forward and
 backward of each fast model on this GPU (``tuning.choose``) and write what was chosen as JSON.
 
 A module of its own, not tuning.py's ``__main__``: tuning.py is imported with fastdit, and
@@ -10,14 +10,14 @@ import sys
 
 import torch
 
-from . import runtime, tuning
+from fastdit.kernels import runtime, tuning
 
 IMAGE_SIZES = (256, 512)
 DTYPES = ("bf16", "fp16", "fp32", "amp")
 
 
 def _fail(message: str):
-    print(f"python -m fastdit.kernels.tune: {message}", file=sys.stderr)
+    print(f"python -m fastdit.tools.tune: {message}", file=sys.stderr)
     raise SystemExit(2)
 
 
@@ -29,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv=None) -> argparse.Namespace:
     from fastdit import DiT_models
 
-    parser = _Parser(prog="python -m fastdit.kernels.tune",
+    parser = _Parser(prog="python -m fastdit.tools.tune",
                      description="Tune the kernels' launch configurations for this GPU and write the choices as JSON.")
     parser.add_argument("--models", nargs="+", default=["DiT-XL/2"])
     parser.add_argument("--image-size", nargs="+", type=int, default=[256])

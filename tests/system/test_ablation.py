@@ -6,7 +6,7 @@ import sys
 import pytest
 from processes import torch_path_environment
 
-from fastdit.cli import ablation
+from fastdit.bench import ablation
 from fastdit.reference import BLOCK_DESIGNS
 
 

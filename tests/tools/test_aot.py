@@ -1,4 +1,4 @@
-"""``python -m fastdit.kernels.aot``: every launch of a DiT training step compiled for sm_90 and sm_80
+"""``python -m fastdit.tools.aot``: every launch of a DiT training step compiled for sm_90 and sm_80
 on this CPU machine, as a GPU would build it."""
 import json
 import os
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from fastdit.kernels import aot
+from fastdit.tools import aot
 
 # The 11 kernels of a training step: forward, attention's three backward launches, and the
 # backward of the norm, residual and patch-embedding ops (grad_x and grad_weight).
@@ -22,7 +22,7 @@ KERNELS = {
 def run_aot(tmp_path, *args):
     """The command as a user runs it: TRITON_INTERPRET=1 stays set (as in the test run), the tool drops it."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_CACHE_DIR": str(tmp_path / "triton-cache")}
-    return subprocess.run([sys.executable, "-m", "fastdit.kernels.aot", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "fastdit.tools.aot", *args], capture_output=True, text=True,
                           env=env, cwd=tmp_path)
 
 
@@ -51,7 +51,7 @@ def test_bf16_training_step_compiles_for_sm90_and_sm80_without_spills(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "aot.json").read_text())
     check_report(report, {90, 80})
-    assert report["triton"] and report["command"].startswith("python -m fastdit.kernels.aot")
+    assert report["triton"] and report["command"].startswith("python -m fastdit.tools.aot")
     markdown = (tmp_path / "aot.md").read_text()
     assert "| sm_90 | attention_fwd_kernel |" in markdown and "| sm_80 |" in markdown
 

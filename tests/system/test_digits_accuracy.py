@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from processes import torch_path_environment
 
-from fastdit.train.digits import conditioned_class_accuracy
+from fastdit.digits import conditioned_class_accuracy
 
 
 @pytest.mark.slow

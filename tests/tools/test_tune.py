@@ -1,4 +1,4 @@
-"""``python -m fastdit.kernels.tune`` on the CPU: arguments, the no-GPU message, the report."""
+"""``python -m fastdit.tools.tune`` on the CPU: arguments, the no-GPU message, the report."""
 import json
 import subprocess
 import sys
@@ -6,14 +6,15 @@ import sys
 import pytest
 import torch
 
-from fastdit.kernels import runtime, tune, tuning
+from fastdit.kernels import runtime, tuning
+from fastdit.tools import tune
 SPEC = runtime.GPUSpec("Fake GPU", (9, 0), 100_000, 132)
 
 
 def _tune(*args, cwd):
     """The command as a user runs it, outside the checkout: from its root, the source folder fastdit/
     (which lacks kernels/) would shadow the installed package."""
-    return subprocess.run([sys.executable, "-m", "fastdit.kernels.tune", *args],
+    return subprocess.run([sys.executable, "-m", "fastdit.tools.tune", *args],
                           capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
@@ -38,7 +39,7 @@ def test_without_cuda_it_exits_2_saying_so(monkeypatch, capsys, tmp_path):
         tune.main(["--json", str(tmp_path / "report.json")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == (
-        "python -m fastdit.kernels.tune: needs a CUDA GPU to time the kernels on, "
+        "python -m fastdit.tools.tune: needs a CUDA GPU to time the kernels on, "
         "and torch.cuda.is_available() is False")
     assert not (tmp_path / "report.json").exists()
 
@@ -48,7 +49,7 @@ def test_the_module_runs_as_a_script_and_fails_cleanly_without_cuda(tmp_path):
     result = _tune("--json", str(tmp_path / "report.json"), cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        "python -m fastdit.kernels.tune: needs a CUDA GPU to time the kernels on, and torch.cuda.is_available() is False"]
+        "python -m fastdit.tools.tune: needs a CUDA GPU to time the kernels on, and torch.cuda.is_available() is False"]
 
 
 def test_the_report_is_written_as_json(monkeypatch, tmp_path, capsys):
