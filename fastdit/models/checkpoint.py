@@ -165,6 +165,10 @@ def save_pretrained(model, directory, format="fastdit") -> None:
     (``fastdit.integrations.diffusers_folders.write_diffusers``)."""
     if format not in SAVE_FORMATS:
         raise ValueError(f"format: expected one of {', '.join(map(repr, SAVE_FORMATS))}, got {format!r}")
+    quantization = getattr(getattr(model, "_orig_mod", model), "quantization", None)
+    if quantization is not None:  # the quantized weights are derived, once, from the bf16 ones at load
+        raise ValueError(f"save_pretrained: the model is quantized to {quantization}; save the bf16 model and load "
+                         f"it with quantize={quantization!r}")
     if format == "diffusers":
         diffusers_folders.write_diffusers(model, directory)
         return
