@@ -36,6 +36,7 @@ from fastdit.bench.workloads import (
     CACHE_IMPLEMENTATIONS,
     CACHE_SAMPLER,
     RELEASE,
+    REPORTED_ERROR_IMPLEMENTATIONS,
     WORKLOAD_BUILDERS,
     WORKLOADS,
     Inputs,
@@ -174,7 +175,7 @@ def _measure(models, inputs, workload, implementation, expected, settings, peak)
             raise expected
         run = WORKLOAD_BUILDERS[workload](models, implementation, inputs)
         output = run.output()
-        if run.bounded:
+        if run.bounded and implementation not in REPORTED_ERROR_IMPLEMENTATIONS:
             error = check_parity(output, expected, dtype, f"{implementation} {workload}")
         elif not all(torch.isfinite(tensor).all() for tensor in output.values()):
             raise ParityError(f"{implementation} {workload}: the output is not finite")

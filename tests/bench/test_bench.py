@@ -52,16 +52,19 @@ def test_cpu_run_writes_the_three_reports(tmp_path):
     assert report["peak"]["copy_bandwidth"]["unit"] == "GB/s" and report["peak"]["copy_bandwidth"]["value"] > 0
     for figure in figures(report):
         assert figure.keys() >= {"value", "unit"} and figure["unit"], figure
-    results = report["results"]
-    # On the CPU the default is every eager implementation, over every workload.
+    # On the CPU the default is every eager implementation, over every workload; FP8 is inference only.
+    skipped = [r for r in report["results"] if r["status"] == "skipped"]
+    assert [(r["workload"], r["implementation"]) for r in skipped] == [("training-step", "fastdit-fp8")], skipped
+    results = [r for r in report["results"] if r["status"] != "skipped"]
     assert {(r["workload"], r["implementation"]) for r in results} == {
         (workload, implementation) for workload in bench_workloads.WORKLOADS
         for implementation in ("reference-eager-fp32", "reference-eager-bf16", "fastdit-eager", "reference-sdpa-fp32",
-                               "reference-sdpa-bf16")} | ({("forward", "fastdit-fp8"), ("sampling-step", "fastdit-fp8")}
-                                                          if hasattr(fastdit.DiT, "quantize") else set())
+                               "reference-sdpa-bf16")} | {("forward", "fastdit-fp8"), ("sampling-step", "fastdit-fp8")}
     for result in results:
         assert result["status"] == "ok", result
-        assert result["max_error"]["value"] <= MODEL_TOLERANCE[DTYPES[result["dtype"]]]
+        # FP8's error is reported, not bounded by the model tolerance; tests/models/test_fp8.py bounds it.
+        bound = 0.15 if result["implementation"] == "fastdit-fp8" else MODEL_TOLERANCE[DTYPES[result["dtype"]]]
+        assert result["max_error"]["value"] <= bound, result
         assert result["throughput"]["unit"] == "images/s" and result["throughput"]["value"] > 0
         assert result["achieved"]["value"] > 0 and 0 < result["mfu"]["value"]
         if result["implementation"] == bench_workloads.BASELINE:
