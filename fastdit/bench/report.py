@@ -245,6 +245,9 @@ def plot(report: dict, path) -> None:
         figure.savefig(temporary, format="png", dpi=120)
 
 
+REPORT_FILES = ("report.json", "report.md", "throughput.png")
+
+
 def write(out, report: dict, plot_png: bool = True) -> None:
     write_text_atomic(os.path.join(out, "report.json"), json.dumps(report, indent=2) + "\n")
     write_text_atomic(os.path.join(out, "report.md"), markdown(report))
