@@ -29,6 +29,7 @@ from harness import (  # noqa: E402
     synchronize,
 )
 
+from fastdit.bench.timing import noise_warnings  # noqa: E402
 from fastdit.bench.workloads import (  # noqa: E402
     WORKLOAD_BUILDERS,
     check_parity,
@@ -55,6 +56,24 @@ def pytest_report_header(config):
     return f"fastdit benchmarks on {DEVICE} ({dtype_name(DTYPE)}), fused ops: {KERNEL_PATH}"
 
 
+SPREADS = {}  # "group: row" -> slowest / fastest round, for the noise warning
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_benchmark_group_stats(config, benchmarks, group_by):
+    """Notes each row's spread as pytest-benchmark groups the rows (flat dicts of their statistics) for its table."""
+    yield
+    for bench in benchmarks:
+        if bench["source"] != "NOW" and bench["min"] > 0:  # this run's rows, not --benchmark-compare's
+            SPREADS[f"{bench['group']}: {bench['name']}"] = bench["max"] / bench["min"]
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's tables
+def pytest_terminal_summary(terminalreporter):
+    for line in noise_warnings(SPREADS) if SPREADS else ():
+        terminalreporter.write_line(f"warning: {line}", yellow=True)
+
+
 @pytest.fixture
 def skip_unless_available(request):
     """``skip_unless_available(implementation, workload=None)``: skip what does not run here."""
@@ -73,7 +92,7 @@ def synchronized_perf_counter() -> float:
 
 
 @pytest.fixture
-def measure(benchmark):
+def measure(benchmark, request):
     """``measure(fn, group, rounds=None, flops=None, bytes_moved=None, images=None, **info)``: warm fn up, time it
     with the device synchronised inside, and record FLOPs, bytes, images and their rates in extra_info.
     ``rounds``: a fixed number of rounds (for long steps); default: pytest-benchmark calibrates."""
@@ -90,6 +109,8 @@ def measure(benchmark):
             raise RuntimeError("pytest-benchmark no longer has the _timer attribute that the GPU timing replaces")
         benchmark._timer = synchronized_perf_counter
         benchmark.group = group
+        # The row's parameters (implementation, dtype): its group already names the operation and the shape.
+        benchmark.name = request.node.callspec.id if hasattr(request.node, "callspec") else request.node.name
         benchmark.extra_info.update(device=torch.cuda.get_device_name() if ON_GPU else "cpu", fused_ops=KERNEL_PATH,
                                     **info)
         if rounds is None:

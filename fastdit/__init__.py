@@ -8,7 +8,7 @@ from fastdit._version import __version__
 from fastdit.diffusion.sampling import NonFiniteSampleError, sample
 from fastdit.kernels import kernel_path
 from fastdit.models.attention import ATTENTION_BACKENDS
-from fastdit.models.checkpoint import save_pretrained
+from fastdit.models.checkpoint import NAMED_MODELS, save_pretrained
 from fastdit.models.config import CheckpointError
 from fastdit.models.dit import DiT, DiT_models, load
 
@@ -17,6 +17,7 @@ __all__ = [
     "CheckpointError",
     "DiT",
     "DiT_models",
+    "NAMED_MODELS",
     "NonFiniteSampleError",
     "kernel_path",
     "load",

@@ -1,5 +1,8 @@
+import contextlib
 import os
+import signal
 import sys
+import time
 
 import pytest
 import torch
@@ -7,6 +10,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))  # tests import the shared tolerance table as `parity`
 
 import parity  # noqa: E402 (needs the path above)
+import processes  # noqa: E402
 from image_data import save_tiny_vae  # noqa: E402
 
 from fastdit.kernels import kernel_path, runtime  # noqa: E402
@@ -15,12 +19,30 @@ from fastdit.models.vae import VAE  # noqa: E402
 # One intra-op thread: the tests' tiny ops gain nothing from threads, and on a busy CPU (two
 # xdist workers on two cores) spinning OpenMP threads make each op many times slower.
 torch.set_num_threads(1)
+LEFTOVER_GRACE_SECONDS = 10
 
 
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "launches_kernels: where the test device has a Triton path, the test must launch a Triton kernel"
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftover_processes():
+    """Fails the session (an error at its last teardown) when a process that a test started outlives the tests,
+    naming each one; the leftovers are then killed (they carry this session's marker: they are the tests')."""
+    marker = f"{os.getpid()}-{time.time_ns()}"
+    os.environ[processes.SESSION_MARKER] = marker
+    yield
+    deadline = time.monotonic() + LEFTOVER_GRACE_SECONDS  # a process killed at the end of a test may still be exiting
+    while (leftovers := processes.marked_processes(marker)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in leftovers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert not leftovers, "processes started by the tests outlived them: " + "; ".join(
+        f"pid {pid}: {command}" for pid, command in sorted(leftovers.items()))
 
 
 @pytest.fixture(autouse=True)

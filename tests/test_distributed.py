@@ -106,7 +106,7 @@ def test_torchrun_sample_equals_single_process(device, tmp_path):
     assert main([*argv, "--out", str(tmp_path / "one")]) == 0
 
     with np.load(tmp_path / "one" / "samples.npz") as one, np.load(tmp_path / "two" / "samples.npz") as two:
-        assert sorted(one) == sorted(two) == ["arr_0", "images", "labels"]
+        assert sorted(one) == sorted(two) == ["arr_0", "labels"]
         for key in one:
             np.testing.assert_array_equal(one[key], two[key])
     assert json.loads((tmp_path / "two" / "run.json").read_text())["sampling"]["world_size"] == 2

@@ -6,7 +6,7 @@ import pytest
 import fastdit
 
 README_NAMES = ["ATTENTION_BACKENDS", "CheckpointError", "DiT", "DiT_models", "kernel_path", "kernels", "load",
-                "NonFiniteSampleError", "reference", "sample", "save_pretrained"]
+                "NAMED_MODELS", "NonFiniteSampleError", "reference", "sample", "save_pretrained"]
 
 
 @pytest.mark.parametrize("name", README_NAMES)

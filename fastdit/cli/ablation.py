@@ -7,8 +7,9 @@ def add_arguments(parser):
     parser.description = ablation.__doc__.split("\n\n")[0]
     parser.add_argument("--out", required=True, help="output directory (docs/ablation for the committed results)")
     parser.add_argument("--steps", type=int, default=PRESETS[ablation.PRESET]["steps"],
-                        help="training steps per design")
-    parser.add_argument("--jobs", type=int, default=2, help="designs trained at once (one CPU thread each)")
+                        help="training steps per design (default: %(default)s, the digits preset's)")
+    parser.add_argument("--jobs", type=int, default=2, help="designs trained at once (one CPU thread "
+                        "each; default: %(default)s)")
     parser.add_argument("--runs", help="where the training runs go (checkpoints: tens of MB each); default OUT/runs")
 
 

@@ -14,6 +14,7 @@ from fastdit.integrations.diffusers_folders import is_diffusers_folder, read_dif
 from fastdit.integrations.hub import is_repo_id, resolve_repo_id
 from fastdit.io import atomic_directory, atomic_path
 from fastdit.models import checkpoint
+from fastdit.models.config import PAPER_NUM_HEADS, CheckpointError, MissingNumHeadsError
 
 FORMATS = {
     "diffusers": "a diffusers transformer folder (config.json, diffusion_pytorch_model.safetensors)",
@@ -58,7 +59,14 @@ def load_reference(source, num_heads: int | None = None) -> reference.DiT:
     if is_repo_id(source):
         source = resolve_repo_id(source)
     if not is_diffusers_folder(source):
-        return checkpoint.build(reference.DiT, source, config=None if num_heads is None else {"num_heads": num_heads})
+        try:
+            return checkpoint.build(reference.DiT, source,
+                                    config=None if num_heads is None else {"num_heads": num_heads})
+        except MissingNumHeadsError as error:  # the library's advice is a keyword: here it is a flag
+            raise CheckpointError(
+                f"--num-heads: {source} stores no config, and its width {error.hidden_size} is not one of the "
+                f"paper's ({', '.join(map(str, PAPER_NUM_HEADS))}), whose heads are known: pass "
+                "--num-heads N") from None
     state_dict, config = read_diffusers(source)  # already converted strictly: the keys are the model's
     if num_heads not in (None, config["num_heads"]):
         raise ValueError(f"--num-heads: {source} stores num_heads {config['num_heads']}, got {num_heads}")

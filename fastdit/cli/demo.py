@@ -10,12 +10,17 @@ from fastdit.models.parity import perturb_, relative_max_error
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", default="DiT-S/2", help="one of " + ", ".join(fastdit.DiT_models))
-    parser.add_argument("--image-size", type=int, default=256, help="image size in pixels (latent = size / 8)")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--model", default="DiT-S/2", help="an architecture with random weights, one of "
+                        + ", ".join(fastdit.DiT_models) + " (default: %(default)s)")
+    parser.add_argument("--image-size", type=int, default=256, help="image size in pixels (latent = size / 8; "
+                        "default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per forward (default: %(default)s)")
     options.add_device_arguments(parser)
-    parser.add_argument("--attn-backend", default="auto", choices=fastdit.ATTENTION_BACKENDS)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--attn-backend", default="auto", choices=fastdit.ATTENTION_BACKENDS,
+                        help="the fast model's attention (auto: the Triton kernel for fp16/bf16 on CUDA, PyTorch SDPA "
+                        "otherwise; default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed forwards of each model, the median is "
+                        "reported (default: %(default)s)")
 
 
 def check_arguments(args):

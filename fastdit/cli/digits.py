@@ -22,17 +22,17 @@ def load_samples(path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as samples:
             names = samples.files
-            arrays = {name: samples[name] for name in ("images", "labels") if name in names}
+            arrays = {name: samples[name] for name in ("arr_0", "labels") if name in names}
     # A damaged archive raises BadZipFile or EOFError, object arrays (pickles) a ValueError.
     except (zipfile.BadZipFile, EOFError, ValueError) as error:
         raise ValueError(f"{path}: cannot read it as a NumPy .npz archive ({error})") from None
-    missing = [name for name in ("images", "labels") if name not in arrays]
+    missing = [name for name in ("arr_0", "labels") if name not in arrays]
     if missing:
         latents = " (a latent model's samples: digits-accuracy scores pixels)" if "latents" in names else ""
-        raise ValueError(f"{path}: expected arrays images and labels, a pixel model's samples.npz of `fastdit "
-                         f"sample`, but it has no {' and no '.join(missing)}; it has {', '.join(names) or 'no arrays'}"
-                         f"{latents}")
-    return arrays["images"], arrays["labels"]
+        raise ValueError(f"{path}: expected arrays arr_0 (the images) and labels, a pixel model's samples.npz of "
+                         f"`fastdit sample`, but it has no {' and no '.join(missing)}; it has "
+                         f"{', '.join(names) or 'no arrays'}{latents}")
+    return arrays["arr_0"], arrays["labels"]
 
 
 def run(args):

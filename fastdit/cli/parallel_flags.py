@@ -34,6 +34,10 @@ def check_flags(args):
     if args.compile:
         raise ValueError(f"--parallel {args.parallel}: --compile is not supported with cfg or sp; drop it, or use "
                          "--parallel dp")
+    if args.cache is not None:
+        # The cache calls the model's blocks itself, past the split: every rank would run the whole model.
+        raise ValueError(f"--parallel {args.parallel}: --cache is not supported with cfg or sp (the cache runs the "
+                         "blocks itself, outside the split); drop it, or use --parallel dp")
 
 
 @dataclasses.dataclass(frozen=True)

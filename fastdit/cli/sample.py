@@ -30,6 +30,7 @@ from fastdit.cli import options
 from fastdit.cli import parallel_flags as parallel_cli
 from fastdit.cli.cache_flags import add_cache_arguments, cache_from_args
 from fastdit.cli.sample_output import Staging, locked_output, recorded, staging_folder, weights_digest
+from fastdit.diffusion import settings
 from fastdit.diffusion.samplers import DPM_FINAL_STEPS, SAMPLERS, SPACINGS
 from fastdit.diffusion.sampling import default_guidance_channels, sample
 from fastdit.evaluation.report import check_evaluation, run_evaluation
@@ -39,7 +40,6 @@ from fastdit.models.config import model_config
 from fastdit.models.fp8 import QUANTIZATIONS
 from fastdit.models.validation import check_class_ids
 
-DEFAULT_STEPS = {"ddpm": 250, "ddim": 25, "dpm++": 20}
 DEFAULT_NUM_SAMPLES = 8
 # A run's size is capped well above the 50,000 images of an FID evaluation (its labels are drawn up front, and
 # 1,000,000 images of 256 px make a 197 GB samples.npz), so that a slip of the keyboard fails at once.
@@ -61,10 +61,11 @@ def add_arguments(parser):
     count = parser.add_mutually_exclusive_group()
     count.add_argument("--num-per-class", type=int, help="images per class of --classes (default 1)")
     count.add_argument("--num-samples", type=int, help=f"images of random classes (default {DEFAULT_NUM_SAMPLES})")
-    parser.add_argument("--sampler", choices=SAMPLERS, help="default: ddpm (the bundled model: its recommended one)")
+    parser.add_argument("--sampler", choices=SAMPLERS, help="default: the model's recommended one (the bundled "
+                        "digits model: ddim; any other: ddpm, as the release's sample.py)")
     options.add_sampling_arguments(
-        parser, steps_help="denoising steps; default: " + ", ".join(f"{steps} for {name}"
-                                                                    for name, steps in DEFAULT_STEPS.items()),
+        parser, steps_help="denoising steps; default: the model's recommended number with its own sampler (digits: "
+        "50; others: 250), else " + ", ".join(f"{steps} for {name}" for name, steps in settings.DEFAULT_STEPS.items()),
         seed_help="image k's noise depends only on (seed, k)")
     parser.add_argument("--guidance-channels", type=int, metavar="G", help="guide the first G eps channels "
                         "(default: the release's 3 of 4 latent channels, all of a pixel model's; 4: as DiTPipeline)")
@@ -123,8 +124,6 @@ def run(args):
     if bundled is not None and args.classes is None and args.num_samples is None:  # ten of each digit
         args.classes = list(range(bundled["num_classes"]))
         args.num_per_class = args.num_per_class or bundled["num_per_class"]
-    args.sampler = args.sampler or "ddpm"
-    args.cfg_scale = options.DEFAULT_CFG_SCALE if args.cfg_scale is None else args.cfg_scale
     check_flags(args)
     if args.evaluate:
         check_evaluation(args.evaluate, args.inception)
@@ -149,10 +148,21 @@ def run(args):
         if process.is_main:
             write_outputs(args, plan, process, batches, started, sampling_seconds)
             plan.staging.swap_in(plan.out_path)
+            print(success_line(args, plan))
         if args.evaluate:  # every rank extracts features; the broadcast also waits for the swap
             run_evaluation(distributed.broadcast_from_main(plan.out_path, process), args.evaluate, process,
                            inception=args.inception)
     return 0
+
+
+def success_line(args, plan) -> str:
+    """What the run wrote, and where (printed with --no-progress too)."""
+    written = ["samples.npz", "grid.png"] if plan.writes_images else ["samples.npz (latents)"]
+    if plan.writes_images and args.save_images:
+        written.append("images/")
+    resumed = f" ({plan.resumed} of them by a killed run, resumed)" if plan.resumed else ""
+    return (f"fastdit sample: wrote {len(plan.labels)} {'images' if plan.writes_images else 'samples'}{resumed} to "
+            f"{plan.out_path}: {', '.join(written)} and run.json")
 
 
 def check_flags(args):
@@ -163,9 +173,8 @@ def check_flags(args):
     args.cache_policy = cache_from_args(args)
     if args.guidance_channels is not None and args.guidance_channels < 1:
         raise ValueError(f"--guidance-channels: expected an integer >= 1, got {args.guidance_channels}")
-    for flag, value, sampler in (("--ddim-spacing", args.ddim_spacing, "ddim"), ("--dpm-final", args.dpm_final, "dpm++")):
-        if value != "release" and args.sampler != sampler:
-            raise ValueError(f"{flag} {value}: applies to --sampler {sampler}, got --sampler {args.sampler}")
+    if args.sampler is not None:
+        check_sampler_flags(args, "--sampler")
     for flag, value, low in (("--num-samples", args.num_samples, 1), ("--num-per-class", args.num_per_class, 1)):
         if value is not None and value < low:
             raise ValueError(f"{flag}: expected an integer >= {low}, got {value}")
@@ -180,6 +189,21 @@ def check_flags(args):
     if args.num_samples is not None and args.num_samples > MAX_NUM_SAMPLES:
         raise ValueError(f"--num-samples: a run makes at most {MAX_NUM_SAMPLES} images, got {args.num_samples}: "
                          "split it into runs with different --seed")
+
+
+def check_sampler_flags(args, source):
+    """The flags that apply to one sampler: before loading with --sampler given, else once the model's is known."""
+    for flag, value, sampler in (("--ddim-spacing", args.ddim_spacing, "ddim"),
+                                 ("--dpm-final", args.dpm_final, "dpm++")):
+        if value != "release" and args.sampler != sampler:
+            raise ValueError(f"{flag} {value}: applies to --sampler {sampler}, got {source} {args.sampler}")
+
+
+def use_model_settings(args, model):
+    """--sampler, --steps and --cfg-scale: where not given, the model's recommended ones (as fastdit.sample)."""
+    source = "--sampler" if args.sampler is not None else "the model's recommended sampler"
+    args.sampler, args.steps, args.cfg_scale = settings.resolve(model, args.sampler, args.steps, args.cfg_scale)
+    check_sampler_flags(args, source)
 
 
 def class_labels(args, num_classes):
@@ -205,6 +229,7 @@ def prepare(args, process, held):
         raise ValueError(f"--dtype: --quantize {args.quantize} runs the model in bf16, got --dtype {args.dtype}")
     dtype = options.resolve_dtype("bf16" if args.quantize else args.dtype, process.device)
     model = options.load_model(args, process.device, dtype)
+    use_model_settings(args, model)
     if args.quantize is not None:
         model.quantize(args.quantize)
     image_size, pixels = options.image_size_of(model, args.image_size)
@@ -269,7 +294,7 @@ def run_identity(args, plan, process) -> dict:
 
 def sampling_settings(args, model) -> dict:
     """The keywords of ``fastdit.sample`` that the flags set and that change the images."""
-    return {"sampler": args.sampler, "steps": args.steps or DEFAULT_STEPS[args.sampler], "cfg_scale": args.cfg_scale,
+    return {"sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg_scale,
             "guidance_channels": args.guidance_channels or default_guidance_channels(model.in_channels)
             or model.in_channels, "seed": args.seed, "spacing": args.ddim_spacing, "final": args.dpm_final,
             "cache": args.cache_policy}
@@ -332,7 +357,7 @@ def write_outputs(args, plan, process, batches, started, sampling_seconds):
     shape, dtype = (len(labels), *first.shape[1:]), first.dtype
     samples = (shape, dtype, lambda: (staging.read_batch(batch) for batch in batches))
     if plan.writes_images:
-        arrays = {"images": samples, "labels": labels, "arr_0": samples}  # arr_0: what the ADM evaluator reads
+        arrays = {"arr_0": samples, "labels": labels}  # arr_0: the images, as the ADM evaluator reads them
         preview = [staging.read_batch(batch) for batch in batches[:-(-GRID_MAX_IMAGES // args.batch_size)]]
         preview = np.concatenate(preview)[:GRID_MAX_IMAGES]
         grid = images.grid(preview, labels[:GRID_MAX_IMAGES], grid_columns(args))

@@ -20,7 +20,9 @@ from fastdit.diffusion.sample_checks import (
     check_number,
     nonfinite_cause,
 )
+from fastdit.diffusion import settings
 from fastdit.diffusion.samplers import SAMPLERS, make_solver
+from fastdit.diffusion.settings import has_null_class
 
 
 def _progress(enabled, description):
@@ -33,26 +35,20 @@ def _progress(enabled, description):
     return lambda steps: tqdm(steps, desc=description, leave=False)
 
 
-def has_null_class(model) -> bool:
-    """Whether ``model`` (fast or reference DiT) has the null class that classifier-free guidance needs: its
-    label table has a row past the classes only when it was built with label dropout."""
-    table = getattr(getattr(model, "y_embedder", None), "embedding_table", None)
-    if table is not None:
-        return table.num_embeddings > model.num_classes
-    return getattr(model, "class_dropout_prob", 1.0) > 0
-
-
 def default_guidance_channels(in_channels: int) -> int | None:
     """The release guides 3 of its 4 latent channels; a pixel model's channels are all guided (None)."""
     return 3 if in_channels == 4 else None
 
 
-def sample(model, class_labels, *, sampler="ddpm", steps=250, cfg_scale=1.0, guidance_channels=None, noise=None,
+def sample(model, class_labels, *, sampler=None, steps=None, cfg_scale=None, guidance_channels=None, noise=None,
            generator=None, seed=None, eta=0.0, first_index=0, progress=False, compile=False, cuda_graphs="auto",
            cache=None, spacing="release", final="release", noise_draw="per-image"):
     """Sample latents (N, C, H, W), fp32 on the model's device, for N = len(class_labels).
 
     model: a DiT (``fastdit.DiT`` or ``fastdit.reference.DiT``): ``model(x, t, y)`` -> (N, C or 2C, H, W).
+    sampler, steps, cfg_scale: None takes the model's recommended settings (``fastdit.diffusion.settings``:
+        the bundled digits model's DDIM 50 at guidance 4, else the release's DDPM 250 at guidance 4), and for a
+        sampler other than the model's own its default steps (ddpm 250, ddim 25, dpm++ 20).
     sampler: "ddpm" (ancestral, learned variance; ``steps`` evenly respaced steps, 250 as the release),
         "ddim" (``eta``; ``steps=25`` uses the release's "ddim25" steps 960, 920, ..., 0),
         "dpm++" (DPM-Solver++ 2M, good at 10-25 steps).
@@ -84,6 +80,7 @@ def sample(model, class_labels, *, sampler="ddpm", steps=250, cfg_scale=1.0, gui
     for name in ("in_channels", "out_channels", "input_size", "num_classes"):
         if not hasattr(model, name):
             raise TypeError(f"model must be a DiT with attribute {name!r}; got {type(model).__name__}")
+    sampler, steps, cfg_scale = settings.resolve(model, sampler, steps, cfg_scale)
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
     steps = check_int("steps", steps, 1, 1000)

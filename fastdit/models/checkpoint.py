@@ -1,7 +1,8 @@
 """DiT weights on disk: the release's ``.pt`` files, ``.safetensors`` files, and the directories
 ``save_pretrained`` writes (``config.json`` + ``model.safetensors``).
 
-fastdit never downloads: a checkpoint is a local path. The release publishes plain state dicts
+fastdit never downloads: a checkpoint is a local path, or the name of a model that ships inside the package
+(``NAMED_MODELS``: ``fastdit.load("digits")``). The release publishes plain state dicts
 (DiT-XL-2-256x256.pt) and its training script saves ``{"model", "ema", "opt", "args"}``; fastdit's
 trainer saves ``{"model", "ema", "optimizer", "config", "model_config", ...}``. All load with
 ``torch.load(weights_only=True)``, which unpickles tensors and containers only. Where no config is
@@ -26,6 +27,7 @@ from fastdit.models.config import (
     PAPER_NUM_HEADS,
     RELEASE_CLASS_DROPOUT,
     CheckpointError,
+    MissingNumHeadsError,
     NonFiniteWeightsError,
     model_config,
 )
@@ -40,11 +42,19 @@ FORMAT_VERSION = 1
 CONFIG_METADATA_KEY = "fastdit_config"
 
 WEIGHTS = ("ema", "model")  # the two sets of weights a training checkpoint holds
+# A checkpoint folder's recommended sampling settings (``fastdit.diffusion.settings``), kept with the model as
+# ``model.sampling_defaults`` and written back by save_pretrained.
+SAMPLING_FILE = "sampling.json"
+# The names ``fastdit.load`` understands besides paths (a path with a separator, ./digits, is always a path).
+NAMED_MODELS = {
+    "digits": os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "digits"),
+}
 
 RELEASE_HINT = (
     "the release's checkpoints (DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt) are published by "
     "facebookresearch/DiT at https://dl.fbaipublicfiles.com/DiT/models/; download one and pass its "
-    "local path (fastdit never downloads at run time)"
+    "local path (fastdit never downloads at run time); the models that ship inside fastdit load by name: "
+    + ", ".join(NAMED_MODELS)
 )
 
 
@@ -62,6 +72,7 @@ def build(model_class, path, *, config: dict | None = None, device="cpu", dtype=
     device = _checked_device(device)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype: expected a floating-point torch.dtype or None, got {dtype!r}")
+    path = NAMED_MODELS.get(path, path) if isinstance(path, str) else path
     state_dict, stored = read(path, weights)
     model_arguments = {**stored, **given} if stored is not None else infer_config(state_dict, given)
     # Built on the meta device: no time spent initialising weights that are replaced at once.
@@ -72,6 +83,8 @@ def build(model_class, path, *, config: dict | None = None, device="cpu", dtype=
     model.to(dtype=dtype)  # on the CPU, so that the check below costs no device syncs
     if not allow_nonfinite:
         _check_finite(model, path)
+    if os.path.isfile(os.path.join(path, SAMPLING_FILE)):
+        model.sampling_defaults = _read_json(os.path.join(path, SAMPLING_FILE))
     return model.to(device=device).eval()
 
 
@@ -126,10 +139,7 @@ def infer_config(state_dict: dict, config: dict | None = None) -> dict:
         )
     num_heads = given.get("num_heads", PAPER_NUM_HEADS.get(hidden_size))
     if num_heads is None:
-        raise CheckpointError(
-            f"num_heads cannot be read from the tensors and hidden_size {hidden_size} is not one of the paper's "
-            f"widths ({', '.join(map(str, PAPER_NUM_HEADS))}): pass it, e.g. config={{'num_heads': ...}}"
-        )
+        raise MissingNumHeadsError(hidden_size)
     inferred = dict(
         input_size=grid * patch_size,
         patch_size=patch_size,
@@ -171,6 +181,8 @@ def save_pretrained(model, directory, format="fastdit") -> None:
         save_file(tensors, temporary, metadata={"format": "pt", CONFIG_METADATA_KEY: json.dumps(config)})
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "fastdit_version": __version__}
     write_text_atomic(os.path.join(directory, CONFIG_FILE), json.dumps({**header, **config}, indent=2) + "\n")
+    if getattr(model, "sampling_defaults", None) is not None:
+        write_text_atomic(os.path.join(directory, SAMPLING_FILE), json.dumps(model.sampling_defaults, indent=2) + "\n")
 
 
 # --- readers --------------------------------------------------------------------------------
@@ -216,17 +228,18 @@ def _read_safetensors(path) -> tuple[dict, dict | None]:
 
 def _read_directory(path) -> tuple[dict, dict]:
     config_path, weights_path = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
+    class_name = _diffusers_class(config_path)
+    if class_name is not None:  # a diffusers folder of another model: name it, not the file it lacks
+        raise CheckpointError(f"{config_path}: a diffusers {class_name!r}, not a DiT; fastdit reads a diffusers DiT "
+                              f"({', '.join(diffusers_folders.TRANSFORMER_CLASSES)}) or a fastdit save_pretrained "
+                              "folder")
     for required in (config_path, weights_path):
         if not os.path.isfile(required):
             raise CheckpointError(
                 f"{path} is not a fastdit checkpoint directory: it has no {os.path.basename(required)} "
                 f"(save_pretrained writes {CONFIG_FILE} and {WEIGHTS_FILE})"
             )
-    try:
-        with open(config_path) as file:
-            stored = json.load(file)
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"cannot read {config_path}: {error}") from error
+    stored = _read_json(config_path)
     if not isinstance(stored, dict) or stored.pop("format", None) != FORMAT:
         raise CheckpointError(f"{config_path} is not a fastdit config (no \"format\": \"{FORMAT}\")")
     version = stored.pop("format_version", None)
@@ -239,13 +252,32 @@ def _read_directory(path) -> tuple[dict, dict]:
     return state_dict, _checked_config(stored, config_path)
 
 
+def _diffusers_class(config_path) -> str | None:
+    """The ``_class_name`` of a diffusers config.json, None when the file is no diffusers config."""
+    try:
+        with open(config_path) as file:
+            config = json.load(file)
+    except (OSError, ValueError):
+        return None
+    name = config.get("_class_name") if isinstance(config, dict) else None
+    return str(name) if name is not None else None
+
+
+def _read_json(path):
+    try:
+        with open(path) as file:
+            return json.load(file)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"cannot read {path}: {error}") from error
+
+
 # --- checks ---------------------------------------------------------------------------------
 
 
 def _checked_path(path) -> str:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path: expected a file or directory path, got {type(path).__name__}")
-    path = os.fspath(path)
+    path = NAMED_MODELS.get(os.fspath(path), os.fspath(path))
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}; {RELEASE_HINT}")
     return path

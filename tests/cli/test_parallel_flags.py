@@ -37,7 +37,7 @@ def test_parallel_sample_equals_single_process(nproc, mode, tmp_path):
         assert sorted(one) == sorted(many)
         np.testing.assert_array_equal(one["labels"], many["labels"])
         # uint8 images from fp32 samples within 1e-5: a pixel may round the other way, by one level
-        assert np.abs(one["images"].astype(int) - many["images"].astype(int)).max() <= 1
+        assert np.abs(one["arr_0"].astype(int) - many["arr_0"].astype(int)).max() <= 1
     assert json.loads((tmp_path / "many" / "run.json").read_text())["sampling"]["world_size"] == nproc
 
 
@@ -45,6 +45,7 @@ def test_parallel_sample_equals_single_process(nproc, mode, tmp_path):
 @pytest.mark.parametrize("nproc, flags, message", [
     (3, ["--parallel", "cfg"], "parallel cfg: the cfg degree 2 must divide the world size, got 3 processes"),
     (2, ["--parallel", "sp", "--cuda-graphs"], "--parallel sp: --cuda-graphs is not supported with cfg or sp"),
+    (2, ["--parallel", "sp", "--cache", "fora"], "--parallel sp: --cache is not supported with cfg or sp"),
     (4, ["--parallel", "sp"], "the sp degree must divide the model's attention heads, got degree 4 for 6 heads"),
 ])
 def test_bad_parallel_one_line(nproc, flags, message, tmp_path):

@@ -25,7 +25,9 @@ def assert_same_state(actual, expected):
 def test_release_to_diffusers_to_fastdit_to_release_is_bit_equal(tiny_fastdit, tmp_path, capsys):
     model = tiny_fastdit()
     torch.save(model.state_dict(), tmp_path / "release.pt")
-    with pytest.raises(CheckpointError, match="num_heads cannot be read"):  # a .pt file stores no config
+    # A .pt file stores no config: the error names the flag, in the command's words.
+    with pytest.raises(CheckpointError, match=r"^--num-heads: .*release\.pt stores no config, and its width 16 is not "
+                                              r"one of the paper's \(384, 768, 1024, 1152\), .*: pass --num-heads N$"):
         run_convert(tmp_path / "release.pt", tmp_path / "diffusers", "--to", "diffusers")
     assert run_convert(tmp_path / "release.pt", tmp_path / "diffusers", "--to", "diffusers", "--num-heads", "2") == 0
     assert "wrote" in capsys.readouterr().out

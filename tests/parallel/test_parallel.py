@@ -4,6 +4,7 @@ equal to one process's samples (every sampler, guidance on and off, padded token
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -165,6 +166,7 @@ def flags(argv, world_size, monkeypatch):
     parallel_flags.add_arguments(parser)
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--cache")
     args = parser.parse_args(argv)
     parallel_flags.check_flags(args)
     return args
@@ -178,5 +180,9 @@ def test_cli_flags(monkeypatch):
         flags(["--parallel", "sp", "--cuda-graphs"], 2, monkeypatch)
     with pytest.raises(ValueError, match="--parallel cfg: --compile is not supported with cfg or sp"):
         flags(["--parallel", "cfg", "--compile"], 2, monkeypatch)
+    assert flags(["--parallel", "dp", "--cache", "fora"], 2, monkeypatch).cache == "fora"
+    for mode in ("sp", "cfg", "cfg+sp"):  # the cache would run the whole model on every rank
+        with pytest.raises(ValueError, match=rf"^--parallel {re.escape(mode)}: --cache is not supported with cfg or sp"):
+            flags(["--parallel", mode, "--cache", "fora"], 4, monkeypatch)
     with pytest.raises(ValueError, match="the cfg degree 2 must divide the world size, got 1 processes"):
         flags(["--parallel", "cfg"], 1, monkeypatch)

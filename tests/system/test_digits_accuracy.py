@@ -29,7 +29,7 @@ def test_bundled_model_accuracy_is_the_readmes(flags, recognised, tmp_path):
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     with np.load(tmp_path / "samples" / "samples.npz") as data:
-        images, labels = data["images"], data["labels"]
+        images, labels = data["arr_0"], data["labels"]
     assert np.array_equal(labels, np.repeat(np.arange(10), 10))
     assert round(conditioned_class_accuracy(images, labels) * len(labels)) == recognised
 
