@@ -1,6 +1,6 @@
 """FP8 inference: the blocks' four big GEMMs (qkv, attention projection, fc1, fc2) in E4M3.
 
-They are 70-77% of a forward's predicted time at bf16's peak (docs/performance.md); FP8 tensor cores
+They are most of a forward's predicted time at bf16's peak (docs/performance.md); FP8 tensor cores
 run them at twice that rate. Weights are quantized once, per output channel (a row of the weight and
 its fp32 scale); activations per token, dynamically, at each call (a row's max over 448, E4M3's
 largest value): DiT's activations have large per-token outliers, so a scale per row keeps the other
