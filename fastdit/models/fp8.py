@@ -6,7 +6,8 @@ its fp32 scale); activations per token, dynamically, at each call (a row's max o
 largest value): DiT's activations have large per-token outliers, so a scale per row keeps the other
 rows' precision. ``torch._scaled_mm`` multiplies with those row-wise scales and the bias, with bf16
 output. Attention, the norms, the residual stream, the embedders, the adaLN GEMM and the final layer
-stay bf16: they are few FLOPs or, for attention, need the softmax's range.
+stay bf16: they are few FLOPs or, for attention, need the softmax's range. So every ``attn_backend``
+takes a quantized model: each gets the bf16 q, k and v it gets from a bf16 one.
 
 Each GEMM's input is quantized by a torch pass of its own (``quantize_rows``): the fused Triton kernels
 that produce qkv's and fc1's inputs, the GELU before fc2 and attention before the projection still

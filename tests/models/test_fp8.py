@@ -127,3 +127,12 @@ def test_dit_xl_numerics_per_timestep():
     for row in fp8_errors():
         assert row["fp8_vs_bf16"] < 0.15 and row["fp8_vs_reference"] < 0.15, row
         assert row["bf16_vs_reference"] < 0.03, row
+
+
+def test_attention_backends_take_a_quantized_model():
+    """Attention stays bf16: each backend gets the q, k, v it gets from a bf16 model (CPU backends here)."""
+    _, fast = models()
+    quantized = fast.quantize("fp8")
+    with torch.no_grad():
+        outputs = {backend: quantized.set_attn_backend(backend)(*inputs()) for backend in ("sdpa", "math")}
+    assert_parity(outputs["math"], outputs["sdpa"].float(), 2e-2, "math vs sdpa attention")
