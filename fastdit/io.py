@@ -7,12 +7,14 @@ folder ours: an advisory ``flock`` that the kernel drops when its process dies, 
 ``replace_directory`` does for a folder what ``atomic_path`` does for a file: a complete new folder takes
 the old one's place in one step (``restore_replaced`` undoes what a kill leaves where that takes two).
 ``atomic_directory`` builds a new folder beside a path that must not exist and renames it there, never
-over anything.
+over anything. ``check_owned_folder`` and ``mark_owned_folder`` keep a run from writing into a folder that
+is not its own: a folder fastdit writes in is new, empty, or marked as a run folder of the same command.
 """
 import contextlib
 import ctypes
 import errno
 import io
+import json
 import os
 import re
 import shutil
@@ -32,8 +34,51 @@ TEMPORARY_SUFFIX = ".tmp"
 _TEMPORARY_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]+" + re.escape(TEMPORARY_SUFFIX) + "$")
 
 
+# The file that marks a folder as a run folder of one fastdit command (its JSON names the command).
+RUN_MARKER = ".fastdit-run.json"
+
+
 class FolderInUseError(OSError):
     """Another live process holds the folder's lock."""
+
+
+def check_owned_folder(path, command: str, flag: str = "--out", ignore=(), legacy=None) -> None:
+    """Raise unless a run of ``fastdit command`` may write in the folder ``path``: missing, empty (but for the
+    names in ``ignore`` and ``atomic_path`` temporaries), marked by ``mark_owned_folder`` as ``command``'s, or
+    unmarked with ``legacy(names)`` true (a run folder written before the marker existed). A folder of anything
+    else is refused in one line naming what it holds: nothing a fastdit run did not write is written over."""
+    path = os.fspath(path)
+    if not os.path.lexists(path):
+        return
+    if not os.path.isdir(path):
+        raise ValueError(f"{flag} {path}: is a file, not a folder")
+    try:
+        with open(os.path.join(path, RUN_MARKER)) as file:
+            marker = json.load(file)
+    except FileNotFoundError:
+        marker = None
+    except (OSError, ValueError):
+        marker = {}
+    if marker is not None:
+        owner = marker.get("command") if isinstance(marker, dict) else None
+        if owner == command:
+            return
+        raise ValueError(f"{flag} {path}: is the run folder of `fastdit {owner}`, not of `fastdit {command}` "
+                         f"({RUN_MARKER} says so); choose another folder")
+    names = sorted(name for name in os.listdir(path) if name not in ignore and not _TEMPORARY_NAME.match(name))
+    if not names or (legacy is not None and legacy(path, names)):
+        return
+    raise ValueError(f"{flag} {path}: holds files that no `fastdit {command}` run wrote ({', '.join(names[:3])}"
+                     f"{', ...' if len(names) > 3 else ''}); fastdit never writes over them: choose a new or empty "
+                     "folder")
+
+
+def mark_owned_folder(path, command: str) -> None:
+    """Mark the folder ``path`` as a run folder of ``fastdit command`` (after ``check_owned_folder``, under
+    the folder's lock)."""
+    marker = os.path.join(path, RUN_MARKER)
+    if not os.path.exists(marker):
+        write_text_atomic(marker, json.dumps({"command": command}) + "\n")
 
 
 @contextlib.contextmanager

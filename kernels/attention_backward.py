@@ -49,6 +49,8 @@ def _attention_bwd_delta_kernel(
     tl.store(delta_ptr + row_base + queries, delta, mask=queries < tokens)
 
 
+# The key and query kernels spell out the forward's argument list and its program_qkv call again: a Triton
+# kernel takes each pointer, stride and constexpr as an argument of its own, and they are its launch signature.
 @triton.jit
 def _attention_bwd_key_kernel(
     q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr, grad_k_ptr, grad_v_ptr,

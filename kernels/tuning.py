@@ -16,7 +16,7 @@ compiled kernel. ``choose`` picks among them:
 - under ``runtime.simulate`` (the AOT check): every candidate is launched, so that the
   recorder compiles each, and the default's result is returned.
 
-``python -m fastdit.tools.tune`` (tune.py) tunes the launches of a forward and backward of
+``python -m fastdit.tools.tune`` (fastdit/tools/tune.py) tunes the launches of a forward and backward of
 each fast model on this GPU and writes what it chose (docs/tuning.md).
 
 Launches are pure (they overwrite their outputs), so running a candidate more than once

@@ -18,6 +18,7 @@ from triton.runtime.jit import KernelInterface
 import fastdit
 from fastdit import reference
 from fastdit.models import parity
+from fastdit.models import modulation
 from fastdit.models.parity import MODEL_TOLERANCE, PERTURBATION, perturb_  # noqa: F401 (the tests import them from here)
 
 KERNEL_TOLERANCE = {
@@ -195,6 +196,8 @@ def loss_and_grads(model, x, t, y, autocast):
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out.device)
     (out.float() * weights).sum().backward()
     grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    if hasattr(model, modulation.WEIGHT):  # the fast model's stacked adaLN weights, under the release's keys
+        modulation.split_into_release_keys(model, grads)
     return grads, x.grad
 
 

@@ -12,8 +12,10 @@ from fastdit.io import (
     FolderInUseError,
     atomic_directory,
     atomic_path,
+    check_owned_folder,
     exchange,
     exclusive_lock,
+    mark_owned_folder,
     remove_stale_temporaries,
     replace_directory,
     restore_replaced,
@@ -175,3 +177,24 @@ def test_a_write_error_names_the_file(tmp_path):
           atomic_path(tmp_path / "x.bin")):
         raise OSError(28, "No space left on device")
     assert raised.value.errno == 28 and os.listdir(tmp_path) == []
+
+
+def test_a_folder_is_written_only_when_new_empty_or_the_same_commands(tmp_path):
+    check_owned_folder(tmp_path / "new", "train")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".lock").write_text("")
+    (tmp_path / "empty" / ".x.abc123.tmp").write_text("")  # an atomic_path leftover
+    check_owned_folder(tmp_path / "empty", "train", ignore=(".lock",))
+    mark_owned_folder(tmp_path / "empty", "train")
+    check_owned_folder(tmp_path / "empty", "train")
+    with pytest.raises(ValueError, match=r"is the run folder of `fastdit train`, not of `fastdit encode`"):
+        check_owned_folder(tmp_path / "empty", "encode")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"^--out \S+/model: holds files that no `fastdit train` run wrote "
+                                         r"\(config.json\); fastdit never writes over them"):
+        check_owned_folder(tmp_path / "model", "train")
+    check_owned_folder(tmp_path / "model", "train", legacy=lambda path, names: names == ["config.json"])
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        check_owned_folder(tmp_path / "a_file", "train", flag="--data")

@@ -9,7 +9,7 @@ import subprocess
 import torch
 
 import fastdit
-from fastdit.bench.workloads import BASELINE, dtype_name
+from fastdit.bench.workloads import BASELINE, RELEASE, dtype_name
 from fastdit.io import atomic_path, write_text_atomic
 from fastdit.kernels import kernel_path
 
@@ -130,8 +130,10 @@ def markdown_table(header, rows) -> list[str]:
 def _throughput_cell(result):
     if result is None or result["status"] != "ok":
         return "—"
-    speedup = result.get("speedup")
-    return f"{result['throughput']['value']:,.1f}" + (f" ({speedup['value']:.2f}x)" if speedup else "")
+    ratios = [f"{result[field]['value']:.2f}x{suffix}" for field, suffix in (("speedup", ""),
+                                                                             ("release_speedup", " release"))
+              if field in result]
+    return f"{result['throughput']['value']:,.1f}" + (f" ({' · '.join(ratios)})" if ratios else "")
 
 
 def _efficiency_cell(result):
@@ -157,7 +159,8 @@ def markdown(report: dict) -> str:
         f"{'x'.join(map(str, gemm['shape']))}), copy bandwidth {copy['value']:,.0f} GB/s (read + write)"
         + (f"; datasheet peak {datasheet['value']:.0f} TFLOP/s." if datasheet else "."), "",
         f"Images/s: the median of {settings['repeats']} timed runs after {settings['warmup']} warm-up runs "
-        f"({'CUDA events' if device['type'] == 'cuda' else 'wall clock'}); in brackets, the speedup over {BASELINE}; "
+        f"({'CUDA events' if device['type'] == 'cuda' else 'wall clock'}); in brackets, the speedup over {BASELINE} "
+        f"and, where it ran, over {RELEASE} (\"release\": the release's fp32 path, attention on SDPA); "
         "a sampling step advances each image by one guided step. TFLOP/s from the analytic FLOP count "
         "(fastdit/models/flops.py), as a fraction of the measured GEMM peak (MFU)"
         + (" and of the datasheet peak." if datasheet else "."),
@@ -242,7 +245,11 @@ def plot(report: dict, path) -> None:
         figure.savefig(temporary, format="png", dpi=120)
 
 
-def write(out, report: dict) -> None:
+REPORT_FILES = ("report.json", "report.md", "throughput.png")
+
+
+def write(out, report: dict, plot_png: bool = True) -> None:
     write_text_atomic(os.path.join(out, "report.json"), json.dumps(report, indent=2) + "\n")
     write_text_atomic(os.path.join(out, "report.md"), markdown(report))
-    plot(report, os.path.join(out, "throughput.png"))
+    if plot_png:
+        plot(report, os.path.join(out, "throughput.png"))

@@ -5,13 +5,14 @@ gets its matrix FLOPs (``fastdit.models.flops``) and the HBM bytes it must move:
 writes crosses HBM exactly once, the least any implementation of that launch can move. At a GPU's
 peaks it takes at least max(FLOPs / peak FLOP/s, bytes / bandwidth): compute-bound above the ridge
 point (peak FLOP/s / bandwidth), memory-bound below. The ops run one after another, so the sum of
-those times is the physical limit of the step; a GPU run (benchmarks/device_check.sh) measures how
-far fastdit is from it. ``fastdit.bench.roofline_document`` writes it as docs/performance.md.
+those times is the floor of fastdit's sequence of launches (``Sequence``: before issue 28, now, FP8);
+``model_limit_seconds`` is the model's own physical limit, below it. A GPU run
+(benchmarks/device_check.sh) measures how far fastdit is from them. ``fastdit.bench.roofline_document`` writes it as docs/performance.md.
 """
 import dataclasses
 
 from fastdit.kernels.modulate import TOKENS_PER_PROGRAM
-from fastdit.models.flops import DiTShape, forward_attention_products, forward_linears
+from fastdit.models.flops import DiTShape, forward_attention_products, forward_linears, workload_flops
 
 BF16 = 2  # bytes
 FP32 = 4
@@ -20,12 +21,13 @@ LABELS = 1001  # rows of the label table: ImageNet's 1000 classes and the null c
 
 @dataclasses.dataclass(frozen=True)
 class Peak:
-    """A GPU's dense bf16 tensor-core FLOP/s and HBM bandwidth."""
+    """A GPU's dense bf16 (and FP8, where known) tensor-core FLOP/s and HBM bandwidth."""
 
     name: str
     tflops: float
     bandwidth: float  # TB/s
     source: str
+    fp8_tflops: float | None = None
 
     @property
     def ridge(self) -> float:
@@ -37,9 +39,11 @@ class Peak:
 # x 1,830 MHz x 4,096 dense bf16 FLOPs per SM per clock. H200 has H100's die with faster HBM3e.
 DATASHEET_PEAKS = (
     Peak("H100 SXM", 989.4, 3.35, "NVIDIA H100 Tensor Core GPU datasheet (nvidia.com/en-us/data-center/h100), "
-         "SXM column: BF16 Tensor Core 1,979 TFLOPS with sparsity, GPU memory bandwidth 3.35 TB/s"),
+         "SXM column: BF16 Tensor Core 1,979 TFLOPS with sparsity, FP8 3,958 with sparsity, GPU memory "
+         "bandwidth 3.35 TB/s", 1979.0),
     Peak("H200 SXM", 989.4, 4.8, "NVIDIA H200 Tensor Core GPU datasheet (nvidia.com/en-us/data-center/h200), "
-         "SXM column: BF16 Tensor Core 1,979 TFLOPS with sparsity, GPU memory bandwidth 4.8 TB/s"),
+         "SXM column: BF16 Tensor Core 1,979 TFLOPS with sparsity, FP8 3,958 with sparsity, GPU memory "
+         "bandwidth 4.8 TB/s", 1979.0),
 )
 
 
@@ -55,6 +59,23 @@ class Precision:
     def autocast(self) -> bool:  # fp32 weights: autocast casts a bf16 copy of each for its GEMM
         return self.parameter != BF16
 
+
+@dataclasses.dataclass(frozen=True)
+class Sequence:
+    """Which launches fastdit's forward makes: the GELU in fc1's epilogue or a pass of its own, one adaLN
+    GEMM for every block or one per block, and FP8 GEMMs (qkv, attn_proj, fc1, fc2) with their inputs
+    quantized per token by a pass of their own."""
+
+    name: str
+    fused_gelu: bool = True
+    one_adaln_gemm: bool = True
+    fp8: bool = False
+
+
+BEFORE = Sequence("before issue 28 (a GELU pass, an adaLN GEMM per block)", fused_gelu=False, one_adaln_gemm=False)
+CURRENT = Sequence("bf16 (fused GELU, one adaLN GEMM)")
+FP8_SEQUENCE = Sequence("FP8 (model.quantize(\"fp8\"))", fused_gelu=False, fp8=True)
+FP8_GEMMS = ("qkv", "attn_proj", "fc1", "fc2")
 
 INFERENCE = Precision("bf16 weights, activations and residual stream (the benchmarks' bf16 model)", BF16)
 TRAINING = Precision("autocast to bf16: fp32 weights and residual stream, bf16 GEMMs (fastdit train)", FP32)
@@ -74,12 +95,19 @@ class Op:
     flops: int
     bytes: int
     kernels: tuple[str, ...] = ()  # fastdit's Triton kernels: rows of the static compile facts
+    fp8: bool = False  # FP8 tensor cores: the FLOPs at the FP8 peak
+
+    def tflops(self, peak: Peak) -> float:
+        if self.fp8 and peak.fp8_tflops is None:
+            raise ValueError(f"peak: {peak.name} has no FP8 FLOP/s, which op {self.name} needs")
+        return peak.fp8_tflops if self.fp8 else peak.tflops
 
     def seconds(self, peak: Peak) -> float:
-        return max(self.flops / (peak.tflops * 1e12), self.bytes / (peak.bandwidth * 1e12))
+        return max(self.flops / (self.tflops(peak) * 1e12), self.bytes / (peak.bandwidth * 1e12))
 
     def bound(self, peak: Peak) -> str:
-        return "compute" if self.bytes == 0 or self.flops / self.bytes >= peak.ridge else "memory"
+        ridge = self.tflops(peak) / peak.bandwidth
+        return "compute" if self.bytes == 0 or self.flops / self.bytes >= ridge else "memory"
 
 
 def _gemm(name, stage, rows, k, n, count, a, with_bias=True) -> Op:
@@ -88,12 +116,34 @@ def _gemm(name, stage, rows, k, n, count, a, with_bias=True) -> Op:
     return Op(name, "gemm", stage, count, 2 * count * rows * k * n, count * moved)
 
 
+def _fp8_gemm(name, rows, k, n, count) -> Op:
+    """``count`` FP8 GEMMs: 1-byte operands, an fp32 scale per row of each, bf16 bias and output."""
+    moved = rows * k + k * n + FP32 * (rows + n) + BF16 * (n + rows * n)
+    return Op(name, "gemm", "forward", count, 2 * count * rows * k * n, count * moved, fp8=True)
+
+
+def _quantize(name, rows, features, count) -> Op:
+    """``count`` per-token quantizations of (rows, features) bf16 to FP8 and an fp32 scale per row, in
+    one pass (the row's maximum taken while it is in registers)."""
+    return Op(name, "elementwise", "forward", count, 0, count * rows * (features * (BF16 + 1) + FP32))
+
+
 def _sizes(shape: DiTShape, batch: int):
     return batch * shape.tokens, shape.hidden_size, shape.mlp_hidden_size
 
 
-def forward_ops(shape: DiTShape, batch: int, precision: Precision = INFERENCE) -> list[Op]:
-    """The ops of a forward of the adaLN-Zero DiT (fastdit.models.dit), in the order it runs them."""
+def _adaln_linears(linears, one_gemm) -> list:
+    """The adaLN linears as the model runs them: the blocks' and the final layer's, or one stacked linear."""
+    blocks, final = linears["adaln_modulation"], linears["final_modulation"]
+    if not one_gemm:
+        return [blocks, final]
+    out_features = blocks.count * blocks.out_features + final.out_features
+    return [dataclasses.replace(blocks, out_features=out_features, count=1)]
+
+
+def forward_ops(shape: DiTShape, batch: int, precision: Precision = INFERENCE, sequence: Sequence = CURRENT) -> list[Op]:
+    """The ops of a forward of the adaLN-Zero DiT (fastdit.models.dit), in the order it runs them, as
+    ``sequence`` launches them."""
     if shape.block != "adaln-zero":
         raise ValueError(f"block: the roofline covers the adaLN-Zero model, got {shape.block!r}")
     rows, d, mlp = _sizes(shape, batch)
@@ -101,9 +151,21 @@ def forward_ops(shape: DiTShape, batch: int, precision: Precision = INFERENCE) -
     linears = {linear.name: linear for linear in forward_linears(shape)}
     (attention,) = forward_attention_products(shape)
 
-    def gemm(name):
-        linear = linears[name]
+    def gemm(name, linear=None):
+        linear = linear or linears[name]
+        if sequence.fp8 and name in FP8_GEMMS:
+            return _fp8_gemm(name, batch * linear.rows, linear.in_features, linear.out_features, linear.count)
         return _gemm(name, "forward", batch * linear.rows, linear.in_features, linear.out_features, linear.count, a)
+
+    def quantize(name, features):
+        return [_quantize(name, rows, features, depth)] if sequence.fp8 else []
+
+    if sequence.fp8:  # the GELU's output is quantized in the GELU's own pass: bf16 in, FP8 out
+        gelu = [_quantize("gelu + quantize", rows, mlp, depth)]
+    elif sequence.fused_gelu:
+        gelu = []
+    else:
+        gelu = [Op("gelu", "elementwise", "forward", depth, 0, depth * 2 * a * rows * mlp)]
 
     patch = linears["patch_embed"]
     # The stream, each sub-block's gated update plus the next norm: x, y in; x, normed out; 3 modulations.
@@ -115,17 +177,20 @@ def forward_ops(shape: DiTShape, batch: int, precision: Precision = INFERENCE) -
            ("_patch_embed_kernel",)),
         gemm("timestep_fc1"), gemm("timestep_fc2"),
         Op("label_embed", "elementwise", "forward", 1, 0, 2 * r * batch * d),
-        gemm("adaln_modulation"), gemm("final_modulation"),
+        *(gemm(linear.name, linear) for linear in _adaln_linears(linears, sequence.one_adaln_gemm)),
         Op("modulate_layernorm", "fused", "forward", 1, 0, rows * d * (r + a) + 2 * batch * d * a,
            ("_modulate_layernorm_kernel",)),
+        *quantize("qkv: quantize input", d),
         gemm("qkv"),
         Op("attention", "attention", "forward", depth, 2 * batch * attention.macs,
            depth * (4 * a * rows * d + FP32 * batch * heads * shape.tokens), ("_attention_fwd_kernel",)),
+        *quantize("attn_proj: quantize input", d),
         gemm("attn_proj"),
         Op("gated_residual_modulate_layernorm", "fused", "forward", 2 * depth, 0, 2 * depth * stream,
            ("_gated_residual_kernel",)),
+        *quantize("fc1: quantize input", d),
         gemm("fc1"),
-        Op("gelu", "elementwise", "forward", depth, 0, depth * 2 * a * rows * mlp),
+        *gelu,
         gemm("fc2"),
         gemm("final_linear"),
     ]
@@ -145,7 +210,7 @@ def parameter_count(shape: DiTShape) -> int:
                for linear in forward_linears(shape)) + LABELS * shape.hidden_size
 
 
-def backward_ops(shape: DiTShape, batch: int, precision: Precision = TRAINING) -> list[Op]:
+def backward_ops(shape: DiTShape, batch: int, precision: Precision = TRAINING, one_adaln_gemm: bool = True) -> list[Op]:
     """The ops of the backward, then the optimizer step, in the order they run."""
     rows, d, mlp = _sizes(shape, batch)
     a, r, depth, heads = BF16, precision.parameter, shape.depth, shape.num_heads
@@ -180,8 +245,7 @@ def backward_ops(shape: DiTShape, batch: int, precision: Precision = TRAINING) -
            ("_modulate_layernorm_backward_kernel",)),
         # The stream's first x feeds the first norm and the first gated update: two gradients to add.
         Op("stream gradient sum", "elementwise", "backward", 1, 0, 3 * r * rows * d),
-        *_gemm_backward(linears["adaln_modulation"], batch, a),
-        *_gemm_backward(linears["final_modulation"], batch, a),
+        *(op for linear in _adaln_linears(linears, one_adaln_gemm) for op in _gemm_backward(linear, batch, a)),
         *_gemm_backward(linears["timestep_fc2"], batch, a),
         # Nothing needs the gradient of the sinusoidal features or of the latents.
         *_gemm_backward(linears["timestep_fc1"], batch, a, input_grad=False),
@@ -200,22 +264,26 @@ def backward_ops(shape: DiTShape, batch: int, precision: Precision = TRAINING) -
     return ops
 
 
-def training_ops(shape: DiTShape, batch: int) -> list[Op]:
-    """Forward under autocast, backward and optimizer: one training step."""
-    backward = backward_ops(shape, batch, TRAINING)
+def training_ops(shape: DiTShape, batch: int, sequence: Sequence = CURRENT) -> list[Op]:
+    """Forward under autocast, backward and optimizer: one training step. Training runs the GELU as a pass
+    of its own (fastdit.models.dit.Mlp) and in bf16."""
+    if sequence.fp8:
+        raise ValueError("sequence: the FP8 path is for inference; training runs bf16")
+    backward = backward_ops(shape, batch, TRAINING, sequence.one_adaln_gemm)
     casts = [op for op in backward if op.stage == "forward"]
-    return casts + forward_ops(shape, batch, TRAINING) + [op for op in backward if op.stage != "forward"]
+    forward = forward_ops(shape, batch, TRAINING, dataclasses.replace(sequence, fused_gelu=False))
+    return casts + forward + [op for op in backward if op.stage != "forward"]
 
 
-def workload_ops(shape: DiTShape, workload: str, batch: int) -> list[Op]:
+def workload_ops(shape: DiTShape, workload: str, batch: int, sequence: Sequence = CURRENT) -> list[Op]:
     """A benchmark workload's ops (fastdit.bench.workloads): a guided sampling step runs the model on
     the batch and its unconditional copy; its solver update is a few latent-sized elementwise ops, left out."""
     if workload == "forward":
-        return forward_ops(shape, batch)
+        return forward_ops(shape, batch, sequence=sequence)
     if workload == "sampling-step":
-        return forward_ops(shape, 2 * batch)
+        return forward_ops(shape, 2 * batch, sequence=sequence)
     if workload == "training-step":
-        return training_ops(shape, batch)
+        return training_ops(shape, batch, sequence)
     raise ValueError(f"workload: expected forward, sampling-step or training-step, got {workload!r}")
 
 
@@ -227,3 +295,25 @@ def shares(ops: list[Op], peak: Peak) -> dict[str, float]:
     """Fraction of the predicted time per kind of op (KINDS)."""
     total = total_seconds(ops, peak)
     return {kind: sum(op.seconds(peak) for op in ops if op.kind == kind) / total for kind in KINDS}
+
+
+def model_limit_seconds(shape: DiTShape, workload: str, batch: int, peak: Peak, fp8: bool = False) -> float | None:
+    """The model's physical limit, whatever launches run it: its FLOPs (the paper's count, 3 forwards for
+    a training step) at the dense peak, or the least bytes a step must move at the bandwidth, whichever
+    is larger. Least bytes: for inference the weights read once (FP8 ones for the GEMMs of
+    ``FP8_GEMMS``, bf16 the rest) and the latents in and out in fp32; for training, AdamW's one pass
+    over fp32 weights, gradients and moments. None for FP8 training (fastdit trains in bf16) or a peak
+    without FP8 FLOP/s."""
+    if fp8 and (workload == "training-step" or peak.fp8_tflops is None):
+        return None
+    flops = workload_flops(shape, workload) * batch
+    parameters = parameter_count(shape)
+    images = 2 * batch if workload == "sampling-step" else batch
+    latents = FP32 * images * (shape.in_channels + shape.out_channels) * shape.input_size**2
+    if workload == "training-step":
+        moved = 7 * FP32 * parameters + latents
+    else:
+        quantized = sum(linear.count * linear.in_features * linear.out_features
+                        for linear in forward_linears(shape) if linear.name in FP8_GEMMS) if fp8 else 0
+        moved = BF16 * parameters - quantized + latents
+    return max(flops / ((peak.fp8_tflops if fp8 else peak.tflops) * 1e12), moved / (peak.bandwidth * 1e12))

@@ -6,13 +6,17 @@ import re
 import sys
 
 from fastdit.bench.roofline import (
+    BEFORE,
+    CURRENT,
     DATASHEET_PEAKS,
+    FP8_SEQUENCE,
     INFERENCE,
     KINDS,
     TRAINING,
     Op,
     Peak,
     forward_ops,
+    model_limit_seconds,
     shares,
     total_seconds,
     training_ops,
@@ -154,15 +158,15 @@ def document(model: str, batch: int, image_sizes: list[int], peaks: list[Peak], 
         "HBM bytes it must move (each tensor it reads or writes crosses HBM once: the least any "
         "implementation of that launch moves). At a GPU's peaks an op takes at least max(FLOPs / FLOP/s, "
         "bytes / bandwidth): it is compute-bound (`com`) when its FLOPs per byte reach the ridge point, "
-        "memory-bound (`mem`) below. The ops run one after another, so their sum is the physical limit of "
-        "the step. A GPU run checks this plan: benchmarks/device_check.sh (see benchmarks/README.md).", "",
+        "memory-bound (`mem`) below. The ops run one after another, so their sum is the floor of fastdit's "
+        "sequence of launches: not the model's physical limit, which is lower (see Three floors). A GPU run checks this plan: benchmarks/device_check.sh (see benchmarks/README.md).", "",
         "## Peaks", "",
     ]
     lines += _table(["GPU", "dense bf16 TFLOP/s", "HBM TB/s", "ridge FLOP/B", "source"],
                     [[p.name, f"{p.tflops:,.1f}", f"{p.bandwidth:.2f}", f"{p.ridge:,.0f}", p.source] for p in peaks])
     workloads = (("forward", "forward"), ("sampling-step", "guided sampling step (CFG: the model at 2 x batch)"),
                  ("training-step", "training step (forward, backward, AdamW)"))
-    lines += ["", f"## The physical limit at batch {batch}", "",
+    lines += ["", f"## fastdit's sequence floor at batch {batch}", "",
               "Predicted time per step at peak, and the images per second it allows.", ""]
     rows, share_rows = [], []
     for size, shape in shapes.items():
@@ -187,6 +191,7 @@ def document(model: str, batch: int, image_sizes: list[int], peaks: list[Peak], 
         for size in shapes) + ": the flash backward recomputes the scores twice and dP once (3 products of "
         "the size of q k^T beyond the model's 4), and nobody needs the gradients of the latents or of the "
         "timestep features (2 input-gradient GEMMs fewer)."]
+    lines += _floors(shapes, batch, peaks, workloads)
     kernel_header = f"fastdit kernel (sm_{arch}, static)"
     for size, shape in shapes.items():
         latent = size // 8
@@ -219,14 +224,73 @@ def document(model: str, batch: int, image_sizes: list[int], peaks: list[Peak], 
         "makes several passes. Under autocast each weight is cast to bf16 once per forward and its gradient "
         "back to fp32 once per backward. fastdit train also updates an EMA copy (3 more fp32 values per "
         "parameter); the benchmark's training step does not.",
-        "- GELU is not fused into fc1 and q, k, v's gradients are stacked into the qkv gradient by autograd: "
-        "both are real launches of the eager model, and fusing them is work the limit shows the worth of.",
+        "- The forward's GELU is in fc1's GEMM epilogue (cuBLASLt); training keeps it a pass of its own, and q, k, "
+        "v's gradients are stacked into the qkv gradient by autograd: both are real launches of the training "
+        "step, and fusing them is work the limit shows the worth of. One GEMM computes every adaLN modulation.",
         "- Left out, each under 0.01% of a step at batch 64: the timestep features, the conditioning's add "
         "and SiLU, the unpatchify copy, the loss, the guidance combination and the solver update.",
         "- Not modelled: kernel launch latency (the launches column counts them; CUDA graphs remove most of "
         "it), L2 reuse that reads a tensor for less than its size, and the time one op overlaps another.",
     ]
     return "\n".join(lines) + "\n"
+
+
+# Why an op takes longer than its FLOPs at the peak: what stands between the sequence floor and the model's.
+_GAP_REASONS = {
+    "gated_residual_modulate_layernorm": "the residual stream and its normed copy cross HBM between the GEMMs: "
+    "LayerNorm needs a whole row, which a GEMM's output tile does not hold, so it stays a pass of its own",
+    "modulate_layernorm": "the first block's input norm: the same pass, once",
+    "attention": "at 256 tokens the flash kernel moves more bytes per FLOP than the ridge allows (its "
+    "intensity is tokens / 2); at 512 px it is compute-bound and costs nothing here",
+    "adaln_modulation": "one row per image: the GEMM reads every adaLN weight for a few FLOPs each",
+    "patch_embed": "a GEMM of 16 FLOPs per byte, with its position-embedding epilogue",
+    "final_linear": "a narrow GEMM (2 p^2 C outputs per token): memory-bound",
+    "qkv: quantize input": "FP8: a per-token quantization pass of its own (the fused kernels write bf16)",
+    "attn_proj: quantize input": "FP8: the attention output quantized in a pass of its own",
+    "fc1: quantize input": "FP8: a per-token quantization pass of its own (the fused kernels write bf16)",
+    "gelu + quantize": "FP8: _scaled_mm has no GELU epilogue; the GELU and the quantization of its output "
+    "share one pass",
+}
+
+
+def _floors(shapes, batch, peaks, workloads) -> list[str]:
+    """The model's physical limit beside fastdit's sequence floors, and what lies between them."""
+    lines = ["", f"## Three floors at batch {batch}", "",
+             "- **The model's physical limit**: its FLOPs (the paper's count; 3 forwards for a training step) at the "
+             "dense peak, or the least bytes the step must move at the bandwidth (inference: the weights once and "
+             "the latents in and out; training: AdamW's one pass over fp32 weights, gradients and moments), "
+             "whichever is larger. In bf16, and with every matrix product at the dense FP8 peak (inference only).",
+             f"- **fastdit's sequence floor**: the sum over its launches, as in the table above: {BEFORE.name}; "
+             f"now, {CURRENT.name}; and {FP8_SEQUENCE.name}. Training keeps the GELU pass (its backward needs "
+             "the pre-activation) and bf16.", ""]
+    header = ["image", "step", "GPU", "model bf16", "model FP8", "sequence before", "sequence now", "sequence FP8"]
+    rows = []
+    for size, shape in shapes.items():
+        for workload, label in workloads:
+            for peak in peaks:
+                cells = [model_limit_seconds(shape, workload, batch, peak),
+                         model_limit_seconds(shape, workload, batch, peak, fp8=True)]
+                for sequence in (BEFORE, CURRENT, FP8_SEQUENCE):
+                    usable = not (sequence.fp8 and (workload == "training-step" or peak.fp8_tflops is None))
+                    cells.append(total_seconds(workload_ops(shape, workload, batch, sequence), peak) if usable
+                                 else None)
+                rows.append([f"{size} px", workload, peak.name] + ["—" if c is None else _time(c) for c in cells])
+    lines += _table(header, rows)
+    peak, (size, shape) = peaks[0], next(iter(shapes.items()))
+    for sequence in (CURRENT, FP8_SEQUENCE):
+        ops = forward_ops(shape, batch, sequence=sequence)
+        gaps = sorted(((op.seconds(peak) - op.flops / (op.tflops(peak) * 1e12), op) for op in ops), reverse=True,
+                      key=lambda pair: pair[0])
+        gap_rows = [[op.name, str(op.launches), _time(gap), _GAP_REASONS.get(op.name, "memory-bound")]
+                    for gap, op in gaps if gap >= 1e-6]
+        limit = model_limit_seconds(shape, "forward", batch, peak, fp8=sequence.fp8)
+        lines += ["", f"Between the {'FP8' if sequence.fp8 else 'bf16'} sequence floor of a {size} px forward on "
+                  f"{peak.name} ({_time(total_seconds(ops, peak))}) and the model's limit ({_time(limit)}): each "
+                  "launch's time beyond its FLOPs at the peak (compute-bound GEMMs add nothing)"
+                  + (", besides attention's FLOPs at the bf16 rate (it stays bf16)" if sequence.fp8 else "")
+                  + ".", ""]
+        lines += _table(["op", "launches", "beyond its FLOPs", "why it stands"], gap_rows)
+    return lines
 
 
 def _measured(bench: dict | None, model: str, peaks: list[Peak]) -> list[str]:

@@ -7,21 +7,29 @@ Implementations (the names every report uses):
 - ``reference-compiled``: the reference in the benchmark dtype under ``torch.compile``;
 - ``fastdit-eager``, ``fastdit-compiled``: the fast model in the benchmark dtype;
 - ``fastdit-cudagraphs``: the fast model's step captured into one CUDA graph and replayed.
+``fastdit bench`` also runs (``BENCH_IMPLEMENTATIONS``):
+- ``reference-sdpa-fp32``, ``reference-sdpa-bf16``: the reference with its attention computed by
+  ``F.scaled_dot_product_attention``, as the release's timm Attention does (the reference writes the
+  softmax out, as the paper's code did): the baseline of "x the release" ratios;
+- ``fastdit-fp8``: the fast model after ``model.quantize("fp8")``.
 Workloads: ``forward``, ``sampling-step`` (one guided DDPM step: the model on the batch and its
 unconditional copy, then the solver update) and ``training-step`` (the diffusion loss, backward,
-AdamW). Every workload has an ``output`` compared with the reference's before its ``step`` is timed.
+AdamW); ``fastdit bench`` adds ``sampling-run``, a whole 250-step guided DDPM sample through
+``fastdit.sample``. Every workload has an ``output`` compared with the reference's before its ``step``
+is timed (a sampling run's error is reported, not bounded: 250 steps compound each step's rounding, and
+``sampling-step`` checks the step).
 
 ``cached_sampling_run``: a whole guided DDIM run of the fast model under a feature cache (or exact, every
 block at every step), the rows "cached vs exact sampling" of ``fastdit bench --cache``; a cache is checked
 against exact sampling from the same noise, not against the reference's tolerance.
 """
 import contextlib
-import copy
 import dataclasses
 import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 import fastdit
 from fastdit import reference
@@ -31,13 +39,20 @@ from fastdit.diffusion.denoising import GuidedDenoiser
 from fastdit.diffusion.gaussian import create_diffusion
 from fastdit.diffusion.samplers import make_solver
 from fastdit.diffusion.sampling import sample
-from fastdit.models import DTYPES
+from fastdit.models import DTYPES, modulation
+from fastdit.models.fp8 import check_fp8_device
 from fastdit.models.parity import MODEL_TOLERANCE, perturb_, relative_max_error
 
 IMPLEMENTATIONS = ("reference-eager-fp32", "reference-eager-bf16", "reference-compiled",
                    "fastdit-eager", "fastdit-compiled", "fastdit-cudagraphs")
 BASELINE = "reference-eager-fp32"
+RELEASE = "reference-sdpa-fp32"  # the release's path: fp32, timm's Attention on SDPA
+BENCH_IMPLEMENTATIONS = IMPLEMENTATIONS + (RELEASE, "reference-sdpa-bf16", "fastdit-fp8")
+# Their error against the reference is reported, not bounded by the dtype's model tolerance: FP8's quantization
+# error is a stated quality cost (docs/performance.md), not a parity failure.
+REPORTED_ERROR_IMPLEMENTATIONS = ("fastdit-fp8",)
 WORKLOADS = ("forward", "sampling-step", "training-step")
+BENCH_WORKLOADS = WORKLOADS + ("sampling-run",)
 
 CFG_SCALE = 4.0  # the paper's guidance scale for its samples
 SAMPLING_STEPS = 250  # the release's DDPM schedule; one of its steps is timed
@@ -48,15 +63,18 @@ class ParityError(AssertionError):
     """An implementation's output differs from the reference's by more than the tolerance."""
 
 
-def compile_mode(device: torch.device) -> str | None:
-    # max-autotune searches GEMM configurations (and uses CUDA graphs) on the GPU; on the CPU
-    # it only adds compile time.
-    return "max-autotune" if device.type == "cuda" else None
+def compile_mode(device: torch.device, family: str = "reference") -> str | None:
+    # max-autotune searches GEMM configurations (and uses CUDA graphs) on the GPU; on the CPU it only adds
+    # compile time. fastdit-compiled is the step compiled without CUDA graphs: fastdit-cudagraphs is the
+    # same step with them, and the pair is what a batch-1 step gains from graphs.
+    if device.type != "cuda":
+        return None
+    return "max-autotune" if family == "reference" else "max-autotune-no-cudagraphs"
 
 
-def compiled(model, device: torch.device, fullgraph: bool = False):
+def compiled(model, device: torch.device, family: str = "reference"):
     # dynamic=False: every batch shape gets its own specialised graph, as a deployment would.
-    return torch.compile(model, mode=compile_mode(device), dynamic=False, fullgraph=fullgraph)
+    return torch.compile(model, mode=compile_mode(device, family), dynamic=False, fullgraph=family == "fastdit")
 
 
 def cuda_graphed(fn: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], torch.Tensor]:
@@ -92,14 +110,25 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def implementation_dtype(implementation: str, dtype: torch.dtype) -> torch.dtype:
     """The dtype an implementation computes in, in a benchmark of ``dtype``."""
-    return {"reference-eager-fp32": torch.float32, "reference-eager-bf16": torch.bfloat16}.get(implementation, dtype)
+    return {"reference-eager-fp32": torch.float32, "reference-eager-bf16": torch.bfloat16,
+            RELEASE: torch.float32, "reference-sdpa-bf16": torch.bfloat16,
+            "fastdit-fp8": torch.bfloat16}.get(implementation, dtype)  # FP8 GEMMs inside a bf16 model
 
 
 def unavailable_reason(implementation: str, device: torch.device, workload: str | None = None,
                        compile_on_cpu: bool = False) -> str | None:
     """Why ``implementation`` cannot (or by default does not) run ``workload`` on ``device``; None if it can."""
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation: expected one of {', '.join(IMPLEMENTATIONS)}, got {implementation!r}")
+    if implementation not in BENCH_IMPLEMENTATIONS:
+        raise ValueError(f"implementation: expected one of {', '.join(BENCH_IMPLEMENTATIONS)}, got {implementation!r}")
+    if implementation == "fastdit-fp8":
+        if workload == "training-step":
+            return "not measured: FP8 is an inference path"
+        try:
+            check_fp8_device(device)
+        except ValueError as error:
+            return str(error)
+    if workload == "sampling-run" and implementation not in SAMPLING_RUNS:
+        return f"not measured: a whole sampling run is timed for {', '.join(SAMPLING_RUNS)}"
     if implementation == "fastdit-cudagraphs":
         if device.type != "cuda":
             return "CUDA graphs need a CUDA device"
@@ -136,51 +165,68 @@ class ModelSet:
 
     def __init__(self, name: str, input_size: int, dtype: torch.dtype, device, seed: int = 0):
         self.name, self.input_size, self.dtype, self.device = name, input_size, dtype, torch.device(device)
-        model = perturb_(reference.DiT_models[name](input_size=input_size), seed=seed)
+        with self.device:  # initialised where it runs: an XL/2's init on the host takes seconds
+            model = perturb_(reference.DiT_models[name](input_size=input_size), seed=seed)
         with torch.no_grad():  # values every precision in play holds exactly
             for parameter in model.parameters():
                 for precision in (torch.bfloat16, dtype):
                     parameter.copy_(parameter.to(precision))
-        self.reference = model.to(self.device).eval()
+        self.reference = model.eval()
         self._models = {BASELINE: self.reference}
 
-    def _eager(self, family: str) -> torch.nn.Module:
-        if family == "reference":
-            return copy.deepcopy(self.reference)
-        fast = fastdit.DiT_models[self.name](input_size=self.input_size)
-        fast.load_state_dict(self.reference.state_dict(), strict=True)
-        return fast.to(self.device).eval()
+    def _eager(self, implementation: str) -> torch.nn.Module:
+        """A fresh fp32 copy of the weights as ``implementation``'s module: built on the meta device and
+        given the copy (``assign=True``), so no initialisation runs only to be overwritten."""
+        family = implementation.split("-")[0]
+        with torch.device("meta"):
+            module = (reference.DiT_models if family == "reference" else fastdit.DiT_models)[self.name](
+                input_size=self.input_size)
+        state = {name: tensor.clone() for name, tensor in self.reference.state_dict().items()}
+        module.load_state_dict(state, strict=True, assign=True)
+        if "-sdpa-" in implementation:
+            for block in module.blocks:
+                block.attn.forward = _sdpa_attention.__get__(block.attn)
+        return module.eval()
 
     def model(self, implementation: str):
         """The model (a module, maybe compiled) that ``implementation`` runs inference with."""
         if implementation == "fastdit-cudagraphs":  # the eager model; the workload captures it
             implementation = "fastdit-eager"
         if implementation not in self._models:
-            family = implementation.split("-")[0]
-            model = self._eager(family).to(implementation_dtype(implementation, self.dtype))
+            model = self._eager(implementation).to(implementation_dtype(implementation, self.dtype))
+            if implementation == "fastdit-fp8":
+                model.quantize("fp8")
             if implementation.endswith("-compiled"):
-                model = compiled(model, self.device, fullgraph=family == "fastdit")
+                model = compiled(model, self.device, implementation.split("-")[0])
             self._models[implementation] = model
         return self._models[implementation]
 
     def trainable(self, implementation: str):
         """(fp32 module to optimise, its forward, autocast dtype or None) for a training step."""
-        family = implementation.split("-")[0]
-        module = forward = self._eager(family)
+        module = forward = self._eager(implementation)
         if implementation.endswith("-compiled"):
-            forward = compiled(module, self.device, fullgraph=family == "fastdit")
+            forward = compiled(module, self.device, implementation.split("-")[0])
         dtype = implementation_dtype(implementation, self.dtype)
         return module, forward, (None if dtype == torch.float32 else dtype)
+
+
+def _sdpa_attention(self, x):
+    """The reference's Attention.forward with its softmax computed by SDPA, as timm's Attention does."""
+    B, T, D = x.shape
+    q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, D))
 
 
 @dataclasses.dataclass
 class Workload:
     """``output()``: named tensors compared with the reference's (no lasting side effects);
-    ``step()``: what is timed; ``images``: images one step processes."""
+    ``step()``: what is timed; ``images``: images one step processes; ``bounded``: whether the output must be
+    within the model tolerance of the reference's (else its error is only reported)."""
 
     output: Callable[[], dict[str, torch.Tensor]]
     step: Callable[[], object]
     images: int
+    bounded: bool = True
 
 
 def _inference(step, implementation, device, images):
@@ -243,18 +289,39 @@ def training_step_workload(models: ModelSet, implementation: str, inputs: Inputs
         loss = losses()
         loss.mean().backward()
         # All gradients as one vector: measured against the largest gradient, as the optimizer
-        # sees them; a parameter whose gradients are all tiny would make its own ratio noise.
-        gradients = torch.cat([p.grad.float().flatten() for p in module.parameters() if p.grad is not None])
+        # sees them; a parameter whose gradients are all tiny would make its own ratio noise. In the
+        # release's order, so the fast model's stacked adaLN gradients line up with the reference's.
+        named = {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
+        if modulation.WEIGHT in named:
+            modulation.split_into_release_keys(module, named)
+        gradients = torch.cat([grad.float().flatten() for grad in named.values()])
         module.zero_grad(set_to_none=True)
         return {"loss": loss.detach().float(), "gradients": gradients}
 
     return Workload(output=output, step=step, images=len(inputs.x))
 
 
+SAMPLING_RUNS = {  # implementation -> how ``fastdit.sample`` runs it
+    BASELINE: {"cuda_graphs": False}, "fastdit-eager": {"cuda_graphs": False}, "fastdit-cudagraphs": {"cuda_graphs": True}}
+
+
+def sampling_run_workload(models: ModelSet, implementation: str, inputs: Inputs) -> Workload:
+    """A whole guided DDPM sample (the release's 250 steps) of the batch through ``fastdit.sample``, from the
+    same noise for every implementation."""
+    model = models.model(implementation)
+
+    def step():
+        return sample(model, inputs.y, sampler="ddpm", steps=SAMPLING_STEPS, cfg_scale=CFG_SCALE, noise=inputs.x,
+                      seed=0, **SAMPLING_RUNS[implementation])
+
+    return Workload(output=lambda: {"latents": step().float()}, step=step, images=len(inputs.x), bounded=False)
+
+
 WORKLOAD_BUILDERS = {
     "forward": forward_workload,
     "sampling-step": sampling_step_workload,
     "training-step": training_step_workload,
+    "sampling-run": sampling_run_workload,
 }
 
 

@@ -12,6 +12,10 @@ guided DDIM run (``--cache-steps``) exact and under each cache's defaults, from 
 blocks run per image, the run's time against the exact run's in the same bench run, and, as its check in place
 of the reference's tolerance, the relative max error and PSNR against the exact samples; a cache below
 ``--cache-min-psnr`` fails its row, untimed.
+
+report.json is rewritten (atomically) after every measurement, so a run stopped by its time limit keeps what
+it measured: SIGINT or SIGTERM abandons the measurement in flight, writes the report and exits 128 + the
+signal's number. ``--resume`` keeps the rows of the report already in ``--out`` and measures only the others.
 """
 import math
 import os
@@ -23,12 +27,16 @@ from tqdm.auto import tqdm
 
 import fastdit
 from fastdit.bench import report as bench_report
+from fastdit.bench.progress import Stopped, previous_rows, stop_on_signals
 from fastdit.bench.timing import noise_warnings, spread, time_median, time_runs
 from fastdit.bench.workloads import (
     BASELINE,
+    BENCH_IMPLEMENTATIONS,
+    BENCH_WORKLOADS,
     CACHE_IMPLEMENTATIONS,
     CACHE_SAMPLER,
-    IMPLEMENTATIONS,
+    RELEASE,
+    REPORTED_ERROR_IMPLEMENTATIONS,
     WORKLOAD_BUILDERS,
     WORKLOADS,
     Inputs,
@@ -39,18 +47,24 @@ from fastdit.bench.workloads import (
     dtype_name,
     implementation_dtype,
     latent_psnr,
+    max_error,
     true_fp32,
     unavailable_reason,
 )
 from fastdit.cli import options
 from fastdit.cli.options import VAE_DOWNSAMPLING
 from fastdit.diffusion.caching import METHODS
+from fastdit.io import check_owned_folder, mark_owned_folder
 from fastdit.kernels import kernel_path
 from fastdit.models.flops import named_shape, workload_flops
 from fastdit.models.parity import relative_max_error
 
 GPU_DEFAULTS = dict(models=["DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2"], image_size=256, batch_sizes=[32])
 CPU_DEFAULTS = dict(models=["DiT-S/2"], image_size=64, batch_sizes=[2])
+# Environment switches that change what the fast model runs: recorded in the report, and a --resume
+# report measured under other values is refused.
+SWITCHES = ("FASTDIT_AUTOTUNE", "FASTDIT_FUSED_GELU", "FASTDIT_ONE_ADALN_GEMM")
+RESUME_SETTINGS = ("device", "dtype", "image_size", "repeats", "warmup", "switches")
 
 
 def measure_gemm_tflops(device, dtype: torch.dtype, size: int | None = None, repeats: int = 5) -> dict:
@@ -83,11 +97,13 @@ def add_arguments(parser):
     parser.add_argument("--image-size", type=int, default=None,
                         help="image size in pixels, latent = size / 8 (default: 256 on a GPU, 64 on the CPU)")
     options.add_device_arguments(parser)
-    parser.add_argument("--implementations", nargs="+", default=None, choices=IMPLEMENTATIONS, metavar="NAME",
-                        help=f"of {', '.join(IMPLEMENTATIONS)} (default: all the device runs; compiled ones "
+    parser.add_argument("--implementations", nargs="+", default=None, choices=BENCH_IMPLEMENTATIONS,
+                        metavar="NAME",
+                        help=f"of {', '.join(BENCH_IMPLEMENTATIONS)} (default: all the device runs; compiled ones "
                              f"only on a GPU). {BASELINE} always runs: it is the oracle and the baseline")
-    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS, metavar="NAME",
-                        help=f"of {', '.join(WORKLOADS)} (default: all)")
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=BENCH_WORKLOADS, metavar="NAME",
+                        help=f"of {', '.join(BENCH_WORKLOADS)} (default: {', '.join(WORKLOADS)}; sampling-run "
+                             "is a whole 250-step sample)")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (the median "
                         "is kept; default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs before timing (default: "
@@ -104,6 +120,12 @@ def add_arguments(parser):
                         help="dB: a cache whose samples are further than this from exact sampling's (PSNR of the "
                              "latents, peak their range) fails its row (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-plot", action="store_true",
+                        help="write report.json and report.md only (no matplotlib needed; python -m "
+                             "fastdit.bench.unpack draws the plot later)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the measurements of the report.json already in --out (same device, dtype, "
+                             "image size, repeats and switches) and measure only the missing ones")
 
 
 def _settings(args) -> dict:
@@ -123,7 +145,7 @@ def _settings(args) -> dict:
         except ValueError as error:  # a latent side that the model's patch size does not divide
             raise ValueError(f"--image-size {image_size} does not fit {name}: {error}") from None
     implementations = args.implementations or [
-        name for name in IMPLEMENTATIONS if unavailable_reason(name, device) is None]
+        name for name in BENCH_IMPLEMENTATIONS if unavailable_reason(name, device) is None]
     if args.repeats < 1 or args.warmup < 0:
         raise ValueError(f"--repeats: expected >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
     if args.cache and (args.cache_steps < 1 or args.cache_repeats < 1 or not math.isfinite(args.cache_min_psnr)):
@@ -137,7 +159,8 @@ def _settings(args) -> dict:
                  "implementations": [name for name in implementations if name in CACHE_IMPLEMENTATIONS]}
     return {"device": device, "dtype": options.resolve_dtype(args.dtype, device), "models": models,
             "image_size": image_size, "batch_sizes": batch_sizes, "workloads": args.workloads,
-            "implementations": implementations, "repeats": args.repeats, "warmup": args.warmup, "cache": cache}
+            "implementations": implementations, "repeats": args.repeats, "warmup": args.warmup, "cache": cache,
+            "switches": {name: os.environ[name] for name in SWITCHES if name in os.environ}}
 
 
 def _measure(models, inputs, workload, implementation, expected, settings, peak) -> dict:
@@ -151,7 +174,13 @@ def _measure(models, inputs, workload, implementation, expected, settings, peak)
         if isinstance(expected, Exception):
             raise expected
         run = WORKLOAD_BUILDERS[workload](models, implementation, inputs)
-        error = check_parity(run.output(), expected, dtype, f"{implementation} {workload}")
+        output = run.output()
+        if run.bounded and implementation not in REPORTED_ERROR_IMPLEMENTATIONS:
+            error = check_parity(output, expected, dtype, f"{implementation} {workload}")
+        elif not all(torch.isfinite(tensor).all() for tensor in output.values()):
+            raise ParityError(f"{implementation} {workload}: the output is not finite")
+        else:
+            error = max_error(output, expected)[0]
         times = time_runs(run.step, device, settings["repeats"], settings["warmup"])
         seconds = statistics.median(times)
     except ParityError as failure:
@@ -232,56 +261,76 @@ def _one_line(error: Exception) -> str:
 
 
 def _with_speedups(results: list[dict]) -> list[dict]:
-    baseline = {(r["model"], r["batch_size"], r["workload"]): r["throughput"]["value"]
-                for r in results if r["implementation"] == BASELINE and r["status"] == "ok"}
-    for result in results:
-        reference = baseline.get((result["model"], result["batch_size"], result["workload"]))
-        if result["status"] == "ok" and reference:
-            result["speedup"] = {"value": result["throughput"]["value"] / reference, "unit": f"x {BASELINE}"}
+    """Each ok row's throughput against the baseline's ("speedup") and, where the run has it, against the
+    release's path ("release_speedup"), of the same configuration and workload in this run."""
+    for field, implementation in (("speedup", BASELINE), ("release_speedup", RELEASE)):
+        baseline = {(r["model"], r["batch_size"], r["workload"]): r["throughput"]["value"]
+                    for r in results if r["implementation"] == implementation and r["status"] == "ok"}
+        for result in results:
+            reference = baseline.get((result["model"], result["batch_size"], result["workload"]))
+            if result["status"] == "ok" and reference:
+                result[field] = {"value": result["throughput"]["value"] / reference, "unit": f"x {implementation}"}
     return results
+
+
+def _row_key(row: dict) -> tuple:
+    return tuple(row.get(name) for name in ("model", "image_size", "batch_size", "workload", "cache",
+                                            "implementation"))
+
+
+def _expected(models, workload, inputs):
+    """The oracle's output of ``workload``, or the error that every implementation's row then reports."""
+    try:
+        return WORKLOAD_BUILDERS[workload](models, BASELINE, inputs).output()
+    except Exception as failure:  # e.g. out of memory
+        return RuntimeError(f"the reference could not run ({_one_line(failure)})")
+
+
+def _resume_view(settings: dict) -> dict:
+    """The settings a resumed report must share, as report.json records them."""
+    recorded = {**settings, "device": str(settings["device"]), "dtype": dtype_name(settings["dtype"])}
+    return {name: recorded[name] for name in RESUME_SETTINGS}
 
 
 def run(args):
     settings = _settings(args)
-    bench_report.check_plotting()
+    if not args.no_plot:
+        bench_report.check_plotting()
     device, dtype = settings["device"], settings["dtype"]
+    # A folder of a bench run (marked, or holding only its reports) or a new one: a user's report.md is not ours.
+    check_owned_folder(args.out, "bench", legacy=lambda path, names: set(names) <= set(bench_report.REPORT_FILES))
     os.makedirs(args.out, exist_ok=True)
-    peak = {"gemm": measure_gemm_tflops(device, dtype), "copy_bandwidth": measure_copy_bandwidth(device)}
-    peak["datasheet"] = bench_report.datasheet_peak(device, dtype)
-    configurations = [(name, batch) for name in settings["models"] for batch in settings["batch_sizes"]]
-    cache = settings["cache"]
-    total = len(configurations) * (len(settings["workloads"]) * len(settings["implementations"])
-                                   + (len(cache["implementations"]) if cache else 0))
+    mark_owned_folder(args.out, "bench")
+    previous, rows = (previous_rows(os.path.join(args.out, "report.json"), _resume_view(settings), "fastdit bench")
+                      if args.resume else (None, []))
+    done = {_row_key(row): row for row in rows}
     results, cache_results = [], []
-    with true_fp32(), tqdm(total=total, desc="fastdit bench", disable=args.no_progress, dynamic_ncols=True) as bar:
-        for name, batch in configurations:
-            torch._dynamo.reset()  # a fresh compile cache: no recompile limit hit across configurations
-            models = ModelSet(name, settings["image_size"] // VAE_DOWNSAMPLING, dtype, device)
-            inputs = Inputs.draw(batch, models.reference, device)
-            for workload in settings["workloads"]:
-                try:
-                    expected = WORKLOAD_BUILDERS[workload](models, BASELINE, inputs).output()
-                except Exception as failure:  # e.g. out of memory: every implementation's error
-                    expected = RuntimeError(f"the reference could not run ({_one_line(failure)})")
-                for implementation in settings["implementations"]:
-                    bar.set_postfix_str(f"{name} x{batch} {workload} {implementation}")
-                    result = _measure(models, inputs, workload, implementation, expected, settings, peak)
-                    results.append({"model": name, "image_size": settings["image_size"], "batch_size": batch,
-                                    **result})
-                    bar.update()
-            for implementation in cache["implementations"] if cache else ():
-                bar.set_postfix_str(f"{name} x{batch} cached sampling {implementation}")
-                for row in _measure_cached(models, inputs, implementation, settings):
-                    cache_results.append({"model": name, "image_size": settings["image_size"], "batch_size": batch,
-                                          **row})
-                bar.update()
-            del models, inputs, expected
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    report = bench_report.build(settings, peak, _with_speedups(results), argv=sys.argv, cache_results=cache_results)
-    bench_report.write(args.out, report)
+
+    def save(stopped=None):
+        """Rewrite the report with every row so far (``stopped``: the signal and what it interrupted)."""
+        report = bench_report.build(settings, peak, _with_speedups(results), argv=sys.argv,
+                                    cache_results=cache_results)
+        if stopped is not None:
+            report["stopped"] = stopped
+        bench_report.write(args.out, report, plot_png=not args.no_plot and stopped is None)
+
+    doing = "the device's peaks"
+    peak = previous["peak"] if previous else None
+    try:
+        with stop_on_signals():
+            if peak is None:
+                peak = {"gemm": measure_gemm_tflops(device, dtype), "copy_bandwidth": measure_copy_bandwidth(device)}
+                peak["datasheet"] = bench_report.datasheet_peak(device, dtype)
+            for doing in _sweep(settings, peak, done, results, cache_results, save, args.no_progress):
+                pass
+    except Stopped as stop:
+        save({"signal": str(stop), "during": doing})
+        print(f"fastdit bench: stopped by {stop} during {doing}; {args.out}/report.json holds the "
+              f"{len(results) + len(cache_results)} finished measurements", file=sys.stderr)
+        return stop.exit_status
+    save()
     failed = [r for r in results + cache_results if r["status"] in ("parity-failed", "error")]
-    print(f"fastdit bench: wrote report.json, report.md and throughput.png to {args.out}")
+    print(f"fastdit bench: wrote report.json{'' if args.no_plot else ', report.md and throughput.png'} to {args.out}")
     names = ("model", "batch_size", "workload", "cache", "implementation")
     spreads = {" ".join(str(row[key]) for key in names if key in row): row["spread"]["value"]
                for row in results + cache_results if "spread" in row}
@@ -292,3 +341,61 @@ def run(args):
         print(f"fastdit bench: {result['model']} x{result['batch_size']} {what} "
               f"{result['implementation']}: {result['reason']}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _sweep(settings, peak, done, results, cache_results, save, no_progress):
+    """Measure every row in order, yielding what is measured next; a row already in ``done`` is kept as it is.
+    ``save()`` after each row."""
+    device, dtype, image_size = settings["device"], settings["dtype"], settings["image_size"]
+    configurations = [(name, batch) for name in settings["models"] for batch in settings["batch_sizes"]]
+    cache = settings["cache"]
+    plan = {(name, batch): ([(workload, implementation) for workload in settings["workloads"]
+                             for implementation in settings["implementations"]],
+                            [(method or "exact", implementation) for implementation in
+                             (cache["implementations"] if cache else ()) for method in [None] + cache["methods"]])
+            for name, batch in configurations}
+    total = sum(len(rows) + len(cached) for rows, cached in plan.values())
+    with true_fp32(), tqdm(total=total, desc="fastdit bench", disable=no_progress, dynamic_ncols=True) as bar:
+        for name, batch in configurations:
+            common = {"model": name, "image_size": image_size, "batch_size": batch}
+            rows, cached = plan[(name, batch)]
+            missing = [row for row in rows if _row_key({**common, "workload": row[0], "implementation": row[1]})
+                       not in done]
+            cached_missing = [row for row in cached if _row_key({**common, "cache": row[0], "implementation": row[1]})
+                              not in done]
+            models = inputs = None
+            if missing or cached_missing:
+                torch._dynamo.reset()  # a fresh compile cache: no recompile limit hit across configurations
+                yield f"building {name} x{batch}"
+                models = ModelSet(name, image_size // VAE_DOWNSAMPLING, dtype, device)
+                inputs = Inputs.draw(batch, models.reference, device)
+            for workload in settings["workloads"]:
+                expected = None
+                for implementation in settings["implementations"]:
+                    key = {**common, "workload": workload, "implementation": implementation}
+                    if _row_key(key) in done:
+                        results.append(done[_row_key(key)])
+                    else:
+                        what = f"{name} x{batch} {workload} {implementation}"
+                        bar.set_postfix_str(what)
+                        yield what
+                        if expected is None:
+                            expected = _expected(models, workload, inputs)
+                        results.append({**common, **_measure(models, inputs, workload, implementation, expected,
+                                                             settings, peak)})
+                        save()
+                    bar.update()
+            if cached_missing:
+                for implementation in cache["implementations"]:
+                    yield f"{name} x{batch} cached sampling {implementation}"
+                    cache_results.extend({**common, **row} for row in _measure_cached(models, inputs, implementation,
+                                                                                      settings))
+                    save()
+                    bar.update(1 + len(cache["methods"]))
+            else:
+                cache_results.extend(done[_row_key({**common, "cache": method, "implementation": implementation})]
+                                     for method, implementation in cached)
+                bar.update(len(cached))
+            del models, inputs
+            if device.type == "cuda":
+                torch.cuda.empty_cache()

@@ -1,6 +1,9 @@
 """The `fastdit` command."""
 import argparse
+import contextlib
 import importlib
+import shlex
+import signal
 import sys
 
 from fastdit import distributed
@@ -28,6 +31,52 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM: raised in the main thread, so that the command unwinds as from Ctrl-C (its loaders
+    stop their workers, its staging keeps the finished work) and ends with one line."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    # Later signals are ignored while the command unwinds: it only stops its workers and keeps what is done.
+    for other in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(other, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def _signals_stop():
+    """SIGINT and SIGTERM raise ``Stopped`` for the block (in the main thread; elsewhere nothing changes)."""
+    try:
+        previous = {number: signal.signal(number, _stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+# Where each command that resumes says what a stopped run kept: (module in fastdit.cli, its function of args).
+KEPT = {"train": ("train", "kept"), "encode": ("encode", "kept"), "sample": ("sample_output", "kept"),
+        "evaluate": ("evaluate", "kept")}
+
+
+def _stopped_line(command, argv, args, signum) -> str:
+    """One line: which signal stopped the command and, for the commands that resume, what it kept and how."""
+    line = f"fastdit {command}: stopped by {signal.Signals(signum).name}"
+    if command not in KEPT:
+        return line
+    module, function = KEPT[command]
+    kept = getattr(importlib.import_module(f"fastdit.cli.{module}"), function)(args)
+    return f"{line}; kept {kept}; to resume, run the same command again: fastdit {shlex.join(argv)}"
+
+
 def subcommand(name):
     """The module of subcommand ``name``: its ``add_arguments(parser)`` and ``run(args)``."""
     return importlib.import_module(f"fastdit.cli.{COMMANDS[name][0]}")
@@ -50,7 +99,13 @@ def main(argv=None):
     # The subcommand is the first argument: `fastdit` itself takes no flags but --help.
     args = build_parser(argv[:1]).parse_args(argv)
     try:
-        return subcommand(args.command).run(args)
+        with _signals_stop():
+            return subcommand(args.command).run(args)
+    except KeyboardInterrupt as stop:  # Stopped, or a KeyboardInterrupt raised before the handlers were in place
+        signum = getattr(stop, "signum", signal.SIGINT)
+        if distributed.is_main_process():
+            print(_stopped_line(args.command, argv, args, signum), file=sys.stderr, flush=True)
+        return 128 + signum  # the shells' convention: 130 for SIGINT, 143 for SIGTERM
     # CheckpointError is a ValueError; OSError: an unwritable --out, a full disk.
     except (ValueError, TypeError, KeyError, ImportError, OSError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error  # KeyError's str() quotes it

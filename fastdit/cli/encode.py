@@ -1,6 +1,7 @@
 """`fastdit encode`: precompute VAE latents of an image folder for training (``fastdit.train.encode``);
 ``torchrun --nproc_per_node N -m fastdit encode ...`` splits the shards between N processes."""
 import os
+import re
 import sys
 
 from fastdit import distributed
@@ -9,6 +10,9 @@ from fastdit.models.vae import VAE
 from fastdit.train.data import class_folder_files
 from fastdit.train.encode import encode_files
 from fastdit.train.shards import LATENT_DTYPES
+
+MAX_SHARD_SIZE = 10**7  # images per shard: a shard is encoded in memory before it is written
+SHARD_RECORD = re.compile(r"^shard-\d{5}\.json$")  # written after its shard's files
 
 
 def add_arguments(parser):
@@ -32,12 +36,18 @@ def add_arguments(parser):
     options.add_device_argument(parser, options.TORCHRUN_DEVICE_HELP)
 
 
+def kept(args) -> str:
+    """What a stopped encode kept, for the line that says so: its finished shards (each has its record)."""
+    names = os.listdir(args.out) if os.path.isdir(args.out) else []
+    done = sum(bool(SHARD_RECORD.match(name)) for name in names)
+    return f"{done} finished shard{'' if done == 1 else 's'} in {args.out}"
+
+
 def run(args):
-    for flag in ("image_size", "batch_size", "shard_size", "prefetch"):
-        if getattr(args, flag) <= 0:
-            raise ValueError(f"--{flag.replace('_', '-')}: expected a positive integer, got {getattr(args, flag)}")
-    if args.workers < 0:
-        raise ValueError(f"--workers: expected 0 or more, got {args.workers}")
+    ranges = {"image_size": (1, options.MAX_IMAGE_SIZE), "batch_size": (1, options.MAX_BATCH),
+              "shard_size": (1, MAX_SHARD_SIZE), "prefetch": (1, 1024), "workers": (0, options.MAX_WORKERS)}
+    for name, (low, high) in ranges.items():
+        options.check_range(f"--{name.replace('_', '-')}", getattr(args, name), low, high)
     files, num_classes = class_folder_files(args.data, "--data")
     with distributed.launch(args.device) as process:
         vae = distributed.fail_together(lambda: VAE.load(args.vae, device=process.device), process)

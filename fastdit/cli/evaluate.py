@@ -1,5 +1,8 @@
 """`fastdit evaluate SAMPLES REF`: FID, sFID, Inception Score, precision and recall as the ADM suite reports them
 (``fastdit.evaluation``); `--digits`: the same on a digits classifier's features, with the digits accuracy."""
+import glob
+import os
+
 from fastdit.cli import options
 from fastdit.evaluation.report import DIGITS, run_evaluation
 from fastdit import distributed
@@ -31,9 +34,15 @@ def check_flags(args):
     if (args.ref is None) == (not args.digits):
         raise ValueError("REF: expected a reference batch, or --digits, not both" if args.ref else
                          "REF: expected a reference batch .npz (or --digits)")
-    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):
-        if value < least:
-            raise ValueError(f"{flag}: expected an integer >= {least}, got {value}")
+    options.check_range("--batch-size", args.batch_size, 1, options.MAX_BATCH)
+    options.check_range("--workers", args.workers, 0, options.MAX_WORKERS)
+
+
+def kept(args) -> str:
+    """What a stopped evaluation kept, for the line that says so: the finished feature shards beside SAMPLES."""
+    parent, name = os.path.split(os.path.abspath(args.samples).rstrip(os.sep))
+    shards = glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.features-*", "*.npz"))
+    return f"{len(shards)} finished feature shard{'' if len(shards) == 1 else 's'} beside {args.samples}"
 
 
 def run(args):

@@ -13,12 +13,31 @@ from fastdit.models.checkpoint import WEIGHTS
 from fastdit.models.config import MissingNumHeadsError, NonFiniteWeightsError
 
 DEFAULT_IMAGE_SIZE = 256
+MAX_IMAGE_SIZE = 4096  # px: 16 times DiT's 256; a larger image is a slip of the keyboard, not a run
+MAX_BATCH = 65536  # images in one batch (a global training batch included): 16 times the largest DiT recipe's
+MAX_STEPS = 10**9  # training steps (and step intervals): far beyond any run
+MAX_WORKERS = 256  # DataLoader processes
 VAE_DOWNSAMPLING = 8  # the Stable Diffusion VAE's latents are 1/8 of the image's size
 PIXEL_CHANNELS = (1, 3)  # models with these in_channels make grey / RGB pixels in [-1, 1], others VAE latents
 DEFAULT_CFG_SCALE = 4.0  # the release's sample.py
 # The model `fastdit sample` and `fastdit export` use when given none: a small DiT trained on scikit-learn's
 # digits (`fastdit train --preset digits`), with the sampling settings it was measured with (sampling.json).
 BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "digits")
+
+
+SEED_RANGE = (0, 2**32 - 1)  # torch.manual_seed's, with room for the (seed, step) mixing of training
+
+
+def check_range(flag: str, value, low, high=None, integer=True) -> None:
+    """Raise unless ``value`` lies in [``low``, ``high``] (``high`` None: no upper bound), naming the range. Every
+    numeric flag is checked so before any work: an out-of-range value never reaches torch."""
+    if value is None:
+        return
+    inside = math.isfinite(value) and value >= low and (high is None or value <= high)
+    if not inside:
+        kind = "an integer" if integer else "a number"
+        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{flag}: expected {kind} {allowed}, got {value}")
 
 
 def default_device() -> torch.device:
@@ -108,8 +127,7 @@ def check_model_flags(args):
         raise ValueError("--weights: picks a --ckpt training checkpoint's weights; pass --ckpt too")
     if args.model is not None and args.model not in fastdit.DiT_models:
         raise ValueError(f"--model: unknown model {args.model!r}; expected one of {', '.join(fastdit.DiT_models)}")
-    if args.image_size is not None and args.image_size < 1:
-        raise ValueError(f"--image-size: expected an integer >= 1, got {args.image_size}")
+    check_range("--image-size", args.image_size, 1, MAX_IMAGE_SIZE)
     if args.model is not None and args.image_size is not None:
         patch_size = int(fastdit.DiT_models.canonical(args.model).rsplit("/", 1)[1])  # "DiT-XL-2" is "DiT-XL/2"
         multiple = VAE_DOWNSAMPLING * patch_size
@@ -131,13 +149,11 @@ def add_sampling_arguments(parser, steps_help, seed_help, batch_size_help="image
 
 def check_sampling_flags(args):
     """--steps and --cfg-scale (None: the model's recommended ones), --seed and --batch-size."""
-    if args.steps is not None and not 1 <= args.steps <= 1000:
-        raise ValueError(f"--steps: expected an integer in [1, 1000], got {args.steps}")
+    check_range("--steps", args.steps, 1, 1000)
     if args.cfg_scale is not None and not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
         raise ValueError(f"--cfg-scale: expected a finite number >= 0 (1: no guidance), got {args.cfg_scale}")
-    for flag, value, low in (("--seed", args.seed, 0), ("--batch-size", args.batch_size, 1)):
-        if value < low:
-            raise ValueError(f"{flag}: expected an integer >= {low}, got {value}")
+    check_range("--seed", args.seed, *SEED_RANGE)
+    check_range("--batch-size", args.batch_size, 1, MAX_BATCH)
 
 
 def load_model(args, device, dtype):

@@ -37,6 +37,7 @@ from fastdit.evaluation.report import check_evaluation, run_evaluation
 from fastdit.io import write_bytes_atomic, write_npz_streamed, write_text_atomic
 from fastdit.kernels import kernel_path
 from fastdit.models.config import model_config
+from fastdit.models.fp8 import QUANTIZATIONS
 from fastdit.models.validation import check_class_ids
 
 DEFAULT_NUM_SAMPLES = 8
@@ -73,6 +74,9 @@ def add_arguments(parser):
     parser.add_argument("--dpm-final", choices=DPM_FINAL_STEPS, default="release", help="dpm++'s last step: to t = 0 "
                         "(the release's, default) or to sigma 0 (diffusers' final_sigmas_type='zero')")
     options.add_device_arguments(parser, options.TORCHRUN_DEVICE_HELP)
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, help="fp8: the blocks' GEMMs in FP8 (E4M3 weights, "
+                        "per-token scaled inputs; bf16 elsewhere), on the CPU or a GPU of compute capability 8.9+; "
+                        "default: none")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                         help="run the model through torch.compile")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
@@ -221,9 +225,13 @@ def prepare(args, process, held):
     its staging folder: this command's partial run, or a new one."""
     started = time.perf_counter()
     out_path = held.enter_context(locked_output(args.out)) if process.is_main else None
-    dtype = options.resolve_dtype(args.dtype, process.device)
+    if args.quantize is not None and args.dtype not in (None, "bf16"):
+        raise ValueError(f"--dtype: --quantize {args.quantize} runs the model in bf16, got --dtype {args.dtype}")
+    dtype = options.resolve_dtype("bf16" if args.quantize else args.dtype, process.device)
     model = options.load_model(args, process.device, dtype)
     use_model_settings(args, model)
+    if args.quantize is not None:
+        model.quantize(args.quantize)
     image_size, pixels = options.image_size_of(model, args.image_size)
     if args.vae is not None and pixels:
         raise ValueError(f"--vae: this model samples pixels (in_channels={model.in_channels}), it needs no VAE")
@@ -276,6 +284,7 @@ def run_identity(args, plan, process) -> dict:
         "device_type": device.type,
         "kernels": kernel_path(device),
         "attn_backend": model.attn_backend,
+        "quantize": args.quantize,
         "compile": args.compile,
         "cuda_graphs": args.cuda_graphs,
         "fastdit": fastdit.__version__,
@@ -389,6 +398,7 @@ def run_record(args, plan, process, arrays, started, sampling_seconds):
             "world_size": process.world_size,
             "kernels": kernel_path(device),
             "attn_backend": model.attn_backend,
+            "quantize": model.quantization,
             "compile": args.compile,
             "cuda_graphs": device.type == "cuda" if args.cuda_graphs is None else args.cuda_graphs,
         },

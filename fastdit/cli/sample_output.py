@@ -35,10 +35,12 @@ filesystem every rank sees (a shared one for several machines; each rank checks 
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 
 import numpy as np
@@ -55,8 +57,23 @@ from fastdit.io import (
 
 SAMPLE_OUTPUTS = ("grid.png", "images", "run.json", "samples.npz")  # what a run writes in --out
 RESUME_FILE = "resume.json"
-STAGING_FORMAT = 1  # resume.json's layout: a staging folder of another format is not resumed
-_BATCH_NAME = re.compile(r"^(\d{7,})\.npy$")
+STAGING_FORMAT = 2  # resume.json's layout (2: batch checksums): a staging folder of another format is not resumed
+CHECKSUM_SUFFIX = ".sha256"  # beside each batch file: the sha256 of its bytes, recorded when it was written
+_BATCH_RECORD = re.compile(r"^(\d{7,})\.npy\.sha256$")  # a finished batch's record (CHECKSUM_SUFFIX)
+_PNG_NAME = re.compile(r"^\d{6,}_class\d+\.png$")  # sample.png_path's names
+
+
+def _foreign_files(path) -> list[str]:
+    """What the existing --out ``path`` holds that no sample run wrote: anything but ``SAMPLE_OUTPUTS``, PNGs
+    in images/ not named as a run names them, and every file of a folder without a sample run's run.json."""
+    names = sorted(os.listdir(path))
+    foreign = [name for name in names if name not in SAMPLE_OUTPUTS]
+    images_dir = os.path.join(path, "images")
+    if os.path.isdir(images_dir):
+        foreign += [f"images/{name}" for name in sorted(os.listdir(images_dir)) if not _PNG_NAME.match(name)]
+    if names and not foreign and "identity" not in _read_json(os.path.join(path, "run.json")):
+        foreign = [name if name != "run.json" else "run.json (not a sample run's)" for name in names]
+    return foreign
 
 
 def output_path(out) -> str:
@@ -70,18 +87,20 @@ def output_path(out) -> str:
 
 
 def check_output(out) -> str:
-    """Raise unless ``out`` can be this run's output folder: a new folder, or one holding only an earlier
-    sample run's files, whose parent this process can write in. Returns its path; creates nothing."""
+    """Raise unless ``out`` can be this run's output folder: a new or empty folder, or one holding only an
+    earlier sample run's files (its run.json, and images named as a run names them), whose parent this process
+    can write in, and not a mount point (a run swaps its --out whole, which a mount point cannot be). Returns
+    its path; creates nothing."""
     path = output_path(out)
     if os.path.exists(path):
         if not os.path.isdir(path):
             raise OSError(f"--out {out}: {path} is a file, not a directory")
-        foreign = [name for name in sorted(os.listdir(path)) if name not in SAMPLE_OUTPUTS]
-        images_dir = os.path.join(path, "images")
-        if os.path.isdir(images_dir):
-            foreign += [f"images/{name}" for name in sorted(os.listdir(images_dir)) if not name.endswith(".png")]
+        if os.path.ismount(path):
+            raise ValueError(f"--out {out}: is a mount point, and a run replaces its --out as a whole by renaming a "
+                             "folder onto it: pass a folder inside it")
+        foreign = _foreign_files(path)
         if foreign:
-            raise ValueError(f"--out {out}: holds files a sample run does not write ({', '.join(foreign[:3])}"
+            raise ValueError(f"--out {out}: holds files that no sample run wrote ({', '.join(foreign[:3])}"
                              f"{', ...' if len(foreign) > 3 else ''}), and a run replaces its --out as a whole: "
                              "choose a new or empty folder")
     existing = os.path.dirname(path)
@@ -145,25 +164,53 @@ class Staging:
         return os.path.join(self.batches, f"{start:07d}.npy")
 
     def finished_batches(self) -> set[int]:
-        """The first image index of every batch on disk."""
+        """The first image index of every finished batch (its file and its record on disk)."""
         if not os.path.isdir(self.batches):
             return set()
-        return {int(match[1]) for match in map(_BATCH_NAME.match, os.listdir(self.batches)) if match}
+        return {int(match[1]) for match in map(_BATCH_RECORD.match, os.listdir(self.batches)) if match}
 
     def write_batch(self, start, samples: np.ndarray) -> None:
-        write_npy_atomic(self.batch_path(start), samples)
+        """The batch file, then the sha256 it is read back against: the record makes the batch finished (a kill
+        between the two leaves a batch without one, which is sampled again)."""
+        data = write_npy_atomic(self.batch_path(start), samples)
+        write_text_atomic(self.batch_path(start) + CHECKSUM_SUFFIX, hashlib.sha256(data).hexdigest() + "\n")
+
+    def batch_problem(self, start) -> tuple[str | None, bytes]:
+        """(why the batch file of ``start`` is not what was written, or None; its bytes)."""
+        path = self.batch_path(start)
+        try:
+            with open(path, "rb") as file:
+                data = file.read()
+            with open(path + CHECKSUM_SUFFIX) as file:
+                recorded = file.read().strip()
+        except OSError as error:
+            return f"cannot read {error.filename} ({error.strerror})", b""
+        if hashlib.sha256(data).hexdigest() != recorded:
+            return (f"the batch file {path} is damaged (its sha256 differs from the one recorded when it was "
+                    "written)"), data
+        return None, data
 
     def read_batch(self, batch: range) -> np.ndarray:
         path = self.batch_path(batch.start)
-        try:
-            samples = np.load(path)
-        except (OSError, ValueError) as error:
-            raise ValueError(f"cannot read the batch file {path} ({error}); pass --restart to sample the run "
-                             "again from scratch") from None
+        problem, data = self.batch_problem(batch.start)
+        if problem is not None:
+            raise ValueError(f"{problem}; pass --restart to sample the run again from scratch")
+        samples = np.load(io.BytesIO(data), allow_pickle=False)
         if len(samples) != len(batch):
             raise ValueError(f"the batch file {path} holds {len(samples)} samples, expected {len(batch)}; pass "
                              "--restart to sample the run again from scratch")
         return samples
+
+    def drop_damaged_batches(self) -> None:
+        """Remove, with a warning each, the finished batches that differ from what was written: they are
+        sampled again."""
+        for start in sorted(self.finished_batches()):
+            problem, _ = self.batch_problem(start)
+            if problem is not None:
+                print(f"warning: {problem}; sampling it again", file=sys.stderr, flush=True)
+                for path in (self.batch_path(start) + CHECKSUM_SUFFIX, self.batch_path(start)):  # record first
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)
 
     def swap_in(self, path) -> None:
         """Make the complete ``output/`` --out (``path``) in one atomic step, then remove the folder."""
@@ -195,6 +242,7 @@ def staging_folder(path, identity: dict, restart=False):
         if os.path.isdir(staging.path):
             for folder in (staging.batches, staging.output, os.path.join(staging.output, "images")):
                 remove_stale_temporaries(folder)
+            staging.drop_damaged_batches()
         else:
             os.mkdir(staging.path)
             os.makedirs(staging.batches)
@@ -205,6 +253,18 @@ def staging_folder(path, identity: dict, restart=False):
     finally:
         if os.path.isdir(staging.path) and not staging.finished_batches():
             shutil.rmtree(staging.path, ignore_errors=True)
+
+
+def kept(args) -> str:
+    """What a stopped run into ``args.out`` kept, for the line that says so: its finished batches."""
+    path = output_path(args.out)
+    parent, name = os.path.split(path)
+    staging = re.compile(rf"^\.{re.escape(name)}\.staging-[a-z0-9_]+$")
+    folders = [os.path.join(parent, entry) for entry in sorted(os.listdir(parent)) if staging.match(entry)]
+    done = sum(len(Staging(folder, "").finished_batches()) for folder in folders)
+    if not done:
+        return "no finished batch"
+    return f"{done} finished batch{'es' if done > 1 else ''} in {', '.join(folders)}"
 
 
 def _clear_leftover(folder, path, key, identity, restart):

@@ -1,5 +1,6 @@
 """`fastdit train`: train a DiT (one process, or many under torchrun)."""
 import dataclasses
+import math
 import os
 
 import torch
@@ -7,6 +8,7 @@ import torch
 from fastdit import distributed
 from fastdit.cli import options
 from fastdit.reference import BLOCK_DESIGNS
+from fastdit.train import run_folder
 from fastdit.train.trainer import PRESETS, TrainConfig, Trainer
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -69,16 +71,25 @@ def config_from_args(args) -> TrainConfig:
         raise ValueError("--model: pass a model name (DiT-S/2 ... DiT-XL/8) or --preset digits")
     if args.model is not None:
         values["model_config"] = None
-    for name in ("global_batch_size", "steps", "ckpt_every", "log_every", "image_size"):
-        if name in values and values[name] <= 0:
-            raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {values[name]}")
-    if values.get("workers", 0) < 0:
-        raise ValueError(f"--workers: expected a count >= 0, got {values['workers']}")
-    if values.get("skip_nonfinite", 0) < 0:
-        raise ValueError(f"--skip-nonfinite: expected a count >= 0, got {values['skip_nonfinite']}")
+    steps = (1, options.MAX_STEPS)
+    ranges = {"image_size": (1, options.MAX_IMAGE_SIZE), "global_batch_size": (1, options.MAX_BATCH), "steps": steps,
+              "ckpt_every": steps, "log_every": steps, "seed": options.SEED_RANGE, "workers": (0, options.MAX_WORKERS),
+              "skip_nonfinite": (0, options.MAX_STEPS)}
+    for name, (low, high) in ranges.items():
+        options.check_range(f"--{name.replace('_', '-')}", values.get(name), low, high)
+    if not (math.isfinite(values.get("lr", 1.0)) and values.get("lr", 1.0) > 0):
+        raise ValueError(f"--lr: expected a finite number > 0, got {values['lr']}")
     if not 0 <= values.get("ema_decay", 0.0) < 1:
         raise ValueError(f"--ema-decay: expected a value in [0, 1), got {values['ema_decay']}")
     return TrainConfig(**values)
+
+
+def kept(args) -> str:
+    """What a stopped run kept, for the line that says so: its newest checkpoint."""
+    paths = run_folder.checkpoint_paths(os.path.join(args.out, run_folder.CHECKPOINTS))
+    if not paths:
+        return f"no checkpoint yet in {args.out}"
+    return f"the checkpoint of step {int(os.path.basename(paths[-1])[:-3])}, {paths[-1]}"
 
 
 def run(args):

@@ -97,7 +97,7 @@ def _member_offset(file, info: zipfile.ZipInfo) -> int:
     return info.header_offset + _LOCAL_HEADER.size + header[-2] + header[-1]
 
 
-def read_npz(path, what: str, want_images=True) -> tuple[ImageSource | None, dict]:
+def read_npz(path, what: str) -> tuple[ImageSource | None, dict]:
     """The images of an .npz (or None) and its precomputed statistics (``STATISTICS`` present in it)."""
     if not zipfile.is_zipfile(path):
         raise InputError(f"{what} {path}: not a NumPy .npz archive")
@@ -110,7 +110,7 @@ def read_npz(path, what: str, want_images=True) -> tuple[ImageSource | None, dic
                     with archive.open(members[name]) as member:
                         statistics[name] = np.lib.format.read_array(member, allow_pickle=False).astype(np.float64)
             image_name = next((name for name in IMAGE_MEMBERS if name in members), None)
-            if image_name is None or not want_images:
+            if image_name is None:
                 return None, statistics
             info = members[image_name]
             if info.compress_type != zipfile.ZIP_STORED:
@@ -119,9 +119,9 @@ def read_npz(path, what: str, want_images=True) -> tuple[ImageSource | None, dic
             start = _member_offset(file, info)
             file.seek(start)
             shape, dtype, data = _npy_header(file, f"{what} {path} ({image_name})")
+    except InputError:
+        raise
     except (zipfile.BadZipFile, EOFError, OSError, struct.error, ValueError) as error:
-        if isinstance(error, InputError):
-            raise
         raise InputError(f"{what} {path}: cannot read it as a NumPy .npz archive ({error})") from None
     _check_images(shape, dtype, f"{what} {path} ({image_name})")
     if data + int(np.prod(shape)) > min(start + info.compress_size, os.path.getsize(path)):

@@ -46,10 +46,12 @@ def run_evaluation(samples_path, ref, process, inception=None, out=None, **optio
         return None
     if ref == DIGITS:
         report["accuracy"] = _accuracy(samples_path)
+    features = "" if extractor.name == "inception" else f" ({extractor.name} features)"
     for key, name in _NAMES.items():
         if report.get(key) is not None:
-            print(f"{name}: {report[key]:.{1 if key == 'accuracy' else 4}{'%' if key == 'accuracy' else 'f'}}")
-    print(f"({report['count']} samples against {ref_path}, {extractor.name} features)")
+            value = f"{report[key]:.1%}" if key == "accuracy" else f"{report[key]:.4f}"
+            print(f"{name}{'' if key == 'accuracy' else features}: {value}")
+    print(f"({report['count']} samples against {ref_path})")
     if out:
         write_text_atomic(out, json.dumps(report, indent=2) + "\n")
     return report

@@ -22,7 +22,7 @@ from fastdit.integrations.diffusers_convert import (
     release_to_diffusers,
 )
 from fastdit.io import atomic_path, write_text_atomic
-from fastdit.models.config import CONFIG_KEYS, CheckpointError, model_config
+from fastdit.models.config import CONFIG_KEYS, CheckpointError, load_failure, model_config
 
 MODEL_INDEX = "model_index.json"
 CONFIG_FILE = "config.json"
@@ -162,8 +162,7 @@ def _read_file(path) -> dict:
         else:
             contents = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise CheckpointError(f"cannot read {path} ({type(error).__name__}: {error}); fastdit reads .bin files "
-                              f"with torch.load(weights_only=True)") from error
+        raise CheckpointError(f"cannot read {path}: {load_failure(error)}") from None
     if not isinstance(contents, dict) or not all(isinstance(value, torch.Tensor) for value in contents.values()):
         raise CheckpointError(f"{path} is not a state dict: it holds a {type(contents).__name__}, not only tensors")
     return contents

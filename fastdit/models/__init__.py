@@ -1,4 +1,5 @@
-"""The fast DiT and what surrounds it: attention backends, checkpoints, input checks, FLOP counts.
+"""The fast DiT and what surrounds it: attention backends, its config and checkpoints, the VAE, input checks,
+FLOP counts.
 
 The plain-PyTorch oracle the fast model is checked against is ``fastdit.reference``.
 """

@@ -165,6 +165,10 @@ def save_pretrained(model, directory, format="fastdit") -> None:
     (``fastdit.integrations.diffusers_folders.write_diffusers``)."""
     if format not in SAVE_FORMATS:
         raise ValueError(f"format: expected one of {', '.join(map(repr, SAVE_FORMATS))}, got {format!r}")
+    quantization = getattr(getattr(model, "_orig_mod", model), "quantization", None)
+    if quantization is not None:  # the quantized weights are derived, once, from the bf16 ones at load
+        raise ValueError(f"save_pretrained: the model is quantized to {quantization}; save the bf16 model and load "
+                         f"it with quantize={quantization!r}")
     if format == "diffusers":
         diffusers_folders.write_diffusers(model, directory)
         return
@@ -224,6 +228,11 @@ def _read_safetensors(path) -> tuple[dict, dict | None]:
 
 def _read_directory(path) -> tuple[dict, dict]:
     config_path, weights_path = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
+    class_name = _diffusers_class(config_path)
+    if class_name is not None:  # a diffusers folder of another model: name it, not the file it lacks
+        raise CheckpointError(f"{config_path}: a diffusers {class_name!r}, not a DiT; fastdit reads a diffusers DiT "
+                              f"({', '.join(diffusers_folders.TRANSFORMER_CLASSES)}) or a fastdit save_pretrained "
+                              "folder")
     for required in (config_path, weights_path):
         if not os.path.isfile(required):
             raise CheckpointError(
@@ -241,6 +250,17 @@ def _read_directory(path) -> tuple[dict, dict]:
     stored.pop("fastdit_version", None)
     state_dict, _ = _read_safetensors(weights_path)
     return state_dict, _checked_config(stored, config_path)
+
+
+def _diffusers_class(config_path) -> str | None:
+    """The ``_class_name`` of a diffusers config.json, None when the file is no diffusers config."""
+    try:
+        with open(config_path) as file:
+            config = json.load(file)
+    except (OSError, ValueError):
+        return None
+    name = config.get("_class_name") if isinstance(config, dict) else None
+    return str(name) if name is not None else None
 
 
 def _read_json(path):

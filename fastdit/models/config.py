@@ -1,6 +1,8 @@
 """What a DiT's weights are described by, for the checkpoint readers and writers (``checkpoint.py``) and the
 other libraries' formats (``fastdit.integrations``) alike: the constructor arguments a checkpoint stores, a
 model's own, and the errors of reading them. It imports no reader, so both sides build on it."""
+import pickle
+
 from fastdit import reference
 
 CONFIG_KEYS = (
@@ -33,6 +35,15 @@ class NonFiniteWeightsError(CheckpointError):
         self.name, self.count = name, count
         super().__init__(f"{path}: the weights are not finite: {name} holds {count} NaN or inf values (first bad "
                          "tensor; e.g. a diverged training run); pass allow_nonfinite=True to load them")
+
+
+def load_failure(error: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in fastdit's words: torch's own message advises
+    loading with ``weights_only=False``, which would run the code a pickle carries."""
+    if isinstance(error, pickle.UnpicklingError):
+        return "it holds objects other than tensors (a pickle that could run code), which fastdit never loads"
+    first = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def model_config(model) -> dict:

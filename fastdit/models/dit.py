@@ -5,7 +5,8 @@ so as the release's checkpoints). The arithmetic is the reference's, regrouped s
 step of the residual stream is one fused kernel:
 
 - patchify + projection + position embedding is one GEMM with a fused epilogue;
-- SiLU(c) is computed once: every adaLN modulation of every block reads the same c;
+- SiLU(c) is computed once and every adaLN modulation of every block (and of the final layer)
+  comes out of one GEMM against their weights stacked (``fastdit.models.modulation``);
 - ``x + gate * f(h)`` and the next LayerNorm + modulation are one pass over the residual
   stream (``gated_residual_modulate_layernorm``), across block boundaries: block i's MLP
   residual update also produces block i+1's attention input (and the last block's, the final
@@ -23,12 +24,15 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from fastdit.models import checkpoint as checkpoints  # `checkpoint` is torch's activation checkpointing
+from fastdit.models import fp8
 from fastdit.models.attention import attention, check_backend
+from fastdit.models.modulation import modulations as adaln_modulations, stack_modulations
 from fastdit.kernels.gated_residual import gated_residual_modulate_layernorm
+from fastdit.kernels import linear_gelu as fused_gelu
 from fastdit.kernels.modulate import modulate_layernorm
 from fastdit.kernels.patch_embed import patch_embed
 from fastdit import reference
-from fastdit.reference import ADAPTIVE_DESIGNS, CONDITION_TOKENS, Mlp, model_constructors
+from fastdit.reference import ADAPTIVE_DESIGNS, CONDITION_TOKENS, model_constructors
 from fastdit.models.validation import check_model_inputs
 
 
@@ -67,6 +71,22 @@ def linear_dtype(parameter):
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else parameter.dtype
 
 
+class Mlp(reference.Mlp):
+    """fc1 + bias + GELU as one GEMM with the GELU in its epilogue (``fastdit.kernels.linear_gelu``), then fc2.
+
+    Where autograd records the MLP (training), it runs as the reference's three ops instead: the
+    fused op's backward would recompute fc1's output, one GEMM more than the GELU pass it saves
+    (docs/performance.md), to save a (tokens, 4D) activation per block."""
+
+    def forward(self, x):
+        fc1 = self.fc1
+        recorded = torch.is_grad_enabled() and (x.requires_grad or fc1.weight.requires_grad)
+        if not fused_gelu.FUSED or recorded or not isinstance(fc1, nn.Linear):  # an FP8Linear: its own GEMM
+            return super().forward(x)
+        dtype = linear_dtype(fc1.weight)  # autocast does not cast a custom op's inputs
+        return self.fc2(fused_gelu.linear_gelu(x.to(dtype), fc1.weight.to(dtype), fc1.bias.to(dtype)))
+
+
 def affine_norm_modulation(norm, batch):
     """An affine LayerNorm's weight and bias as the (shift, scale) the fused kernels take,
     broadcast over the batch (stride 0: nothing is copied)."""
@@ -93,10 +113,6 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(
             nn.SiLU(), nn.Linear(hidden_size, self.modulations * hidden_size, bias=True)
         )
-
-    def modulation(self, silu_c):
-        """(shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), each (N, D); adaLN's has no gates."""
-        return self.adaLN_modulation[1](silu_c).chunk(self.modulations, dim=1)
 
     def forward(self, x, h, modulation, next_shift, next_scale):
         _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
@@ -168,14 +184,12 @@ class InContextBlock(nn.Module):
 class FinalLayer(nn.Module):
     """Adaptive final norm (made by the last fused op) and the linear decoder."""
 
+    modulations = 2  # (shift, scale)
+
     def __init__(self, hidden_size, patch_size, out_channels):
         super().__init__()
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
-
-    def modulation(self, silu_c):
-        """(shift, scale), each (N, D)."""
-        return self.adaLN_modulation[1](silu_c).chunk(2, dim=1)
 
     def forward(self, h):
         return self.linear(h)
@@ -208,19 +222,43 @@ class DiT(reference.DiT):
         "in-context": LayerNormFinalLayer,
     }
 
+    quantization = None  # "fp8" once ``quantize("fp8")`` has run
+
     def __init__(self, *args, attn_backend="auto", **kwargs):
         """The release's arguments (see ``fastdit.reference.DiT``), plus ``attn_backend``."""
         super().__init__(*args, **kwargs)
+        if self.block in ADAPTIVE_DESIGNS:
+            stack_modulations(self, [*self.blocks, self.final_layer])
         self.set_attn_backend(attn_backend)
         self.gradient_checkpointing = False  # recompute each block's activations in backward
 
     @classmethod
     def from_pretrained(cls, path, *, config=None, device="cpu", dtype=None, weights=None, allow_nonfinite=False,
-                        attn_backend="auto"):
+                        attn_backend="auto", quantize=None):
         """A model in eval mode from a checkpoint file or directory; ``weights``: a training checkpoint's
-        "ema" (the default) or "model". See ``fastdit.models.checkpoint.build``."""
-        return checkpoints.build(cls, path, config=config, device=device, dtype=dtype, weights=weights,
-                                 allow_nonfinite=allow_nonfinite, attn_backend=attn_backend)
+        "ema" (the default) or "model". See ``fastdit.models.checkpoint.build``. ``quantize="fp8"``: the
+        blocks' GEMMs in FP8 (``quantize``), the rest in bf16 (``dtype`` None or bfloat16)."""
+        fp8.check_quantize(quantize)
+        if quantize is not None:
+            if dtype not in (None, torch.bfloat16):
+                raise ValueError(f"dtype: quantize={quantize!r} runs the model in torch.bfloat16, got {dtype}")
+            dtype = torch.bfloat16
+        model = checkpoints.build(cls, path, config=config, device=device, dtype=dtype, weights=weights,
+                                  allow_nonfinite=allow_nonfinite, attn_backend=attn_backend)
+        return model if quantize is None else model.quantize(quantize)
+
+    def quantize(self, quantize):
+        """Quantize the blocks' qkv, attention projection, fc1 and fc2 for inference: ``"fp8"`` (E4M3 weights
+        with a scale per output channel, inputs with a scale per token; see ``fastdit.models.fp8``). The model
+        must be bf16, on the CPU or a CUDA GPU of compute capability 8.9 or newer; it is then eval-only."""
+        fp8.quantize_(self, quantize)
+        return self
+
+    def train(self, mode=True):
+        if mode and self.quantization is not None:
+            raise ValueError(f"train: the model is quantized to {self.quantization}, for inference only; load the "
+                             "checkpoint again without quantize to train it")
+        return super().train(mode)
 
     def save_pretrained(self, directory, format="fastdit"):
         """Write ``config.json`` and ``model.safetensors`` to ``directory`` (``format="diffusers"``: a diffusers
@@ -264,7 +302,12 @@ class DiT(reference.DiT):
             x = torch.cat([c, x], dim=1)
         # Each modulation starts with the (shift, scale) of its block's first norm (the final layer's
         # last), which the block before it applies in its last fused op.
-        modulations = [block.modulation(c) for block in self.blocks] + [self.final_layer.modulation(c)]
+        layers = [*self.blocks, self.final_layer]
+        if self.block in ADAPTIVE_DESIGNS:  # (shift_msa, scale_msa, gate_msa, shift_mlp, ...), each (N, D)
+            modulations = [output.chunk(layer.modulations, dim=1)
+                           for layer, output in zip(layers, adaln_modulations(self, layers, c))]
+        else:
+            modulations = [layer.modulation(c) for layer in layers]
         return x, self.normed_input(x, modulations, 0), modulations
 
     def normed_input(self, x, modulations, index):

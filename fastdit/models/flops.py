@@ -112,8 +112,9 @@ def forward_flops(shape: DiTShape) -> int:
 
 def workload_flops(shape: DiTShape, workload: str) -> int:
     """FLOPs per image of a benchmark workload: ``"forward"``; ``"sampling-step"`` (one guided
-    step: the model runs on the image and on its unconditional copy); ``"training-step"``."""
-    forwards = {"forward": 1, "sampling-step": 2, "training-step": TRAINING_FORWARDS}
+    step: the model runs on the image and on its unconditional copy); ``"training-step"``;
+    ``"sampling-run"`` (the release's 250 guided steps)."""
+    forwards = {"forward": 1, "sampling-step": 2, "training-step": TRAINING_FORWARDS, "sampling-run": 2 * 250}
     if workload not in forwards:
         raise ValueError(f"workload: expected one of {', '.join(forwards)}, got {workload!r}")
     return forwards[workload] * forward_flops(shape)

@@ -55,13 +55,22 @@ class VAE:
             raise CheckpointError(f"VAE directory not found: {path}; {VAE_HINT}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype: expected a floating-point torch.dtype or None, got {dtype!r}")
+        from diffusers.utils import logging as diffusers_logging
+
+        verbosity = diffusers_logging.get_verbosity()
+        # Its warning about tensors it left at random would be a second, multi-line report of the error below.
+        diffusers_logging.set_verbosity_error()
         try:
             # Without accelerate, diffusers would warn on every load and then load this way anyway.
-            autoencoder = AutoencoderKL.from_pretrained(
-                path, local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=_has_accelerate()
+            autoencoder, loading = AutoencoderKL.from_pretrained(
+                path, local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=_has_accelerate(),
+                output_loading_info=True,
             )
         except (OSError, ValueError) as error:
             raise CheckpointError(f"cannot load a diffusers AutoencoderKL from {path}: {error}") from error
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
+        _check_loaded_whole(path, loading)
         return cls(autoencoder.to("cpu" if device is None else device))
 
     @property
@@ -121,6 +130,22 @@ class VAE:
                 f"{self.downsampling}, got {height}x{width}"
             )
         return images.to(device=self.device, dtype=self.dtype)
+
+
+def _check_loaded_whole(path, loading: dict) -> None:
+    """Strict loading: diffusers initialises a tensor missing from the weights file at random (two runs then
+    give different latents) and ignores an unexpected one; either is an error naming the tensors."""
+    problems = []
+    for key, what in (("missing_keys", "missing from the weights file"),
+                      ("unexpected_keys", "in the weights file but not in the model"),
+                      ("mismatched_keys", "of another shape than the model's")):
+        names = [name if isinstance(name, str) else name[0] for name in loading.get(key) or []]
+        if names:
+            problems.append(f"{len(names)} tensor{'s' if len(names) > 1 else ''} {what} ({', '.join(names[:3])}"
+                            f"{', ...' if len(names) > 3 else ''})")
+    if problems:
+        raise CheckpointError(f"VAE {path}: its weights do not match the AutoencoderKL of its config.json: "
+                              f"{'; '.join(problems)}; fastdit loads a VAE whole or not at all ({VAE_HINT})")
 
 
 def _has_accelerate() -> bool:

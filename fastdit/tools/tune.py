@@ -1,8 +1,9 @@
 """``python -m fastdit.tools.tune``: time every candidate launch configuration of a forward and
 backward of each fast model on this GPU (``tuning.choose``) and write what was chosen as JSON.
 
-A module of its own, not tuning.py's ``__main__``: tuning.py is imported with fastdit, and
-running an imported module as ``__main__`` would give two copies of its choice cache.
+Here, not in kernels/: it builds the real models, which stand above the kernels. And not tuning.py's
+``__main__``: tuning.py is imported with fastdit, and running an imported module as ``__main__`` would give
+two copies of its choice cache.
 """
 import argparse
 import os

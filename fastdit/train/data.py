@@ -11,14 +11,19 @@ step's batch by its number and draw nothing of their own, so they cannot change 
 """
 import functools
 import glob
+import hashlib
+import json
 import os
+import select
+import threading
+import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from fastdit.train.preprocess import center_crop_arr
-from fastdit.train.shards import LatentShards
+from fastdit.train.shards import LatentShards, file_sha256
 
 
 class TensorData:
@@ -122,6 +127,23 @@ class StepBatches(torch.utils.data.Dataset):
         return x, y, t[self.rows], noise[self.rows]
 
 
+def identity(source: str, data) -> dict:
+    """What a resumed run must find again at --data ``source``: the folder it resolves to and a digest of what
+    it holds (a shard folder's manifest, an image folder's names, labels and sizes), with the class and sample
+    counts."""
+    if source == "digits":
+        return {"path": "digits", "num_classes": data.num_classes, "samples": len(data)}
+    path = os.path.realpath(source)
+    if isinstance(data, LatentShards):
+        manifest = os.path.join(path, "manifest.json")
+        digest = file_sha256(manifest) if os.path.exists(manifest) else None  # the old .npz format has none
+    else:
+        listing = [[os.path.relpath(file, path), label, os.path.getsize(file)]
+                   for file, label in class_folder_files(path)[0]]
+        digest = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+    return {"path": path, "sha256": digest, "num_classes": data.num_classes, "samples": len(data)}
+
+
 def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
 
@@ -129,16 +151,54 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 def batch_loader(batches: StepBatches, first_step: int, end_step: int, workers: int, pin_memory: bool,
                  prefetch: int = 4) -> torch.utils.data.DataLoader:
     """The batches of steps ``first_step`` to ``end_step`` (exclusive), in order; with ``workers`` processes
-    reading ahead up to ``prefetch`` batches each.
-
-    The workers come from a fork server, not a fork of the trainer: a forked worker would inherit the run
-    folder's lock and hold it after the trainer was killed (until the worker notices, up to 5 s later),
-    refusing the rerun that resumes. A script that trains with workers must therefore guard its entry point
-    (``if __name__ == "__main__":``), as with any non-fork multiprocessing."""
-    options = ({"num_workers": workers, "prefetch_factor": prefetch, "multiprocessing_context": "forkserver"}
-               if workers else {})
+    reading ahead up to ``prefetch`` batches each (``worker_options``)."""
     return torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(first_step, end_step),
-                                       pin_memory=pin_memory, **options)
+                                       pin_memory=pin_memory, **worker_options(workers, prefetch))
+
+
+def worker_options(workers: int, prefetch: int) -> dict:
+    """DataLoader keywords for ``workers`` processes (none for 0) that die with this process, however it dies.
+
+    The workers come from a fork server, not a fork of this process: a forked worker would inherit a run
+    folder's lock and hold it after this process was killed, refusing the rerun that resumes. A script that
+    uses them must therefore guard its entry point (``if __name__ == "__main__":``), as with any non-fork
+    multiprocessing. A worker's parent is then the fork server, which torch's worker watchdog watches, and the
+    fork server lives while a worker holds its pipe: after a SIGKILL of this process both lived on (48 minutes
+    and 300 MB a process in issue 27's audit). So each worker watches this process itself (``_die_with``)."""
+    if not workers:
+        return {}
+    return {"num_workers": workers, "prefetch_factor": prefetch, "multiprocessing_context": "forkserver",
+            "worker_init_fn": functools.partial(_die_with, os.getpid())}
+
+
+def _die_with(parent: int, worker_id: int) -> None:
+    """In a DataLoader worker: exit as soon as process ``parent`` has ended (a thread waiting on its pidfd)."""
+    try:
+        handle = os.pidfd_open(parent)
+    except ProcessLookupError:
+        os._exit(1)
+    except (AttributeError, OSError):  # no pidfd (Linux < 5.3, other systems): poll the pid twice a second
+        handle = None
+
+    def watch():
+        if handle is not None:
+            select.select([handle], [], [])
+        else:
+            while _alive(parent):
+                time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="fastdit-parent-watch", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def load_digits(image_size: int = 16) -> TensorData:
@@ -155,35 +215,40 @@ def load_digits(image_size: int = 16) -> TensorData:
 
 def class_folder_files(directory: str, flag: str = "data") -> tuple[list[tuple[str, int]], int]:
     """An ImageFolder layout (one sub-directory per class, sorted names = class ids): its files as
-    [(path, label)] in order, and the number of classes. ``flag`` names the argument in errors."""
+    [(path, label)] in order, and the number of classes. A class folder without files is an error naming it
+    (it would be a class without images, whose id still counts). ``flag`` names the argument in errors."""
     if not os.path.isdir(directory):
         raise ValueError(f"{flag}: {directory!r} is not a directory of class folders")
     classes = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir())
-    files = [(path, label) for label, name in enumerate(classes)
-             for path in sorted(glob.glob(os.path.join(directory, name, "*"))) if os.path.isfile(path)]
-    if not files:
+    per_class = [[path for path in sorted(glob.glob(os.path.join(directory, name, "*"))) if os.path.isfile(path)]
+                 for name in classes]
+    if not any(per_class):
         raise ValueError(f"{flag}: found no files in class folders under {directory!r}")
-    return files, len(classes)
+    empty = [name for name, paths in zip(classes, per_class) if not paths]
+    if empty:
+        raise ValueError(f"{flag}: class folder{'s' if len(empty) > 1 else ''} {', '.join(empty[:3])}"
+                         f"{', ...' if len(empty) > 3 else ''} under {directory!r} hold{'' if len(empty) > 1 else 's'} "
+                         "no files: every class needs images (remove the empty folder or add its images)")
+    return [(path, label) for label, paths in enumerate(per_class) for path in paths], len(classes)
 
 
 def load_image_folder(directory: str, image_size: int) -> TensorData:
-    """``class_folder_files``' images, preprocessed as the release does (``center_crop_arr``), in [-1, 1]."""
+    """``class_folder_files``' images, preprocessed as the release does (``center_crop_arr``), in [-1, 1]. A
+    file that is not a readable image is an error naming it: skipping it would train on another data set."""
     from PIL import Image
 
     files, num_classes = class_folder_files(directory)
-    images, labels = [], []
-    for path, label in files:
+    images = []
+    for path, _ in files:
         try:
             with Image.open(path) as image:
                 images.append(center_crop_arr(image, image_size))
-        except OSError:
-            continue  # not an image
-        labels.append(label)
-    if not images:
-        raise ValueError(f"data: found no images in class folders under {directory!r}")
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            raise ValueError(f"data: {path}: cannot read it as an image ({error}); remove it from the class "
+                             "folder") from None
     # From uint8 pixels: always finite, unlike latent shards (check_finite scans those).
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return TensorData(pixels, torch.tensor(labels), num_classes, f"images in {directory}")
+    return TensorData(pixels, torch.tensor([label for _, label in files]), num_classes, f"images in {directory}")
 
 
 # Two epochs' orders: a batch no larger than the set spans at most two. Each is N int64 (8 bytes a

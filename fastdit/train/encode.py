@@ -22,9 +22,10 @@ import torch
 from tqdm.auto import tqdm
 
 from fastdit import distributed
-from fastdit.io import exclusive_lock, remove_stale_temporaries
+from fastdit.io import check_owned_folder, exclusive_lock, mark_owned_folder, remove_stale_temporaries
 from fastdit.models.vae import VAE
 from fastdit.train import shards
+from fastdit.train.data import worker_options
 from fastdit.train.preprocess import center_crop_arr
 
 LOCK = ".encode.lock"
@@ -60,9 +61,10 @@ def collate(items):
 
 def encode_settings(files, num_classes, vae: VAE, image_size, batch_size, shard_size, latent_dtype) -> dict:
     """What a shard's bytes depend on; a resumed run must match it. Files are named relative to the
-    folder (class/name), so the same folder under another path resumes."""
+    folder (class/name), so the same folder under another path resumes; their sizes are part of it, so that
+    other images under the same names (a folder replaced meanwhile) do not."""
     listing = hashlib.sha256(json.dumps(
-        [[os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path)), label]
+        [[os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path)), label, os.path.getsize(path)]
          for path, label in files]).encode()).hexdigest()
     weights = hashlib.sha256(f"{vae.scale} {vae.shift}".encode())
     for name, tensor in sorted(vae.autoencoder.state_dict().items()):
@@ -105,8 +107,10 @@ def encode_files(files, num_classes, vae: VAE, out, image_size, batch_size, shar
     with contextlib.ExitStack() as stack:
         def claim():
             if process.is_main:
+                check_owned_folder(out, "encode", ignore=(LOCK,), legacy=shards.is_shard_folder)
                 os.makedirs(out, exist_ok=True)
                 stack.enter_context(exclusive_lock(os.path.join(out, LOCK), f"--out {out}"))
+                mark_owned_folder(out, "encode")
                 remove_stale_temporaries(out)
                 _check_folder(out, settings, num_shards)
 
@@ -154,13 +158,10 @@ def _encode_shards(files, todo, vae, out, settings, workers, prefetch, progress)
     # Batches never cross a shard's start: the same batches, so the same bytes, however the run is split.
     batches = [list(part[start:start + batch_size]) for part in ranges.values()
                for start in range(0, len(part), batch_size)]
-    # Workers from a fork server, not forked from this process: a forked worker inherits the folder lock's
-    # descriptor and, when this process is killed, holds the lock until it notices (seconds), refusing the
-    # rerun that would resume. (Forking after CUDA is initialised is unsafe as well.)
+    # Workers from a fork server, that die with this process (forking after CUDA is initialised is unsafe too).
     loader = torch.utils.data.DataLoader(
-        ImageFiles(files, image_size), batch_sampler=batches, num_workers=workers, collate_fn=collate,
-        pin_memory=vae.device.type == "cuda", prefetch_factor=prefetch if workers else None,
-        multiprocessing_context="forkserver" if workers else None)
+        ImageFiles(files, image_size), batch_sampler=batches, collate_fn=collate,
+        pin_memory=vae.device.type == "cuda", **worker_options(workers, prefetch))
     pending = {field: [] for field in shards.FIELDS}
     with tqdm(total=sum(map(len, ranges.values())), desc="encoding", unit="img", dynamic_ncols=True,
               disable=not progress) as bar:

@@ -9,9 +9,32 @@ and DiT's FID numbers are computed against latents made this way.
 """
 import numpy as np
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")  # 16-bit grey (PNG, TIFF): 0..65535
+# 32-bit integer and floating-point pixels (TIFF, PFM): no fixed range to map onto 0..255.
+UNRANGED_MODES = {"I": "32-bit integer", "F": "32-bit float"}
+
+
+def to_rgb(pil_image):
+    """``pil_image`` as 8-bit RGB with its full range: 16-bit grey scaled by 255/65535 (PIL's own conversion
+    clips it at 255, turning almost every pixel white), every other mode PIL can convert as PIL does; a mode
+    without a known range, or one PIL cannot convert, is a ValueError naming it."""
+    from PIL import Image
+
+    mode = pil_image.mode
+    if mode in SIXTEEN_BIT_MODES:
+        pixels = np.asarray(pil_image).astype(np.uint32)
+        return Image.fromarray(((pixels * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
+    if mode in UNRANGED_MODES:
+        raise ValueError(f"image mode {mode} ({UNRANGED_MODES[mode]} pixels) has no fixed range to map to 8 bits; "
+                         "save the image with 8 or 16 bits per channel")
+    try:
+        return pil_image.convert("RGB")
+    except ValueError:
+        raise ValueError(f"image mode {mode} cannot be converted to RGB; save the image as RGB or greyscale") from None
+
 
 def center_crop_arr(pil_image, image_size: int) -> np.ndarray:
-    """``pil_image`` (any PIL mode; converted to RGB) as a uint8 ``(image_size, image_size, 3)`` array,
+    """``pil_image`` (converted to RGB by ``to_rgb``) as a uint8 ``(image_size, image_size, 3)`` array,
     preprocessed exactly as the release does."""
     from PIL import Image
 
@@ -19,7 +42,7 @@ def center_crop_arr(pil_image, image_size: int) -> np.ndarray:
         raise TypeError(f"pil_image: expected a PIL.Image.Image, got {type(pil_image).__name__}")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
         raise ValueError(f"image_size: expected a positive integer, got {image_size!r}")
-    image = pil_image.convert("RGB")
+    image = to_rgb(pil_image)
     # BOX halving first: a bicubic filter shrinking by far more than 2x aliases; repeated exact
     # 2x2 averages do not.
     while min(image.size) >= 2 * image_size:

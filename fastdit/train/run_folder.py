@@ -16,9 +16,24 @@ import sys
 import torch
 
 from fastdit.io import atomic_path, write_text_atomic
+from fastdit.models.config import load_failure
 
 LOG_FILE = "log.jsonl"
+CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
+
+
+def is_legacy_run_folder(path, names) -> bool:
+    """Whether the unmarked folder ``path``, holding ``names``, is a training run folder of a fastdit from
+    before run folders were marked: nothing but what a run writes, and a config.json of a training run."""
+    if not set(names) <= {CONFIG_FILE, LOG_FILE, CHECKPOINTS, "model"} or CONFIG_FILE not in names:
+        return False
+    try:
+        with open(os.path.join(path, CONFIG_FILE)) as file:
+            config = json.load(file)
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"global_batch_size", "ema_decay", "ckpt_every"} <= set(config)
 
 
 class DamagedCheckpoint(ValueError):
@@ -129,8 +144,24 @@ def read_checkpoint(path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a damaged file fails as RuntimeError, EOFError, UnpicklingError, ...
-        reason = str(error).splitlines()[0] if str(error) else ""
-        raise DamagedCheckpoint(f"checkpoint {path} cannot be read ({type(error).__name__}: {reason})") from None
+        raise DamagedCheckpoint(f"checkpoint {path} cannot be read ({load_failure(error)})") from None
+
+
+def check_same_inputs(path, state, data, data_identity: dict, model_config: dict) -> None:
+    """Raise unless the checkpoint ``state`` (read from ``path``) was trained on the data that --data ``data``
+    holds now (``data_identity``: what it resolved to and held) and saved the model this run builds, naming
+    what differs. Older checkpoints record neither: they are not checked."""
+    for what, recorded, now in (("data", state.get("data_identity"), data_identity),
+                                ("model", state.get("model_config"), model_config)):
+        if recorded is None or recorded == now:
+            continue
+        differences = ", ".join(f"{name} {recorded.get(name)!r} then, {value!r} now"
+                                for name, value in now.items() if recorded.get(name) != value)
+        if what == "data":
+            raise ValueError(f"resume: {path} was trained on other data than --data {data} holds now ({differences}); "
+                             "use another --out to start a new run, or restore the data")
+        raise ValueError(f"resume: {path} holds another model than this run builds ({differences}); use another "
+                         "--out to start a new run")
 
 
 def checkpoint_paths(directory):

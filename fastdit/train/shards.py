@@ -18,6 +18,7 @@ read too: memory-mapped where the zip stores its members uncompressed, as ``np.s
 import hashlib
 import json
 import os
+import re
 import zipfile
 
 import numpy as np
@@ -32,6 +33,15 @@ LATENT_FIELDS = ("latents", "flipped")
 # --latent-dtype: the numpy dtype each is stored as. bf16 is kept as its upper 16 float32 bits.
 LATENT_DTYPES = {"fp16": np.dtype("<f2"), "bf16": np.dtype("<u2"), "fp32": np.dtype("<f4")}
 RE_ENCODE = "re-create them with `fastdit encode`"
+
+
+_SHARD_FILE = re.compile(r"^shard-\d{5}\.(latents\.npy|flipped\.npy|labels\.npy|json|npz)$")
+
+
+def is_shard_folder(directory, names) -> bool:
+    """Whether ``names`` (the files of ``directory``, unmarked) are a shard folder's only: written by a
+    `fastdit encode` from before encode folders were marked."""
+    return all(name == MANIFEST or _SHARD_FILE.match(name) for name in names)
 
 
 def field_path(directory, index: int, field: str) -> str:
@@ -281,6 +291,17 @@ class LatentShards:
         index = int(index) + (len(self) if index < 0 else 0)
         batch = self.gather([index])
         return batch["latents"][0], batch["flipped"][0], int(batch["labels"][0])
+
+    def check_labels(self) -> None:
+        """Raise naming the first label outside [0, num_classes): the training run would take such a class for
+        the null class of guidance, or fail in the embedding. Reads every labels file (8 bytes a sample)."""
+        for shard in range(len(self.paths)):
+            labels = self.shard(shard)["labels"]
+            bad = np.flatnonzero((labels < 0) | (labels >= self.num_classes))
+            if len(bad):
+                raise ValueError(f"data: {self.paths[shard]['labels']}: labels[{bad[0]}] is {labels[bad[0]]}, outside "
+                                 f"the {self.num_classes} classes (0 to {self.num_classes - 1}) of "
+                                 f"{os.path.join(self.directory, MANIFEST)}; {RE_ENCODE}")
 
     def verify_checksums(self, shards=None) -> None:
         """Compare every file's sha256 (of all shards, or of the indices ``shards``) with the manifest's (a full

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from fastdit import distributed
 from fastdit.diffusion.gaussian import create_diffusion
-from fastdit.io import exclusive_lock, remove_stale_temporaries, write_text_atomic
+from fastdit.io import check_owned_folder, exclusive_lock, mark_owned_folder, remove_stale_temporaries, write_text_atomic
 from fastdit.models import checkpoint as checkpoints
 from fastdit.models.dit import DiT, DiT_models
 from fastdit.models.validation import first_nonfinite
@@ -111,6 +111,7 @@ def load_data(config: TrainConfig, rank: int = 0, world_size: int = 1):
     if config.pixel:
         return datasets.load_image_folder(config.data, config.image_size)
     data = LatentShards(config.data)
+    data.check_labels()
     if config.check_data:
         datasets.check_finite(data, rank, world_size)
     return data
@@ -145,6 +146,7 @@ class Trainer:
                              f"processes ({self.world_size})")
         self.local_batch = config.global_batch_size // self.world_size
         self.data = distributed.fail_together(lambda: load_data(config, self.rank, self.world_size), process)
+        self.data_identity = datasets.identity(config.data, self.data)
         distributed.fail_together(self._same_data_as_main, process)
         channels, height, _ = self.data.latent_shape
         with torch.random.fork_rng(devices=[]):
@@ -290,6 +292,7 @@ class Trainer:
             "step": self.step, "data_position": self.step * self.config.global_batch_size,
             "skipped_nonfinite": self.skipped_nonfinite,
             "config": dataclasses.asdict(self.config), "model_config": checkpoints.model_config(self.model),
+            "data_identity": self.data_identity,
             "rng": self._gathered_rng_states(),
         }
 
@@ -327,10 +330,14 @@ class Trainer:
         state = run_folder.read_checkpoint(path) if state is None else state
         # A key missing from an older checkpoint had its field's default.
         saved = {**{field.name: field.default for field in dataclasses.fields(TrainConfig)}, **state["config"]}
-        for key in TrainConfig.RESUME_KEYS:
+        # With a data identity, --data is compared as what it resolves to and holds, not as typed.
+        keys = [key for key in TrainConfig.RESUME_KEYS if not (state.get("data_identity") and key == "data")]
+        for key in keys:
             if saved[key] != getattr(self.config, key):
                 raise ValueError(f"resume: {path} was trained with {key}={saved[key]!r}, this run asks for "
                                  f"{key}={getattr(self.config, key)!r}; use another --out to start a new run")
+        run_folder.check_same_inputs(path, state, self.config.data, self.data_identity,
+                                     checkpoints.model_config(self.model))
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -350,8 +357,10 @@ class Trainer:
         if self.rank != 0:
             return
         out = self.config.out
+        check_owned_folder(out, "train", ignore=(".lock",), legacy=run_folder.is_legacy_run_folder)
         os.makedirs(out, exist_ok=True)
         stack.enter_context(exclusive_lock(os.path.join(out, ".lock"), f"--out {out}"))
+        mark_owned_folder(out, "train")
         for directory in (out, self.checkpoint_dir, os.path.join(out, "model")):  # the folders the run writes
             remove_stale_temporaries(directory)
 
@@ -373,7 +382,8 @@ class Trainer:
         if self.rank == 0:
             # Also with no checkpoint: a run killed before its first save logged steps it will log again.
             run_folder.drop_log_after(log_path, self.step)
-            write_text_atomic(os.path.join(config.out, "config.json"), json.dumps(dataclasses.asdict(config), indent=2))
+            config_path = os.path.join(config.out, run_folder.CONFIG_FILE)
+            write_text_atomic(config_path, json.dumps(dataclasses.asdict(config), indent=2))
         bar = tqdm(range(self.step, config.steps), desc="training", initial=self.step, total=config.steps,
                    disable=not (progress and self.rank == 0), dynamic_ncols=True)
         started, started_step = time.perf_counter(), self.step

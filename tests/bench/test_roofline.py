@@ -245,3 +245,27 @@ def test_committed_document_is_what_its_command_writes(tmp_path):
     command[out] = str(tmp_path / "performance.md")
     regenerated = generate(tmp_path, *command[:out - 1], *command[out + 1:])
     assert regenerated.split("\n", 3)[3] == committed.split("\n", 3)[3], "regenerate docs/performance.md"
+
+
+def test_floors_of_dit_xl_256():
+    """The issue's figures: fastdit's floor before the fused GELU and one adaLN GEMM, 21.29 ms on H100 at
+    batch 64, against the model's compute floor of 15.35 ms; now neither a GELU pass nor 29 adaLN GEMMs."""
+    shape = named_shape("DiT-XL/2", 32)
+    before = roofline.forward_ops(shape, 64, sequence=roofline.BEFORE)
+    now = roofline.forward_ops(shape, 64)
+    assert roofline.total_seconds(before, H100) == pytest.approx(21.29e-3, abs=5e-6)
+    assert roofline.model_limit_seconds(shape, "forward", 64, H100) == pytest.approx(15.35e-3, abs=5e-6)
+    assert "gelu" in [o.name for o in before] and "gelu" not in [o.name for o in now]
+    assert op("adaln_modulation")(before).launches == 28 and op("adaln_modulation")(now).launches == 1
+    # the same FLOPs and weights: one GEMM over the stacked weights
+    assert sum(o.flops for o in before) == sum(o.flops for o in now)
+    assert roofline.total_seconds(before, H100) - roofline.total_seconds(now, H100) > 2.5e-3
+    fp8 = roofline.forward_ops(shape, 64, sequence=roofline.FP8_SEQUENCE)
+    assert [o.name for o in fp8 if o.fp8] == list(roofline.FP8_GEMMS)
+    assert roofline.model_limit_seconds(shape, "forward", 64, H100, fp8=True) == pytest.approx(15.35e-3 / 2, rel=1e-3)
+    assert roofline.model_limit_seconds(shape, "training-step", 64, H100, fp8=True) is None
+    # batch 1: the weights, not the FLOPs, bound the model; FP8 weights halve the GEMMs' bytes
+    bf16_1, fp8_1 = (roofline.model_limit_seconds(shape, "forward", 1, H100, fp8=f) for f in (False, True))
+    assert bf16_1 == pytest.approx(2 * roofline.parameter_count(shape) / 3.35e12, rel=0.01) and fp8_1 < 0.7 * bf16_1
+    # training keeps the GELU pass: its backward needs the pre-activation
+    assert "gelu" in [o.name for o in roofline.training_ops(shape, 64) if o.stage == "forward"]

@@ -89,3 +89,27 @@ def test_the_console_command_exits_2_with_one_line(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines() == ["fastdit demo: error: --batch-size: expected an integer >= 1, got 0"]
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+@pytest.mark.parametrize("argv, words", [
+    # An impossible global batch ended in an allocator traceback (issue 27).
+    (["train", "--preset", "digits", "--global-batch-size", "1000000000"], "--global-batch-size: expected an integer in "
+                                                                           "[1, 65536], got 1000000000"),
+    (["train", "--preset", "digits", "--lr", "nan"], "--lr: expected a finite number > 0, got nan"),
+    (["train", "--preset", "digits", "--lr", "-1"], "--lr: expected a finite number > 0, got -1.0"),
+    (["train", "--preset", "digits", "--steps", "0"], "--steps: expected an integer in [1, 1000000000], got 0"),
+    (["train", "--preset", "digits", "--seed", "-1"], "--seed: expected an integer in [0, 4294967295], got -1"),
+    (["train", "--preset", "digits", "--image-size", "100000"], "--image-size: expected an integer in [1, 4096]"),
+    (["train", "--preset", "digits", "--workers", "-2"], "--workers: expected an integer in [0, 256], got -2"),
+    (["encode", "--data", "d", "--vae", "v", "--shard-size", "0"], "--shard-size: expected an integer in [1, 10000000]"),
+    (["encode", "--data", "d", "--vae", "v", "--workers", "100000"], "--workers: expected an integer in [0, 256]"),
+    (["encode", "--data", "d", "--vae", "v", "--prefetch", "0"], "--prefetch: expected an integer in [1, 1024], got 0"),
+    (["sample", "--seed", str(2**70)], f"--seed: expected an integer in [0, 4294967295], got {2**70}"),
+    (["sample", "--batch-size", "100000000"], "--batch-size: expected an integer in [1, 65536], got 100000000"),
+    (["sample", "--steps", "5000"], "--steps: expected an integer in [1, 1000], got 5000"),
+])
+def test_numeric_flags_out_of_range_name_the_range_before_any_work(argv, words, tmp_path, run_cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli([*argv, "--out", "out"])
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"fastdit {argv[0]}: error: {words}"), err
+    assert os.listdir(tmp_path) == []

@@ -38,8 +38,9 @@ def test_evaluate_digits_prints_and_writes_the_report(digit_samples, tmp_path, r
 @pytest.mark.parametrize("argv, message", [
     (["ref.npz", "--digits"], "REF: expected a reference batch, or --digits, not both"),
     ([], r"REF: expected a reference batch .npz \(or --digits\)"),
-    (["--digits", "--batch-size", "0"], "--batch-size: expected an integer >= 1, got 0"),
-    (["--digits", "--workers", "-1"], "--workers: expected an integer >= 0, got -1"),
+    (["--digits", "--batch-size", "0"], r"--batch-size: expected an integer in \[1, 65536\], got 0"),
+    (["--digits", "--workers", "-1"], r"--workers: expected an integer in \[0, 256\], got -1"),
+    (["--digits", "--workers", "100000"], r"--workers: expected an integer in \[0, 256\], got 100000"),
     (["--digits", "--device", "tpu"], "--device: expected a torch device"),
 ])
 def test_bad_flags_are_one_line(argv, message, run_cli, tmp_path):
@@ -74,7 +75,8 @@ def test_sample_evaluate_chains_the_two(tmp_path, capsys, monkeypatch):
     chained = capsys.readouterr().out.splitlines()
     assert main(["evaluate", str(out), "--digits"]) == 0
     alone = capsys.readouterr().out.splitlines()
-    assert [line for line in chained if line.startswith("FID: ")] == [line for line in alone if line.startswith("FID")]
+    fid = [line for line in chained if line.startswith("FID (digits features): ")]
+    assert len(fid) == 1 and fid == [line for line in alone if line.startswith("FID")]
     assert not [path.name for path in tmp_path.iterdir() if ".features-" in path.name]  # removed once summarised
 
 

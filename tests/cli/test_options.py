@@ -2,6 +2,7 @@
 layout rule that CLI modules import the library and the shared module, not each other."""
 import ast
 import pathlib
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -72,13 +73,13 @@ def test_dtype_defaults_to_bf16_on_gpu_and_fp32_on_cpu(name, device, expected):
 @pytest.mark.parametrize("flags, words", [
     (dict(model="DiT-Q/2"), "--model: unknown model 'DiT-Q/2'"),
     (dict(model="DiT-S/8", image_size=32), "--image-size: DiT-S/8 makes images of a multiple of 64 px"),
-    (dict(image_size=0), "--image-size: expected an integer >= 1, got 0"),
+    (dict(image_size=0), "--image-size: expected an integer in [1, 4096], got 0"),
     (dict(model="DiT-S-8", image_size=32), "--image-size: DiT-S-8 makes images of a multiple of 64 px"),
     (dict(model="DiT-XL-2", image_size=264), "--image-size: DiT-XL-2 makes images of a multiple of 16 px"),
 ])
 def test_model_flags_are_checked_before_loading(flags, words):
     args = SimpleNamespace(**{"model": None, "ckpt": None, "weights": None, "image_size": None, **flags})
-    with pytest.raises(ValueError, match="^" + words.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(ValueError, match="^" + re.escape(words)):
         options.check_model_flags(args)
 
 
@@ -119,12 +120,16 @@ def test_class_folders_sorted_names_are_class_ids(tmp_path):
         for file in files:
             (tmp_path / name / file).write_bytes(b"")
     (tmp_path / "stray.png").write_bytes(b"")  # not in a class folder
+    # An empty class folder became a class without images, silently (issue 27).
+    with pytest.raises(ValueError, match=r"^--data: class folder c_empty under \S+ holds no files: every class needs"):
+        class_folder_files(str(tmp_path), "--data")
+    (tmp_path / "c_empty" / "y.png").write_bytes(b"")
     files, num_classes = class_folder_files(str(tmp_path), "--data")
     assert num_classes == 3
     assert [(pathlib.Path(path).relative_to(tmp_path).as_posix(), label) for path, label in files] == [
-        ("a_cat/x.png", 0), ("b_dog/1.png", 1), ("b_dog/2.png", 1)]
+        ("a_cat/x.png", 0), ("b_dog/1.png", 1), ("b_dog/2.png", 1), ("c_empty/y.png", 2)]
     with pytest.raises(ValueError, match=r"^--data: found no files in class folders"):
-        class_folder_files(str(tmp_path / "c_empty"), "--data")
+        class_folder_files(str(tmp_path / "a_cat"), "--data")
 
 
 def test_encode_checks_the_folder_before_loading_a_vae(tmp_path, run_cli):

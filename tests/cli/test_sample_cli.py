@@ -188,7 +188,23 @@ BAD_INPUT = [  # (case, argv from the fixture's paths, what the one stderr line 
      "--guidance-channels: this model has 3 channels, got 4"),
     ("cache setting without cache", lambda p: [*p.ckpt, "--cache-interval", "2"], "--cache-interval needs --cache"),
     ("cache interval 0", lambda p: [*p.ckpt, "--cache", "fora", "--cache-interval", "0"], "interval must be an int >= 1"),
+    ("unknown quantization", lambda p: [*p.ckpt, "--quantize", "int8"], "invalid choice: 'int8'"),
+    ("fp8 in fp32", lambda p: [*p.ckpt, "--quantize", "fp8", "--dtype", "fp32"],
+     "--dtype: --quantize fp8 runs the model in bf16, got --dtype fp32"),
 ]
+
+
+def test_quantize_fp8_samples_with_the_fp8_model(pixel_ckpt, tmp_path, run_cli):
+    out = tmp_path / "out"
+    code, err = run_cli(["sample", "--ckpt", pixel_ckpt, "--classes", "1", "2", "--quantize", "fp8", "--out", str(out),
+                         *FAST])
+    assert (code, err) == (0, [])
+    with open(out / "run.json") as file:
+        sampling = json.load(file)["sampling"]
+    assert sampling["quantize"] == "fp8" and sampling["dtype"] == "bfloat16"
+    model = fastdit.load(pixel_ckpt, quantize="fp8")
+    latents = sample(model, torch.tensor([1, 2]), sampler="ddim", steps=2, cfg_scale=4.0, guidance_channels=None, seed=0)
+    np.testing.assert_array_equal(npz(out)["images"], images.to_uint8(latents))
 
 
 @pytest.fixture

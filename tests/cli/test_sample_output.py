@@ -84,8 +84,15 @@ def test_a_killed_runs_leftovers_are_removed_and_other_folders_left_alone(pixel_
     ("root", lambda tmp: "/", "the filesystem root cannot be replaced"),
     ("a file", lambda tmp: str(tmp / "a_file"), "is a file, not a directory"),
     ("under a file", lambda tmp: str(tmp / "a_file" / "out"), "is a file, not a directory"),
-    ("a foreign folder", lambda tmp: str(tmp / "mine"), "holds files a sample run does not write (notes.txt)"),
-    ("foreign images", lambda tmp: str(tmp / "old"), "holds files a sample run does not write (images/x.jpg)"),
+    ("a foreign folder", lambda tmp: str(tmp / "mine"), "holds files that no sample run wrote (notes.txt)"),
+    ("foreign images", lambda tmp: str(tmp / "old"), "holds files that no sample run wrote (images/x.jpg)"),
+    # PNGs a user put there (issue 27: they were deleted), also when named as a run names them but without the
+    # run.json of a sample run
+    ("foreign PNGs", lambda tmp: str(tmp / "photos"), "holds files that no sample run wrote (images/holiday.png)"),
+    ("no run.json", lambda tmp: str(tmp / "album"), "holds files that no sample run wrote (images)"),
+    ("another run.json", lambda tmp: str(tmp / "other"), "run.json (not a sample run's)"),
+    # A run swaps its --out whole: a mount point cannot be renamed (issue 27: EBUSY after sampling everything)
+    ("a mount point", lambda tmp: str(tmp / "mnt"), "is a mount point"),
 ])
 def test_bad_output_paths_fail_before_any_work(case, out, words, pixel_ckpt, tmp_path, run_cli, no_work):
     (tmp_path / "a_file").write_text("in the way")
@@ -93,10 +100,18 @@ def test_bad_output_paths_fail_before_any_work(case, out, words, pixel_ckpt, tmp
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     (tmp_path / "old" / "images").mkdir(parents=True)
     (tmp_path / "old" / "images" / "x.jpg").write_bytes(b"")
+    for folder, name in (("photos", "holiday.png"), ("album", "000000_class1.png"), ("other", None), ("mnt", None)):
+        (tmp_path / folder / "images").mkdir(parents=True)
+        if name:
+            (tmp_path / folder / "images" / name).write_bytes(b"a photo")
+    (tmp_path / "other" / "run.json").write_text('{"someone": "else"}')
+    mount_point, ismount = str(tmp_path / "mnt"), os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda path: os.fspath(path) == mount_point or ismount(path))
     before = sorted(os.listdir(tmp_path))
     code, err = run_cli(["sample", "--ckpt", pixel_ckpt, "--save-images", "--out", out(tmp_path), *FAST])
     assert code == 2 and len(err) == 1 and err[0].startswith("fastdit sample: error: ") and words in err[0], err
     assert sorted(os.listdir(tmp_path)) == before and (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert (tmp_path / "photos" / "images" / "holiday.png").read_bytes() == b"a photo"
 
 
 def test_a_huge_run_is_refused_before_allocating(pixel_ckpt, tmp_path, run_cli):

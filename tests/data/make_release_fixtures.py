@@ -24,7 +24,7 @@ configurations": fastdit.reference against the release's DiT for every entry of 
 
 release_dit_tiny.pt: a small DiT built with the release's models.py (config below), its weights replaced by
 seeded draws (adaLN-Zero zeroes the output, which would make the check vacuous), inputs x, t, y, and the
-release's ``forward`` and ``forward_with_cfg`` (scale 4) outputs. Read by tests/models/test_reference.py.
+release's ``forward`` and ``forward_with_cfg`` (scale 4) outputs. Read by tests/test_reference.py.
 
 release_diffusion.pt: outputs of the release's ``diffusion`` package on tests/diffusion/test_gaussian.py's
 ``tiny_dit()`` (see tests/diffusion/test_sampling.py's docstring for the entries). Read by tests/diffusion/.

@@ -6,7 +6,9 @@ import os
 
 import pytest
 import torch
+from malicious import WritesAFile
 
+import fastdit
 from fastdit.integrations.diffusers_convert import diffusers_to_release
 from fastdit.integrations.diffusers_folders import (
     is_diffusers_folder,
@@ -133,9 +135,25 @@ def test_not_diffusers_folders(tiny_fastdit, tmp_path):
     assert not is_diffusers_folder(tmp_path / "other")
     with pytest.raises(CheckpointError, match="_class_name is 'UNet2DModel'"):
         read_diffusers(tmp_path / "other")
+    # fastdit.load named the model.safetensors such a folder lacks, not the class it holds (issue 27)
+    with pytest.raises(CheckpointError, match=r"^\S+/config.json: a diffusers 'UNet2DModel', not a DiT; fastdit reads"):
+        fastdit.load(tmp_path / "other")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{not json")
     assert not is_diffusers_folder(tmp_path / "broken")
+
+
+def test_a_pickle_bin_that_runs_code_is_refused_in_one_line_without_torchs_advice(tiny_diffusers, tmp_path):
+    """torch's message (relayed before, 3-6 lines) advises weights_only=False: fastdit must never advise that."""
+    folder = saved(tiny_diffusers(), tmp_path / "bin", safe_serialization=False)
+    marker = tmp_path / "executed"
+    torch.save({"x": WritesAFile(marker)}, folder / "diffusion_pytorch_model.bin")
+    with pytest.raises(CheckpointError) as error:
+        read_diffusers(folder)
+    message = str(error.value)
+    assert message.startswith(f"cannot read {folder / 'diffusion_pytorch_model.bin'}: it holds objects other than "
+                              "tensors (a pickle that could run code)")
+    assert "\n" not in message and "weights_only=False" not in message and not marker.exists()
 
 
 def test_incomplete_folders_are_refused(tiny_diffusers, tmp_path):

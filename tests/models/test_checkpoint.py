@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from malicious import WritesAFile
 from parity import MODEL_TOLERANCE, assert_parity, perturb_
 from safetensors.torch import save_file
 
@@ -323,16 +324,6 @@ def test_a_cuda_device_this_machine_lacks_is_one_clear_error(checkpoints, monkey
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     check_error(ValueError, ["device 'cuda:3'", "has 1 CUDA device"], fastdit.load, checkpoints["plain.pt"],
                 device="cuda:3")
-
-
-class WritesAFile:
-    """A pickle that runs code on load: it would create ``path``."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 @pytest.mark.parametrize("loader", [fastdit.load, lambda path: fastdit.load(path, weights="ema")])

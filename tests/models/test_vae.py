@@ -1,4 +1,5 @@
 """The VAE wrapper on a tiny, randomly initialised AutoencoderKL saved locally (no download)."""
+import re
 import subprocess
 import sys
 
@@ -109,6 +110,27 @@ def test_missing_or_wrong_directory(tmp_path):
         VAE.load(tmp_path / "sd-vae-ft-ema")
     with pytest.raises(CheckpointError, match="cannot load a diffusers AutoencoderKL"):
         VAE.load(tmp_path)
+
+
+def test_missing_or_unexpected_tensors_are_an_error_naming_them(vae_dir, tmp_path, capfd):
+    """diffusers initialised a missing tensor at random: exit 0, and two runs gave different shards (issue 27)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(vae_dir / "diffusion_pytorch_model.safetensors")
+    for case, change in (("missing", lambda tensors: tensors.pop("decoder.conv_norm_out.weight")),
+                         ("unexpected", lambda tensors: tensors.update(extra=torch.zeros(2)))):
+        folder = tmp_path / case
+        shutil.copytree(vae_dir, folder)
+        tensors = dict(weights)
+        change(tensors)
+        save_file(tensors, folder / "diffusion_pytorch_model.safetensors")
+        words = ("1 tensor missing from the weights file (decoder.conv_norm_out.weight)" if case == "missing" else
+                 "1 tensor in the weights file but not in the model (extra)")
+        with pytest.raises(CheckpointError, match=r"^VAE \S+: its weights do not match .*" + re.escape(words)):
+            VAE.load(folder)
+        assert capfd.readouterr().err == ""  # diffusers' own warning would repeat it in many lines
 
 
 def test_without_diffusers(monkeypatch, tmp_path):

@@ -4,6 +4,7 @@ after a kill, and the folder's guards."""
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -117,6 +118,13 @@ def test_a_different_encode_in_the_folder_is_refused(vae, folder, tmp_path):
     with pytest.raises(ValueError, match=r"--out: .* holds shards of a different encode \(they differ in "
                                          r"shard_size 5 \(now 4\)\); choose another folder"):
         run_encode(vae, folder, tmp_path, shard_size=4)
+    # Other images under the same names (the folder replaced meanwhile): another encode too (issue 27).
+    replaced = tmp_path.parent / f"{tmp_path.name}-replaced"
+    shutil.copytree(folder, replaced)
+    with open(replaced / "class0" / "000.jpg", "ab") as file:
+        file.write(b"\0")
+    with pytest.raises(ValueError, match=r"holds shards of a different encode \(they differ in files_sha256 "):
+        run_encode(vae, replaced, tmp_path)
     np.savez(tmp_path / "shard-00000.npz", labels=np.zeros(1))
     with pytest.raises(ValueError, match="holds shards of the old .npz format"):
         run_encode(vae, folder, tmp_path)
@@ -147,7 +155,7 @@ def test_cli(vae_dir, folder, tmp_path, capsys):
     assert "3 shard(s), 3 encoded by this process now, 0 kept" in capsys.readouterr().out
     assert LatentShards(tmp_path / "out").latent_dtype == "fp16"
     assert main(arguments[:-4] + ["--workers", "-1"]) == 2
-    assert capsys.readouterr().err.strip() == "fastdit encode: error: --workers: expected 0 or more, got -1"
+    assert capsys.readouterr().err.strip() == "fastdit encode: error: --workers: expected an integer in [0, 256], got -1"
 
 
 def encode_command(folder, vae_dir, out, workers=0):
@@ -195,15 +203,16 @@ def test_a_full_disk_names_the_file_and_leaves_no_finished_looking_shard(vae_dir
 
     assert main(encode_command(folder, vae_dir, tmp_path / "whole")) == 0
     failing = shards.field_path(tmp_path / "out", 1, "flipped")
+    write_bytes_atomic = io.write_bytes_atomic
 
     def full_disk(path, data):
         if path != failing:
-            return io.write_bytes_atomic(path, data)
+            return write_bytes_atomic(path, data)
         with io.atomic_path(path) as temporary, open(temporary, "wb") as file:
             file.write(data[:len(data) // 2])
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as write(2) fails: naming no file
 
-    monkeypatch.setattr(shards, "write_bytes_atomic", full_disk)
+    monkeypatch.setattr(io, "write_bytes_atomic", full_disk)  # under io.write_npy_atomic
     capsys.readouterr()
     assert main(encode_command(folder, vae_dir, tmp_path / "out")) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # not the progress bar

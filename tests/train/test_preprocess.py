@@ -1,5 +1,7 @@
 """center_crop_arr against the release's preprocessing written out here step by step, on non-square
 images larger and smaller than the target."""
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -76,3 +78,22 @@ def test_bad_size(bad):
 def test_not_an_image():
     with pytest.raises(TypeError, match="pil_image: expected a PIL.Image.Image, got ndarray"):
         center_crop_arr(np.zeros((40, 40, 3), np.uint8), 32)
+
+
+def test_every_mode_keeps_its_full_range_or_is_refused_by_name(tmp_path):
+    """16-bit grey PNGs were clipped at 255 by PIL's conversion, almost every pixel white (issue 27)."""
+    ramp = np.linspace(0, 65535, 16 * 16).round().astype(np.uint16).reshape(16, 16)
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    with Image.open(tmp_path / "grey16.png") as image:
+        assert image.mode == "I;16"
+        pixels = center_crop_arr(image, 16)
+    expected = (ramp.astype(np.uint32) * 255 + 32767) // 65535
+    np.testing.assert_array_equal(pixels, np.repeat(expected[:, :, None], 3, axis=2))
+    assert (pixels == 255).mean() < 0.01 and pixels.min() == 0
+    for mode, words in (("I", "image mode I (32-bit integer pixels) has no fixed range"),
+                        ("F", "image mode F (32-bit float pixels) has no fixed range"),
+                        ("La", "image mode La cannot be converted to RGB")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            center_crop_arr(Image.new(mode, (16, 16)), 16)
+    for mode in ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I;16B", "I;16L"):
+        assert center_crop_arr(Image.new(mode, (16, 16)), 16).shape == (16, 16, 3), mode

@@ -8,7 +8,7 @@ from parity import assert_parity
 import fastdit
 from fastdit import reference
 
-DATA = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data")
+DATA = os.path.join(os.path.dirname(__file__), "data")
 
 # (depth, hidden, heads) from Table 1 of the paper.
 PAPER_CONFIGS = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}

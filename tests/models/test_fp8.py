@@ -1,0 +1,122 @@
+"""The FP8 inference path (fastdit.models.fp8): the same code on the CPU as on an sm_89+ GPU."""
+import copy
+from unittest import mock
+
+import pytest
+import torch
+from parity import assert_parity, perturb_, relative_max_error
+
+import fastdit
+from fastdit import reference
+from fastdit.bench.fp8_numerics import fp8_errors
+from fastdit.models import fp8
+from fastdit.models.fp8 import FP8, FP8Linear, quantize_rows
+
+TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=2, num_classes=10)
+
+
+def models():
+    ref = perturb_(reference.DiT(**TINY)).eval()
+    fast = fastdit.DiT(**TINY).eval()
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast.to(torch.bfloat16)
+
+
+def inputs(t=500):
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(2, 4, 8, 8, generator=generator), torch.tensor([t, t]), torch.tensor([1, 10])
+
+
+def test_quantize_rows_per_row_scales():
+    rows = torch.randn(5, 64) * torch.tensor([1e-3, 1.0, 1e3, 0.0, 7.0])[:, None]  # outliers per row
+    values, scale = quantize_rows(rows)
+    assert values.dtype == FP8 and scale.shape == (5, 1) and scale.dtype == torch.float32
+    restored = values.float() * scale
+    for row in (0, 1, 2, 4):  # E4M3 keeps 3 mantissa bits: within 1/16 of each row's largest value
+        assert (restored[row] - rows[row]).abs().max() <= rows[row].abs().max() / 16
+    assert torch.equal(restored[3], rows[3])  # a row of zeros stays zeros
+    assert values.float().abs().amax(1)[[0, 1, 2, 4]].eq(fp8.FP8_MAX).all()  # each row uses the full range
+
+
+def test_fp8_linear_matches_bf16_linear():
+    linear = torch.nn.Linear(64, 96).to(torch.bfloat16)
+    x = torch.randn(3, 7, 64, dtype=torch.bfloat16)
+    out = FP8Linear(linear)(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (3, 7, 96)
+    assert_parity(out, linear(x).float(), 0.08, "FP8 linear")
+
+
+def test_quantized_model_close_to_bf16_and_reference():
+    ref, fast = models()
+    quantized = copy.deepcopy(fast).quantize("fp8")
+    assert quantized.quantization == "fp8" and not quantized.training
+    assert isinstance(quantized.blocks[1].mlp.fc2, FP8Linear) and isinstance(quantized.blocks[0].attn.qkv, FP8Linear)
+    assert not isinstance(quantized.final_layer.linear, FP8Linear)
+    with torch.no_grad():
+        for t in (0, 999):
+            expected, half, out = ref(*inputs(t)), fast(*inputs(t)), quantized(*inputs(t))
+            assert out.dtype == torch.bfloat16
+            # a bound a broken GEMM (a wrong scale, a transposed weight) exceeds by far
+            assert relative_max_error(out, expected) < 0.05
+            assert relative_max_error(out, half) < 0.05
+
+
+def test_compiles_with_no_graph_break():
+    _, fast = models()
+    quantized = fast.quantize("fp8")
+    compiled = torch.compile(quantized, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(*inputs()), quantized(*inputs()))
+
+
+def test_load_with_quantize(tmp_path):
+    _, fast = models()
+    fast.save_pretrained(tmp_path / "bf16")
+    loaded = fastdit.load(tmp_path / "bf16", quantize="fp8")
+    assert loaded.quantization == "fp8" and next(loaded.parameters()).dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(loaded(*inputs()), copy.deepcopy(fast).quantize("fp8")(*inputs()))
+
+
+def test_bad_input_one_line(tmp_path):
+    ref, fast = models()
+    fast.save_pretrained(tmp_path / "bf16")
+    cases = [
+        (lambda: copy.deepcopy(fast).quantize("int8"), "quantize: expected one of 'fp8' or None, got 'int8'"),
+        (lambda: fastdit.load(tmp_path / "bf16", quantize="fp4"), "quantize: expected one of 'fp8' or None"),
+        (lambda: fastdit.load(tmp_path / "bf16", quantize="fp8", dtype=torch.float32),
+         "dtype: quantize='fp8' runs the model in torch.bfloat16, got torch.float32"),
+        (lambda: fastdit.DiT(**TINY).quantize("fp8"), "quantize='fp8': quantizes a bfloat16 model"),
+        (lambda: copy.deepcopy(fast).quantize("fp8").quantize("fp8"), "quantize: the model is already quantized"),
+        (lambda: copy.deepcopy(fast).quantize("fp8").train(), "train: the model is quantized to fp8, for inference"),
+        (lambda: copy.deepcopy(fast).quantize("fp8").save_pretrained(tmp_path / "q"),
+         "save_pretrained: the model is quantized to fp8; save the bf16 model and load it with quantize='fp8'"),
+        (lambda: fastdit.DiT(**{**TINY, "hidden_size": 40, "num_heads": 2}).to(torch.bfloat16).quantize("fp8"),
+         r"quantize='fp8': FP8 GEMMs need in and out features divisible by 16, blocks.0.attn.qkv is \(40, 120\)"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message) as error:
+            call()
+        assert "\n" not in str(error.value)
+    assert not (tmp_path / "q").exists()
+
+
+def test_capability_gate():
+    with mock.patch.object(torch.cuda, "get_device_capability", return_value=(8, 0)), \
+         mock.patch.object(torch.cuda, "get_device_name", return_value="NVIDIA A100"):
+        with pytest.raises(ValueError, match=r"compute capability 8.9 or newer .* NVIDIA A100 is 8.0"):
+            fp8.check_fp8_device(torch.device("cuda:0"))
+    with mock.patch.object(torch.cuda, "get_device_capability", return_value=(9, 0)):
+        fp8.check_fp8_device(torch.device("cuda:0"))
+    with pytest.raises(ValueError, match="quantize='fp8': runs on CUDA GPUs .* the model is on meta"):
+        fp8.check_fp8_device(torch.device("meta"))
+    fp8.check_fp8_device(torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_dit_xl_numerics_per_timestep():
+    """DiT-XL/2, perturbed weights, t = 0, 250, 500, 999 (docs/performance.md's table: python -m
+    fastdit.bench.fp8_numerics). Measured 1.0e-1 to 1.3e-1 against either; bf16's own is 1.6e-2 to 2.6e-2."""
+    for row in fp8_errors():
+        assert row["fp8_vs_bf16"] < 0.15 and row["fp8_vs_reference"] < 0.15, row
+        assert row["bf16_vs_reference"] < 0.03, row
