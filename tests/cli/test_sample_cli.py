@@ -204,7 +204,7 @@ def test_quantize_fp8_samples_with_the_fp8_model(pixel_ckpt, tmp_path, run_cli):
     assert sampling["quantize"] == "fp8" and sampling["dtype"] == "bfloat16"
     model = fastdit.load(pixel_ckpt, quantize="fp8")
     latents = sample(model, torch.tensor([1, 2]), sampler="ddim", steps=2, cfg_scale=4.0, guidance_channels=None, seed=0)
-    np.testing.assert_array_equal(npz(out)["images"], images.to_uint8(latents))
+    np.testing.assert_array_equal(npz(out)["arr_0"], images.to_uint8(latents))
 
 
 @pytest.fixture
