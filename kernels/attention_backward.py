@@ -172,18 +172,25 @@ def _attention_bwd_query_kernel(
         store_tile(grad_q_base, queries, stride_dqt, tokens, cols_tail, HEAD_DIM, VECTOR, grad_q_tail * softmax_scale)
 
 
-def _backward_candidates(tokens: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> list[Config]:
-    """Launch configurations of the dK/dV and dQ kernels: OUTER is the block a program owns
-    (keys for dK/dV, queries for dQ), INNER the block it loops over. The defaults compile
-    without register spills for sm_90 and sm_80 at DiT's head dims (64, 72) in every dtype; the
+def _backward_candidates(tokens: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                         program: str = "key") -> list[Config]:
+    """Launch configurations of the dK/dV (``program="key"``) and dQ (``"query"``) kernels: OUTER is
+    the block a program owns (keys for dK/dV, queries for dQ), INNER the block it loops over. The
+    defaults compile without register spills for sm_90 and sm_80 at DiT's head dims (64, 72) in
+    every dtype, under the Triton versions docs/kernels.md lists; the
     alternatives are larger tiles that pay off where they fit in registers (tuning prunes those
     that spill)."""
     if dtype == torch.float32:
         # ieee dots on the FMA units. 32/32 over 8 warps with 1 stage spilled 4-8 B in the dK/dV
         # kernel on sm_80 at head dim 64 (ptxas kept it at 80 registers); over 4 warps with 2
-        # stages neither kernel spills on sm_90 or sm_80 at head dims 64 and 72. 16x16 is for
-        # head dims above 128 on GPUs with 99 KiB of shared memory, where nothing larger fits.
+        # stages the dK/dV kernel spills on neither GPU at head dims 64 and 72. So did the dQ
+        # kernel under Triton 3.9, but 3.8 spills 16 B there on sm_90 at head dim 72 with a key
+        # count that 32 does not divide; 64/32 over 8 warps keeps it within 182 registers on both
+        # GPUs at both head dims under 3.8 and 3.9. 16x16 is for head dims above 128 on GPUs with
+        # 99 KiB of shared memory, where nothing larger fits.
         tiles = [(32, 32, 4, 2), (32, 32, 8, 1), (64, 32, 8, 1), (16, 16, 4, 1)]
+        if program == "query":
+            tiles = [(64, 32, 8, 1), (32, 32, 4, 2), (32, 32, 8, 1), (16, 16, 4, 1)]
     elif head_dim <= 80:  # a 64 + 16 split at most (DiT's 64 and 72)
         tiles = [(64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 4, 2), (32, 32, 4, 2)]
     else:
@@ -220,6 +227,7 @@ def _attention_backward_triton(grad_out, q, k, v, out, lse, softmax_scale):
     scales = (softmax_scale, softmax_scale * math.log2(math.e))
     key = tuning_key(q)
     candidates = _backward_candidates(tokens, head_dim, q.dtype, q.device)
+    query_candidates = _backward_candidates(tokens, head_dim, q.dtype, q.device, "query")
 
     # One program per block of every (batch, head) in each kernel.
     def grid(block: int) -> tuple[int, int]:
@@ -246,7 +254,7 @@ def _attention_backward_triton(grad_out, q, k, v, out, lse, softmax_scale):
         tuning.choose("attention_backward_delta", key, [config(4, 1, BLOCK_M=candidates[0]["OUTER"])],
                       launch_delta, q.device)
         tuning.choose("attention_backward_key", key, candidates, launch_key, q.device)
-        tuning.choose("attention_backward_query", key, candidates, launch_query, q.device)
+        tuning.choose("attention_backward_query", key, query_candidates, launch_query, q.device)
     return grad_q, grad_k, grad_v
 
 

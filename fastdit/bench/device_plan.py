@@ -13,10 +13,9 @@ import fastdit
 from fastdit.bench.workloads import BASELINE, RELEASE
 
 MODEL = "DiT-XL/2"
-# The CUDA tests (kernel and model parity on the GPU): tests/kernels without the AOT check, which compiles
-# for other GPUs on the host and needs no device.
+# The CUDA tests: kernel and model parity on the GPU (tests/tools, the AOT check, compiles on the host).
 GPU_TESTS = ("tests/kernels", "tests/models/test_gpu.py", "tests/models/test_dit.py", "tests/models/test_dit_grad.py",
-             "tests/models/test_block_designs.py", "tests/diffusion/test_sampling.py")
+             "tests/models/test_block_designs.py", "tests/diffusion/test_sampling.py", "tests/diffusion/test_cuda_graphs.py")
 CPU_TESTS = ("tests/bench/test_timing.py",)
 CPU_IMPLEMENTATIONS = (BASELINE, RELEASE, "fastdit-eager")
 # Issue 28's switches, each timed off against the same run's fastdit-eager (on): (step, variable).
@@ -86,7 +85,7 @@ def plan(python: str, cpu: bool, scratch: str) -> list[Step]:
     workers = ["-n", "4"] if importlib.util.find_spec("xdist") and not cpu else ["-n", "0"] if cpu else ["-o", "addopts="]
     steps += [
         Step("tests", 180, [python, "-m", "pytest", *tests, *workers, "-rfE", "-m", "not slow", "-p", "no:cacheprovider",
-                            "--ignore=tests/kernels/test_aot.py", f"--junitxml={scratch}/tests/junit.xml"],
+                            f"--junitxml={scratch}/tests/junit.xml"],
              "tests", {"FASTDIT_AUTOTUNE": "0"}),
         bench("512", 120, small[1], [16], ["forward", "sampling-step"], eager),
         # The fp32 reference's training step at 512 px, batch 16, needs about 72 GB of activations beside the

@@ -137,7 +137,7 @@ def test_a_damaged_batch_file_is_found_by_its_checksum_and_sampled_again(pixel_c
     assert sampled == [0, 2]  # the damaged batch again, and the one the stopped run never reached
     assert run_cli([*command[:-len(FAST) - 2], "--out", str(tmp_path / "whole"), *FAST]) == (0, [])
     with np.load(out / "samples.npz") as resumed, np.load(tmp_path / "whole" / "samples.npz") as whole:
-        np.testing.assert_array_equal(resumed["images"], whole["images"])
+        np.testing.assert_array_equal(resumed["arr_0"], whole["arr_0"])
 
 
 PEAK_TRACED = """

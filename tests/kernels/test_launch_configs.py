@@ -26,6 +26,7 @@ def test_every_attention_candidate_fits_the_gpu_shared_memory(compiled, spec, he
         for candidates, blocks in (
             (attention._forward_candidates(4096, head_dim, dtype, META), ("BLOCK_M", "BLOCK_N")),
             (attention_backward._backward_candidates(4096, head_dim, dtype, META), ("OUTER", "INNER")),
+            (attention_backward._backward_candidates(4096, head_dim, dtype, META, "query"), ("OUTER", "INNER")),
         ):
             assert candidates and len(candidates) == len({tuple(c.items()) for c in candidates})
             for candidate in candidates:

@@ -18,7 +18,9 @@ from fastdit.digits import conditioned_class_accuracy
     (["--sampler", "dpm++", "--steps", "20", "--cfg-scale", "4"], 99),
     (["--sampler", "ddim", "--steps", "50", "--cfg-scale", "2"], 92),
     (["--sampler", "ddim", "--steps", "50", "--cfg-scale", "1"], 61),  # no guidance
-], ids=["ddim50-scale4", "dpm++20-scale4", "ddim50-scale2", "ddim50-unguided"])
+    (["--dtype", "bf16"], 100),
+    (["--quantize", "fp8"], 100),  # FP8 within 1 point of bf16 (the README)
+], ids=["ddim50-scale4", "dpm++20-scale4", "ddim50-scale2", "ddim50-unguided", "bf16", "fp8"])
 def test_bundled_model_accuracy_is_the_readmes(flags, recognised, tmp_path):
     # The torch path (the Triton interpreter would take minutes per run), outside the checkout so that
     # `-m fastdit` is the installed package.
