@@ -156,8 +156,9 @@ def success_line(args, plan) -> str:
     if plan.writes_images and args.save_images:
         written.append("images/")
     resumed = f" ({plan.resumed} of them by a killed run, resumed)" if plan.resumed else ""
-    return (f"fastdit sample: wrote {len(plan.labels)} {'images' if plan.writes_images else 'samples'}{resumed} to "
-            f"{plan.out_path}: {', '.join(written)} and run.json")
+    count = len(plan.labels)
+    what = ("image" if plan.writes_images else "sample") + ("s" if count != 1 else "")
+    return f"fastdit sample: wrote {count} {what}{resumed} to {plan.out_path}: {', '.join(written)} and run.json"
 
 
 def check_flags(args):
