@@ -94,7 +94,7 @@ def test_a_killed_runs_leftovers_are_removed_and_other_folders_left_alone(pixel_
     # A run swaps its --out whole: a mount point cannot be renamed (issue 27: EBUSY after sampling everything)
     ("a mount point", lambda tmp: str(tmp / "mnt"), "is a mount point"),
 ])
-def test_bad_output_paths_fail_before_any_work(case, out, words, pixel_ckpt, tmp_path, run_cli, no_work):
+def test_bad_output_paths_fail_before_any_work(case, out, words, pixel_ckpt, tmp_path, run_cli, no_work, monkeypatch):
     (tmp_path / "a_file").write_text("in the way")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
