@@ -223,8 +223,8 @@ def test_a_sigkilled_run_resumed_equals_an_uninterrupted_run(tmp_path):
 
     def finished_batches():
         folders = [tmp_path / name / "batches" for name in staging_folders(tmp_path)]
-        # finished batches only: a batch being written is a temporary beside them
-        return sum(name.endswith(".npy") for folder in folders if folder.is_dir() for name in os.listdir(folder))
+        # finished batches only: a batch is finished once its sha256 record is written, after its file
+        return sum(name.endswith(".npy.sha256") for folder in folders if folder.is_dir() for name in os.listdir(folder))
 
     while run.poll() is None and finished_batches() < 15 and time.monotonic() < deadline:
         time.sleep(0.01)
