@@ -66,7 +66,7 @@ def test_digits_accuracy_scores_the_real_digits_and_not_shifted_labels(tmp_path,
 
     images, labels = real_digits()
     upscaled = images.repeat(2, axis=1).repeat(2, axis=2)[..., None]  # (N, 16, 16, 1), as the bundled model's
-    np.savez(tmp_path / "samples.npz", images=upscaled, labels=labels)
+    np.savez(tmp_path / "samples.npz", arr_0=upscaled, labels=labels)
     assert main(["digits-accuracy", str(tmp_path / "samples.npz")]) == 0
     expected = f"100.0% of {len(labels)} samples classified as the digit they were conditioned on\n"
     assert capsys.readouterr().out == expected
