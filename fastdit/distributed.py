@@ -7,8 +7,12 @@ them it makes no group and the run is rank 0 of 1. ``shard`` splits work into co
 """
 import contextlib
 import dataclasses
+import functools
 import os
+import select
 import socket
+import sys
+import threading
 import time
 import uuid
 
@@ -181,3 +185,56 @@ def gather_to_main(array: np.ndarray, process: Process):
             dist.recv(buffer, src=source)
             parts.append(buffer.cpu().numpy())
     return np.concatenate(parts)
+
+
+def worker_options(workers: int, prefetch: int) -> dict:
+    """DataLoader keywords for ``workers`` processes (none for 0) that die with this process, however it dies.
+
+    The workers come from a fork server, not a fork of this process: a forked worker would inherit a run
+    folder's lock and hold it after this process was killed, refusing the rerun that resumes. A script that
+    uses them must therefore guard its entry point (``if __name__ == "__main__":``), as with any non-fork
+    multiprocessing. A worker's parent is then the fork server, which torch's worker watchdog watches, and the
+    fork server lives while a worker holds its pipe: after a SIGKILL of this process both lived on (48 minutes
+    and 300 MB a process in issue 27's audit). So each worker watches this process itself (``_die_with``)."""
+    if not workers:
+        return {}
+    return {"num_workers": workers, "prefetch_factor": prefetch, "multiprocessing_context": "forkserver",
+            "worker_init_fn": functools.partial(_die_with, os.getpid())}
+
+
+def _die_with(parent: int, worker_id: int) -> None:
+    """In a DataLoader worker: exit as soon as process ``parent`` has ended (a thread waiting on its pidfd).
+    Its resource sharer (the thread that hands a batch's tensors to the parent) losing the parent mid-handoff
+    is the parent stopping, not an error to print beside the parent's one line."""
+    sys.excepthook = functools.partial(_quiet_lost_peer, sys.excepthook)
+    try:
+        handle = os.pidfd_open(parent)
+    except ProcessLookupError:
+        os._exit(1)
+    except (AttributeError, OSError):  # no pidfd (Linux < 5.3, other systems): poll the pid twice a second
+        handle = None
+
+    def watch():
+        if handle is not None:
+            select.select([handle], [], [])
+        else:
+            while _alive(parent):
+                time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="fastdit-parent-watch", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _quiet_lost_peer(excepthook, kind, value, traceback):
+    if not issubclass(kind, (ConnectionError, EOFError)):
+        excepthook(kind, value, traceback)

@@ -160,11 +160,14 @@ def attention_reference_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                  softmax_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(attention_reference's output, the fp32 logsumexp of each query row's scaled scores, (B, H, T))."""
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    q32, k32, v32 = (t.float().transpose(1, 2) for t in (q, k, v))  # (B, H, T, Dh)
-    scores = q32 @ k32.transpose(-1, -2) * scale
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse[..., None])
-    return (probs @ v32).transpose(1, 2).to(q.dtype).contiguous(), lse
+    # fp32 whatever the caller's autocast: a custom op's body runs under it, and autocast would run
+    # these matmuls (and so lse) in bf16.
+    with torch.autocast(q.device.type, enabled=False):
+        q32, k32, v32 = (t.float().transpose(1, 2) for t in (q, k, v))  # (B, H, T, Dh)
+        scores = q32 @ k32.transpose(-1, -2) * scale
+        lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - lse[..., None])
+        return (probs @ v32).transpose(1, 2).to(q.dtype).contiguous(), lse
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -175,15 +175,18 @@ def _attention_bwd_query_kernel(
 def _backward_candidates(tokens: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> list[Config]:
     """Launch configurations of the dK/dV and dQ kernels: OUTER is the block a program owns
     (keys for dK/dV, queries for dQ), INNER the block it loops over. The defaults compile
-    without register spills for sm_90 and sm_80 at DiT's head dims (64, 72) in every dtype; the
-    alternatives are larger tiles that pay off where they fit in registers (tuning prunes those
-    that spill)."""
+    without register spills for sm_90 and sm_80 at DiT's head dims (64, 72) in every dtype,
+    under the Triton versions docs/kernels.md lists; the alternatives are larger tiles that pay
+    off where they fit in registers (tuning prunes those that spill)."""
     if dtype == torch.float32:
         # ieee dots on the FMA units. 32/32 over 8 warps with 1 stage spilled 4-8 B in the dK/dV
-        # kernel on sm_80 at head dim 64 (ptxas kept it at 80 registers); over 4 warps with 2
-        # stages neither kernel spills on sm_90 or sm_80 at head dims 64 and 72. 16x16 is for
-        # head dims above 128 on GPUs with 99 KiB of shared memory, where nothing larger fits.
-        tiles = [(32, 32, 4, 2), (32, 32, 8, 1), (64, 32, 8, 1), (16, 16, 4, 1)]
+        # kernel on sm_80 at head dim 64 (ptxas kept it at 80 registers). Over 4 warps with 2
+        # stages neither kernel spilled under Triton 3.9, but on sm_90 with a token count that 32
+        # does not divide 3.7 spills 16 B in dK/dV at head dim 64 and 3.8 16 B in dQ at head dim
+        # 72; 64/32 over 8 warps keeps both within 222 registers on both GPUs at head dims 64 and
+        # 72 under 3.7 to 3.9 (docs/kernels.md, "Triton versions"). 16x16 is for head dims above
+        # 128 on GPUs with 99 KiB of shared memory, where nothing larger fits.
+        tiles = [(64, 32, 8, 1), (32, 32, 4, 2), (32, 32, 8, 1), (16, 16, 4, 1)]
     elif head_dim <= 80:  # a 64 + 16 split at most (DiT's 64 and 72)
         tiles = [(64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 4, 2), (32, 32, 4, 2)]
     else:

@@ -5,6 +5,7 @@ import importlib
 import shlex
 import signal
 import sys
+import threading
 
 from fastdit import distributed
 
@@ -44,6 +45,9 @@ def _stop(signum, frame):
     # Later signals are ignored while the command unwinds: it only stops its workers and keeps what is done.
     for other in (signal.SIGINT, signal.SIGTERM):
         signal.signal(other, signal.SIG_IGN)
+    # A helper thread's error from here on is the stop's consequence (multiprocessing's resource sharer, when a
+    # DataLoader worker it was handing a tensor to is stopped): not a second report beside the one line.
+    threading.excepthook = lambda arguments: None
     raise Stopped(signum)
 
 
@@ -55,11 +59,13 @@ def _signals_stop():
     except ValueError:  # not the main thread
         yield
         return
+    excepthook = threading.excepthook
     try:
         yield
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+        threading.excepthook = excepthook
 
 
 # Where each command that resumes says what a stopped run kept: (module in fastdit.cli, its function of args).
@@ -98,20 +104,21 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     # The subcommand is the first argument: `fastdit` itself takes no flags but --help.
     args = build_parser(argv[:1]).parse_args(argv)
-    try:
-        with _signals_stop():
+    # The handlers stay until the error is reported: a stopped command's workers end as its traceback is freed.
+    with _signals_stop():
+        try:
             return subcommand(args.command).run(args)
-    except KeyboardInterrupt as stop:  # Stopped, or a KeyboardInterrupt raised before the handlers were in place
-        signum = getattr(stop, "signum", signal.SIGINT)
-        if distributed.is_main_process():
-            print(_stopped_line(args.command, argv, args, signum), file=sys.stderr, flush=True)
-        return 128 + signum  # the shells' convention: 130 for SIGINT, 143 for SIGTERM
-    # CheckpointError is a ValueError; OSError: an unwritable --out, a full disk.
-    except (ValueError, TypeError, KeyError, ImportError, OSError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error  # KeyError's str() quotes it
-        if distributed.is_main_process():  # under torchrun every rank fails alike: one line, not one per rank
-            print(f"fastdit {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        except KeyboardInterrupt as stop:  # Stopped, or a KeyboardInterrupt raised before the handlers were in place
+            signum = getattr(stop, "signum", signal.SIGINT)
+            if distributed.is_main_process():
+                print(_stopped_line(args.command, argv, args, signum), file=sys.stderr, flush=True)
+            return 128 + signum  # the shells' convention: 130 for SIGINT, 143 for SIGTERM
+        # CheckpointError is a ValueError; OSError: an unwritable --out, a full disk.
+        except (ValueError, TypeError, KeyError, ImportError, OSError) as error:
+            message = error.args[0] if isinstance(error, KeyError) and error.args else error  # KeyError's str() quotes
+            if distributed.is_main_process():  # under torchrun every rank fails alike: one line, not one per rank
+                print(f"fastdit {args.command}: error: {message}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -12,15 +12,11 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
-import json
 import os
-import platform
-import shutil
 import sys
 import time
 
 import numpy as np
-import PIL
 import torch
 from tqdm.auto import tqdm
 
@@ -29,12 +25,12 @@ from fastdit import distributed, images
 from fastdit.cli import options
 from fastdit.cli import parallel_flags as parallel_cli
 from fastdit.cli.cache_flags import add_cache_arguments, cache_from_args
+from fastdit.cli.sample_files import write_outputs, write_pngs
 from fastdit.cli.sample_output import Staging, locked_output, recorded, staging_folder, weights_digest
 from fastdit.diffusion import settings
 from fastdit.diffusion.samplers import DPM_FINAL_STEPS, SAMPLERS, SPACINGS
 from fastdit.diffusion.sampling import default_guidance_channels, sample
 from fastdit.evaluation.report import check_evaluation, run_evaluation
-from fastdit.io import write_bytes_atomic, write_npz_streamed, write_text_atomic
 from fastdit.kernels import kernel_path
 from fastdit.models.config import model_config
 from fastdit.models.fp8 import QUANTIZATIONS
@@ -44,8 +40,6 @@ DEFAULT_NUM_SAMPLES = 8
 # A run's size is capped well above the 50,000 images of an FID evaluation (its labels are drawn up front, and
 # 1,000,000 images of 256 px make a 197 GB samples.npz), so that a slip of the keyboard fails at once.
 MAX_NUM_SAMPLES = 1_000_000
-GRID_MAX_IMAGES = 100  # grid.png is a preview: a 50k-image FID run keeps the first 100
-GRID_MAX_COLUMNS = 16
 
 
 def add_arguments(parser):
@@ -146,7 +140,8 @@ def run(args):
         if plan.writes_images and args.save_images:
             distributed.fail_together(lambda: write_pngs(plan, process, batches), process)
         if process.is_main:
-            write_outputs(args, plan, process, batches, started, sampling_seconds)
+            write_outputs(args, plan, process, batches, started, sampling_seconds,
+                          recorded(sampling_settings(args, plan.model)))
             plan.staging.swap_in(plan.out_path)
             print(success_line(args, plan))
         if args.evaluate:  # every rank extracts features; the broadcast also waits for the swap
@@ -161,8 +156,9 @@ def success_line(args, plan) -> str:
     if plan.writes_images and args.save_images:
         written.append("images/")
     resumed = f" ({plan.resumed} of them by a killed run, resumed)" if plan.resumed else ""
-    return (f"fastdit sample: wrote {len(plan.labels)} {'images' if plan.writes_images else 'samples'}{resumed} to "
-            f"{plan.out_path}: {', '.join(written)} and run.json")
+    count = len(plan.labels)
+    what = ("image" if plan.writes_images else "sample") + ("s" if count != 1 else "")
+    return f"fastdit sample: wrote {count} {what}{resumed} to {plan.out_path}: {', '.join(written)} and run.json"
 
 
 def check_flags(args):
@@ -324,103 +320,3 @@ def sample_batches(plan, args, process, missing):
             if split.writes:  # the ranks of a cfg x sp slice hold the same images: one writes them
                 plan.staging.write_batch(batch.start, decoded(plan, latents))
             bar.update(len(batch))
-
-
-def png_path(plan, index):
-    return os.path.join(plan.staging.output, "images", f"{index:06d}_class{plan.labels[index]}.png")
-
-
-def write_pngs(plan, process, batches):
-    """One PNG per image, this rank's share of the batches; PNGs a killed run wrote are kept (each is whole)."""
-    os.makedirs(os.path.join(plan.staging.output, "images"), exist_ok=True)
-    share = distributed.shard(len(batches), process.rank, process.world_size)
-    for batch in batches[share.start:share.stop]:
-        todo = [index for index in batch if not os.path.exists(png_path(plan, index))]
-        if todo:
-            samples = plan.staging.read_batch(batch)
-            for index in todo:
-                write_bytes_atomic(png_path(plan, index), images.png_bytes(samples[index - batch.start]))
-
-
-def grid_columns(args):
-    per_class = args.num_per_class or 1
-    return per_class if args.classes is not None and 1 < per_class <= GRID_MAX_COLUMNS else None
-
-
-def write_outputs(args, plan, process, batches, started, sampling_seconds):
-    """samples.npz, streamed from the batch files, and grid.png into the staging folder's output/, run.json
-    last."""
-    directory, labels, staging = plan.staging.output, plan.labels, plan.staging
-    if not (plan.writes_images and args.save_images):
-        shutil.rmtree(os.path.join(directory, "images"), ignore_errors=True)  # a killed run's, with --save-images
-    first = staging.read_batch(batches[0])
-    shape, dtype = (len(labels), *first.shape[1:]), first.dtype
-    samples = (shape, dtype, lambda: (staging.read_batch(batch) for batch in batches))
-    if plan.writes_images:
-        arrays = {"arr_0": samples, "labels": labels}  # arr_0: the images, as the ADM evaluator reads them
-        preview = [staging.read_batch(batch) for batch in batches[:-(-GRID_MAX_IMAGES // args.batch_size)]]
-        preview = np.concatenate(preview)[:GRID_MAX_IMAGES]
-        grid = images.grid(preview, labels[:GRID_MAX_IMAGES], grid_columns(args))
-        write_bytes_atomic(os.path.join(directory, "grid.png"), images.png_bytes(grid))
-    else:
-        arrays = {"latents": samples, "labels": labels}
-    write_npz_streamed(os.path.join(directory, "samples.npz"), arrays)
-    record = run_record(args, plan, process, sorted(arrays), started, sampling_seconds)
-    write_text_atomic(os.path.join(directory, "run.json"), json.dumps(record, indent=2) + "\n")
-
-
-def run_record(args, plan, process, arrays, started, sampling_seconds):
-    """run.json: the flags, what they resolved to, the model, the outputs, versions and timings; ``identity``
-    is the staging folder's key (a killed run's folder with that key is this finished run's)."""
-    model, device, count = plan.model, process.device, len(plan.labels)
-    sampled = count - plan.resumed
-    return {
-        "command": "fastdit sample",
-        "arguments": {key: value for key, value in vars(args).items() if key not in ("command", "cache_policy")},
-        "identity": plan.staging.key,
-        "model": {
-            "name": args.model,
-            "checkpoint": os.path.abspath(args.ckpt) if args.ckpt else None,
-            "weights": "random init" if args.ckpt is None else "checkpoint",
-            "config": model_config(model),
-            "parameters": sum(parameter.numel() for parameter in model.parameters()),
-            "samples": "pixels" if plan.pixels else "latents",
-        },
-        "vae": None if plan.vae is None else {"path": os.path.abspath(plan.vae_path), "scale": plan.vae.scale},
-        "sampling": {
-            "num_samples": count,
-            "image_size": plan.image_size,
-            **recorded(sampling_settings(args, model)),
-            "batch_size": args.batch_size,
-            "parallel": args.parallel,
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            "device": str(device),
-            "world_size": process.world_size,
-            "kernels": kernel_path(device),
-            "attn_backend": model.attn_backend,
-            "quantize": model.quantization,
-            "compile": args.compile,
-            "cuda_graphs": device.type == "cuda" if args.cuda_graphs is None else args.cuda_graphs,
-        },
-        "outputs": {
-            "samples.npz": arrays,
-            "grid.png": min(count, GRID_MAX_IMAGES) if plan.writes_images else None,
-            "images": count if plan.writes_images and args.save_images else 0,
-        },
-        "versions": {
-            "fastdit": fastdit.__version__,
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "numpy": np.__version__,
-            "pillow": PIL.__version__,
-            "python": platform.python_version(),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
-        },
-        "timings": {
-            "load_seconds": plan.load_seconds,
-            "sampling_seconds": sampling_seconds,
-            "resumed_images": plan.resumed,  # sampled by a killed run of the same command
-            "images_per_second": sampled / sampling_seconds if sampled else None,
-            "total_seconds": time.perf_counter() - started,
-        },
-    }

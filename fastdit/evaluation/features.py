@@ -112,8 +112,9 @@ def _extract_mine(source, extractor, folder, process, batch_size, workers, chunk
             pending.append(chunk)
     batches = [range(start, min(start + batch_size, chunk.stop)) for chunk in pending
                for start in range(chunk.start, chunk.stop, batch_size)]
-    loader = torch.utils.data.DataLoader(_Images(source, batches), batch_size=None, num_workers=workers,
-                                         persistent_workers=False)
+    # Workers that die with this process, and inherit none of its descriptors (the work folder's lock).
+    loader = torch.utils.data.DataLoader(_Images(source, batches), batch_size=None,
+                                         **distributed.worker_options(workers, prefetch=2))
     chunk_iter = iter(pending)
     chunk, features, digest = None, {}, None
     for batch, images in zip(batches, loader):

@@ -1,12 +1,13 @@
 """FP8 inference: the blocks' four big GEMMs (qkv, attention projection, fc1, fc2) in E4M3.
 
-They are 70-77% of a forward's predicted time at bf16's peak (docs/performance.md); FP8 tensor cores
+They are most of a forward's predicted time at bf16's peak (docs/performance.md); FP8 tensor cores
 run them at twice that rate. Weights are quantized once, per output channel (a row of the weight and
 its fp32 scale); activations per token, dynamically, at each call (a row's max over 448, E4M3's
 largest value): DiT's activations have large per-token outliers, so a scale per row keeps the other
 rows' precision. ``torch._scaled_mm`` multiplies with those row-wise scales and the bias, with bf16
 output. Attention, the norms, the residual stream, the embedders, the adaLN GEMM and the final layer
-stay bf16: they are few FLOPs or, for attention, need the softmax's range.
+stay bf16: they are few FLOPs or, for attention, need the softmax's range. So every ``attn_backend``
+takes a quantized model: each gets the bf16 q, k and v it gets from a bf16 one.
 
 Each GEMM's input is quantized by a torch pass of its own (``quantize_rows``): the fused Triton kernels
 that produce qkv's and fc1's inputs, the GELU before fc2 and attention before the projection still

@@ -14,14 +14,12 @@ import glob
 import hashlib
 import json
 import os
-import select
-import threading
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastdit import distributed
 from fastdit.train.preprocess import center_crop_arr
 from fastdit.train.shards import LatentShards, file_sha256
 
@@ -151,54 +149,9 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 def batch_loader(batches: StepBatches, first_step: int, end_step: int, workers: int, pin_memory: bool,
                  prefetch: int = 4) -> torch.utils.data.DataLoader:
     """The batches of steps ``first_step`` to ``end_step`` (exclusive), in order; with ``workers`` processes
-    reading ahead up to ``prefetch`` batches each (``worker_options``)."""
+    reading ahead up to ``prefetch`` batches each (``fastdit.distributed.worker_options``)."""
     return torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(first_step, end_step),
-                                       pin_memory=pin_memory, **worker_options(workers, prefetch))
-
-
-def worker_options(workers: int, prefetch: int) -> dict:
-    """DataLoader keywords for ``workers`` processes (none for 0) that die with this process, however it dies.
-
-    The workers come from a fork server, not a fork of this process: a forked worker would inherit a run
-    folder's lock and hold it after this process was killed, refusing the rerun that resumes. A script that
-    uses them must therefore guard its entry point (``if __name__ == "__main__":``), as with any non-fork
-    multiprocessing. A worker's parent is then the fork server, which torch's worker watchdog watches, and the
-    fork server lives while a worker holds its pipe: after a SIGKILL of this process both lived on (48 minutes
-    and 300 MB a process in issue 27's audit). So each worker watches this process itself (``_die_with``)."""
-    if not workers:
-        return {}
-    return {"num_workers": workers, "prefetch_factor": prefetch, "multiprocessing_context": "forkserver",
-            "worker_init_fn": functools.partial(_die_with, os.getpid())}
-
-
-def _die_with(parent: int, worker_id: int) -> None:
-    """In a DataLoader worker: exit as soon as process ``parent`` has ended (a thread waiting on its pidfd)."""
-    try:
-        handle = os.pidfd_open(parent)
-    except ProcessLookupError:
-        os._exit(1)
-    except (AttributeError, OSError):  # no pidfd (Linux < 5.3, other systems): poll the pid twice a second
-        handle = None
-
-    def watch():
-        if handle is not None:
-            select.select([handle], [], [])
-        else:
-            while _alive(parent):
-                time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="fastdit-parent-watch", daemon=True).start()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
+                                       pin_memory=pin_memory, **distributed.worker_options(workers, prefetch))
 
 
 def load_digits(image_size: int = 16) -> TensorData:

@@ -25,7 +25,6 @@ from fastdit import distributed
 from fastdit.io import check_owned_folder, exclusive_lock, mark_owned_folder, remove_stale_temporaries
 from fastdit.models.vae import VAE
 from fastdit.train import shards
-from fastdit.train.data import worker_options
 from fastdit.train.preprocess import center_crop_arr
 
 LOCK = ".encode.lock"
@@ -161,7 +160,7 @@ def _encode_shards(files, todo, vae, out, settings, workers, prefetch, progress)
     # Workers from a fork server, that die with this process (forking after CUDA is initialised is unsafe too).
     loader = torch.utils.data.DataLoader(
         ImageFiles(files, image_size), batch_sampler=batches, collate_fn=collate,
-        pin_memory=vae.device.type == "cuda", **worker_options(workers, prefetch))
+        pin_memory=vae.device.type == "cuda", **distributed.worker_options(workers, prefetch))
     pending = {field: [] for field in shards.FIELDS}
     with tqdm(total=sum(map(len, ranges.values())), desc="encoding", unit="img", dynamic_ncols=True,
               disable=not progress) as bar:

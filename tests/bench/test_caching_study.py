@@ -44,12 +44,15 @@ def test_frechet_distance_and_psnr():
 def test_a_small_study_counts_blocks_per_guidance_scale_and_tabulates():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # 4 samples: a singular covariance in the Frechet distance
-        result = caching_study.study(samples=4, batch=2, settings=[None, FORA(interval=2)], cfg_scales=[4.0, 1.0])
+        result = caching_study.study(samples=4, batch=2, settings=[None, FORA(interval=2)], cfg_scales=[4.0, 1.0],
+                                     timing_samples=2, timing_rounds=2)
     exact, fora = result["rows"]
     assert exact["cfg4_blocks_per_image"] == exact["cfg1_blocks_per_image"] == 50 * 4  # digits: 50 steps, 4 blocks
     assert fora["cfg4_blocks_per_image"] == fora["cfg1_blocks_per_image"] == 25 * 4
     assert exact["cfg4_psnr"] == math.inf and fora["cfg1_psnr"] < math.inf
+    # The floor each time ratio is read against: FORA 2 runs half the blocks.
+    assert fora["cfg4_block_floor"] == fora["cfg1_block_floor"] == 0.5 and fora["cfg4_time_ratio"] > 0
     table = caching_study.markdown(result).splitlines()
-    assert table[0].startswith("| setting | blocks per image (cfg4 / cfg1) | time vs exact (cfg4) |")
-    assert table[2].startswith("| exact | 200 | 1.00 | 1.00 |") and table[2].endswith("| ∞ | ∞ |")
+    assert table[0].startswith("| setting | blocks per image (cfg4 / cfg1) | time vs exact (cfg4) (floor) |")
+    assert table[2].startswith("| exact | 200 | 1.00 (1.00) | 1.00 (1.00) |") and table[2].endswith("| ∞ | ∞ |")
     assert table[3].startswith("| fora (interval=2, warmup=0) | 100 |")

@@ -17,7 +17,8 @@ from fastdit.train.data import class_folder_files
 
 CLI = pathlib.Path(fastdit.__file__).parent / "cli"
 SHARED = {"fastdit.cli.options"}
-PARTS = {"sample.py": {"fastdit.cli.sample_output", "fastdit.cli.cache_flags", "fastdit.cli.parallel_flags"}}  # a subcommand's own modules
+PARTS = {"sample.py": {"fastdit.cli.sample_output", "fastdit.cli.cache_flags", "fastdit.cli.parallel_flags",
+                      "fastdit.cli.sample_files"}}  # a subcommand's own modules
 
 
 def cli_imports(path):

@@ -137,7 +137,7 @@ def test_a_damaged_batch_file_is_found_by_its_checksum_and_sampled_again(pixel_c
     assert sampled == [0, 2]  # the damaged batch again, and the one the stopped run never reached
     assert run_cli([*command[:-len(FAST) - 2], "--out", str(tmp_path / "whole"), *FAST]) == (0, [])
     with np.load(out / "samples.npz") as resumed, np.load(tmp_path / "whole" / "samples.npz") as whole:
-        np.testing.assert_array_equal(resumed["images"], whole["images"])
+        np.testing.assert_array_equal(resumed["arr_0"], whole["arr_0"])
 
 
 PEAK_TRACED = """
@@ -223,8 +223,8 @@ def test_a_sigkilled_run_resumed_equals_an_uninterrupted_run(tmp_path):
 
     def finished_batches():
         folders = [tmp_path / name / "batches" for name in staging_folders(tmp_path)]
-        # finished batches only: a batch being written is a temporary beside them
-        return sum(name.endswith(".npy") for folder in folders if folder.is_dir() for name in os.listdir(folder))
+        # finished batches only: a batch is finished once its sha256 record is written, after its file
+        return sum(name.endswith(".npy.sha256") for folder in folders if folder.is_dir() for name in os.listdir(folder))
 
     while run.poll() is None and finished_batches() < 15 and time.monotonic() < deadline:
         time.sleep(0.01)

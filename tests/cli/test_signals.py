@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -157,10 +158,10 @@ def test_a_signal_ends_the_command_with_one_line_and_128_plus_its_number(signum,
         time.sleep(10)  # the handler raises in this thread first
         raise AssertionError("the signal did not stop the command")
 
-    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), threading.excepthook
     monkeypatch.setattr(commands.subcommand("train"), "run", interrupted_run)
     code, err = run_cli(["train", "--preset", "digits", "--out", str(tmp_path / "r")])
     assert code == 128 + signum and err == [
         f"fastdit train: stopped by {signum.name}; kept no checkpoint yet in {tmp_path / 'r'}; to resume, run the "
         f"same command again: fastdit train --preset digits --out {tmp_path / 'r'}"]
-    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # restored
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), threading.excepthook) == before

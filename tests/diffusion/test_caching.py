@@ -62,6 +62,7 @@ def monolithic_forward(model, x, t, y):
     from fastdit.kernels.patch_embed import patch_embed
 
     from fastdit.models.dit import linear_dtype
+    from fastdit.models.modulation import modulations as modulations_of
     proj = model.x_embedder.proj
     dtype = linear_dtype(proj.weight)
     x = patch_embed(x.to(dtype), proj.weight.to(dtype), proj.bias, model.pos_embed)
@@ -69,7 +70,12 @@ def monolithic_forward(model, x, t, y):
     c = torch.nn.functional.silu(c) if model.block in ADAPTIVE_DESIGNS else c.to(x.dtype)
     if model.block == "in-context":
         x = torch.cat([c, x], dim=1)
-    modulations = [block.modulation(c) for block in model.blocks] + [model.final_layer.modulation(c)]
+    layers = [*model.blocks, model.final_layer]
+    if model.block in ADAPTIVE_DESIGNS:  # every adaLN modulation from the one stacked GEMM
+        modulations = [output.chunk(layer.modulations, dim=1)
+                       for layer, output in zip(layers, modulations_of(model, layers, c))]
+    else:
+        modulations = [layer.modulation(c) for layer in layers]
     h = modulate_layernorm(x, *modulations[0][:2])
     for block, modulation, (next_shift, next_scale, *_) in zip(model.blocks, modulations, modulations[1:]):
         x, h = block(x, h, modulation, next_shift, next_scale)

@@ -326,3 +326,13 @@ def test_opcheck():
     out, lse = attention_forward(q, k, v, 0.2)
     grad_out = torch.randn_like(out)
     torch.library.opcheck(attention_backward, (grad_out, *(t.detach() for t in (q, k, v, out, lse)), 0.2))
+
+
+def test_the_torch_path_stays_fp32_under_autocast():
+    """A custom op's body runs under the caller's autocast: the torch path's scores and lse must not drop to bf16
+    (the backward refuses a bf16 lse; training with autocast on the CPU stopped there)."""
+    q, k, v = (torch.randn(2, 19, 3, 16, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
+    expected_out, expected_lse = attention_reference_with_lse(q, k, v)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out, lse = attention_reference_with_lse(q, k, v)
+    assert lse.dtype == torch.float32 and torch.equal(lse, expected_lse) and torch.equal(out, expected_out)

@@ -112,7 +112,7 @@ def test_bad_arguments():
         named_shape("DiT-S/8", 12)
     with pytest.raises(ValueError, match="input_size.*got 32.0"):
         named_shape("DiT-S/2", 32.0)
-    with pytest.raises(ValueError, match="workload: expected one of forward, sampling-step, training-step, got 'x'"):
+    with pytest.raises(ValueError, match="workload: expected one of forward, sampling-step, training-step, sampling-run, got 'x'"):
         workload_flops(named_shape("DiT-S/2", 32), "x")
 
 

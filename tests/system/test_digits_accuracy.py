@@ -18,7 +18,9 @@ from fastdit.digits import conditioned_class_accuracy
     (["--sampler", "dpm++", "--steps", "20", "--cfg-scale", "4"], 99),
     (["--sampler", "ddim", "--steps", "50", "--cfg-scale", "2"], 92),
     (["--sampler", "ddim", "--steps", "50", "--cfg-scale", "1"], 61),  # no guidance
-], ids=["ddim50-scale4", "dpm++20-scale4", "ddim50-scale2", "ddim50-unguided"])
+    (["--dtype", "bf16"], 100),
+    (["--quantize", "fp8"], 100),  # FP8 within 1 point of bf16 (the README)
+], ids=["ddim50-scale4", "dpm++20-scale4", "ddim50-scale2", "ddim50-unguided", "bf16", "fp8"])
 def test_bundled_model_accuracy_is_the_readmes(flags, recognised, tmp_path):
     # The torch path (the Triton interpreter would take minutes per run), outside the checkout so that
     # `-m fastdit` is the installed package.
@@ -64,7 +66,7 @@ def test_digits_accuracy_scores_the_real_digits_and_not_shifted_labels(tmp_path,
 
     images, labels = real_digits()
     upscaled = images.repeat(2, axis=1).repeat(2, axis=2)[..., None]  # (N, 16, 16, 1), as the bundled model's
-    np.savez(tmp_path / "samples.npz", images=upscaled, labels=labels)
+    np.savez(tmp_path / "samples.npz", arr_0=upscaled, labels=labels)
     assert main(["digits-accuracy", str(tmp_path / "samples.npz")]) == 0
     expected = f"100.0% of {len(labels)} samples classified as the digit they were conditioned on\n"
     assert capsys.readouterr().out == expected
