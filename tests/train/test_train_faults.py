@@ -13,7 +13,7 @@ from test_trainer import RUNNER, kill_when, read_log, run_script, tiny_config, t
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdit import distributed
-from fastdit.io import FolderInUseError, exclusive_lock
+from fastdit.io import FolderInUseError, exclusive_lock, mark_owned_folder
 from fastdit.train import run_folder
 from fastdit.train.trainer import Trainer, TrainingDiverged
 
@@ -254,6 +254,7 @@ def test_a_kill_during_the_first_save_leaves_no_duplicate_steps_nor_temporaries(
 
 
 def test_a_locked_run_folder_is_refused_and_left_alone(tmp_path):
+    mark_owned_folder(tmp_path, "train")  # as the run holding the lock marked it, right after taking it
     os.makedirs(tmp_path / "checkpoints")
     temporary = tmp_path / "checkpoints" / ".00000002.pt.someone_elses.tmp"
     temporary.write_bytes(b"being written")
