@@ -142,8 +142,21 @@ def identity(source: str, data) -> dict:
     return {"path": path, "sha256": digest, "num_classes": data.num_classes, "samples": len(data)}
 
 
+# Each use of randomness in training draws from a stream of its own, seeded from (seed, use, index) by
+# numpy's SeedSequence, so no two uses share a seed: the old seed * 1_000_003 + step + 1 for a step's draws
+# and seed * 1_000_003 + epoch for an epoch's order collided (epoch e's permutation was step e - 1's
+# generator).
+STREAMS = ("step", "epoch")
+
+
+def stream_generator(seed: int, use: str, index: int) -> torch.Generator:
+    """A generator for draw ``index`` (a step, an epoch) of ``use`` (one of STREAMS) in the run of ``seed``."""
+    state = np.random.SeedSequence([seed, STREAMS.index(use), index]).generate_state(1, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state[0]))
+
+
 def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
+    return stream_generator(seed, "step", step)
 
 
 def batch_loader(batches: StepBatches, first_step: int, end_step: int, workers: int, pin_memory: bool,
@@ -209,7 +222,7 @@ def load_image_folder(directory: str, image_size: int) -> TensorData:
 # would cost a randperm of N per step.
 @functools.lru_cache(maxsize=2)
 def _epoch_order(seed: int, epoch: int, size: int) -> torch.Tensor:
-    return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return torch.randperm(size, generator=stream_generator(seed, "epoch", epoch))
 
 
 def global_batch_indices(seed: int, step: int, batch_size: int, size: int) -> torch.Tensor:

@@ -38,11 +38,18 @@ def write_set(directory, counts=(7, 5, 9), latent_dtype="fp16", num_classes=5, s
     return {field: np.concatenate(parts) for field, parts in whole.items()}
 
 
+def reference_generator(seed, use, index):
+    """The training streams' seeds, written out: SeedSequence over (seed, 0 for a step's draws or 1 for an
+    epoch's order, the step or epoch)."""
+    entropy = [seed, {"step": 0, "epoch": 1}[use], index]
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]))
+
+
 def reference_indices(seed, step, batch_size, size):
     positions = torch.arange(step * batch_size, (step + 1) * batch_size)
     orders = {}
     for epoch in (positions // size).unique().tolist():
-        orders[epoch] = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        orders[epoch] = torch.randperm(size, generator=reference_generator(seed, "epoch", epoch))
     return torch.stack([orders[int(position // size)][int(position % size)] for position in positions])
 
 
@@ -50,7 +57,7 @@ def reference_batch(whole, num_classes, seed, step, batch_size, dropout_prob, fl
     """The in-memory trainer's global_batch before issue 18: every sample in float32 tensors."""
     images, flipped = torch.from_numpy(whole["latents"]), torch.from_numpy(whole["flipped"])
     labels = torch.from_numpy(whole["labels"])
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
+    generator = reference_generator(seed, "step", step)
     indices = reference_indices(seed, step, batch_size, len(images))
     x, y = images[indices], labels[indices].clone()
     flips = torch.rand(len(x), generator=generator) < 0.5
@@ -62,6 +69,15 @@ def reference_batch(whole, num_classes, seed, step, batch_size, dropout_prob, fl
     y[drops] = num_classes
     rows = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
     return [tensor[rows] for tensor in (x, y, t, noise)]
+
+
+def test_no_two_draws_share_a_seed():
+    """Every (use, index) of a run, and the same draws of the next seeds, get generators of their own (epoch e's
+    order reused step e - 1's generator when both were seed * 1_000_003 plus an offset)."""
+    draws = [(seed, use, index) for seed in range(4) for use in datasets.STREAMS for index in range(200)]
+    first_values = {tuple(torch.randint(0, 2**62, (2,), generator=datasets.stream_generator(*draw)).tolist())
+                    for draw in draws}
+    assert len(first_values) == len(draws)
 
 
 @pytest.mark.parametrize("batch_size, step", [(8, 0), (8, 5), (21, 3), (50, 2)])  # 21: one epoch; 50: three
