@@ -1,4 +1,6 @@
 import contextlib
+import ctypes
+import gc
 import os
 import signal
 import sys
@@ -20,6 +22,15 @@ from fastdit.models.vae import VAE  # noqa: E402
 # xdist workers on two cores) spinning OpenMP threads make each op many times slower.
 torch.set_num_threads(1)
 LEFTOVER_GRACE_SECONDS = 10
+# A DiT-XL test holds about 6.6 GB (reference and fast model in fp32) while it runs. Its many weights of a few MB
+# come from malloc's heap, which keeps the freed pages: two xdist workers that had each run XL tests held over
+# 12 GB between them and the next one was killed for memory on CI's 24 GB (and xdist then hung). Above this, a
+# finished test's garbage is collected and the free heap pages handed back (glibc's malloc_trim).
+TRIM_ABOVE_BYTES = 2 << 30
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+except OSError:  # not glibc: nothing to trim
+    _LIBC = None
 
 
 def pytest_configure(config):
@@ -43,6 +54,18 @@ def no_leftover_processes():
             os.kill(pid, signal.SIGKILL)
     assert not leftovers, "processes started by the tests outlived them: " + "; ".join(
         f"pid {pid}: {command}" for pid, command in sorted(leftovers.items()))
+
+
+@pytest.fixture(autouse=True)
+def _return_freed_memory():
+    yield
+    if _LIBC is None:
+        return
+    with open("/proc/self/statm") as statm:
+        resident = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    if resident > TRIM_ABOVE_BYTES:
+        gc.collect()
+        _LIBC.malloc_trim(0)
 
 
 @pytest.fixture(autouse=True)
