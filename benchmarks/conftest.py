@@ -9,6 +9,7 @@ before timing. torch.compile rows are skipped on the CPU unless ``--compile-on-c
 """
 import os
 import sys
+import textwrap
 import time
 
 import pytest
@@ -71,7 +72,9 @@ def pytest_benchmark_group_stats(config, benchmarks, group_by):
 @pytest.hookimpl(trylast=True)  # after pytest-benchmark's tables
 def pytest_terminal_summary(terminalreporter):
     for line in noise_warnings(SPREADS) if SPREADS else ():
-        terminalreporter.write_line(f"warning: {line}", yellow=True)
+        # Within the tables' 120 columns: a row's name and its group's are long.
+        for part in textwrap.wrap(f"warning: {line}", width=120, subsequent_indent="  "):
+            terminalreporter.write_line(part, yellow=True)
 
 
 @pytest.fixture
