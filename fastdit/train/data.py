@@ -132,8 +132,9 @@ def identity(source: str, data) -> dict:
     if source == "digits":
         return {"path": "digits", "num_classes": data.num_classes, "samples": len(data)}
     path = os.path.realpath(source)
-    if isinstance(data, LatentShards):
-        manifest = os.path.join(path, "manifest.json")
+    manifest = os.path.join(path, "manifest.json")
+    # A shard folder by its reader, or by its manifest (whatever loader read it into memory).
+    if isinstance(data, LatentShards) or os.path.isfile(manifest):
         digest = file_sha256(manifest) if os.path.exists(manifest) else None  # the old .npz format has none
     else:
         listing = [[os.path.relpath(file, path), label, os.path.getsize(file)]
