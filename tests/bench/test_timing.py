@@ -70,7 +70,9 @@ def test_benchmark_tables_fit_120_columns_and_say_when_they_are_noisy(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/kernels/test_modulate.py", "--benchmark-only",
                              "-k", "eager", "--benchmark-max-time=0.001", "--benchmark-min-rounds=2",
                              "--benchmark-json", str(tmp_path / "all.json"), "-p", "no:cacheprovider"],
-                            cwd=root, capture_output=True, text=True, timeout=600)
+                            cwd=root, capture_output=True, text=True, timeout=600,
+                            # as a user runs it: not as an xdist worker (pytest-benchmark turns itself off in one)
+                            env={key: value for key, value in os.environ.items() if not key.startswith("PYTEST_")})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # Every line but the session header (pytest-benchmark's settings, and the platform's).
     start = result.stdout.index("collected")
