@@ -11,6 +11,10 @@ The paper's ungated block designs (adaLN, cross-attention, in-context) add ``x +
 ``gate=None``, which compiles the kernels without the gate (HAS_GATE off) instead of multiplying
 by a tensor of ones.
 
+``gated_residual_modulate_layernorm_fp8`` writes the normed copy in E4M3 with a scale per row, for the
+FP8 GEMM it feeds (fc1, or the next block's qkv, in an FP8 model): the kernel's QUANTIZE variant (see
+``rows.py``).
+
 Under ``torch.autocast`` the residual stream x stays fp32 while y, gate, shift and scale come out of
 bf16/fp16 linears: the residual keeps x's dtype and the normed copy takes shift's.
 """
@@ -21,22 +25,24 @@ import triton.language as tl
 from . import tuning
 from .interpreter import to_storage
 from .launch import ROW_FP_FUSION
-from .modulate import layernorm_modulate_grads_fp32, modulate_layernorm_reference
-from .rows import (TOKENS_PER_PROGRAM, backward_candidates, check_hidden_states, check_modulation, check_per_sample,
+from .modulate import layernorm_modulate_grads_fp32, modulate_layernorm_fp8_reference, modulate_layernorm_reference
+from .rows import (FP8, TOKENS_PER_PROGRAM, backward_candidates, check_hidden_states, check_modulation, check_per_sample,
                    layernorm_modulate, layernorm_modulate_backward, per_sample_partials, program_row,
-                   program_token_block, row_candidates, row_tuning_key, store_partial, token_tile, unit_stride_rows)
+                   program_token_block, row_candidates, row_tuning_key, store_partial, store_quantized_row, token_tile,
+                   unit_stride_rows)
 from .runtime import device_guard, use_triton
 
 
 @triton.jit
 def _gated_residual_kernel(
-    x_ptr, gate_ptr, y_ptr, shift_ptr, scale_ptr, residual_ptr, normed_ptr,
+    x_ptr, gate_ptr, y_ptr, shift_ptr, scale_ptr, residual_ptr, normed_ptr, normed_scales_ptr,
     tokens, D,
     x_stride_batch, x_stride_token, y_stride_batch, y_stride_token,
     gate_stride_batch, shift_stride_batch, scale_stride_batch,
     eps,
     HAS_GATE: tl.constexpr,
     NORMALIZE: tl.constexpr,
+    QUANTIZE: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     row, batch, token, columns, mask = program_row(tokens, D, BLOCK_D)
@@ -59,7 +65,10 @@ def _gated_residual_kernel(
         normed = layernorm_modulate(
             residual.to(tl.float32), mask, shift.to(tl.float32), scale.to(tl.float32), D, eps
         )
-        tl.store(normed_ptr + row * D + columns, to_storage(normed, normed_ptr.dtype.element_ty), mask=mask)
+        if QUANTIZE:
+            store_quantized_row(normed_ptr, normed_scales_ptr, row, D, columns, mask, normed)
+        else:
+            tl.store(normed_ptr + row * D + columns, to_storage(normed, normed_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -125,8 +134,9 @@ def _gated_residual_backward_kernel(
         store_partial(partial_grad_scale_ptr, program, D, columns, grad_scale)
 
 
-def _gated_residual_triton(x, gate, y, shift=None, scale=None, eps=1e-6):
-    """Launch the kernel; normalises (and returns ``(residual, normed)``) when shift/scale are given."""
+def _gated_residual_triton(x, gate, y, shift=None, scale=None, eps=1e-6, quantize=False):
+    """Launch the kernel; normalises (and returns ``(residual, normed)``) when shift/scale are given, and with
+    ``quantize`` writes the normed rows in E4M3 (``(residual, values, scales)``)."""
     has_gate, normalize = gate is not None, shift is not None
     x, y = unit_stride_rows(x), unit_stride_rows(y)
     batch, tokens, hidden_size = x.shape
@@ -135,24 +145,27 @@ def _gated_residual_triton(x, gate, y, shift=None, scale=None, eps=1e-6):
     gate = unit_stride_rows(gate) if has_gate else y
     if normalize:
         shift, scale = unit_stride_rows(shift), unit_stride_rows(scale)
-        normed = torch.empty_like(residual, dtype=shift.dtype)
+        normed = torch.empty_like(residual, dtype=FP8 if quantize else shift.dtype)
     else:
         shift, scale, normed = gate, gate, residual
+    normed_scales = torch.empty((batch, tokens, 1), dtype=torch.float32, device=x.device) if quantize else normed
 
     def launch(config):
         return _gated_residual_kernel[(batch * tokens,)](
-            x, gate, y, shift, scale, residual, normed,
+            x, gate, y, shift, scale, residual, normed, normed_scales,
             tokens, hidden_size,
             x.stride(0), x.stride(1), y.stride(0), y.stride(1),
             gate.stride(0), shift.stride(0), scale.stride(0),
             eps,
-            HAS_GATE=has_gate, NORMALIZE=normalize, **config, enable_fp_fusion=ROW_FP_FUSION,
+            HAS_GATE=has_gate, NORMALIZE=normalize, QUANTIZE=quantize, **config, enable_fp_fusion=ROW_FP_FUSION,
         )
 
     if residual.numel() > 0:
         with device_guard(x):
-            tuning.choose(_tuning_name(has_gate, normalize, ""), row_tuning_key(x, normed),
+            tuning.choose(_tuning_name(has_gate, normalize, "_fp8" if quantize else ""), row_tuning_key(x, normed),
                           row_candidates(hidden_size, x.device), launch, x.device)
+    if quantize:
+        return residual, normed, normed_scales
     return (residual, normed) if normalize else residual
 
 
@@ -217,6 +230,11 @@ def gated_residual_modulate_layernorm_reference(x, gate, y, shift, scale, eps: f
     return residual, modulate_layernorm_reference(residual, shift, scale, eps)
 
 
+def gated_residual_modulate_layernorm_fp8_reference(x, gate, y, shift, scale, eps: float = 1e-6):
+    residual = gated_residual_reference(x, gate, y)
+    return residual, *modulate_layernorm_fp8_reference(residual, shift, scale, eps)
+
+
 def gated_residual_backward_reference(grad_residual, gate, y):
     """(grad_gate, grad_y); grad_gate is None when gate is."""
     grad_residual = grad_residual.float()
@@ -270,8 +288,7 @@ def gated_residual_modulate_layernorm(
 
     y, gate, shift and scale share one dtype: x's, or a half dtype when x is fp32. The residual has
     x's dtype, the normed copy shift's."""
-    _check_gated_residual_inputs("gated_residual_modulate_layernorm", x, gate, y)
-    check_modulation("gated_residual_modulate_layernorm", shift, scale, x, eps, "y", y)
+    _check_fused_inputs("gated_residual_modulate_layernorm", x, gate, y, shift, scale, eps)
     if use_triton(x):
         return _gated_residual_triton(x, gate, y, shift, scale, eps)
     return gated_residual_modulate_layernorm_reference(x, gate, y, shift, scale, eps)
@@ -280,6 +297,31 @@ def gated_residual_modulate_layernorm(
 @gated_residual_modulate_layernorm.register_fake
 def _(x, gate, y, shift, scale, eps=1e-6):
     return x.new_empty(x.shape), x.new_empty(x.shape, dtype=shift.dtype)
+
+
+def _check_fused_inputs(op, x, gate, y, shift, scale, eps):
+    _check_gated_residual_inputs(op, x, gate, y)
+    check_modulation(op, shift, scale, x, eps, "y", y)
+
+
+@torch.library.custom_op("fastdit::gated_residual_modulate_layernorm_fp8", mutates_args=())
+def gated_residual_modulate_layernorm_fp8(
+    x: torch.Tensor, gate: torch.Tensor | None, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``gated_residual_modulate_layernorm`` with the normed rows computed in fp32 and quantized per row in the
+    same pass: (residual, E4M3 values (B, T, D), fp32 scales (B, T, 1)); see ``quantize_rows``.
+
+    Inference only: it has no autograd formula (a backward through it raises torch's error saying so)."""
+    _check_fused_inputs("gated_residual_modulate_layernorm_fp8", x, gate, y, shift, scale, eps)
+    if use_triton(x):
+        return _gated_residual_triton(x, gate, y, shift, scale, eps, quantize=True)
+    return gated_residual_modulate_layernorm_fp8_reference(x, gate, y, shift, scale, eps)
+
+
+@gated_residual_modulate_layernorm_fp8.register_fake
+def _(x, gate, y, shift, scale, eps=1e-6):
+    return x.new_empty(x.shape), x.new_empty(x.shape, dtype=FP8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
 
 
 # The backward ops are called by autograd with the forward's validated inputs. A custom op returns

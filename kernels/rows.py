@@ -9,11 +9,17 @@ A forward program holds one token's row in registers. A backward program walks a
 sample's tokens in (TILE_TOKENS, BLOCK_D) tiles: the per-sample grads are sums over tokens, so each
 program accumulates its block in registers and writes one fp32 partial row, and torch sums the
 (B, token blocks, D) partials, deterministically and with no atomics.
+
+FP8 variants of the forward programs (QUANTIZE) write their row in E4M3 with one fp32 scale per row,
+for an FP8 GEMM (``torch._scaled_mm``'s row-wise scales): the row is already in registers, so its
+max, its scale and its E4M3 values cost no pass of their own (``store_quantized_row``;
+``quantize_rows`` is its torch reference). Inference only: E4M3 rows have no gradient.
 """
 import torch
 import triton
 import triton.language as tl
 
+from .interpreter import to_storage
 from .launch import (HALF_DTYPES, Config, check_same_device, check_supported_dtype, config, input_error, offer,
                      size_bucket)
 
@@ -25,6 +31,33 @@ TOKENS_PER_PROGRAM = 16
 # thread with no spills; 4096 spills.
 BACKWARD_TILE_VALUES = 2048
 BACKWARD_NUM_WARPS = 8
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+# A row of zeros gets this max instead of a division by zero: its values stay zero.
+FP8_TINY_AMAX = 1e-12
+_FP8_MAX: tl.constexpr = tl.constexpr(FP8_MAX)
+_FP8_TINY_AMAX: tl.constexpr = tl.constexpr(FP8_TINY_AMAX)
+
+
+def quantize_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E4M3 values, fp32 scale per row, shape (..., 1)) of ``tensor`` (..., D): ``values * scale``
+    approximates it. The scale maps the row's largest magnitude to 448, E4M3's largest value."""
+    amax = tensor.abs().amax(dim=-1, keepdim=True).float()
+    scale = amax.clamp_min(FP8_TINY_AMAX) / FP8_MAX
+    return (tensor.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+@triton.jit
+def store_quantized_row(values_ptr, scales_ptr, row, D, columns, mask, out):
+    """Store one fp32 row (masked lanes zero) as ``quantize_rows`` does: E4M3 values at row * D, its scale at row.
+
+    The divisions round to nearest (div_rn), as torch's do: a compiled ``/`` is an approximate division."""
+    amax = tl.max(tl.abs(out), axis=0)
+    scale = tl.math.div_rn(tl.maximum(amax, _FP8_TINY_AMAX), _FP8_MAX)
+    values = tl.clamp(tl.math.div_rn(out, scale), -_FP8_MAX, _FP8_MAX)
+    tl.store(values_ptr + row * D + columns, to_storage(values, tl.float8e4nv), mask=mask)
+    tl.store(scales_ptr + row, scale)
 
 
 @triton.jit

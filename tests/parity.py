@@ -142,6 +142,28 @@ def assert_grads_match(actual, expected, inputs, names):
 
 
 
+# FP8 ops (fastdit.kernels.rows.quantize_rows and the fused ops that write E4M3): each row's fp32 scale is
+# its max / 448 within fp32 rounding (the kernels' LayerNorm rounds differently from torch's: measured 2e-7).
+FP8_SCALE_TOLERANCE = 1e-5
+
+
+def assert_quantized_rows(values, scales, expected, what="output"):
+    """``(values, scales)`` quantize the fp32 rows ``expected`` (..., D) per row: each scale is the row's max over
+    448 (FP8_SCALE_TOLERANCE), and each value, in units of its row's scale, is within half an E4M3 step of the fp32
+    value (steps: 2^(e - 3) at magnitude [2^e, 2^(e + 1)), 2^-9 below 2^-6), plus 1e-5 of it for the kernels'
+    own fp32 rounding of the row."""
+    expected = expected.float()
+    assert values.dtype == torch.float8_e4m3fn and scales.dtype == torch.float32, f"{what}: {values.dtype} {scales.dtype}"
+    assert values.shape == expected.shape and scales.shape == (*expected.shape[:-1], 1), \
+        f"{what}: shapes {tuple(values.shape)} {tuple(scales.shape)} for rows {tuple(expected.shape)}"
+    exact_scales = expected.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 448
+    assert_parity(scales, exact_scales, FP8_SCALE_TOLERANCE, f"{what} scales")
+    exact = expected / scales
+    step = torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(2.0 ** -6))) - 3)
+    excess = (values.float() - exact).abs() - (0.5 * step + 1e-5 * exact.abs())
+    assert excess.max() <= 0, f"{what}: a value {excess.max():.3g} steps past half an E4M3 step from the fp32 row"
+
+
 def assert_compiled_matches_eager(run, fn, names):
     """``run(fn)`` returns tensors (outputs, grads): run with ``torch.compile(fn, fullgraph=True)``
     it must return them bit for bit as with eager ``fn``, from the same seed."""

@@ -14,6 +14,10 @@ step of the residual stream is one fused kernel:
   takes the next block's first (shift, scale);
 - attention reads q, k and v through strides straight out of the qkv projection.
 
+Quantized to FP8 (``quantize("fp8")``, ``fastdit.models.fp8``), the same fused ops write the blocks'
+GEMM inputs in E4M3 with per-token scales (``QuantizedActivation``s): the first block's h, and each
+h whose consumer is an ``FP8Linear`` (fc1's, the next block's qkv); the final layer's stays bf16.
+
 Each block's forward is the paper's residual lines with the fused op in their place. The other
 block designs (``block="adaln"``, ``"cross-attn"``, ``"in-context"``) call it with ``gate=None``
 (their residual is ungated) and take an affine LayerNorm as a modulation by its weight and bias.
@@ -27,9 +31,10 @@ from fastdit.models import checkpoint as checkpoints  # `checkpoint` is torch's 
 from fastdit.models import fp8
 from fastdit.models.attention import attention, check_backend
 from fastdit.models.modulation import modulations as adaln_modulations, stack_modulations
-from fastdit.kernels.gated_residual import gated_residual_modulate_layernorm
+from fastdit.kernels.gated_residual import gated_residual_modulate_layernorm, gated_residual_modulate_layernorm_fp8
+from fastdit.kernels.gelu_fp8 import gelu_fp8
 from fastdit.kernels import linear_gelu as fused_gelu
-from fastdit.kernels.modulate import modulate_layernorm
+from fastdit.kernels.modulate import modulate_layernorm, modulate_layernorm_fp8
 from fastdit.kernels.patch_embed import patch_embed
 from fastdit import reference
 from fastdit.reference import ADAPTIVE_DESIGNS, CONDITION_TOKENS, model_constructors
@@ -48,9 +53,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
-        B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)
-        return self.proj(attention(q, k, v, self.attn_backend).reshape(B, T, D))
+        qkv = self.qkv(x)  # x: (B, T, D), or its QuantizedActivation when qkv is an FP8Linear
+        B, T, _ = qkv.shape
+        q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_dim).unbind(2)
+        return self.proj(attention(q, k, v, self.attn_backend).reshape(B, T, -1))
 
 
 class CrossAttention(reference.CrossAttention):
@@ -76,12 +82,17 @@ class Mlp(reference.Mlp):
 
     Where autograd records the MLP (training), it runs as the reference's three ops instead: the
     fused op's backward would recompute fc1's output, one GEMM more than the GELU pass it saves
-    (docs/performance.md), to save a (tokens, 4D) activation per block."""
+    (docs/performance.md), to save a (tokens, 4D) activation per block.
+
+    Quantized (fc1 and fc2 ``FP8Linear``s), x is a ``QuantizedActivation`` and the GELU is one pass that
+    also quantizes fc2's input (``gelu_fp8``): an FP8 GEMM has no GELU epilogue."""
 
     def forward(self, x):
         fc1 = self.fc1
+        if isinstance(fc1, fp8.FP8Linear):
+            return self.fc2(fp8.QuantizedActivation(*gelu_fp8(fc1(x))))
         recorded = torch.is_grad_enabled() and (x.requires_grad or fc1.weight.requires_grad)
-        if not fused_gelu.FUSED or recorded or not isinstance(fc1, nn.Linear):  # an FP8Linear: its own GEMM
+        if not fused_gelu.FUSED or recorded:
             return super().forward(x)
         dtype = linear_dtype(fc1.weight)  # autocast does not cast a custom op's inputs
         return self.fc2(fused_gelu.linear_gelu(x.to(dtype), fc1.weight.to(dtype), fc1.bias.to(dtype)))
@@ -96,9 +107,23 @@ def affine_norm_modulation(norm, batch):
     return shift, scale
 
 
+def residual_norm(x, gate, y, shift, scale, quantize):
+    """``gated_residual_modulate_layernorm``: the new x and its normed copy h, which with ``quantize`` (h feeds
+    an FP8Linear) comes quantized in the same pass, as a QuantizedActivation."""
+    if quantize:
+        x, values, scales = gated_residual_modulate_layernorm_fp8(x, gate, y, shift, scale)
+        return x, fp8.QuantizedActivation(values, scales)
+    return gated_residual_modulate_layernorm(x, gate, y, shift, scale)
+
+
+def quantized_mlp(block):
+    return isinstance(block.mlp.fc1, fp8.FP8Linear)
+
+
 # Every block's forward takes the residual stream x, h = its first norm's modulated LayerNorm of x
 # (made by the fused op that ended the previous block), its modulation (from ``modulation(c)``) and
-# the (shift, scale) of the next norm after it; it returns the new x and that next h.
+# the (shift, scale) of the next norm after it; it returns the new x and that next h, quantized when
+# ``quantize_next`` (the next block of an FP8 model; see ``residual_norm``).
 
 
 class DiTBlock(nn.Module):
@@ -114,10 +139,10 @@ class DiTBlock(nn.Module):
             nn.SiLU(), nn.Linear(hidden_size, self.modulations * hidden_size, bias=True)
         )
 
-    def forward(self, x, h, modulation, next_shift, next_scale):
+    def forward(self, x, h, modulation, next_shift, next_scale, quantize_next=False):
         _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
-        x, h = gated_residual_modulate_layernorm(x, gate_msa, self.attn(h), shift_mlp, scale_mlp)
-        x, h = gated_residual_modulate_layernorm(x, gate_mlp, self.mlp(h), next_shift, next_scale)
+        x, h = residual_norm(x, gate_msa, self.attn(h), shift_mlp, scale_mlp, quantized_mlp(self))
+        x, h = residual_norm(x, gate_mlp, self.mlp(h), next_shift, next_scale, quantize_next)
         return x, h
 
 
@@ -126,10 +151,10 @@ class AdaLNBlock(DiTBlock):
 
     modulations = 4
 
-    def forward(self, x, h, modulation, next_shift, next_scale):
+    def forward(self, x, h, modulation, next_shift, next_scale, quantize_next=False):
         _, _, shift_mlp, scale_mlp = modulation
-        x, h = gated_residual_modulate_layernorm(x, None, self.attn(h), shift_mlp, scale_mlp)
-        x, h = gated_residual_modulate_layernorm(x, None, self.mlp(h), next_shift, next_scale)
+        x, h = residual_norm(x, None, self.attn(h), shift_mlp, scale_mlp, quantized_mlp(self))
+        x, h = residual_norm(x, None, self.mlp(h), next_shift, next_scale, quantize_next)
         return x, h
 
 
@@ -151,11 +176,12 @@ class CrossAttentionBlock(nn.Module):
         norms = (self.norm1, self.norm2, self.norm3)
         return *(value for norm in norms for value in affine_norm_modulation(norm, batch)), tokens
 
-    def forward(self, x, h, modulation, next_shift, next_scale):
+    def forward(self, x, h, modulation, next_shift, next_scale, quantize_next=False):
         _, _, shift2, scale2, shift3, scale3, tokens = modulation
-        x, h = gated_residual_modulate_layernorm(x, None, self.attn(h), shift2, scale2)
-        x, h = gated_residual_modulate_layernorm(x, None, self.cross_attn(h, tokens), shift3, scale3)
-        x, h = gated_residual_modulate_layernorm(x, None, self.mlp(h), next_shift, next_scale)
+        # cross-attention's q is a bf16 linear: its input stays bf16
+        x, h = residual_norm(x, None, self.attn(h), shift2, scale2, False)
+        x, h = residual_norm(x, None, self.cross_attn(h, tokens), shift3, scale3, quantized_mlp(self))
+        x, h = residual_norm(x, None, self.mlp(h), next_shift, next_scale, quantize_next)
         return x, h
 
 
@@ -174,10 +200,10 @@ class InContextBlock(nn.Module):
         batch = tokens.shape[0]
         return *affine_norm_modulation(self.norm1, batch), *affine_norm_modulation(self.norm2, batch)
 
-    def forward(self, x, h, modulation, next_shift, next_scale):
+    def forward(self, x, h, modulation, next_shift, next_scale, quantize_next=False):
         _, _, shift2, scale2 = modulation
-        x, h = gated_residual_modulate_layernorm(x, None, self.attn(h), shift2, scale2)
-        x, h = gated_residual_modulate_layernorm(x, None, self.mlp(h), next_shift, next_scale)
+        x, h = residual_norm(x, None, self.attn(h), shift2, scale2, quantized_mlp(self))
+        x, h = residual_norm(x, None, self.mlp(h), next_shift, next_scale, quantize_next)
         return x, h
 
 
@@ -310,8 +336,15 @@ class DiT(reference.DiT):
             modulations = [layer.modulation(c) for layer in layers]
         return x, self.normed_input(x, modulations, 0), modulations
 
+    def quantized_input(self, index):
+        """Whether block ``index``'s input h is quantized: in an FP8 model, every block's (its qkv is an
+        FP8Linear); never the final layer's (index = depth)."""
+        return self.quantization is not None and index < len(self.blocks)
+
     def normed_input(self, x, modulations, index):
         """Block ``index``'s input h for the residual stream x (index = depth: the final layer's)."""
+        if self.quantized_input(index):
+            return fp8.QuantizedActivation(*modulate_layernorm_fp8(x, *modulations[index][:2]))
         return modulate_layernorm(x, *modulations[index][:2])
 
     def run_blocks(self, x, h, modulations, start, stop):
@@ -319,10 +352,11 @@ class DiT(reference.DiT):
         for index in range(start, stop):
             block, modulation = self.blocks[index], modulations[index]
             next_shift, next_scale = modulations[index + 1][:2]
+            quantize_next = self.quantized_input(index + 1)
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x, h = checkpoint(block, x, h, modulation, next_shift, next_scale, use_reentrant=False)
+                x, h = checkpoint(block, x, h, modulation, next_shift, next_scale, quantize_next, use_reentrant=False)
             else:
-                x, h = block(x, h, modulation, next_shift, next_scale)
+                x, h = block(x, h, modulation, next_shift, next_scale, quantize_next)
         return x, h
 
     def final_output(self, h):

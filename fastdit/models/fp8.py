@@ -9,31 +9,49 @@ output. Attention, the norms, the residual stream, the embedders, the adaLN GEMM
 stay bf16: they are few FLOPs or, for attention, need the softmax's range. So every ``attn_backend``
 takes a quantized model: each gets the bf16 q, k and v it gets from a bf16 one.
 
-Each GEMM's input is quantized by a torch pass of its own (``quantize_rows``): the fused Triton kernels
-that produce qkv's and fc1's inputs, the GELU before fc2 and attention before the projection still
-write bf16 (under ``torch.compile`` inductor fuses each pass into one kernel; eagerly it is a few
-launches). The CPU runs the same code, for the tests; on CUDA it needs sm_89 or newer.
+The kernels that produce a GEMM's input write it quantized, in the same pass (a ``QuantizedActivation``):
+- qkv's: the first block's from ``modulate_layernorm_fp8``, every later block's from the previous block's
+  fused residual + LayerNorm + modulation (``gated_residual_modulate_layernorm_fp8``);
+- fc1's: the fused residual + LayerNorm + modulation after attention (the same op);
+- fc2's: the GELU of fc1's bf16 output (``gelu_fp8``): ``_scaled_mm`` has no GELU epilogue, so fc1 writes
+  bf16 and one pass applies the GELU and quantizes.
+One separate quantization pass remains per block, in ``FP8Linear`` itself: the attention output before the
+projection. Its per-token scale is the max over all heads of the token, and the flash kernel computes each
+head in a different program, so no program sees a whole row; a cross-program max would cost a pass anyway.
+(Under ``torch.compile`` inductor fuses that pass into one kernel; eagerly it is a few launches.) In the
+cross-attention design the second norm's output feeds a bf16 linear (cross-attention's q): it stays bf16.
+The final layer's input stays bf16 too.
+
+The CPU runs the same code, for the tests; on CUDA it needs sm_89 or newer.
 """
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max  # 448
+from fastdit.kernels.rows import FP8, FP8_MAX, quantize_rows  # noqa: F401 (FP8, FP8_MAX: this module's API)
+
 QUANTIZATIONS = ("fp8",)
 QUANTIZED_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
 
-def quantize_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(E4M3 values, fp32 scale per row) of a 2-D tensor: ``values * scale`` approximates ``tensor``."""
-    amax = tensor.abs().amax(dim=-1, keepdim=True).float()
-    # A row of zeros gets a tiny scale, not a division by zero: its values stay zero.
-    scale = amax.clamp_min(1e-12) / FP8_MAX
-    return (tensor.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+class QuantizedActivation(NamedTuple):
+    """A GEMM input quantized per token: E4M3 ``values`` (..., D) and fp32 ``scales`` (..., 1), so that
+    ``values * scales`` approximates it; made by the fused kernels for an ``FP8Linear``."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
+
+    def map(self, function):
+        """The same per-token ``function`` (a slice or a pad over tokens) applied to values and scales."""
+        return QuantizedActivation(function(self.values), function(self.scales))
 
 
 class FP8Linear(nn.Module):
     """A bf16 ``nn.Linear``'s function with an E4M3 weight (per output channel scales) and E4M3 inputs
-    (per token scales), bf16 out. Inference only: it has no backward."""
+    (per token scales), bf16 out. Inference only: it has no backward.
+
+    Its input is a ``QuantizedActivation``, or a bf16 tensor, which it quantizes itself."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -44,12 +62,14 @@ class FP8Linear(nn.Module):
         self.register_buffer("bias", linear.bias.detach().to(torch.bfloat16))
 
     def forward(self, x):
-        rows = x.reshape(-1, self.in_features)
-        values, scale = quantize_rows(rows)
+        if not isinstance(x, QuantizedActivation):
+            x = QuantizedActivation(*quantize_rows(x))
+        shape = x.values.shape
+        values, scale = x.values.reshape(-1, self.in_features), x.scales.reshape(-1, 1)
         # weight.t(): the column-major second operand _scaled_mm requires on CUDA
         out = torch._scaled_mm(values, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, bias=self.bias,
                                out_dtype=torch.bfloat16)
-        return out.view(*x.shape[:-1], self.out_features)
+        return out.view(*shape[:-1], self.out_features)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, E4M3 weight, per-token E4M3 input"

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastdit.models.attention import attention
+from fastdit.models.fp8 import QuantizedActivation
 from fastdit.reference import CONDITION_TOKENS
 
 
@@ -48,9 +49,10 @@ class UlyssesAttention(nn.Module):
         self.tokens = None  # the sequence's real length T, set by ``sequence_parallel`` for each forward
 
     def forward(self, h):
-        batch, local, dim = h.shape
+        qkv = self.inner.qkv(h)  # h: (B, T/N, D), or its QuantizedActivation in an FP8 model
+        batch, local, dim = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         n, heads, head_dim = self.degree, self.inner.num_heads // self.degree, self.inner.head_dim
-        qkv = self.inner.qkv(h).view(batch, local, 3, n, heads, head_dim).permute(3, 0, 1, 2, 4, 5)
+        qkv = qkv.view(batch, local, 3, n, heads, head_dim).permute(3, 0, 1, 2, 4, 5)
         qkv = all_to_all(qkv, self.group)  # piece i: rank i's tokens, this rank's heads
         # (B, N * T/N, 3, H/N, Dh): the whole sequence in order, padding last, so the slice drops exactly it
         qkv = qkv.permute(1, 0, 2, 3, 4, 5).reshape(batch, n * local, 3, heads, head_dim)[:, :self.tokens]
@@ -101,8 +103,10 @@ def sequence_parallel(model, wrappers, group, x, t, y):
 
     for wrapper in wrappers:
         wrapper.tokens = tokens
+    # An FP8 model's h is quantized per token: its values and scales are split alike.
+    h = h.map(piece) if isinstance(h, QuantizedActivation) else piece(h)
     with swapped_attention(model, wrappers):
-        _, h = model.run_blocks(piece(x), piece(h), modulations, 0, len(model.blocks))
+        _, h = model.run_blocks(piece(x), h, modulations, 0, len(model.blocks))
     out = all_gather(model.final_layer(h), group, dim=1)[:, :tokens]
     if model.block == "in-context":
         out = out[:, CONDITION_TOKENS:]

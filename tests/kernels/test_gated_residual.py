@@ -1,8 +1,8 @@
 import pytest
 import torch
 from parity import (DEVICE, DTYPE_PAIRS, DTYPES, HIDDEN_STATE_SHAPES, KERNEL_TOLERANCE, assert_compiled_matches_eager,
-                    assert_fails_with_wrong_kernels, assert_grads_match, assert_parity, launches_kernels,
-                    relative_max_error, requires_triton)
+                    assert_fails_with_wrong_kernels, assert_grads_match, assert_parity, assert_quantized_rows,
+                    launches_kernels, relative_max_error, requires_triton)
 
 from fastdit.kernels.gated_residual import (
     gated_residual,
@@ -11,6 +11,7 @@ from fastdit.kernels.gated_residual import (
     gated_residual_modulate_layernorm,
     gated_residual_modulate_layernorm_backward,
     gated_residual_modulate_layernorm_backward_reference,
+    gated_residual_modulate_layernorm_fp8,
     gated_residual_reference,
 )
 from fastdit.kernels.modulate import modulate_layernorm, modulate_layernorm_reference
@@ -336,9 +337,36 @@ def test_gated_residual_bad_inputs_name_the_argument(case, error, name):
         ("shift other half", TypeError, "shift"),
     ],
 )
-def test_fused_bad_inputs_name_the_argument(case, error, name):
-    with pytest.raises(error, match=rf"^gated_residual_modulate_layernorm: {name} must .*, got "):
-        gated_residual_modulate_layernorm(*_bad_inputs(case))
+@pytest.mark.parametrize("op", [gated_residual_modulate_layernorm, gated_residual_modulate_layernorm_fp8],
+                         ids=["bf16", "fp8"])
+def test_fused_bad_inputs_name_the_argument(op, case, error, name):
+    op_name = "gated_residual_modulate_layernorm" + ("_fp8" if op is gated_residual_modulate_layernorm_fp8 else "")
+    with pytest.raises(error, match=rf"^{op_name}: {name} must .*, got "):
+        op(*_bad_inputs(case))
+
+
+# FP8 (inference only): the normed rows in E4M3 with a scale per row, the residual as the unquantized op's. Hidden
+# sizes off the block (72, 200) and a DiT one; batch 1 and token counts off any block.
+@launches_kernels
+@GATED
+@pytest.mark.parametrize("x_dtype, dtype", DTYPE_PAIRS, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 384), (2, 7, 72), (2, 33, 200)], ids=str)
+def test_fp8_matches_reference(shape, x_dtype, dtype, gated):
+    x, gate, y, shift, scale = make_inputs(*shape, dtype, strided=True, x_dtype=x_dtype, gated=gated)
+    residual, values, scales = gated_residual_modulate_layernorm_fp8(x, gate, y, shift, scale)
+    assert residual.dtype == x_dtype and values.is_contiguous()
+    assert_parity(residual, expected_residual(x, gate, y), KERNEL_TOLERANCE[x_dtype])
+    # normed from the residual as stored, as in the unquantized op
+    assert_quantized_rows(values, scales, expected_normed(residual, shift, scale))
+    with pytest.raises(AssertionError, match="past half an E4M3 step"):  # a 10% error in the values fails
+        assert_quantized_rows((1.1 * values.float()).to(values.dtype), scales, expected_normed(residual, shift, scale))
+
+
+def test_fp8_is_inference_only():
+    x, gate, y, shift, scale = leaves(*make_inputs(1, 3, 72, torch.bfloat16, strided=False))
+    residual, _, _ = gated_residual_modulate_layernorm_fp8(x, gate, y, shift, scale)
+    with pytest.raises(RuntimeError, match="no autograd formula was registered"):
+        residual.sum().backward()
 
 
 @launches_kernels
@@ -365,6 +393,8 @@ def test_opcheck(gated):
     x, gate, y, shift, scale = leaves(*make_inputs(2, 3, 72, torch.bfloat16, strided=True, gated=gated))
     torch.library.opcheck(gated_residual, (x, gate, y))
     torch.library.opcheck(gated_residual_modulate_layernorm, (x, gate, y, shift, scale), {"eps": 1e-5})
+    detached = [None if tensor is None else tensor.detach() for tensor in (x, gate, y, shift, scale)]
+    torch.library.opcheck(gated_residual_modulate_layernorm_fp8, detached)
     mixed = leaves(*make_inputs(2, 3, 72, torch.float16, strided=True, x_dtype=torch.float32, gated=gated))
     torch.library.opcheck(gated_residual, mixed[:3])
     torch.library.opcheck(gated_residual_modulate_layernorm, mixed)

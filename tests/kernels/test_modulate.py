@@ -1,13 +1,14 @@
 import pytest
 import torch
 from parity import (DEVICE, DTYPE_PAIRS, DTYPES, HIDDEN_STATE_SHAPES, KERNEL_TOLERANCE, assert_compiled_matches_eager,
-                    assert_fails_with_wrong_kernels, assert_grads_match, assert_parity, launches_kernels,
-                    relative_max_error, requires_triton)
+                    assert_fails_with_wrong_kernels, assert_grads_match, assert_parity, assert_quantized_rows,
+                    launches_kernels, relative_max_error, requires_triton)
 
 from fastdit.kernels.modulate import (
     modulate_layernorm,
     modulate_layernorm_backward,
     modulate_layernorm_backward_reference,
+    modulate_layernorm_fp8,
     modulate_layernorm_reference,
 )
 
@@ -270,3 +271,64 @@ def test_opcheck():
     torch.library.opcheck(modulate_layernorm, (mixed_x, shift.bfloat16(), scale.bfloat16()))
     grad = torch.randn(2, 3, 72, device=DEVICE).half()
     torch.library.opcheck(modulate_layernorm_backward, (grad, x.detach(), scale.detach(), 1e-5))
+
+
+# --- FP8: the normed rows in E4M3 with a scale per row (inference only) ---------------------
+
+
+# Hidden sizes off the block (72, 200) and a DiT one; batch 1 and token counts off any block.
+FP8_SHAPES = [(1, 1, 384), (2, 7, 72), (2, 33, 200)]
+
+
+@launches_kernels
+@pytest.mark.parametrize("x_dtype, dtype", DTYPE_PAIRS, ids=str)
+@pytest.mark.parametrize("shape", FP8_SHAPES, ids=str)
+def test_fp8_matches_reference(shape, x_dtype, dtype):
+    batch, tokens, hidden_size = shape
+    x = make_x(*shape, x_dtype, "token-slice")
+    shift, scale = make_shift_scale(batch, hidden_size, dtype, strided=True)
+    values, scales = modulate_layernorm_fp8(x, shift, scale)
+    assert values.is_contiguous()
+    assert_quantized_rows(values, scales, expected(x, shift, scale))
+
+
+@requires_triton
+@pytest.mark.parametrize("layout", ["batch-slice", "transposed"])
+def test_fp8_noncontiguous_x(layout):
+    x = make_x(2, 9, 200, torch.bfloat16, layout)
+    shift, scale = make_shift_scale(2, 200, torch.bfloat16, strided=False)
+    assert_quantized_rows(*modulate_layernorm_fp8(x, shift, scale), expected(x, shift, scale))
+
+
+@requires_triton
+def test_fp8_wrong_rows_fail():
+    """The check catches a 10% error in the values or in the scales (the test of a deliberately wrong kernel:
+    fp8 tensors take no in-place multiply, so the wrong outputs are made here)."""
+    x = make_x(2, 7, 72, torch.bfloat16)
+    shift, scale = make_shift_scale(2, 72, torch.bfloat16, strided=True)
+    values, scales = modulate_layernorm_fp8(x, shift, scale)
+    for wrong in ((values, 1.1 * scales), ((1.1 * values.float()).to(values.dtype), scales)):
+        with pytest.raises(AssertionError, match="relative max error|past half an E4M3 step"):
+            assert_quantized_rows(*wrong, expected(x, shift, scale))
+
+
+def test_fp8_bad_inputs_name_the_argument():
+    for case, error, name in (("shift hidden size", ValueError, "shift"), ("scale dtype", TypeError, "scale"),
+                              ("x int dtype", TypeError, "x"), ("eps zero", ValueError, "eps")):
+        with pytest.raises(error, match=rf"^modulate_layernorm_fp8: {name} must .*, got "):
+            modulate_layernorm_fp8(*_bad_inputs(case))
+
+
+def test_fp8_is_inference_only():
+    x = make_x(1, 3, 72, torch.bfloat16).requires_grad_()
+    shift, scale = make_shift_scale(1, 72, torch.bfloat16, strided=False)
+    _, scales = modulate_layernorm_fp8(x, shift, scale)
+    with pytest.raises(RuntimeError, match="no autograd formula was registered"):
+        scales.sum().backward()
+
+
+@launches_kernels
+def test_fp8_opcheck():
+    x = make_x(2, 3, 72, torch.bfloat16, "token-slice")
+    shift, scale = make_shift_scale(2, 72, torch.bfloat16, strided=True)
+    torch.library.opcheck(modulate_layernorm_fp8, (x, shift, scale), {"eps": 1e-5})
