@@ -1,7 +1,7 @@
 """Compile every kernel launch of a real DiT forward and backward for a GPU, without a GPU.
 
     python -m fastdit.tools.aot [--arch 90 80] [--model DiT-S/2 DiT-XL/2] [--image-size 256 512]
-                                  [--dtype bf16 fp16 fp32 amp] [--block ...] [--json FILE] [--markdown FILE]
+                                  [--dtype bf16 fp16 fp32 amp fp8] [--block ...] [--json FILE] [--markdown FILE]
 
 The fast model runs on meta tensors under ``runtime.simulate(target)``: its launchers configure
 themselves for that GPU and call the kernels, and ``JITFunction.run`` is intercepted to record
@@ -12,6 +12,10 @@ configuration of ``tuning.choose`` included, is then compiled for the target wit
 ``triton.compile`` and its cubin read with the wheel's ``cuobjdump``: registers, the stack frame
 (local memory: spilled registers; the kernels have no local arrays), shared memory and the
 tensor-core instructions (HGMMA: wgmma on sm_90; HMMA: mma.sync).
+
+``--dtype fp8`` records the forward of the bf16 model quantized to FP8 (``model.quantize("fp8")``, inference
+only: no backward), whose norm and GELU kernels write E4M3; for sm_90 only, as fp32 -> E4M3 conversion needs
+sm_89 or newer (an sm_80 build of those kernels cannot exist, and fastdit refuses FP8 there).
 
 Exit status 1 when a launch fails to compile, or when a default configuration spills or needs
 more shared memory than the target has (candidates that do are reported as pruned: the runtime
@@ -36,7 +40,10 @@ from triton.runtime.jit import JITFunction
 from fastdit.kernels import runtime, tuning
 from fastdit.tools.aot_report import markdown, summary, table, write_atomic
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "amp": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "amp": torch.float32,
+          "fp8": torch.bfloat16}
+# E4M3 conversion (cvt.rn.satfinite.e4m3x2) needs sm_89 or newer.
+FP8_MIN_ARCH = 89
 MODELS = ("DiT-S/2", "DiT-S/4", "DiT-S/8", "DiT-B/2", "DiT-B/4", "DiT-B/8",
           "DiT-L/2", "DiT-L/4", "DiT-L/8", "DiT-XL/2", "DiT-XL/4", "DiT-XL/8")
 BLOCKS = ("adaln-zero", "adaln", "cross-attn", "in-context")
@@ -82,7 +89,8 @@ def parse_args(argv=None):
     parser.add_argument("--image-size", nargs="+", type=int, default=[256, 512], choices=[256, 512],
                         help="image sizes in pixels (latent side = size / 8)")
     parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES),
-                        help="model dtypes; amp = fp32 weights under bf16 autocast (default: all)")
+                        help="model dtypes; amp = fp32 weights under bf16 autocast, fp8 = the bf16 model quantized "
+                             "to FP8, its forward, sm_90 only (default: all)")
     parser.add_argument("--block", nargs="+", default=list(BLOCKS), choices=BLOCKS,
                         help="the paper's block designs (default: all four)")
     parser.add_argument("--batch", type=int, default=64, help="batch size of the recorded launches (default: 64)")
@@ -214,24 +222,29 @@ def _meta_autocast(dtype: torch.dtype | None):
 
 
 def record_model(recorder: Recorder, name: str, image_size: int, dtype_name: str, block: str, batch: int) -> None:
-    """Record the launches of one training step (forward, then backward) of the fast model."""
+    """Record the launches of one training step (forward, then backward) of the fast model; for fp8, of the
+    quantized model's forward."""
     from fastdit import DiT_models
 
+    training = dtype_name != "fp8"
     with torch.device("meta"):
         model = DiT_models[name](input_size=image_size // 8, block=block).set_attn_backend("triton")
-        model = model.to(DTYPES[dtype_name]).train()
+        model = model.to(DTYPES[dtype_name]).train(training)
         # x needs its gradient too (guidance and inversion use it), so that patch_embed's grad_x kernel is checked.
         x = torch.empty(batch, model.in_channels, model.input_size, model.input_size, dtype=DTYPES[dtype_name],
-                        requires_grad=True)
+                        requires_grad=training)
         t = torch.empty(batch, dtype=torch.long)
         y = torch.empty(batch, dtype=torch.long)
     context = f"{name} {image_size}px {dtype_name} {block}"
     with recorder.active():
+        if not training:
+            model.quantize("fp8")  # under the simulated GPU, which the capability check accepts for meta tensors
         recorder.use = f"{context} forward"
         with _meta_autocast(torch.bfloat16 if dtype_name == "amp" else None):
             out = model(x, t, y)
-        recorder.use = f"{context} backward"
-        out.float().sum().backward()
+        if training:
+            recorder.use = f"{context} backward"
+            out.float().sum().backward()
 
 
 # --- compiling ----------------------------------------------------------------------------------
@@ -351,9 +364,14 @@ def main(argv=None) -> int:
         for name in args.model:
             for image_size in args.image_size:
                 for dtype_name in args.dtype:
+                    if dtype_name == "fp8" and arch < FP8_MIN_ARCH:
+                        continue
                     for block in args.block:
                         record_model(recorder, name, image_size, dtype_name, block, args.batch)
         recorders.append(recorder)
+    if "fp8" in args.dtype and min(args.arch) < FP8_MIN_ARCH:
+        print(f"--dtype fp8: not recorded for sm_{min(args.arch)}: E4M3 conversion needs sm_{FP8_MIN_ARCH} or newer",
+              file=sys.stderr)
     rows = sorted(compile_all(recorders, args.workers, args.record_only, args.defaults_only),
                   key=lambda r: (-r["arch"], r["kernel"], r["shape"], not r["default"], r["candidate"]))
     command = "python -m fastdit.tools.aot " + " ".join(argv if argv is not None else sys.argv[1:])

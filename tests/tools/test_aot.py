@@ -17,6 +17,9 @@ KERNELS = {
     "_gated_residual_kernel", "_gated_residual_backward_kernel",
     "_attention_fwd_kernel", "_attention_bwd_delta_kernel", "_attention_bwd_key_kernel", "_attention_bwd_query_kernel",
 }
+# The FP8 model's forward (--dtype fp8, sm_90 only): the norm kernels' QUANTIZE variants and the GELU's.
+FP8_KERNELS = {"_patch_embed_kernel", "_modulate_layernorm_kernel", "_gated_residual_kernel", "_attention_fwd_kernel",
+               "_gelu_fp8_kernel"}
 
 
 def run_aot(tmp_path, *args):
@@ -26,11 +29,12 @@ def run_aot(tmp_path, *args):
                           env=env, cwd=tmp_path)
 
 
-def check_report(report: dict, archs: set[int]):
+def check_report(report: dict, archs: set[int], kernels: dict[int, set] | None = None):
+    """``kernels``: the kernels recorded per arch (default: a training step's, KERNELS)."""
     rows = report["launches"]
     assert {row["arch"] for row in rows} == archs
     for arch in archs:
-        assert {row["kernel"] for row in rows if row["arch"] == arch} == KERNELS
+        assert {row["kernel"] for row in rows if row["arch"] == arch} == (kernels or {}).get(arch, KERNELS)
     for row in rows:
         assert "error" not in row, row
         if row["default"]:
@@ -63,7 +67,19 @@ def test_full_matrix_compiles_without_spills(tmp_path):
     for everything in docs/kernels.md: about 800 compiles, too many for CI's two cores)."""
     result = run_aot(tmp_path, "--defaults-only", "--json", "aot.json")
     assert result.returncode == 0, result.stderr[-3000:]
-    check_report(json.loads((tmp_path / "aot.json").read_text()), {90, 80})
+    check_report(json.loads((tmp_path / "aot.json").read_text()), {90, 80}, {90: KERNELS | FP8_KERNELS})
+
+
+def test_fp8_forward_compiles_for_sm90_without_spills_and_skips_sm80(tmp_path):
+    result = run_aot(tmp_path, "--arch", "90", "80", "--model", "DiT-S/2", "--image-size", "256", "--dtype", "fp8",
+                     "--block", "adaln-zero", "cross-attn", "--defaults-only", "--json", "aot.json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--dtype fp8: not recorded for sm_80: E4M3 conversion needs sm_89 or newer" in result.stderr
+    report = json.loads((tmp_path / "aot.json").read_text())
+    check_report(report, {90}, {90: FP8_KERNELS})
+    quantized = [row for row in report["launches"] if row["constants"].get("QUANTIZE") or "gelu" in row["kernel"]]
+    # the first norm, the gated and ungated residual + norm (cross-attention's), and the GELU
+    assert len(quantized) == 4 and all(row["status"] == "ok" for row in quantized), quantized
 
 
 def test_records_the_launches_of_a_real_training_step(tmp_path):
