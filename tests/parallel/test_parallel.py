@@ -73,6 +73,7 @@ TWO_PROCESS_CASES = [
     {"spec": "cfg", "block": "adaln-zero", "heads": 2, "size": 8},
     {"spec": "group", "dimension": "sp", "block": "in-context", "heads": 2, "size": 8},  # 16 + 2 condition tokens
     {"spec": "group", "dimension": "dp", "block": "adaln", "heads": 2, "size": 8},
+    {"spec": "sp", "block": "adaln-zero", "heads": 2, "size": 6, "quantize": "fp8"},  # FP8, 9 tokens: one padded
 ]
 
 FOUR_PROCESS_CASES = [

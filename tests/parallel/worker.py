@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from fastdit import DiT
 from fastdit.diffusion.sampling import sample
+from fastdit.models.fp8 import QuantizedActivation
 from fastdit.parallel import ParallelDiT, layout_from_group, layout_from_mesh, make_mesh, parallel_sample
 from fastdit.parallel.ulysses import UlyssesAttention
 
@@ -21,7 +22,7 @@ class LeakyAttention(UlyssesAttention):
     """The padding left in attention (the keys of all N * T/N rows): the exactness checks must catch it."""
 
     def forward(self, h):
-        self.tokens = h.shape[1] * self.degree
+        self.tokens = (h.values if isinstance(h, QuantizedActivation) else h).shape[1] * self.degree
         return super().forward(h)
 
 
@@ -40,6 +41,8 @@ def relative(out, ref):
 
 def run_case(case, device):
     model = tiny_model(case["block"], case["heads"], device, case["size"])
+    if "quantize" in case:  # the blocks' inputs then travel quantized (values and scales split alike)
+        model = model.to(torch.bfloat16).quantize(case["quantize"])
     if case["spec"] == "group":
         arguments = {"group": dist.group.WORLD, "dimension": case["dimension"]}
         layout = layout_from_group(dist.group.WORLD, case["dimension"])
