@@ -10,6 +10,7 @@ import os
 import pathlib
 
 import fastdit
+from fastdit.bench.torchao_baseline import TORCHAO_FP8
 from fastdit.bench.workloads import BASELINE, RELEASE
 
 MODEL = "DiT-XL/2"
@@ -18,7 +19,8 @@ GPU_TESTS = ("tests/kernels", "tests/models/test_gpu.py", "tests/models/test_dit
              "tests/models/test_block_designs.py", "tests/diffusion/test_sampling.py", "tests/diffusion/test_cuda_graphs.py")
 CPU_TESTS = ("tests/bench/test_archive.py",)  # quick, and no timing a busy machine could upset
 CPU_IMPLEMENTATIONS = (BASELINE, RELEASE, "fastdit-eager")
-# Issue 28's switches, each timed off against the same run's fastdit-eager (on): (step, variable).
+# The fused GELU's and the single adaLN GEMM's switches, each timed off against the same run's fastdit-eager (on):
+# (step, variable).
 SWITCH_STEPS = (("no-fused-gelu", "FASTDIT_FUSED_GELU"), ("no-one-adaln-gemm", "FASTDIT_ONE_ADALN_GEMM"))
 
 
@@ -69,6 +71,8 @@ def plan(python: str, cpu: bool, scratch: str) -> list[Step]:
         Step("probe", 30, [python, "-m", "fastdit.bench.probe", f"{scratch}/probe.json"] + (["--cpu"] if cpu else [])),
         bench("256", 150, small[0], [64], ["forward", "sampling-step", "training-step"], eager + ["fastdit-fp8"]),
         bench("256-compiled-forward", 180, small[0], [64], ["forward"], ["reference-compiled"]),
+        # torchao's FP8 (compiled like the reference above): the baseline of fastdit-fp8's forward in step 256.
+        bench("256-torchao-fp8", 180, small[0], [64], ["forward"], [TORCHAO_FP8]),
         bench("batch-1", 150, small[0], [1], ["sampling-step", "sampling-run"], ["fastdit-compiled", "fastdit-cudagraphs"]),
         Step("attention-512", 40, [python, "-m", "fastdit.bench.attention", "--image-size", str(small[1]),
                                    "--batch", str(batch(16)), *repeats, "--resume", "--out", f"{scratch}/attention"],
@@ -77,7 +81,7 @@ def plan(python: str, cpu: bool, scratch: str) -> list[Step]:
     for name, variable in SWITCH_STEPS:
         step = bench(f"256-{name}", 60, small[0], [64], ["forward", "training-step"], ["fastdit-eager"], {variable: "0"})
         if not reads_switch(variable):
-            step.skip = f"{variable} is not read by this checkout's fastdit (issue 28's switch is not in it)"
+            step.skip = f"{variable} is not read by this checkout's fastdit (it predates the switch)"
         steps.append(step)
     tests = CPU_TESTS if cpu else GPU_TESTS
     # pytest.ini asks for xdist: 4 workers compile the kernels side by side where it is installed; without it,

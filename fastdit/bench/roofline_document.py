@@ -255,12 +255,13 @@ FP8_NUMERICS = [
     "",
     DIGITS_FP8,
     "",
-    "No GPU was lent to the session that built the FP8 path: its speed, and the fused GELU's and the single adaLN "
-    "GEMM's, are unmeasured; the tables above are their floors. The FP8 baseline a user would otherwise pick, "
-    "torchao's `Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())`, is a 3.4 MB abi3 wheel "
-    "(`pip download torchao --no-deps`: torchao 0.18.0) that imports and builds its config on torch 2.13, and "
-    "refuses to quantize without an sm_89+ GPU: it can be carried to a device run as a file and installed there "
-    "with `pip install --no-deps`; fastdit does not depend on it.",
+    "The FP8 path's speed, and the fused GELU's and the single adaLN GEMM's, have not been measured on a GPU yet: "
+    "the tables above are their floors. The device run (benchmarks/device_check.sh) times them, each switch off "
+    "against on, beside the FP8 baseline a user would otherwise pick: torchao's "
+    "`Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())` on the release's model, compiled (the "
+    "`torchao-fp8` row, `fastdit.bench.torchao_baseline`). torchao 0.18.0 is a 3.4 MB abi3 wheel whose compiled "
+    "parts load on torch >= 2.11; the device run carries it (benchmarks/README.md) and installs it with "
+    "`pip install --no-deps`. fastdit does not depend on it.",
 ]
 
 
@@ -289,10 +290,10 @@ def _floors(shapes, batch, peaks, workloads) -> list[str]:
              "dense peak, or the least bytes the step must move at the bandwidth (inference: the weights once and "
              "the latents in and out; training: AdamW's one pass over fp32 weights, gradients and moments), "
              "whichever is larger. In bf16, and with every matrix product at the dense FP8 peak (inference only).",
-             f"- **fastdit's sequence floor**: the sum over its launches, as in the table above: {BEFORE.name}; "
-             f"now, {CURRENT.name}; and {FP8_SEQUENCE.name}. Training keeps the GELU pass (its backward needs "
-             "the pre-activation) and bf16.", ""]
-    header = ["image", "step", "GPU", "model bf16", "model FP8", "sequence before", "sequence now", "sequence FP8"]
+             "- **fastdit's sequence floor**: the sum over its launches, as in the table above, for three sequences: "
+             f"*GELU pass*, {BEFORE.name}; *fused* (the default), {CURRENT.name}; *FP8*, {FP8_SEQUENCE.name}. "
+             "Training keeps the GELU pass (its backward needs the pre-activation) and bf16.", ""]
+    header = ["image", "step", "GPU", "model bf16", "model FP8", "sequence GELU pass", "sequence fused", "sequence FP8"]
     rows = []
     for size, shape in shapes.items():
         for workload, label in workloads:
