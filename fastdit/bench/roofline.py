@@ -65,7 +65,7 @@ class Precision:
 class Sequence:
     """Which launches fastdit's forward makes: the GELU in fc1's epilogue or a pass of its own, one adaLN
     GEMM for every block or one per block, and FP8 GEMMs (qkv, attn_proj, fc1, fc2) with their inputs
-    quantized per token by a pass of their own."""
+    quantized per token by the fused kernels that write them, but for attn_proj's (a pass of its own)."""
 
     name: str
     fused_gelu: bool = True
@@ -158,9 +158,6 @@ def forward_ops(shape: DiTShape, batch: int, precision: Precision = INFERENCE, s
             return _fp8_gemm(name, batch * linear.rows, linear.in_features, linear.out_features, linear.count)
         return _gemm(name, "forward", batch * linear.rows, linear.in_features, linear.out_features, linear.count, a)
 
-    def quantize(name, features):
-        return [_quantize(name, rows, features, depth)] if sequence.fp8 else []
-
     if sequence.fp8:  # the GELU's output is quantized in the GELU's own pass: bf16 in, FP8 out
         gelu = [_quantize("gelu + quantize", rows, mlp, depth)]
     elif sequence.fused_gelu:
@@ -169,8 +166,11 @@ def forward_ops(shape: DiTShape, batch: int, precision: Precision = INFERENCE, s
         gelu = [Op("gelu", "elementwise", "forward", depth, 0, depth * 2 * a * rows * mlp)]
 
     patch = linears["patch_embed"]
+    # The normed copies, written for qkv's and fc1's inputs: in FP8, E4M3 and an fp32 scale per row (the final
+    # layer's bf16 input, one of the 2 * depth, is counted so too).
+    normed = rows * (d + FP32) if sequence.fp8 else a * rows * d
     # The stream, each sub-block's gated update plus the next norm: x, y in; x, normed out; 3 modulations.
-    stream = rows * d * (2 * r + 2 * a) + 3 * batch * d * a
+    stream = rows * d * (2 * r + a) + normed + 3 * batch * d * a
     heads = shape.num_heads
     return [
         Op("patch_embed", "fused", "forward", 1, 2 * batch * patch.macs,
@@ -179,17 +179,15 @@ def forward_ops(shape: DiTShape, batch: int, precision: Precision = INFERENCE, s
         gemm("timestep_fc1"), gemm("timestep_fc2"),
         Op("label_embed", "elementwise", "forward", 1, 0, 2 * r * batch * d),
         *(gemm(linear.name, linear) for linear in _adaln_linears(linears, sequence.one_adaln_gemm)),
-        Op("modulate_layernorm", "fused", "forward", 1, 0, rows * d * (r + a) + 2 * batch * d * a,
+        Op("modulate_layernorm", "fused", "forward", 1, 0, rows * d * r + normed + 2 * batch * d * a,
            ("_modulate_layernorm_kernel",)),
-        *quantize("qkv: quantize input", d),
         gemm("qkv"),
         Op("attention", "attention", "forward", depth, 2 * batch * attention.macs,
            depth * (4 * a * rows * d + FP32 * batch * heads * shape.tokens), ("_attention_fwd_kernel",)),
-        *quantize("attn_proj: quantize input", d),
+        *([_quantize("attn_proj: quantize input", rows, d, depth)] if sequence.fp8 else []),
         gemm("attn_proj"),
         Op("gated_residual_modulate_layernorm", "fused", "forward", 2 * depth, 0, 2 * depth * stream,
            ("_gated_residual_kernel",)),
-        *quantize("fc1: quantize input", d),
         gemm("fc1"),
         *gelu,
         gemm("fc2"),
