@@ -185,7 +185,7 @@ def _backward_candidates(tokens: int, head_dim: int, dtype: torch.dtype, device:
         # stages neither kernel spilled under Triton 3.9, but on sm_90 with a token count that 32
         # does not divide 3.7 spills 16 B in dK/dV at head dim 64 and 3.8 16 B in dQ at head dim
         # 72; 64/32 over 8 warps keeps both within 222 registers on both GPUs at head dims 64 and
-        # 72 under 3.7 to 3.9 (docs/kernels.md, "Triton versions"). 16x16 is for head dims above
+        # 72 under 3.6 to 3.9 (docs/kernels.md, "Triton versions"). 16x16 is for head dims above
         # 128 on GPUs with 99 KiB of shared memory, where nothing larger fits.
         tiles = [(64, 32, 8, 1), (32, 32, 4, 2), (32, 32, 8, 1), (16, 16, 4, 1)]
     elif head_dim <= 80:  # a 64 + 16 split at most (DiT's 64 and 72)

@@ -124,13 +124,15 @@ TRITON_VERSION = triton_version(triton.__version__)
 # 80), its general default stays.
 TRITON_3_6_DEFAULTS = {
     # 32x32 over 4 warps with 2 stages reached 255 registers and spilled 8 B on sm_90 at head dim 64
-    # (258 tokens); 64x32 over 8 warps spilled 8 B there at head dim 72. 3 stages spill at neither.
+    # (258 tokens); 64x32 over 8 warps spilled 8 B there at head dim 72. 3 stages spill at neither
+    # (198-255 registers on sm_90, 96-128 on sm_80).
     ("attention_forward", "fp32"): ((32, 32, 4, 3), "every GPU"),
     # dK/dV with 64 keys over 4 warps reached 255 registers and spilled 8 B on sm_80 at head dim 72
     # (256 tokens), in fp16 and bf16. 128 keys over 8 warps (16 rows a warp either way, as mma.sync
-    # takes them) does not, but spills 8 B itself under 3.9: only 3.6 takes it. dQ shares the
-    # configuration (128 queries over 8 warps). (The fp32 dK/dV spill that 3.6 showed at 32/32 over
-    # 4 warps went with the fp32 backward's general default of 64/32 over 8 warps.)
+    # takes them) does not (185-255 registers), but spills 8 B itself under 3.9: only 3.6 takes it.
+    # dQ shares the configuration (128 queries over 8 warps: 128-176 registers). (The fp32 dK/dV
+    # spill that 3.6 showed at 32/32 over 4 warps went with the fp32 backward's general default,
+    # 64/32 over 8 warps: 80-186 registers under 3.6.)
     ("attention_backward", "half"): ((128, 32, 8, 2), "before sm_90"),
 }
 
