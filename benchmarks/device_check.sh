@@ -9,4 +9,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHON="${PYTHON:-python3}"
 unset TRITON_INTERPRET
 cd "$ROOT" || exit 2
+# torchao, the FP8 baseline, comes to a device run as a wheel in benchmarks/wheels (benchmarks/README.md).
+for wheel in benchmarks/wheels/torchao-*.whl; do
+  [ -e "$wheel" ] && "$PYTHON" -m pip install --quiet --no-deps "$wheel"
+done
 exec "$PYTHON" -m fastdit.bench.device_check "$@"

@@ -10,6 +10,7 @@ import os
 import pathlib
 
 import fastdit
+from fastdit.bench.torchao_baseline import TORCHAO_FP8
 from fastdit.bench.workloads import BASELINE, RELEASE
 
 MODEL = "DiT-XL/2"
@@ -69,6 +70,8 @@ def plan(python: str, cpu: bool, scratch: str) -> list[Step]:
         Step("probe", 30, [python, "-m", "fastdit.bench.probe", f"{scratch}/probe.json"] + (["--cpu"] if cpu else [])),
         bench("256", 150, small[0], [64], ["forward", "sampling-step", "training-step"], eager + ["fastdit-fp8"]),
         bench("256-compiled-forward", 180, small[0], [64], ["forward"], ["reference-compiled"]),
+        # torchao's FP8 (compiled like the reference above): the baseline of fastdit-fp8's forward in step 256.
+        bench("256-torchao-fp8", 180, small[0], [64], ["forward"], [TORCHAO_FP8]),
         bench("batch-1", 150, small[0], [1], ["sampling-step", "sampling-run"], ["fastdit-compiled", "fastdit-cudagraphs"]),
         Step("attention-512", 40, [python, "-m", "fastdit.bench.attention", "--image-size", str(small[1]),
                                    "--batch", str(batch(16)), *repeats, "--resume", "--out", f"{scratch}/attention"],

@@ -255,12 +255,13 @@ FP8_NUMERICS = [
     "",
     DIGITS_FP8,
     "",
-    "No GPU was lent to the session that built the FP8 path: its speed, and the fused GELU's and the single adaLN "
-    "GEMM's, are unmeasured; the tables above are their floors. The FP8 baseline a user would otherwise pick, "
-    "torchao's `Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())`, is a 3.4 MB abi3 wheel "
-    "(`pip download torchao --no-deps`: torchao 0.18.0) that imports and builds its config on torch 2.13, and "
-    "refuses to quantize without an sm_89+ GPU: it can be carried to a device run as a file and installed there "
-    "with `pip install --no-deps`; fastdit does not depend on it.",
+    "The FP8 path's speed, and the fused GELU's and the single adaLN GEMM's, have not been measured on a GPU yet: "
+    "the tables above are their floors. The device run (benchmarks/device_check.sh) times them, each switch off "
+    "against on, beside the FP8 baseline a user would otherwise pick: torchao's "
+    "`Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())` on the release's model, compiled (the "
+    "`torchao-fp8` row, `fastdit.bench.torchao_baseline`). torchao 0.18.0 is a 3.4 MB abi3 wheel whose compiled "
+    "parts load on torch >= 2.11; the device run carries it (benchmarks/README.md) and installs it with "
+    "`pip install --no-deps`. fastdit does not depend on it.",
 ]
 
 

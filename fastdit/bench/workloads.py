@@ -11,7 +11,9 @@ Implementations (the names every report uses):
 - ``reference-sdpa-fp32``, ``reference-sdpa-bf16``: the reference with its attention computed by
   ``F.scaled_dot_product_attention``, as the release's timm Attention does (the reference writes the
   softmax out, as the paper's code did): the baseline of "x the release" ratios;
-- ``fastdit-fp8``: the fast model after ``model.quantize("fp8")``.
+- ``fastdit-fp8``: the fast model after ``model.quantize("fp8")``;
+- ``torchao-fp8``: the FP8 baseline a user would otherwise pick, torchao's row-wise dynamic FP8 on the
+  release's model, compiled (``fastdit.bench.torchao_baseline``).
 Workloads: ``forward``, ``sampling-step`` (one guided DDPM step: the model on the batch and its
 unconditional copy, then the solver update) and ``training-step`` (the diffusion loss, backward,
 AdamW); ``fastdit bench`` adds ``sampling-run``, a whole 250-step guided DDPM sample through
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 
 import fastdit
 from fastdit import reference
+from fastdit.bench import torchao_baseline
 from fastdit.diffusion import caching
 from fastdit.diffusion.cuda_graphs import capture, warm_up
 from fastdit.diffusion.denoising import GuidedDenoiser
@@ -47,10 +50,10 @@ IMPLEMENTATIONS = ("reference-eager-fp32", "reference-eager-bf16", "reference-co
                    "fastdit-eager", "fastdit-compiled", "fastdit-cudagraphs")
 BASELINE = "reference-eager-fp32"
 RELEASE = "reference-sdpa-fp32"  # the release's path: fp32, timm's Attention on SDPA
-BENCH_IMPLEMENTATIONS = IMPLEMENTATIONS + (RELEASE, "reference-sdpa-bf16", "fastdit-fp8")
+BENCH_IMPLEMENTATIONS = IMPLEMENTATIONS + (RELEASE, "reference-sdpa-bf16", "fastdit-fp8", torchao_baseline.TORCHAO_FP8)
 # Their error against the reference is reported, not bounded by the dtype's model tolerance: FP8's quantization
 # error is a stated quality cost (docs/performance.md), not a parity failure.
-REPORTED_ERROR_IMPLEMENTATIONS = ("fastdit-fp8",)
+REPORTED_ERROR_IMPLEMENTATIONS = ("fastdit-fp8", torchao_baseline.TORCHAO_FP8)
 WORKLOADS = ("forward", "sampling-step", "training-step")
 BENCH_WORKLOADS = WORKLOADS + ("sampling-run",)
 
@@ -112,7 +115,8 @@ def implementation_dtype(implementation: str, dtype: torch.dtype) -> torch.dtype
     """The dtype an implementation computes in, in a benchmark of ``dtype``."""
     return {"reference-eager-fp32": torch.float32, "reference-eager-bf16": torch.bfloat16,
             RELEASE: torch.float32, "reference-sdpa-bf16": torch.bfloat16,
-            "fastdit-fp8": torch.bfloat16}.get(implementation, dtype)  # FP8 GEMMs inside a bf16 model
+            "fastdit-fp8": torch.bfloat16, torchao_baseline.TORCHAO_FP8: torch.bfloat16,  # FP8 GEMMs, bf16 model
+            }.get(implementation, dtype)
 
 
 def unavailable_reason(implementation: str, device: torch.device, workload: str | None = None,
@@ -120,13 +124,15 @@ def unavailable_reason(implementation: str, device: torch.device, workload: str 
     """Why ``implementation`` cannot (or by default does not) run ``workload`` on ``device``; None if it can."""
     if implementation not in BENCH_IMPLEMENTATIONS:
         raise ValueError(f"implementation: expected one of {', '.join(BENCH_IMPLEMENTATIONS)}, got {implementation!r}")
+    if implementation in ("fastdit-fp8", torchao_baseline.TORCHAO_FP8) and workload == "training-step":
+        return "not measured: FP8 is an inference path"
     if implementation == "fastdit-fp8":
-        if workload == "training-step":
-            return "not measured: FP8 is an inference path"
         try:
             check_fp8_device(device)
         except ValueError as error:
             return str(error)
+    if implementation == torchao_baseline.TORCHAO_FP8 and (reason := torchao_baseline.unavailable_reason(device)):
+        return reason
     if workload == "sampling-run" and implementation not in SAMPLING_RUNS:
         return f"not measured: a whole sampling run is timed for {', '.join(SAMPLING_RUNS)}"
     if implementation == "fastdit-cudagraphs":
@@ -193,9 +199,13 @@ class ModelSet:
         if implementation == "fastdit-cudagraphs":  # the eager model; the workload captures it
             implementation = "fastdit-eager"
         if implementation not in self._models:
-            model = self._eager(implementation).to(implementation_dtype(implementation, self.dtype))
+            torchao = implementation == torchao_baseline.TORCHAO_FP8  # the release's model, then torchao's pass
+            model = self._eager("reference-sdpa-bf16" if torchao else implementation)
+            model = model.to(implementation_dtype(implementation, self.dtype))
             if implementation == "fastdit-fp8":
                 model.quantize("fp8")
+            if torchao:
+                model = compiled(torchao_baseline.quantize_(model), self.device)
             if implementation.endswith("-compiled"):
                 model = compiled(model, self.device, implementation.split("-")[0])
             self._models[implementation] = model

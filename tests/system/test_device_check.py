@@ -17,7 +17,7 @@ from fastdit.bench import archive, unpack
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "benchmarks", "device_check.sh")
 PROG = "benchmarks/device_check.sh"
-ORDER = ["probe", "256", "256-compiled-forward", "batch-1", "attention-512", "256-no-fused-gelu",
+ORDER = ["probe", "256", "256-compiled-forward", "256-torchao-fp8", "batch-1", "attention-512", "256-no-fused-gelu",
          "256-no-one-adaln-gemm", "tests", "512", "512-training", "256-compiled-training"]
 
 
@@ -144,7 +144,8 @@ def test_a_stopped_run_keeps_its_archive_and_resume_completes_it(tmp_path):
     manifest, opened = archive.read(out / "device_check.tar.gz")
     assert opened.extractfile("device_check.log").read().decode().splitlines()[-1].startswith(last)
     statuses = {name: step["status"] for name, step in manifest["steps"].items()}
-    assert statuses == {"probe": "ok", "256": "ok", "256-compiled-forward": "ok", "batch-1": "stopped (SIGTERM)"}
+    assert statuses == {"probe": "ok", "256": "ok", "256-compiled-forward": "ok", "256-torchao-fp8": "ok",
+                        "batch-1": "stopped (SIGTERM)"}
     assert "bench/256/report.json" in opened.getnames()
 
     resumed = run(*roomy, "--out", str(tmp_path / "resumed"), "--resume", str(out / "device_check.tar.gz"),
