@@ -195,7 +195,7 @@ def test_triton_3_6_defaults_match_reference(monkeypatch, launch, tile, dtype, s
     offered that tile alone (interpreted, the blocks are what a tile changes; warps and stages are
     the compiler's). 200 tokens: two 128-blocks, the second partial; 40: one block, mostly padding."""
     module, (owned, looped) = TRITON_3_6_LAUNCHES[launch]
-    (owned_block, looped_block, warps, stages) = tile
+    owned_block, looped_block, warps, stages = tile
     forced = config(warps, stages, **{owned: owned_block, looped: looped_block})
     monkeypatch.setattr(module, "offer", lambda *args, **kwargs: [forced])
     chosen, choose = [], tuning.choose
@@ -203,8 +203,9 @@ def test_triton_3_6_defaults_match_reference(monkeypatch, launch, tile, dtype, s
     q, k, v = make_qkv(*shape, dtype)
     assert_parity(attention(q, k, v), expected(q, k, v), KERNEL_TOLERANCE[dtype])
     assert_gradients_match(q, k, v, torch.randn(q.shape, device=DEVICE).to(dtype))
-    assert {kernel for kernel, config in chosen if config == forced} == (
-        {"attention_forward"} if launch == "attention_forward" else {"attention_backward_key", "attention_backward_query"})
+    forced_kernels = {"attention_forward"} if launch == "attention_forward" else {"attention_backward_key",
+                                                                                  "attention_backward_query"}
+    assert {kernel for kernel, launched in chosen if launched == forced} == forced_kernels
 
 
 def wrong_gradients(q, k, v, grad_out, mistake):

@@ -83,7 +83,7 @@ def _defaults(version, monkeypatch):
 
 def _config_of(tile, owned, looped):
     block_owned, block_looped, warps, stages = tile
-    return {owned: block_owned, looped: block_looped, "num_warps": warps, "num_stages": stages}
+    return launch.config(warps, stages, **{owned: block_owned, looped: block_looped})
 
 
 def test_triton_3_6_takes_its_own_defaults_from_the_same_candidates(compiled, monkeypatch):
