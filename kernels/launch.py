@@ -119,14 +119,16 @@ TRITON_VERSION = triton_version(triton.__version__)
 # of its own candidates, one that 3.6 compiles without spills at DiT's head dims (64 and 72) on
 # sm_90 and sm_80; tuning still times the same candidates. Keyed by (tuning.choose's kernel name,
 # dtypes); the value is the tile as the launcher lists it (the block a program owns, the block it
-# loops over, warps, stages) and the GPUs it applies to: "before sm_90" are those whose dots are
-# mma.sync (warpgroup_mma). Where a launch does not list the tile (the backward's head dims above
-# 80), its general default stays.
+# loops over, warps, stages) and the GPUs it applies to: those whose dots are warpgroup MMAs ("sm_90
+# on") or mma.sync ("before sm_90"; warpgroup_mma). Where a launch does not list the tile (the
+# backward's head dims above 80), its general default stays.
 TRITON_3_6_DEFAULTS = {
     # 32x32 over 4 warps with 2 stages reached 255 registers and spilled 8 B on sm_90 at head dim 64
     # (258 tokens); 64x32 over 8 warps spilled 8 B there at head dim 72. 3 stages spill at neither
-    # (198-255 registers on sm_90, 96-128 on sm_80).
-    ("attention_forward", "fp32"): ((32, 32, 4, 3), "every GPU"),
+    # (198-255 registers). Not on sm_80, where 2 stages do not spill: 3 stages' 55 KB of shared memory
+    # a block at head dim 72 (2 stages: 35 KB) fit 2 blocks in its 164 KB a SM (1 KB reserved a
+    # block), where registers allow 4.
+    ("attention_forward", "fp32"): ((32, 32, 4, 3), "sm_90 on"),
     # dK/dV with 64 keys over 4 warps reached 255 registers and spilled 8 B on sm_80 at head dim 72
     # (256 tokens), in fp16 and bf16. 128 keys over 8 warps (16 rows a warp either way, as mma.sync
     # takes them) does not (185-255 registers), but spills 8 B itself under 3.9: only 3.6 takes it.
@@ -146,6 +148,6 @@ def version_tiles(tiles: list[tuple], launch: str, dtype: torch.dtype, device: t
     if rule is None:
         return tiles
     tile, gpus = rule
-    if tile not in tiles or (gpus == "before sm_90" and warpgroup_mma(device)):
+    if tile not in tiles or warpgroup_mma(device) != (gpus == "sm_90 on"):
         return tiles
     return [tile] + [other for other in tiles if other != tile]

@@ -90,10 +90,10 @@ def triton_versions() -> list[str]:
         "",
         "Under Triton 3.6 the attention forward in fp32 and backward in fp16/bf16 default to another of their own "
         "candidates "
-        "(`TRITON_3_6_DEFAULTS` in `kernels/launch.py` says why each): the forward runs 32x32 over 4 warps "
-        "with 3 stages instead of 2, and on GPUs before sm_90 the backward (dK/dV and dQ) 128/32 over "
-        "8 warps instead of 64/32 over 4. Each release takes its own: the 3.6 backward tile spills 8 B under 3.9 "
-        "(sm_80, head dim 72, 256 tokens: the table below). The fp32 backward kernels default to 64/32 over 8 "
+        "(`TRITON_3_6_DEFAULTS` in `kernels/launch.py` says why each): on sm_90 and newer the forward runs "
+        "32x32 over 4 warps with 3 stages instead of 2, and on GPUs before sm_90 the backward (dK/dV and dQ) "
+        "128/32 over 8 warps instead of 64/32 over 4. Each release takes its own: the 3.6 backward tile spills "
+        "8 B under 3.9 (sm_80, head dim 72, 256 tokens: the table below). The fp32 backward kernels default to 64/32 over 8 "
         "warps on every release: 32/32 over 4 warps spilled 16 B on sm_90 with 258 tokens, in dK/dV under 3.6.0 "
         "(head dim 72) and 3.7.1 (head dim 64) and in dQ under 3.8.0 (head dim 72).",
         "",
