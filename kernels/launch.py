@@ -121,13 +121,16 @@ TRITON_VERSION = triton_version(triton.__version__)
 # dtypes); the value is the tile as the launcher lists it (the block a program owns, the block it
 # loops over, warps, stages) and the GPUs it applies to: those whose dots are warpgroup MMAs ("sm_90
 # on") or mma.sync ("before sm_90"; warpgroup_mma). Where a launch does not list the tile (the
-# backward's head dims above 80), its general default stays.
+# backward's head dims above 80), its general default stays. The registers and spills below are
+# triton 3.6.0's, from `python -m fastdit.tools.aot` with `--defaults-only`, and with every candidate
+# for `--dtype fp32 --image-size 256 --block in-context` and `--arch 80 --model DiT-XL/2 --dtype bf16
+# fp16 --image-size 256 --block adaln-zero`.
 TRITON_3_6_DEFAULTS = {
     # 32x32 over 4 warps with 2 stages reached 255 registers and spilled 8 B on sm_90 at head dim 64
     # (258 tokens); 64x32 over 8 warps spilled 8 B there at head dim 72. 3 stages spill at neither
-    # (198-255 registers). Not on sm_80, where 2 stages do not spill: 3 stages' 55 KB of shared memory
-    # a block at head dim 72 (2 stages: 35 KB) fit 2 blocks in its 164 KB a SM (1 KB reserved a
-    # block), where registers allow 4.
+    # (198-255 registers; 90-111 under 3.9). Not on sm_80, where 2 stages do not spill: 3 stages'
+    # 55 KB of shared memory a block at head dim 72 (2 stages: 35 KB) fit 2 blocks in its 164 KB a
+    # SM (1 KB reserved a block), where registers allow 4.
     ("attention_forward", "fp32"): ((32, 32, 4, 3), "sm_90 on"),
     # dK/dV with 64 keys over 4 warps reached 255 registers and spilled 8 B on sm_80 at head dim 72
     # (256 tokens), in fp16 and bf16. 128 keys over 8 warps (16 rows a warp either way, as mma.sync
