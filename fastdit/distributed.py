@@ -194,8 +194,8 @@ def worker_options(workers: int, prefetch: int) -> dict:
     folder's lock and hold it after this process was killed, refusing the rerun that resumes. A script that
     uses them must therefore guard its entry point (``if __name__ == "__main__":``), as with any non-fork
     multiprocessing. A worker's parent is then the fork server, which torch's worker watchdog watches, and the
-    fork server lives while a worker holds its pipe: after a SIGKILL of this process both lived on (48 minutes
-    and 300 MB a process in issue 27's audit). So each worker watches this process itself (``_die_with``)."""
+    fork server lives while a worker holds its pipe: after a SIGKILL of this process both lived on (one set
+    48 minutes after the SIGKILL, 300 MB a process). So each worker watches this process itself (``_die_with``)."""
     if not workers:
         return {}
     return {"num_workers": workers, "prefetch_factor": prefetch, "multiprocessing_context": "forkserver",

@@ -24,7 +24,7 @@ FLOORS = [
     # 0: no fastdit imports but their own package
     ("fastdit.kernels", "fastdit.reference", "fastdit.io", "fastdit._version", "fastdit.models.validation",
      "fastdit.distributed", "fastdit.images", "fastdit.digits", "fastdit.diffusion.gaussian",
-     "fastdit.diffusion.reference", "fastdit.parallel.mesh", "fastdit.models.parity", "fastdit.bench.timing"),
+     "fastdit.diffusion.reference", "fastdit.parallel.mesh", "fastdit.models.parity", "fastdit.bench.timing", "fastdit.stopping"),
     # 1: what describes a model, and the formats other libraries write, on it
     ("fastdit.models.config", "fastdit.models.flops", "fastdit.integrations.diffusers_convert",
      "fastdit.integrations.hub", "fastdit.integrations.diffusers_folders", "fastdit.models", "fastdit.bench.roofline"),

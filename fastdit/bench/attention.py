@@ -13,13 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fastdit.bench.progress import Stopped, previous_rows, stop_on_signals
+from fastdit.bench.progress import previous_rows
 from fastdit.bench.report import device_info
 from fastdit.bench.timing import time_median
 from fastdit.io import write_text_atomic
 from fastdit.kernels.attention import attention, attention_reference
 from fastdit.models.flops import attention_macs
 from fastdit.models.parity import MODEL_TOLERANCE, relative_max_error
+from fastdit.stopping import Stopped, stop_on_signals
 
 HEADS, HEAD_DIM, PATCH, DOWNSAMPLING = 16, 72, 2, 8  # DiT-XL/2 on the VAE's latents
 SDPA = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,

@@ -22,8 +22,8 @@ import time
 
 from fastdit.bench import archive
 from fastdit.bench.device_plan import plan
-from fastdit.bench.progress import STOP_SIGNALS
 from fastdit.io import atomic_path
+from fastdit.stopping import STOP_SIGNALS
 
 PROG = "benchmarks/device_check.sh"
 ARCHIVE = "device_check.tar.gz"

@@ -19,7 +19,8 @@ GPU_TESTS = ("tests/kernels", "tests/models/test_gpu.py", "tests/models/test_dit
              "tests/models/test_block_designs.py", "tests/diffusion/test_sampling.py", "tests/diffusion/test_cuda_graphs.py")
 CPU_TESTS = ("tests/bench/test_archive.py",)  # quick, and no timing a busy machine could upset
 CPU_IMPLEMENTATIONS = (BASELINE, RELEASE, "fastdit-eager")
-# Issue 28's switches, each timed off against the same run's fastdit-eager (on): (step, variable).
+# The fused GELU's and the single adaLN GEMM's switches, each timed off against the same run's fastdit-eager (on):
+# (step, variable).
 SWITCH_STEPS = (("no-fused-gelu", "FASTDIT_FUSED_GELU"), ("no-one-adaln-gemm", "FASTDIT_ONE_ADALN_GEMM"))
 
 
@@ -80,7 +81,7 @@ def plan(python: str, cpu: bool, scratch: str) -> list[Step]:
     for name, variable in SWITCH_STEPS:
         step = bench(f"256-{name}", 60, small[0], [64], ["forward", "training-step"], ["fastdit-eager"], {variable: "0"})
         if not reads_switch(variable):
-            step.skip = f"{variable} is not read by this checkout's fastdit (issue 28's switch is not in it)"
+            step.skip = f"{variable} is not read by this checkout's fastdit (it predates the switch)"
         steps.append(step)
     tests = CPU_TESTS if cpu else GPU_TESTS
     # pytest.ini asks for xdist: 4 workers compile the kernels side by side where it is installed; without it,

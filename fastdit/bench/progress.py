@@ -1,42 +1,11 @@
-"""A benchmark's report kept the moment each measurement is made, and a run that a signal stops cleanly.
+"""A benchmark's report kept the moment each measurement is made, and read back to resume.
 
 A lent GPU stops each command at its time limit: a run that wrote its report only at the end would
-bring back nothing. ``stop_on_signals`` turns SIGINT and SIGTERM into ``Stopped``, so the measurement in
-flight is abandoned, the report holds every finished one, and the process exits 128 + the signal's number.
-``previous_rows`` reads such a report back, so that ``--resume`` measures only what it lacks."""
-import contextlib
+bring back nothing. Under ``fastdit.stopping.stop_on_signals`` SIGINT and SIGTERM raise ``Stopped``, so the
+measurement in flight is abandoned, the report holds every finished one, and the process exits 128 + the
+signal's number. ``previous_rows`` reads such a report back, so that ``--resume`` measures only what it lacks."""
 import json
 import os
-import signal
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class Stopped(BaseException):
-    """SIGINT or SIGTERM arrived: a BaseException, so that the sweeps' ``except Exception`` (which notes a
-    failed measurement and goes on) lets it through."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-    @property
-    def exit_status(self) -> int:
-        return 128 + self.signum
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """Within the block SIGINT and SIGTERM raise ``Stopped`` in the main thread; the old handlers come back after."""
-    def stop(signum, frame):
-        raise Stopped(signum)
-
-    previous = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def previous_rows(path, settings: dict, what: str) -> tuple[dict | None, list[dict]]:

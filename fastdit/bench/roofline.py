@@ -5,7 +5,8 @@ gets its matrix FLOPs (``fastdit.models.flops``) and the HBM bytes it must move:
 writes crosses HBM exactly once, the least any implementation of that launch can move. At a GPU's
 peaks it takes at least max(FLOPs / peak FLOP/s, bytes / bandwidth): compute-bound above the ridge
 point (peak FLOP/s / bandwidth), memory-bound below. The ops run one after another, so the sum of
-those times is the floor of fastdit's sequence of launches (``Sequence``: before issue 28, now, FP8);
+those times is the floor of fastdit's sequence of launches (``Sequence``: the GELU and
+the adaLN GEMMs as separate launches, fused, or FP8);
 ``model_limit_seconds`` is the model's own physical limit, below it. A GPU run
 (benchmarks/device_check.sh) measures how far fastdit is from them. ``fastdit.bench.roofline_document`` writes it as docs/performance.md.
 """
@@ -72,8 +73,8 @@ class Sequence:
     fp8: bool = False
 
 
-BEFORE = Sequence("before issue 28 (a GELU pass, an adaLN GEMM per block)", fused_gelu=False, one_adaln_gemm=False)
-CURRENT = Sequence("bf16 (fused GELU, one adaLN GEMM)")
+BEFORE = Sequence("bf16, GELU as its own pass, one adaLN GEMM per block", fused_gelu=False, one_adaln_gemm=False)
+CURRENT = Sequence("bf16, GELU in fc1's epilogue, one adaLN GEMM for all blocks")
 FP8_SEQUENCE = Sequence("FP8 (model.quantize(\"fp8\"))", fused_gelu=False, fp8=True)
 FP8_GEMMS = ("qkv", "attn_proj", "fc1", "fc2")
 

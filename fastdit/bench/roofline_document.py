@@ -290,10 +290,10 @@ def _floors(shapes, batch, peaks, workloads) -> list[str]:
              "dense peak, or the least bytes the step must move at the bandwidth (inference: the weights once and "
              "the latents in and out; training: AdamW's one pass over fp32 weights, gradients and moments), "
              "whichever is larger. In bf16, and with every matrix product at the dense FP8 peak (inference only).",
-             f"- **fastdit's sequence floor**: the sum over its launches, as in the table above: {BEFORE.name}; "
-             f"now, {CURRENT.name}; and {FP8_SEQUENCE.name}. Training keeps the GELU pass (its backward needs "
-             "the pre-activation) and bf16.", ""]
-    header = ["image", "step", "GPU", "model bf16", "model FP8", "sequence before", "sequence now", "sequence FP8"]
+             "- **fastdit's sequence floor**: the sum over its launches, as in the table above, for three sequences: "
+             f"*GELU pass*, {BEFORE.name}; *fused* (the default), {CURRENT.name}; *FP8*, {FP8_SEQUENCE.name}. "
+             "Training keeps the GELU pass (its backward needs the pre-activation) and bf16.", ""]
+    header = ["image", "step", "GPU", "model bf16", "model FP8", "sequence GELU pass", "sequence fused", "sequence FP8"]
     rows = []
     for size, shape in shapes.items():
         for workload, label in workloads:

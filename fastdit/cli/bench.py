@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 import fastdit
 from fastdit.bench import report as bench_report
-from fastdit.bench.progress import Stopped, previous_rows, stop_on_signals
+from fastdit.bench.progress import previous_rows
 from fastdit.bench.timing import noise_warnings, spread, time_median, time_runs
 from fastdit.bench.workloads import (
     BASELINE,
@@ -58,6 +58,7 @@ from fastdit.io import check_owned_folder, mark_owned_folder
 from fastdit.kernels import kernel_path
 from fastdit.models.flops import named_shape, workload_flops
 from fastdit.models.parity import relative_max_error
+from fastdit.stopping import Stopped, stop_on_signals
 
 GPU_DEFAULTS = dict(models=["DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2"], image_size=256, batch_sizes=[32])
 CPU_DEFAULTS = dict(models=["DiT-S/2"], image_size=64, batch_sizes=[2])

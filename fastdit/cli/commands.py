@@ -1,13 +1,12 @@
 """The `fastdit` command."""
 import argparse
-import contextlib
 import importlib
 import shlex
 import signal
 import sys
-import threading
 
 from fastdit import distributed
+from fastdit.stopping import stop_on_signals
 
 # name -> (module in fastdit.cli, help). A subcommand's module is imported only when it runs or shows its --help,
 # so `fastdit sample` loads neither the trainer nor the benchmarks.
@@ -30,42 +29,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-class Stopped(KeyboardInterrupt):
-    """SIGINT or SIGTERM: raised in the main thread, so that the command unwinds as from Ctrl-C (its loaders
-    stop their workers, its staging keeps the finished work) and ends with one line."""
-
-    def __init__(self, signum):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _stop(signum, frame):
-    # Later signals are ignored while the command unwinds: it only stops its workers and keeps what is done.
-    for other in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(other, signal.SIG_IGN)
-    # A helper thread's error from here on is the stop's consequence (multiprocessing's resource sharer, when a
-    # DataLoader worker it was handing a tensor to is stopped): not a second report beside the one line.
-    threading.excepthook = lambda arguments: None
-    raise Stopped(signum)
-
-
-@contextlib.contextmanager
-def _signals_stop():
-    """SIGINT and SIGTERM raise ``Stopped`` for the block (in the main thread; elsewhere nothing changes)."""
-    try:
-        previous = {number: signal.signal(number, _stop) for number in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:  # not the main thread
-        yield
-        return
-    excepthook = threading.excepthook
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-        threading.excepthook = excepthook
 
 
 # Where each command that resumes says what a stopped run kept: (module in fastdit.cli, its function of args).
@@ -105,7 +68,7 @@ def main(argv=None):
     # The subcommand is the first argument: `fastdit` itself takes no flags but --help.
     args = build_parser(argv[:1]).parse_args(argv)
     # The handlers stay until the error is reported: a stopped command's workers end as its traceback is freed.
-    with _signals_stop():
+    with stop_on_signals():
         try:
             return subcommand(args.command).run(args)
         except KeyboardInterrupt as stop:  # Stopped, or a KeyboardInterrupt raised before the handlers were in place

@@ -22,7 +22,7 @@ from fastdit.integrations.diffusers_convert import (
     release_to_diffusers,
 )
 from fastdit.io import atomic_path, write_text_atomic
-from fastdit.models.config import CONFIG_KEYS, CheckpointError, load_failure, model_config
+from fastdit.models.config import CONFIG_KEYS, CheckpointError, load_failure, model_config, read_json_object
 
 MODEL_INDEX = "model_index.json"
 CONFIG_FILE = "config.json"
@@ -50,7 +50,7 @@ def is_diffusers_folder(path) -> bool:
         return False
     if os.path.isfile(os.path.join(path, MODEL_INDEX)):
         return True
-    config = _read_json(os.path.join(path, CONFIG_FILE), required=False)
+    config = read_json_object(os.path.join(path, CONFIG_FILE), required=False)
     return isinstance(config, dict) and config.get("_class_name") in TRANSFORMER_CLASSES
 
 
@@ -68,7 +68,7 @@ def transformer_folder(path) -> str:
     index_path = os.path.join(path, MODEL_INDEX)
     if not os.path.isfile(index_path):
         return path
-    index = _read_json(index_path)
+    index = read_json_object(index_path)
     if "transformer" not in index:
         components = ", ".join(key for key in index if not key.startswith("_"))
         raise CheckpointError(f"{index_path} names no transformer (its components: {components}); a DiT pipeline "
@@ -84,7 +84,7 @@ def read_diffusers(path, variant: str | None = None) -> tuple[dict, dict]:
     config_path = os.path.join(folder, CONFIG_FILE)
     if not os.path.isfile(config_path):
         raise CheckpointError(f"{folder} is not a diffusers transformer folder: it has no {CONFIG_FILE}")
-    config = _read_json(config_path)
+    config = read_json_object(config_path)
     class_name = config.get("_class_name")
     if class_name not in TRANSFORMER_CLASSES:
         raise CheckpointError(f"{config_path}: _class_name is {class_name!r}; fastdit reads a DiT "
@@ -134,7 +134,7 @@ def _read_weights(folder, variant) -> dict:
 
 
 def _read_index(folder, index_path) -> dict:
-    index = _read_json(index_path)
+    index = read_json_object(index_path)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_path}: expected a \"weight_map\" of tensor names to shard files")
@@ -179,17 +179,3 @@ def _unwrapped(state_dict, config, config_path) -> tuple[dict, dict]:
     unwrapped = {key.removeprefix(WRAPPER_PREFIX): value for key, value in state_dict.items()}
     return unwrapped, {key: config[key] for key in CONFIG_KEYS}
 
-
-def _read_json(path, required=True):
-    try:
-        with open(path) as file:
-            contents = json.load(file)
-    except (OSError, ValueError) as error:
-        if not required:
-            return None
-        raise CheckpointError(f"cannot read {path}: {error}") from error
-    if not isinstance(contents, dict):
-        if not required:
-            return None
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(contents).__name__}")
-    return contents

@@ -30,6 +30,7 @@ from fastdit.models.config import (
     MissingNumHeadsError,
     NonFiniteWeightsError,
     model_config,
+    read_json_object,
 )
 from fastdit.models.validation import first_nonfinite
 
@@ -84,7 +85,7 @@ def build(model_class, path, *, config: dict | None = None, device="cpu", dtype=
     if not allow_nonfinite:
         _check_finite(model, path)
     if os.path.isfile(os.path.join(path, SAMPLING_FILE)):
-        model.sampling_defaults = _read_json(os.path.join(path, SAMPLING_FILE))
+        model.sampling_defaults = read_json_object(os.path.join(path, SAMPLING_FILE))
     return model.to(device=device).eval()
 
 
@@ -239,8 +240,8 @@ def _read_directory(path) -> tuple[dict, dict]:
                 f"{path} is not a fastdit checkpoint directory: it has no {os.path.basename(required)} "
                 f"(save_pretrained writes {CONFIG_FILE} and {WEIGHTS_FILE})"
             )
-    stored = _read_json(config_path)
-    if not isinstance(stored, dict) or stored.pop("format", None) != FORMAT:
+    stored = read_json_object(config_path)
+    if stored.pop("format", None) != FORMAT:
         raise CheckpointError(f"{config_path} is not a fastdit config (no \"format\": \"{FORMAT}\")")
     version = stored.pop("format_version", None)
     if not isinstance(version, int) or version > FORMAT_VERSION:
@@ -254,21 +255,9 @@ def _read_directory(path) -> tuple[dict, dict]:
 
 def _diffusers_class(config_path) -> str | None:
     """The ``_class_name`` of a diffusers config.json, None when the file is no diffusers config."""
-    try:
-        with open(config_path) as file:
-            config = json.load(file)
-    except (OSError, ValueError):
-        return None
-    name = config.get("_class_name") if isinstance(config, dict) else None
+    config = read_json_object(config_path, required=False)
+    name = config.get("_class_name") if config is not None else None
     return str(name) if name is not None else None
-
-
-def _read_json(path):
-    try:
-        with open(path) as file:
-            return json.load(file)
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"cannot read {path}: {error}") from error
 
 
 # --- checks ---------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """What a DiT's weights are described by, for the checkpoint readers and writers (``checkpoint.py``) and the
 other libraries' formats (``fastdit.integrations``) alike: the constructor arguments a checkpoint stores, a
 model's own, and the errors of reading them. It imports no reader, so both sides build on it."""
+import json
 import pickle
 
 from fastdit import reference
@@ -35,6 +36,23 @@ class NonFiniteWeightsError(CheckpointError):
         self.name, self.count = name, count
         super().__init__(f"{path}: the weights are not finite: {name} holds {count} NaN or inf values (first bad "
                          "tensor; e.g. a diverged training run); pass allow_nonfinite=True to load them")
+
+
+def read_json_object(path, required=True) -> dict | None:
+    """The JSON object in ``path`` (a config, an index); a file that cannot be read or holds another JSON value
+    is a ``CheckpointError`` naming it, or None where it is not ``required``."""
+    try:
+        with open(path) as file:
+            contents = json.load(file)
+    except (OSError, ValueError) as error:
+        if not required:
+            return None
+        raise CheckpointError(f"cannot read {path}: {error}") from error
+    if not isinstance(contents, dict):
+        if not required:
+            return None
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(contents).__name__}")
+    return contents
 
 
 def load_failure(error: Exception) -> str:

@@ -10,8 +10,10 @@ The model owns that matrix and its bias as two parameters (``modulation_weight``
 its rows, so the release's module paths still reach the weights. The state dict keeps the
 release's keys: saving splits the matrix into ``blocks.{i}.adaLN_modulation.1.weight`` and
 ``final_layer.adaLN_modulation.1.weight`` (and biases), in the release's order; loading
-concatenates them back. Two parameters rather than 2 (depth + 1) views of one storage: a view
-shares its storage only until ``.to()``, ``copy.deepcopy`` (the EMA) or ``load_state_dict(assign=True)``
+concatenates them back. An optimizer state saved for the release's parameter list (each layer's adaLN
+weight and bias a parameter of its own, as fastdit's model had them before they were stacked) is joined
+the same way (``stacked_optimizer_state``). Two parameters rather than 2 (depth + 1) views of one
+storage: a view shares its storage only until ``.to()``, ``copy.deepcopy`` (the EMA) or ``load_state_dict(assign=True)``
 replaces it, after which a GEMM on the stale storage would silently compute with old weights.
 """
 import os
@@ -146,3 +148,37 @@ def _name_release_keys(model, incompatible_keys):
                 incompatible_keys.unexpected_keys.remove(release + name)
             else:
                 missing.append(release + name)
+
+
+def release_parameter_names(model) -> list[str]:
+    """``model``'s parameter names as the release's model lists them: each layer's adaLN weight and bias,
+    under the release's keys and in its order, in place of the stacked pair."""
+    names = {name: parameter.detach().to("meta") for name, parameter in model.named_parameters()}
+    if WEIGHT in names:
+        split_into_release_keys(model, names)
+    return list(names)
+
+
+def stacked_optimizer_state(model, state: dict) -> dict:
+    """``state``, a one-group optimizer state dict, for ``model``'s parameter list: as it is when it was saved
+    for that list, joined when it was saved for the release's (``release_parameter_names``). A stacked
+    parameter's per-element state (Adam's moments) is its layers' concatenated in the order of their rows;
+    its per-parameter state (Adam's step) is the first layer's, as the layers were stepped together."""
+    names = [name for name, _ in model.named_parameters()]
+    release = release_parameter_names(model)
+    (group,) = state["param_groups"]
+    if len(group["params"]) == len(names):
+        return state
+    if len(group["params"]) != len(release):
+        per_layer = f" ({len(release)} with each adaLN layer's weight and bias its own)" if release != names else ""
+        raise ValueError(f"the optimizer state holds {len(group['params'])} parameters, the model has "
+                         f"{len(names)}{per_layer}")
+    saved = {name: state["state"].get(index) for name, index in zip(release, group["params"])}
+    layers = sorted(_release_keys(model, "").items(), key=lambda item: item[1].start)
+    for name, part in ((WEIGHT, "weight"), (BIAS, "bias")):
+        per_layer = [saved.pop(release_key + part) for release_key, _ in layers]
+        saved[name] = None if per_layer[0] is None else {
+            key: torch.cat([layer[key] for layer in per_layer]) if torch.is_tensor(value) and value.dim() else value
+            for key, value in per_layer[0].items()}
+    joined = {index: saved[name] for index, name in enumerate(names) if saved[name] is not None}
+    return {"state": joined, "param_groups": [{**group, "params": list(range(len(names)))}]}

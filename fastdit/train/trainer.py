@@ -33,6 +33,7 @@ from fastdit.diffusion.gaussian import create_diffusion
 from fastdit.io import check_owned_folder, exclusive_lock, mark_owned_folder, remove_stale_temporaries, write_text_atomic
 from fastdit.models import checkpoint as checkpoints
 from fastdit.models.dit import DiT, DiT_models
+from fastdit.models.modulation import stacked_optimizer_state
 from fastdit.models.validation import first_nonfinite
 from fastdit.train import data as datasets
 from fastdit.train import run_folder, shards
@@ -340,7 +341,10 @@ class Trainer:
                                      checkpoints.model_config(self.model))
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:  # an older run folder's checkpoint holds an Adam state per adaLN layer, the release's parameter list
+            self.optimizer.load_state_dict(stacked_optimizer_state(self.model, state["optimizer"]))
+        except ValueError as error:
+            raise ValueError(f"resume: {path}: {error}; use another --out to start a new run") from None
         self.step = self.saved_step = state["step"]
         self.skipped_nonfinite = state.get("skipped_nonfinite", 0)
         if len(state["rng"]) == self.world_size:  # the steps themselves draw from (seed, step), not from these

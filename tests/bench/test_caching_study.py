@@ -7,6 +7,7 @@ import pytest
 
 from fastdit.bench import caching_study
 from fastdit.diffusion.caching import FORA, FirstBlockCache, TaylorSeer
+from fastdit.evaluation.metrics import frechet_distance
 
 
 pytestmark = pytest.mark.usefixtures("torch_path")  # the cache logic, not the kernels: see conftest
@@ -31,9 +32,10 @@ def test_bad_settings_flag_is_one_line_naming_it(capsys):
 def test_frechet_distance_and_psnr():
     rng = np.random.default_rng(0)
     features = rng.normal(size=(4000, 3))
-    assert caching_study.frechet_distance(features, features) == pytest.approx(0, abs=1e-9)
-    # Same covariance, means 2 apart along one axis: the distance is the squared shift.
-    assert caching_study.frechet_distance(features + [2, 0, 0], features) == pytest.approx(4, rel=1e-6)
+    same, shifted = (frechet_distance(*caching_study.gaussian(moved), *caching_study.gaussian(features))
+                     for moved in (features, features + [2, 0, 0]))
+    assert same == pytest.approx(0, abs=1e-9)
+    assert shifted == pytest.approx(4, rel=1e-6)  # same covariance, means 2 apart along one axis: the squared shift
     images = np.zeros((2, 4), np.uint8)
     other = images.copy()
     other[0, 0] = 16  # MSE 256 / 8 = 32

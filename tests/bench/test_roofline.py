@@ -248,8 +248,8 @@ def test_committed_document_is_what_its_command_writes(tmp_path):
 
 
 def test_floors_of_dit_xl_256():
-    """The issue's figures: fastdit's floor before the fused GELU and one adaLN GEMM, 21.29 ms on H100 at
-    batch 64, against the model's compute floor of 15.35 ms; now neither a GELU pass nor 29 adaLN GEMMs."""
+    """fastdit's floor with a GELU pass and an adaLN GEMM per block, 21.29 ms on H100 at batch 64, against the
+    model's compute floor of 15.35 ms; the fused sequence has neither the GELU pass nor 28 adaLN GEMMs."""
     shape = named_shape("DiT-XL/2", 32)
     before = roofline.forward_ops(shape, 64, sequence=roofline.BEFORE)
     now = roofline.forward_ops(shape, 64)

@@ -212,6 +212,8 @@ def test_bad_directories(tmp_path, ema):
     checkpoint.save_pretrained(ema, tmp_path)
     (tmp_path / "config.json").write_text("{ not json")
     check_error(CheckpointError, ["cannot read", "config.json"], fastdit.load, tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(["fastdit"]))
+    check_error(CheckpointError, ["config.json: expected a JSON object, got list"], fastdit.load, tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"format": "fastdit", "format_version": 99}))
     check_error(CheckpointError, ["format_version 99"], fastdit.load, tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"format": "fastdit", "format_version": 1, "width": 3}))

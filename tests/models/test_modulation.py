@@ -104,6 +104,39 @@ def test_save_and_load_round_trip(tmp_path):
         assert torch.equal(loaded.state_dict()[key], value), key
 
 
+@pytest.mark.parametrize("block", ["adaln-zero", "adaln", "in-context"])
+def test_release_parameter_names_are_the_reference_models(block):
+    ref, fast = models(block)
+    assert modulation.release_parameter_names(fast) == [name for name, _ in ref.named_parameters()]
+
+
+def adam_step(model, optimizer):
+    model(*inputs()).square().mean().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def test_an_optimizer_state_of_the_release_s_parameters_is_the_stacked_models():
+    """AdamW's state after a step of the reference (each adaLN layer a parameter of its own), joined, is the
+    state of the same step of the fast model; joined again it is unchanged, and it loads."""
+    ref, fast = models()
+    per_layer, stacked = (torch.optim.AdamW(model.parameters(), lr=1e-3) for model in (ref, fast))
+    adam_step(ref, per_layer)
+    adam_step(fast, stacked)
+    joined = modulation.stacked_optimizer_state(fast, per_layer.state_dict())
+    expected = stacked.state_dict()
+    assert joined["param_groups"] == expected["param_groups"] and joined["state"].keys() == expected["state"].keys()
+    for index, adam in expected["state"].items():
+        for key, value in adam.items():
+            assert_parity(joined["state"][index][key], value, 1e-5, f"state {index}.{key}")
+    assert modulation.stacked_optimizer_state(fast, expected) is expected
+    torch.optim.AdamW(fast.parameters(), lr=1e-3).load_state_dict(joined)
+    del expected["param_groups"][0]["params"][0]
+    with pytest.raises(ValueError, match=r"^the optimizer state holds 35 parameters, the model has 36 \(42 with "
+                                         r"each adaLN layer's weight and bias its own\)$"):
+        modulation.stacked_optimizer_state(fast, expected)
+
+
 def test_fused_gelu_in_inference_only(monkeypatch):
     """The MLP runs fastdit::linear_gelu where nothing records a backward, and the reference's ops where autograd does."""
     ref, fast = models()

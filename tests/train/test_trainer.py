@@ -2,6 +2,7 @@
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,7 +13,8 @@ import pytest
 import torch
 from processes import torch_path_environment
 
-from fastdit import distributed
+from fastdit import distributed, reference
+from fastdit.models.dit import DiT
 from fastdit.train import run_folder, shards
 from fastdit.train import trainer as train
 from fastdit.train.trainer import TrainConfig, Trainer
@@ -173,6 +175,63 @@ def test_resume_onto_an_accelerator_keeps_rng_states_and_adam_steps_on_the_cpu(t
         assert adam["step"].device.type == "cpu" and adam["step"].item() == 2
         assert adam["exp_avg"].device.type == "meta" and adam["exp_avg_sq"].device.type == "meta"
     assert all(parameter.device.type == "meta" for parameter in trainer.ema.parameters())
+
+
+def in_the_release_layout(optimizer_state):
+    """The tiny model's optimizer state as the release's parameter list holds it (fastdit's before the adaLN
+    weights were stacked): each layer's adaLN weight and bias a parameter of its own, the blocks' rows first."""
+    names = [name for name, _ in DiT(**TINY).named_parameters()]
+    by_name = {name: optimizer_state["state"].get(index) for index, name in enumerate(names)}
+    taken, state = {"weight": 0, "bias": 0}, {}
+    release = list(reference.DiT(**TINY).named_parameters())
+    for index, (name, parameter) in enumerate(release):
+        if "adaLN_modulation" in name:
+            part = name.rpartition(".")[2]
+            rows = slice(taken[part], taken[part] + parameter.shape[0])
+            taken[part] = rows.stop
+            state[index] = {key: value[rows].clone() if value.dim() else value.clone()
+                            for key, value in by_name[f"modulation_{part}"].items()}
+        elif by_name[name] is not None:
+            state[index] = by_name[name]
+    (group,) = optimizer_state["param_groups"]
+    return {"state": state, "param_groups": [{**group, "params": list(range(len(release)))}]}
+
+
+def test_a_checkpoint_with_an_adam_state_per_adaln_layer_resumes_exactly(tmp_path):
+    """A run folder whose optimizer state lists each adaLN layer's weight and bias resumes as if it held the
+    stacked parameters' state; what the resumed run writes loads strictly into the release's model."""
+    train_in_process(tiny_config(tmp_path / "per-layer", steps=2))
+    path = str(tmp_path / "per-layer" / "checkpoints" / "00000002.pt")
+    state = run_folder.read_checkpoint(path)
+    state["optimizer"] = in_the_release_layout(state["optimizer"])
+    assert len(state["optimizer"]["param_groups"][0]["params"]) == len(list(DiT(**TINY).parameters())) + 2
+    run_folder.write_checkpoint(state, path)
+    resumed = train_in_process(tiny_config(tmp_path / "per-layer", steps=4))
+    straight = train_in_process(tiny_config(tmp_path / "straight", steps=4))
+    for name in ("model", "ema"):
+        expected = getattr(straight, name).state_dict()
+        for key, value in getattr(resumed, name).state_dict().items():
+            assert torch.equal(value, expected[key]), f"{name}.{key} differs after resume"
+    expected = straight.optimizer.state_dict()["state"]
+    for index, adam in resumed.optimizer.state_dict()["state"].items():
+        for key, value in adam.items():
+            assert torch.equal(value, expected[index][key]), f"optimizer state {index}.{key} differs after resume"
+    final = run_folder.read_checkpoint(str(tmp_path / "per-layer" / "checkpoints" / "00000004.pt"))
+    for name in ("model", "ema"):
+        reference.DiT(**TINY).load_state_dict(final[name], strict=True)
+
+
+def test_an_optimizer_state_of_another_parameter_list_is_refused_in_one_line(tmp_path):
+    train_in_process(tiny_config(tmp_path, steps=2))
+    path = str(tmp_path / "checkpoints" / "00000002.pt")
+    state = run_folder.read_checkpoint(path)
+    del state["optimizer"]["param_groups"][0]["params"][-1]
+    trainer = Trainer(tiny_config(tmp_path, steps=2), distributed.Process(0, 1, 0, torch.device("cpu"), None))
+    count = len(list(trainer.model.parameters()))
+    with pytest.raises(ValueError, match=rf"^resume: {re.escape(path)}: the optimizer state holds {count - 1} parameters, the "
+                                         rf"model has {count} \({count + 2} with each adaLN layer's weight and bias "
+                                         r"its own\); use another --out to start a new run$"):
+        trainer.resume(path, state)
 
 
 def test_defaults_are_the_papers_recipe():
