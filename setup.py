@@ -13,8 +13,9 @@ setup(
               "fastdit.integrations", "fastdit.parallel", "fastdit.tools", "fastdit.evaluation", "fastdit.kernels"],
     package_dir={"fastdit": "fastdit", "fastdit.kernels": "kernels"},
     package_data={"fastdit": ["assets/digits/*.json", "assets/digits/*.safetensors"]},
-    # triton>=3.6: 3.6 is what the GPU machines carry (torch 2.11); under it 4 of the attention kernels' 280
-    # default launches spill 8-16 B of registers (docs/kernels.md, "Triton versions"), 3.7 to 3.9 none.
+    # triton>=3.6: 3.6 is what the GPU machines carry (torch 2.11). 3.6 to 3.9 compile every default launch
+    # without spilling registers, 3.6 with defaults of its own for two attention launchers
+    # (kernels/launch.py, TRITON_3_6_DEFAULTS; docs/kernels.md, "Triton versions").
     install_requires=["torch>=2.5", "triton>=3.6", "numpy", "scipy", "safetensors>=0.4", "pillow", "tqdm", "scikit-learn"],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "matplotlib>=3.7"],

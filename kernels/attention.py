@@ -26,7 +26,7 @@ from . import tuning
 from .attention_tiles import (LOG2E, as_vector_aligned, check_grid, check_inputs, load_tile, program_qkv,
                               split_head_dim, store_tile, tile_shared_bytes, tuning_key, vector_strides)
 from .interpreter import dot, to_storage
-from .launch import ATTENTION_FP_FUSION, Config, config, dot_precision, offer, warpgroup_mma
+from .launch import ATTENTION_FP_FUSION, Config, config, dot_precision, offer, version_tiles, warpgroup_mma
 from .runtime import device_guard, use_triton
 
 
@@ -101,8 +101,9 @@ def _forward_candidates(tokens: int, head_dim: int, dtype: torch.dtype, device: 
         # ieee fp32 dots run on the FMA units, whose operand layout holds every k of a thread's
         # rows and columns in registers: small tiles keep them in bounds. 64x32 over 4 warps
         # spilled 140-772 B on sm_90 and sm_80, 32x64 up to 784 B on sm_90; 32x32 over 4 warps
-        # and 64x32 over 8 do not. 16x32 with one stage is for head dims above 128 on GPUs with
-        # 99 KiB of shared memory, where nothing larger fits.
+        # and 64x32 over 8 do not (under Triton 3.6 both do at one head dim on sm_90, 3 stages not:
+        # launch.TRITON_3_6_DEFAULTS). 16x32 with one stage is for head dims above 128 on
+        # GPUs with 99 KiB of shared memory, where nothing larger fits.
         tiles = [(32, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 3), (16, 32, 4, 1)]
     elif head_dim <= 96 and not warpgroup_mma(device):
         # Ampere's mma.sync gives each warp 16 rows: 128x64 over 4 warps reached 255 registers
@@ -122,7 +123,7 @@ def _forward_candidates(tokens: int, head_dim: int, dtype: torch.dtype, device: 
     # Short sequences (DiT at low resolution): no block larger than the token count needs.
     fit = max(16, triton.next_power_of_2(tokens))
     candidates = [config(warps, stages, BLOCK_M=min(block_m, fit), BLOCK_N=min(block_n, fit))
-                  for block_m, block_n, warps, stages in tiles]
+                  for block_m, block_n, warps, stages in version_tiles(tiles, "attention_forward", dtype, device)]
     # The interpreter runs programs one after another in numpy: small blocks keep the padding
     # cheap at the tiny token counts the tests use.
     interpreted = config(4, 1, BLOCK_M=min(32, fit), BLOCK_N=min(32, fit))

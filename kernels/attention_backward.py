@@ -22,7 +22,7 @@ from . import tuning
 from .attention_tiles import (LOG2E, as_vector_aligned, check_grid, check_inputs, head_base, load_tile, program_head,
                               program_qkv, split_head_dim, store_tile, tile_shared_bytes, tuning_key, vector_strides)
 from .interpreter import dot, to_storage
-from .launch import ATTENTION_FP_FUSION, Config, config, dot_precision, input_error, offer
+from .launch import ATTENTION_FP_FUSION, Config, config, dot_precision, input_error, offer, version_tiles
 from .runtime import device_guard, use_triton
 
 
@@ -176,15 +176,16 @@ def _backward_candidates(tokens: int, head_dim: int, dtype: torch.dtype, device:
     """Launch configurations of the dK/dV and dQ kernels: OUTER is the block a program owns
     (keys for dK/dV, queries for dQ), INNER the block it loops over. The defaults compile
     without register spills for sm_90 and sm_80 at DiT's head dims (64, 72) in every dtype,
-    under the Triton versions docs/kernels.md lists; the alternatives are larger tiles that pay
-    off where they fit in registers (tuning prunes those that spill)."""
+    under the Triton versions docs/kernels.md lists (Triton 3.6 with one exception:
+    launch.TRITON_3_6_DEFAULTS); the alternatives are larger tiles that pay off where
+    they fit in registers (tuning prunes those that spill)."""
     if dtype == torch.float32:
         # ieee dots on the FMA units. 32/32 over 8 warps with 1 stage spilled 4-8 B in the dK/dV
         # kernel on sm_80 at head dim 64 (ptxas kept it at 80 registers). Over 4 warps with 2
         # stages neither kernel spilled under Triton 3.9, but on sm_90 with a token count that 32
         # does not divide 3.7 spills 16 B in dK/dV at head dim 64 and 3.8 16 B in dQ at head dim
         # 72; 64/32 over 8 warps keeps both within 222 registers on both GPUs at head dims 64 and
-        # 72 under 3.7 to 3.9 (docs/kernels.md, "Triton versions"). 16x16 is for head dims above
+        # 72 under 3.6 to 3.9 (docs/kernels.md, "Triton versions"). 16x16 is for head dims above
         # 128 on GPUs with 99 KiB of shared memory, where nothing larger fits.
         tiles = [(64, 32, 8, 1), (32, 32, 4, 2), (32, 32, 8, 1), (16, 16, 4, 1)]
     elif head_dim <= 80:  # a 64 + 16 split at most (DiT's 64 and 72)
@@ -195,7 +196,7 @@ def _backward_candidates(tokens: int, head_dim: int, dtype: torch.dtype, device:
         tiles = [(32, 32, 8, 1), (64, 32, 8, 1), (32, 32, 4, 2)]
     fit = max(16, triton.next_power_of_2(tokens))
     candidates = [config(warps, stages, OUTER=min(outer, fit), INNER=min(inner, fit))
-                  for outer, inner, warps, stages in tiles]
+                  for outer, inner, warps, stages in version_tiles(tiles, "attention_backward", dtype, device)]
     # Unequal blocks, so that the tests would catch a kernel mixing them up.
     interpreted = config(4, 1, OUTER=min(64, fit), INNER=min(32, fit))
     # A program keeps two (OUTER, head_dim) tiles and streams two (INNER, head_dim) ones.

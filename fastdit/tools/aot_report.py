@@ -67,15 +67,13 @@ def _kernel_summary(rows: list[dict]) -> list[str]:
 # default of the matrix of `test_full_matrix_compiles_without_spills`, which CI's slow suite runs under the
 # installed Triton. Rows: (triton, what the check found).
 TRITON_CHECKS = (
-    ("3.6.0", "4 of 280 spill, all in attention: the forward in fp32 on sm_90 (head dim 64, 258 tokens, 8 B), dK/dV "
-              "in fp32 on sm_90 (head dim 72, 258 tokens, 16 B) and in bf16 and fp16 on sm_80 (head dim 72, 256 "
-              "tokens, 8 B each): still open; setup.py admits 3.6, which the GPU machines carry (torch 2.11)"),
-    ("3.7.1", "0 of 280 spill since the fp32 backward kernels default to 64/32 over 8 warps: 32/32 over 4 warps "
-              "spilled 16 B in dK/dV on sm_90 (head dim 64, 258 tokens)"),
-    ("3.8.0", "0 of 280 spill since the same change: 32/32 over 4 warps spilled 16 B in dQ on sm_90 (head dim 72, "
-              "258 tokens)"),
-    ("3.9.0", "0 of 280 spill: the table below (before the change; it compiled every candidate, 64/32 over 8 warps "
-              "among them)"),
+    ("3.6.0", "0 of 280 spill, with its own attention defaults (above); the general ones spilled 8 B in 3 "
+              "launches: the forward in fp32 on sm_90 (head dim 64, 258 tokens) and dK/dV in bf16 "
+              "and fp16 on sm_80 (head dim 72, 256 tokens)"),
+    ("3.7.1", "0 of 280 spill"),
+    ("3.8.0", "0 of 280 spill"),
+    ("3.9.0", "0 of 280 spill; the tables below compiled every candidate (at a commit before the fp32 backward "
+              "kernels' default became 64/32 over 8 warps, which they list as a candidate)"),
 )
 
 
@@ -90,9 +88,14 @@ def triton_versions() -> list[str]:
         "slow suite runs the same check under the installed Triton "
         "(`tests/tools/test_aot.py::test_full_matrix_compiles_without_spills`).",
         "",
-        "After the fp32 backward kernels' default changed to 64/32 over 8 warps, the 70 fp32 defaults were "
-        "compiled again under 3.7.1, 3.8.0 and 3.9.0 (`--dtype fp32 --image-size 256 --block adaln-zero "
-        "in-context`: every distinct fp32 launch, as 512 px and the other designs specialise alike).",
+        "Under Triton 3.6 the attention forward in fp32 and backward in fp16/bf16 default to another of their own "
+        "candidates "
+        "(`TRITON_3_6_DEFAULTS` in `kernels/launch.py` says why each): on sm_90 and newer the forward runs "
+        "32x32 over 4 warps with 3 stages instead of 2, and on GPUs before sm_90 the backward (dK/dV and dQ) "
+        "128/32 over 8 warps instead of 64/32 over 4. Each release takes its own: the 3.6 backward tile spills "
+        "8 B under 3.9 (sm_80, head dim 72, 256 tokens: the table below). The fp32 backward kernels default to 64/32 over 8 "
+        "warps on every release: 32/32 over 4 warps spilled 16 B on sm_90 with 258 tokens, in dK/dV under 3.6.0 "
+        "(head dim 72) and 3.7.1 (head dim 64) and in dQ under 3.8.0 (head dim 72).",
         "",
         "| triton | defaults |",
         "|---|---|",

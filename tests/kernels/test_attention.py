@@ -5,8 +5,12 @@ import torch
 from parity import (DEVICE, DTYPES, KERNEL_TOLERANCE, assert_compiled_matches_eager, assert_fails_with_wrong_kernels,
                     assert_parity, launches_kernels, relative_max_error, requires_cuda, requires_triton)
 
+from fastdit.kernels import attention as attention_module
+from fastdit.kernels import attention_backward as attention_backward_module
+from fastdit.kernels import tuning
 from fastdit.kernels.attention import attention, attention_forward, attention_reference, attention_reference_with_lse
 from fastdit.kernels.attention_backward import attention_backward, attention_backward_reference
+from fastdit.kernels.launch import TRITON_3_6_DEFAULTS, config
 
 
 # (batch, tokens, heads, head_dim): one token, token counts off any block size, DiT-XL's
@@ -173,6 +177,35 @@ def test_backward_reference_matches_autograd():
     grads = attention_backward_reference(grad_out, q, k, v, out, lse, 0.3)
     for grad, expected_grad in zip(grads, reference_gradients(q, k, v, grad_out, 0.3)):
         torch.testing.assert_close(grad, expected_grad)
+
+
+# Each Triton 3.6 default (launch.TRITON_3_6_DEFAULTS) with its dtypes: the launcher module and the names
+# it gives the tile's two blocks.
+TRITON_3_6_LAUNCHES = {"attention_forward": (attention_module, ("BLOCK_M", "BLOCK_N")),
+                       "attention_backward": (attention_backward_module, ("OUTER", "INNER"))}
+TRITON_3_6_CASES = [(launch, tile, dtype) for (launch, dtypes), (tile, _) in TRITON_3_6_DEFAULTS.items()
+                    for dtype in ((torch.float32,) if dtypes == "fp32" else (torch.float16, torch.bfloat16))]
+
+
+@requires_triton
+@pytest.mark.parametrize("shape", [(1, 200, 2, 72), (2, 40, 1, 64)], ids=str)
+@pytest.mark.parametrize("launch, tile, dtype", TRITON_3_6_CASES, ids=str)
+def test_triton_3_6_defaults_match_reference(monkeypatch, launch, tile, dtype, shape):
+    """The tiles that Triton 3.6 launches by default, whatever Triton runs the test: the launcher is
+    offered that tile alone (interpreted, the blocks are what a tile changes; warps and stages are
+    the compiler's). 200 tokens: two 128-blocks, the second partial; 40: one block, mostly padding."""
+    module, (owned, looped) = TRITON_3_6_LAUNCHES[launch]
+    owned_block, looped_block, warps, stages = tile
+    forced = config(warps, stages, **{owned: owned_block, looped: looped_block})
+    monkeypatch.setattr(module, "offer", lambda *args, **kwargs: [forced])
+    chosen, choose = [], tuning.choose
+    monkeypatch.setattr(tuning, "choose", lambda kernel, *args: chosen.append((kernel, choose(kernel, *args))))
+    q, k, v = make_qkv(*shape, dtype)
+    assert_parity(attention(q, k, v), expected(q, k, v), KERNEL_TOLERANCE[dtype])
+    assert_gradients_match(q, k, v, torch.randn(q.shape, device=DEVICE).to(dtype))
+    forced_kernels = {"attention_forward"} if launch == "attention_forward" else {"attention_backward_key",
+                                                                                  "attention_backward_query"}
+    assert {kernel for kernel, launched in chosen if launched == forced} == forced_kernels
 
 
 def wrong_gradients(q, k, v, grad_out, mistake):

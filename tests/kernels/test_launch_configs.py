@@ -61,6 +61,52 @@ def test_blocks_shrink_to_short_sequences(compiled):
     assert all(c["BLOCK_M"] <= 32 and c["BLOCK_N"] <= 32 for c in candidates)
 
 
+@pytest.mark.parametrize("version, expected", [("3.6.0", (3, 6)), ("3.9.0", (3, 9)), ("3.10.0+git1a2b3c4", (3, 10))])
+def test_triton_version(version, expected):
+    assert launch.triton_version(version) == expected
+
+
+def _defaults(version, monkeypatch):
+    """Each attention launch's candidates at DiT-XL's head dim (72) in 256 tokens (and 128, where
+    the backward lists other tiles), as a Triton ``version`` gets them, per GPU."""
+    monkeypatch.setattr(launch, "TRITON_VERSION", version)
+    result = {}
+    for spec in (runtime.TARGETS[90], runtime.TARGETS[80]):
+        with runtime.simulate(spec):
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                for head_dim in (72, 128):
+                    result[spec.arch, dtype, head_dim] = (attention._forward_candidates(256, head_dim, dtype, META),
+                                                          attention_backward._backward_candidates(256, head_dim, dtype,
+                                                                                                  META))
+    return result
+
+
+def _config_of(tile, owned, looped):
+    block_owned, block_looped, warps, stages = tile
+    return launch.config(warps, stages, **{owned: block_owned, looped: block_looped})
+
+
+def test_triton_3_6_takes_its_own_defaults_from_the_same_candidates(compiled, monkeypatch):
+    general, old = _defaults((3, 7), monkeypatch), _defaults((3, 6), monkeypatch)
+    assert _defaults((3, 9), monkeypatch) == general
+    forward_tile = launch.TRITON_3_6_DEFAULTS["attention_forward", "fp32"][0]
+    backward_tile = launch.TRITON_3_6_DEFAULTS["attention_backward", "half"][0]
+    for (arch, dtype, head_dim), candidates in old.items():
+        # The same candidates, reordered: tuning times the same set.
+        for mine, theirs in zip(candidates, general[arch, dtype, head_dim]):
+            assert sorted(map(repr, mine)) == sorted(map(repr, theirs))
+        forward, backward = (launcher[0] for launcher in candidates)
+        expected_forward, expected_backward = (launcher[0] for launcher in general[arch, dtype, head_dim])
+        if dtype == torch.float32 and arch == 90:  # warpgroup-MMA GPUs only
+            expected_forward = _config_of(forward_tile, "BLOCK_M", "BLOCK_N")
+        elif dtype != torch.float32 and arch == 80 and head_dim == 72:  # mma.sync GPUs, a head dim whose tiles list it
+            expected_backward = _config_of(backward_tile, "OUTER", "INNER")
+        assert (forward, backward) == (expected_forward, expected_backward), (arch, dtype, head_dim)
+    # The rule changes something: 3.6's defaults differ from the general ones where it says so.
+    assert general[90, torch.float32, 72][0][0] != old[90, torch.float32, 72][0][0]
+    assert general[80, torch.bfloat16, 72][1][0] != old[80, torch.bfloat16, 72][1][0]
+
+
 def test_interpreted_launches_offer_one_configuration():
     assert launch.offer(META, [{"a": 1}, {"a": 2}], {"a": 3}) == (
         [{"a": 3}] if runtime.TRITON_INTERPRET else [{"a": 1}, {"a": 2}])
