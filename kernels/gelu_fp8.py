@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from . import tuning
-from .launch import ROW_FP_FUSION, check_supported_dtype, input_error, size_bucket
-from .rows import FP8, quantize_rows, row_candidates, store_quantized_row, unit_stride_rows
+from .launch import ROW_FP_FUSION, check_supported_dtype, input_error
+from .rows import FP8, quantize_rows, row_candidates, row_tuning_key, store_quantized_row, unit_stride_rows
 from .runtime import device_guard, use_triton
 
 _SQRT_2_OVER_PI: tl.constexpr = tl.constexpr(0.7978845608028654)
@@ -53,8 +53,8 @@ def _gelu_fp8_triton(x):
             rows, values, scales, features, rows.stride(0), **config, enable_fp_fusion=ROW_FP_FUSION)
 
     with device_guard(x):
-        tuning.choose("gelu_fp8", (x.dtype, features, size_bucket(rows.shape[0])),
-                      row_candidates(features, x.device), launch, x.device)
+        tuning.choose("gelu_fp8", row_tuning_key(rows, values), row_candidates(features, x.device), launch,
+                      x.device)
     return values, scales
 
 

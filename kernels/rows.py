@@ -15,6 +15,8 @@ for an FP8 GEMM (``torch._scaled_mm``'s row-wise scales): the row is already in 
 max, its scale and its E4M3 values cost no pass of their own (``store_quantized_row``;
 ``quantize_rows`` is its torch reference). Inference only: E4M3 rows have no gradient.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -154,9 +156,8 @@ def backward_candidates(hidden_size: int, device: torch.device) -> list[Config]:
 
 
 def row_tuning_key(x: torch.Tensor, out: torch.Tensor) -> tuple:
-    """The shape class of a row launch: dtypes, hidden size and the bucket of its row count."""
-    batch, tokens, hidden_size = x.shape
-    return x.dtype, out.dtype, hidden_size, size_bucket(batch * tokens)
+    """The shape class of a row launch over x (..., D): dtypes, the row length D and the bucket of its row count."""
+    return x.dtype, out.dtype, x.shape[-1], size_bucket(math.prod(x.shape[:-1]))
 
 
 def unit_stride_rows(tensor: torch.Tensor) -> torch.Tensor:
